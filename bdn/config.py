@@ -1,0 +1,320 @@
+"""The ``weights:`` section of a Truss-style ``config.yaml``, parsed and validated.
+
+The same document a user already writes for Truss says what bdn delivers::
+
+    weights:
+      - source: hf://meta-llama/Llama-3.1-8B@main
+        mount_location: /models/llama
+        allow_patterns: ["*.safetensors", "config.json"]
+        auth_secret_name: hf_access_token
+      - source: s3://bucket/models/x
+        mount_location: /models/x
+        auth: {auth_method: AWS_OIDC, aws_oidc_role_arn: ..., aws_oidc_region: us-east-1}
+
+Validation happens here, once, with errors that name the entry index and field and read
+like Truss's own, so a bad config fails at push time rather than on a GPU node. Parsing
+is pure (a dict in, records out); :func:`load_model_config` is the one reader of files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from bdn.errors import ConfigError
+
+SUPPORTED_SCHEMES = ("hf", "s3", "gs", "r2", "azure", "https", "file")
+AUTH_METHODS = ("CUSTOM_SECRET", "AWS_OIDC", "GCP_OIDC")
+# Fields each auth method requires; every other auth field is refused for that method.
+AUTH_REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "CUSTOM_SECRET": ("auth_secret_name",),
+    "AWS_OIDC": ("aws_oidc_role_arn", "aws_oidc_region"),
+    "GCP_OIDC": ("gcp_oidc_service_account", "gcp_oidc_workload_id_provider"),
+}
+AUTH_FIELDS = frozenset(f for fs in AUTH_REQUIRED_FIELDS.values() for f in fs) | {"auth_method"}
+ENTRY_FIELDS = frozenset({"source", "mount_location", "allow_patterns", "ignore_patterns",
+                          "auth", "auth_secret_name"})
+_HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+_SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,253}$")
+
+
+@dataclass(frozen=True)
+class Auth:
+    """How to authenticate to a source. Holds secret *names*, never secret values."""
+
+    auth_method: str
+    auth_secret_name: str | None = None
+    aws_oidc_role_arn: str | None = None
+    aws_oidc_region: str | None = None
+    gcp_oidc_service_account: str | None = None
+    gcp_oidc_workload_id_provider: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SourceURI:
+    """A parsed source: ``scheme``, ``location`` (bucket/repo + path) and HF ``revision``."""
+
+    uri: str
+    scheme: str
+    location: str
+    revision: str | None = None
+
+    @property
+    def bucket(self) -> str:
+        return self.location.split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        parts = self.location.split("/", 1)
+        return parts[1].strip("/") if len(parts) > 1 else ""
+
+    def without_revision(self) -> str:
+        return f"{self.scheme}://{self.location}"
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One item of ``weights:``."""
+
+    source: SourceURI
+    mount_location: str
+    allow_patterns: tuple[str, ...] = ()
+    ignore_patterns: tuple[str, ...] = ()
+    auth: Auth | None = None
+
+    @property
+    def secret_name(self) -> str | None:
+        return self.auth.auth_secret_name if self.auth else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source.uri, "mount_location": self.mount_location}
+        if self.allow_patterns:
+            out["allow_patterns"] = list(self.allow_patterns)
+        if self.ignore_patterns:
+            out["ignore_patterns"] = list(self.ignore_patterns)
+        if self.auth:
+            out["auth"] = self.auth.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parts of ``config.yaml`` bdn uses; everything else is kept in ``raw``."""
+
+    model_name: str | None
+    weights: tuple[WeightsEntry, ...]
+    predict_concurrency: int = 1
+    resources: dict[str, Any] = field(default_factory=dict)
+    environment_variables: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, Any] = field(default_factory=dict)
+    model_metadata: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_source(value: Any, *, index: int | None = None) -> SourceURI:
+    """Parse a ``source`` URI with Truss-like errors."""
+    fld = "source"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"source must be a non-empty string, got {value!r}",
+                          index=index, field=fld)
+    text = value.strip()
+    if "://" not in text:
+        raise ConfigError(f"Source '{text}' is missing a URI scheme. Supported schemes: "
+                          f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
+                          index=index, field=fld)
+    scheme, rest = text.split("://", 1)
+    scheme = scheme.lower()
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ConfigError(f"Source '{text}' has unsupported scheme '{scheme}://'. Supported "
+                          f"schemes: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
+                          index=index, field=fld)
+    revision = None
+    if scheme == "hf":
+        if "@" in rest:
+            rest, revision = rest.rsplit("@", 1)
+            if not _REVISION_RE.match(revision) or ".." in revision:
+                raise ConfigError(f"Source '{text}' has an empty or invalid revision after @",
+                                  index=index, field=fld)
+        if not _HF_REPO_RE.match(rest):
+            raise ConfigError(f"Source '{text}' is not a Hugging Face repository: expected "
+                              "hf://owner/repo[@revision]", index=index, field=fld)
+    elif "@" in rest and scheme in ("s3", "gs", "r2", "azure", "file"):
+        raise ConfigError(f"Source '{text}': The @ revision syntax is only valid for "
+                          "HuggingFace sources (hf://)", index=index, field=fld)
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise ConfigError(f"Source '{text}': file:// sources need an absolute path "
+                              "(file:///path/to/dir)", index=index, field=fld)
+    elif scheme == "https":
+        parts = urlsplit(text)
+        if not parts.hostname:
+            raise ConfigError(f"Source '{text}' has no host", index=index, field=fld)
+    elif not rest or rest.startswith("/"):
+        what = "bucket" if scheme in ("s3", "gs", "r2", "azure") else "repository"
+        raise ConfigError(f"Source '{text}' is missing a {what} name after {scheme}://",
+                          index=index, field=fld)
+    if any(seg in ("..", ".") for seg in rest.split("/")[1:]):
+        raise ConfigError(f"Source '{text}' contains '.' or '..' path segments",
+                          index=index, field=fld)
+    return SourceURI(uri=text, scheme=scheme, location=rest, revision=revision)
+
+
+def _patterns(entry: dict[str, Any], name: str, index: int) -> tuple[str, ...]:
+    value = entry.get(name)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"{name} must be a list of non-empty glob strings, got {value!r}",
+                          index=index, field=name)
+    return tuple(value)
+
+
+def _secret_name(value: Any, index: int, fld: str) -> str:
+    if not isinstance(value, str) or not _SECRET_NAME_RE.match(value):
+        raise ConfigError(f"{fld.rsplit('.', 1)[-1]} must be a secret name of letters, digits, "
+                          f"'_', '-' or '.', got {value!r}", index=index, field=fld)
+    return value
+
+
+def parse_auth(entry: dict[str, Any], index: int) -> Auth | None:
+    has_auth = entry.get("auth") is not None
+    shortcut = entry.get("auth_secret_name")
+    if has_auth and shortcut is not None:
+        raise ConfigError("auth_secret_name cannot be combined with an auth block; put "
+                          "auth_secret_name inside auth (auth_method: CUSTOM_SECRET)",
+                          index=index, field="auth_secret_name")
+    if shortcut is not None:
+        return Auth(auth_method="CUSTOM_SECRET",
+                    auth_secret_name=_secret_name(shortcut, index, "auth_secret_name"))
+    if not has_auth:
+        return None
+    block = entry["auth"]
+    if not isinstance(block, dict):
+        raise ConfigError(f"auth must be a mapping, got {block!r}", index=index, field="auth")
+    method = block.get("auth_method")
+    if method not in AUTH_METHODS:
+        raise ConfigError(f"auth_method must be one of {', '.join(AUTH_METHODS)}, got "
+                          f"{method!r}", index=index, field="auth.auth_method")
+    unknown = set(block) - AUTH_FIELDS
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(sorted(unknown))}",
+                          index=index, field="auth")
+    required = AUTH_REQUIRED_FIELDS[method]
+    for name in required:
+        if not isinstance(block.get(name), str) or not block[name].strip():
+            raise ConfigError(f"{name} is required when auth_method is {method}",
+                              index=index, field=f"auth.{name}")
+    for name in AUTH_FIELDS - {"auth_method", *required}:
+        if block.get(name) is not None:
+            raise ConfigError(f"{name} is not allowed when auth_method is {method}",
+                              index=index, field=f"auth.{name}")
+    if method == "CUSTOM_SECRET":
+        _secret_name(block["auth_secret_name"], index, "auth.auth_secret_name")
+    return Auth(**{k: v for k, v in block.items() if v is not None})
+
+
+def parse_mount_location(value: Any, index: int) -> str:
+    fld = "mount_location"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"mount_location is required and must be a string, got {value!r}",
+                          index=index, field=fld)
+    if not value.startswith("/"):
+        raise ConfigError(f"mount_location must be an absolute path (start with /), got: "
+                          f"{value}", index=index, field=fld)
+    parts = PurePosixPath(value).parts
+    if ".." in value.split("/") or "\x00" in value:
+        raise ConfigError(f"mount_location must not contain '..' or NUL, got: {value}",
+                          index=index, field=fld)
+    if len(parts) < 2:
+        raise ConfigError("mount_location cannot be the root directory /",
+                          index=index, field=fld)
+    return str(PurePosixPath(*parts))
+
+
+def parse_weights(items: Any) -> tuple[WeightsEntry, ...]:
+    """Validate a ``weights:`` list; errors name ``weights[i].field``."""
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise ConfigError(f"weights must be a list of entries, got {type(items).__name__}",
+                          field="weights")
+    entries: list[WeightsEntry] = []
+    mounts: dict[str, int] = {}
+    for i, entry in enumerate(items):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"entry must be a mapping, got {entry!r}", index=i)
+        unknown = set(entry) - ENTRY_FIELDS
+        if unknown:
+            raise ConfigError(f"unknown field(s) {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(ENTRY_FIELDS))}", index=i)
+        if "source" not in entry:
+            raise ConfigError("source is required", index=i, field="source")
+        source = parse_source(entry["source"], index=i)
+        mount = parse_mount_location(entry.get("mount_location"), i)
+        for prev, j in mounts.items():
+            if prev == mount:
+                raise ConfigError(f"mount_location {mount} is already used by weights[{j}]",
+                                  index=i, field="mount_location")
+            if mount.startswith(prev + "/") or prev.startswith(mount + "/"):
+                raise ConfigError(f"mount_location {mount} is nested with weights[{j}]'s "
+                                  f"{prev}", index=i, field="mount_location")
+        mounts[mount] = i
+        entries.append(WeightsEntry(
+            source=source, mount_location=mount,
+            allow_patterns=_patterns(entry, "allow_patterns", i),
+            ignore_patterns=_patterns(entry, "ignore_patterns", i),
+            auth=parse_auth(entry, i)))
+    return tuple(entries)
+
+
+def parse_model_config(doc: Any) -> ModelConfig:
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("config.yaml must be a mapping at the top level")
+    pc = doc.get("predict_concurrency", 1)
+    if type(pc) is not int or pc < 1:
+        raise ConfigError(f"predict_concurrency must be an integer ≥ 1, got {pc!r}",
+                          field="predict_concurrency")
+    def mapping(name: str) -> dict[str, Any]:
+        v = doc.get(name) or {}
+        if not isinstance(v, dict):
+            raise ConfigError(f"{name} must be a mapping, got {v!r}", field=name)
+        return v
+    name = doc.get("model_name")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"model_name must be a string, got {name!r}", field="model_name")
+    return ModelConfig(
+        model_name=name, weights=parse_weights(doc.get("weights")), predict_concurrency=pc,
+        resources=mapping("resources"),
+        environment_variables={k: str(v) for k, v in mapping("environment_variables").items()},
+        secrets=mapping("secrets"), model_metadata=mapping("model_metadata"), raw=doc)
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read a ``config.yaml`` (or a model folder containing one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.yaml"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p} is not valid YAML{where}") from None
+    return parse_model_config(doc)

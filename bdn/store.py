@@ -1,0 +1,527 @@
+"""The blob store: content-addressed objects, manifests and refs over a local folder or
+any fsspec filesystem (``s3://``, ``gs://``).
+
+Layout under the root::
+
+    objects/b3/<aa>/<bb>/<hex>        a chunk (or a manifest), raw bytes
+    objects/b3/<aa>/<bb>/<hex>.zst    the same, zstd-encoded where that pays
+    manifests/<hex>                   marker: this object is a manifest (listing, GC roots)
+    refs/<namespace>/<model>/<tag>    "b3:<hex>\\n" — the manifest a ref names
+    fingerprints/<kind>/<b3 of key>   source fingerprint → file entry already mirrored
+
+Objects are immutable and written atomically (temp file + rename locally, one PUT on
+object stores); writing an object that already exists is success, not an error (as in
+kraken's CAStore). The encoding of an object is visible in its key, so any reader can
+find it with one listing-free probe and the manifest records what was stored.
+
+The local backend uses ``os`` calls directly: it is the default and the hot path of
+``bdn mirror``, and fsspec's local filesystem adds overhead per call that shows at
+thousands of objects. Remote roots go through fsspec with the same interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import zstandard
+
+from bdn.errors import NotFoundError, StoreError
+from manifests.digest import Digest
+from manifests.errors import IntegrityError
+from manifests.manifest import (
+    ENCODING_RAW,
+    ENCODING_ZSTD,
+    Chunk,
+    FileEntry,
+    Manifest,
+    canonical_json,
+    manifest_from_dict,
+    parse_manifest,
+)
+from manifests.refs import Ref
+
+log = logging.getLogger(__name__)
+
+OBJECTS_PREFIX = "objects/b3"
+MANIFESTS_PREFIX = "manifests"
+REFS_PREFIX = "refs"
+FINGERPRINTS_PREFIX = "fingerprints"
+ZSTD_SUFFIX = ".zst"
+TMP_MARKER = ".tmp-"
+READ_BLOCK_BYTES = 4 * 1024 * 1024
+DEFAULT_STORE_ENV = "BDN_STORE"
+
+
+def default_store_url() -> str:
+    return os.environ.get(DEFAULT_STORE_ENV) or str(Path.home() / ".bdn" / "store")
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """When to store an object zstd-encoded.
+
+    Measured here: random fp16 weights compress 1.09×, bf16 1.28×, zero-heavy data 4.3×,
+    and zstd decodes at about 0.75 GB/s a core — slower than the wire. So compression is
+    chosen per object, only where the saving is large: a sample is tried first (cheap),
+    and the whole object is kept compressed only if it reaches ``min_ratio``.
+    """
+
+    enabled: bool = True
+    min_ratio: float = 2.0
+    level: int = 3
+    sample_bytes: int = 128 * 1024
+    min_object_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if self.min_ratio < 1.0:
+            raise ValueError("CompressionOptions.min_ratio must be ≥ 1.0")
+        if not -7 <= self.level <= 22:
+            raise ValueError("CompressionOptions.level must be in [-7, 22]")
+        if self.sample_bytes < 1024 or self.min_object_bytes < 0:
+            raise ValueError("CompressionOptions: sample_bytes ≥ 1024, min_object_bytes ≥ 0")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    compression: CompressionOptions = CompressionOptions()
+    # fsync objects before rename. Off by default: every reader verifies digests, so a
+    # torn object after a power loss is detected and refetched, never served as valid.
+    # Manifests and refs are always synced: they are what must never dangle.
+    fsync_objects: bool = False
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    digest: Digest
+    encoding: str
+    stored_length: int
+
+
+@dataclass(frozen=True)
+class PutResult:
+    encoding: str
+    stored_length: int
+    new: bool
+
+
+def object_key(digest: Digest, encoding: str = ENCODING_RAW) -> str:
+    h = digest.hex
+    key = f"{OBJECTS_PREFIX}/{h[:2]}/{h[2:4]}/{h}"
+    return key + ZSTD_SUFFIX if encoding == ENCODING_ZSTD else key
+
+
+def choose_encoding(data: bytes | memoryview,
+                    options: CompressionOptions) -> tuple[str, bytes | memoryview]:
+    """Return ``(encoding, stored_bytes)`` for a chunk (pure, deterministic)."""
+    n = len(data)
+    if not options.enabled or n < options.min_object_bytes:
+        return ENCODING_RAW, data
+    cctx = zstandard.ZstdCompressor(level=1)
+    s = options.sample_bytes
+    samples = [data[:s], data[max(0, n // 2 - s // 2): n // 2 + s // 2], data[max(0, n - s):]]
+    sample_in = sum(len(x) for x in samples)
+    sample_out = sum(len(cctx.compress(x)) for x in samples)
+    if sample_out * options.min_ratio > sample_in:
+        return ENCODING_RAW, data
+    packed = zstandard.ZstdCompressor(level=options.level).compress(data)
+    if len(packed) * options.min_ratio > n:
+        return ENCODING_RAW, data
+    return ENCODING_ZSTD, packed
+
+
+def decode(encoding: str, stored: bytes, length: int) -> bytes:
+    if encoding == ENCODING_RAW:
+        return stored
+    if encoding == ENCODING_ZSTD:
+        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=length)
+    raise StoreError(f"unknown object encoding {encoding!r}")
+
+
+class Backend(Protocol):
+    """Byte storage under string keys; ``put`` must be atomic."""
+
+    url: str
+
+    def size(self, key: str) -> int | None: ...
+    def put(self, key: str, data: bytes | memoryview, *, fsync: bool = False) -> bool: ...
+    def get(self, key: str) -> bytes: ...
+    def get_range(self, key: str, start: int, end: int) -> bytes: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class LocalBackend:
+    """A folder. Atomic writes by temp file + ``os.replace``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+        self._made_dirs: set[str] = set()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def size(self, key: str) -> int | None:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, data: bytes | memoryview, *, fsync: bool = False) -> bool:
+        path = self._path(key)
+        parent = str(path.parent)
+        if parent not in self._made_dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
+        tmp = f"{path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        if fsync:
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        return True
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} not found in store {self.url}", url=self.url,
+                                key=key) from None
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return os.pread(f.fileno(), end - start, start)
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} not found in store {self.url}", url=self.url,
+                                key=key) from None
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} not found in store {self.url}", url=self.url,
+                                key=key) from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        base = self._path(prefix)
+        if not base.exists():
+            return
+        for dirpath, _, names in os.walk(base):
+            for name in names:
+                if TMP_MARKER in name:
+                    continue
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, self.root).replace(os.sep, "/")
+                with contextlib.suppress(FileNotFoundError):
+                    yield rel, os.stat(full).st_size
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+
+class FsspecBackend:
+    """Any fsspec filesystem (s3://, gs://, memory://). One PUT per object is atomic."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = root.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def size(self, key: str) -> int | None:
+        try:
+            info = self.fs.info(self._path(key))
+        except FileNotFoundError:
+            return None
+        return int(info.get("size") or 0) if info.get("type") != "directory" else None
+
+    def put(self, key: str, data: bytes | memoryview, *, fsync: bool = False) -> bool:
+        self.fs.pipe_file(self._path(key), bytes(data))
+        return True
+
+    def get(self, key: str) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self._path(key)))
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} not found in store {self.url}", url=self.url,
+                                key=key) from None
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self._path(key), start=start, end=end))
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} not found in store {self.url}", url=self.url,
+                                key=key) from None
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.fs.open(self._path(key), "rb")  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} not found in store {self.url}", url=self.url,
+                                key=key) from None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        try:
+            found = self.fs.find(self._path(prefix), detail=True)
+        except FileNotFoundError:
+            return
+        for path, info in found.items():
+            rel = path[len(self.root) + 1:] if path.startswith(self.root) else path
+            if TMP_MARKER not in rel:
+                yield rel, int(info.get("size") or 0)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(key))
+
+
+def open_backend(url: str, storage_options: dict[str, Any] | None = None) -> Backend:
+    if "://" not in url or url.startswith("file://"):
+        return LocalBackend(url[len("file://"):] if url.startswith("file://") else url)
+    return FsspecBackend(url, storage_options)
+
+
+class BlobStore:
+    """Objects, manifests, refs and the fingerprint index over one backend."""
+
+    def __init__(self, url: str | None = None, options: StoreOptions = StoreOptions(),
+                 backend: Backend | None = None) -> None:
+        self.options = options
+        self.backend = backend or open_backend(url or default_store_url(),
+                                               options.storage_options)
+        self.url = self.backend.url
+
+    def __repr__(self) -> str:
+        return f"BlobStore({self.url!r})"
+
+    # -- objects -----------------------------------------------------------------
+
+    def stat_object(self, digest: Digest) -> ObjectInfo | None:
+        for enc in (ENCODING_RAW, ENCODING_ZSTD):
+            size = self.backend.size(object_key(digest, enc))
+            if size is not None:
+                return ObjectInfo(digest, enc, size)
+        return None
+
+    def has_object(self, digest: Digest) -> bool:
+        return self.stat_object(digest) is not None
+
+    def put_chunk(self, digest: Digest, data: bytes | memoryview) -> PutResult:
+        """Store raw chunk bytes under ``digest`` unless already there.
+
+        The caller computed ``digest`` from ``data``; the encoding is chosen here.
+        """
+        info = self.stat_object(digest)
+        if info is not None:
+            return PutResult(info.encoding, info.stored_length, new=False)
+        encoding, stored = choose_encoding(data, self.options.compression)
+        self.backend.put(object_key(digest, encoding), stored,
+                         fsync=self.options.fsync_objects)
+        return PutResult(encoding, len(stored), new=True)
+
+    def put_stored(self, digest: Digest, encoding: str, stored: bytes | memoryview) -> None:
+        """Store already-encoded bytes (used when copying between stores)."""
+        self.backend.put(object_key(digest, encoding), stored, fsync=self.options.fsync_objects)
+
+    def get_object(self, digest: Digest, *, verify: bool = True) -> bytes:
+        """Whole decoded object, verified against its digest."""
+        info = self.stat_object(digest)
+        if info is None:
+            raise NotFoundError(f"object {digest} not found in store {self.url}",
+                                url=self.url, key=str(digest))
+        stored = self.backend.get(object_key(digest, info.encoding))
+        data = decode(info.encoding, stored, 1 << 40)
+        if verify:
+            digest.verify(data, where=f"object in store {self.url}")
+        return data
+
+    def read_object_range(self, digest: Digest, start: int, end: int) -> bytes:
+        """Decoded bytes ``[start, end)`` of an object (not verified: a part of it)."""
+        info = self.stat_object(digest)
+        if info is None:
+            raise NotFoundError(f"object {digest} not found in store {self.url}",
+                                url=self.url, key=str(digest))
+        if info.encoding == ENCODING_RAW:
+            return self.backend.get_range(object_key(digest), start, end)
+        return self.get_object(digest, verify=False)[start:end]
+
+    def iter_object(self, digest: Digest, block_bytes: int = READ_BLOCK_BYTES
+                    ) -> Iterator[bytes]:
+        """Stream an object's decoded bytes in blocks (not verified; callers hash)."""
+        info = self.stat_object(digest)
+        if info is None:
+            raise NotFoundError(f"object {digest} not found in store {self.url}",
+                                url=self.url, key=str(digest))
+        with self.backend.open(object_key(digest, info.encoding)) as f:
+            if info.encoding == ENCODING_RAW:
+                while block := f.read(block_bytes):
+                    yield block
+            else:
+                reader = zstandard.ZstdDecompressor().stream_reader(f)
+                while block := reader.read(block_bytes):
+                    yield block
+
+    def iter_objects(self) -> Iterator[tuple[Digest, str, int]]:
+        for key, size in self.backend.list(OBJECTS_PREFIX):
+            name = key.rsplit("/", 1)[-1]
+            enc = ENCODING_ZSTD if name.endswith(ZSTD_SUFFIX) else ENCODING_RAW
+            name = name.removesuffix(ZSTD_SUFFIX)
+            try:
+                yield Digest(name), enc, size
+            except ValueError:
+                continue
+
+    # -- manifests ---------------------------------------------------------------
+
+    def put_manifest(self, manifest: Manifest) -> Digest:
+        """Store a manifest after checking every object it names exists."""
+        missing = [c.digest for c in manifest.unique_chunks().values()
+                   if not self.has_object(c.digest)]
+        if missing:
+            raise StoreError(f"refusing to write a manifest with {len(missing)} missing "
+                             f"object(s), e.g. {missing[0]}", url=self.url)
+        data = manifest.canonical_bytes()
+        digest = Digest.of(data)
+        if not self.has_object(digest):
+            self.backend.put(object_key(digest), data, fsync=True)
+        self.backend.put(f"{MANIFESTS_PREFIX}/{digest.hex}", b"", fsync=True)
+        return digest
+
+    def get_manifest(self, digest: Digest) -> Manifest:
+        try:
+            data = self.backend.get(object_key(digest))
+        except NotFoundError:
+            raise NotFoundError(f"manifest {digest} not found in store {self.url}",
+                                url=self.url, key=str(digest)) from None
+        return parse_manifest(data, expect=digest)
+
+    def get_manifest_bytes(self, digest: Digest) -> bytes:
+        data = self.backend.get(object_key(digest))
+        digest.verify(data, where="manifest")
+        return data
+
+    def list_manifests(self) -> list[Digest]:
+        out = []
+        for key, _ in self.backend.list(MANIFESTS_PREFIX):
+            with contextlib.suppress(ValueError):
+                out.append(Digest(key.rsplit("/", 1)[-1]))
+        return sorted(out)
+
+    # -- refs --------------------------------------------------------------------
+
+    def set_ref(self, ref: Ref, digest: Digest) -> None:
+        if self.backend.size(f"{MANIFESTS_PREFIX}/{digest.hex}") is None:
+            raise StoreError(f"refusing to point {ref} at {digest}: no such manifest",
+                             url=self.url)
+        self.backend.put(f"{REFS_PREFIX}/{ref.key}", f"{digest}\n".encode(), fsync=True)
+
+    def get_ref(self, ref: Ref) -> Digest:
+        try:
+            text = self.backend.get(f"{REFS_PREFIX}/{ref.key}").decode().strip()
+        except NotFoundError:
+            raise NotFoundError(f"ref {ref} not found in store {self.url}", url=self.url,
+                                key=str(ref)) from None
+        return Digest.parse(text)
+
+    def list_refs(self) -> list[tuple[Ref, Digest]]:
+        out = []
+        for key, _ in self.backend.list(REFS_PREFIX):
+            parts = key.split("/")
+            if len(parts) != 4:
+                continue
+            with contextlib.suppress(ValueError):
+                ref = Ref(parts[1], parts[2], parts[3])
+                out.append((ref, self.get_ref(ref)))
+        return sorted(out, key=lambda x: str(x[0]))
+
+    def resolve(self, name: str) -> tuple[Digest, Manifest]:
+        """A ref (``ns/model:tag``) or a manifest digest (``b3:...``) → its manifest."""
+        digest = Digest.parse(name) if name.startswith("b3:") else self.get_ref(Ref.parse(name))
+        return digest, self.get_manifest(digest)
+
+    # -- fingerprint index -------------------------------------------------------
+
+    def _fingerprint_key(self, fingerprint: str) -> str:
+        kind = fingerprint.split(":", 1)[0] or "other"
+        return f"{FINGERPRINTS_PREFIX}/{kind}/{Digest.of(fingerprint.encode()).hex}"
+
+    def get_fingerprint(self, fingerprint: str) -> FileEntry | None:
+        """The file entry mirrored earlier for this source fingerprint, if its objects
+        are all still in the store."""
+        try:
+            doc = json.loads(self.backend.get(self._fingerprint_key(fingerprint)))
+            entry = manifest_from_dict({"version": 1, "source": {}, "files": [
+                {"path": "x", **doc}]}).files[0]
+        except NotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable fingerprint entry: %s", e)
+            return None
+        if not all(self.has_object(c.digest) for c in entry.chunks):
+            return None
+        return entry
+
+    def put_fingerprint(self, fingerprint: str, entry: FileEntry) -> None:
+        doc = entry.to_dict()
+        doc.pop("path")
+        self.backend.put(self._fingerprint_key(fingerprint), canonical_json(doc))
+
+    # -- stats -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        objects = stored = 0
+        for _, _, size in self.iter_objects():
+            objects += 1
+            stored += size
+        manifests = self.list_manifests()
+        logical = 0
+        referenced: dict[Digest, int] = {}
+        for d in manifests:
+            with contextlib.suppress(Exception):
+                m = self.get_manifest(d)
+                logical += m.total_size
+                for c in m.unique_chunks().values():
+                    referenced[c.digest] = c.length
+        return {"objects": objects, "bytes_stored": stored, "manifests": len(manifests),
+                "refs": len(self.list_refs()), "logical_bytes_referenced": logical,
+                "unique_bytes_referenced": sum(referenced.values())}
+
+
+def verify_chunk(chunk: Chunk, data: bytes | memoryview, where: str = "") -> None:
+    if len(data) != chunk.length:
+        raise IntegrityError(str(chunk.digest), f"<{len(data)} bytes, want {chunk.length}>",
+                             where=where)
+    chunk.digest.verify(data, where=where)

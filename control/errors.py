@@ -1,0 +1,92 @@
+"""Errors of the control plane; each names the field, id or environment involved.
+
+Every error carries the HTTP status the management API answers with, so handlers map an
+exception to a response in one place and the CLI can print the same sentence the server
+sent. All derive from :class:`manifests.errors.BdnError` (via ``bdn.errors``).
+"""
+
+from __future__ import annotations
+
+from bdn.errors import BdnError
+
+
+class ControlError(BdnError):
+    """Root of control-plane errors; ``status`` is the HTTP status to answer with."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class SettingsError(ControlError, ValueError):
+    """An autoscaling setting is missing its type or out of its documented range."""
+
+    def __init__(self, message: str, *, field: str, allowed: str = "") -> None:
+        super().__init__(f"{field}: {message}" + (f" (allowed: {allowed})" if allowed else ""))
+        self.field = field
+        self.allowed = allowed
+
+
+class RequestError(ControlError, ValueError):
+    """A request body or argument is malformed; names the field."""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class NotFoundError(ControlError, LookupError):
+    """A model, deployment or environment does not exist (or is inactive)."""
+
+    status = 404
+
+    def __init__(self, message: str, *, kind: str, ident: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.ident = ident
+
+
+class ConflictError(ControlError):
+    """The request conflicts with the current state (duplicate name, promotion running)."""
+
+    status = 409
+
+    def __init__(self, message: str, *, ident: str = "") -> None:
+        super().__init__(message)
+        self.ident = ident
+
+
+class AuthError(ControlError):
+    """No API key, or a wrong one. The message never contains the key."""
+
+    status = 401
+
+
+class UnavailableError(ControlError):
+    """No replica could serve the request in time (queue full, timeout, start failure)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, deployment_id: str) -> None:
+        super().__init__(message)
+        self.deployment_id = deployment_id
+
+
+class BackendError(ControlError):
+    """A replica backend failed to start or stop a replica; names the replica."""
+
+    status = 502
+
+    def __init__(self, message: str, *, replica: str = "") -> None:
+        super().__init__(message)
+        self.replica = replica
+
+
+class ClientError(ControlError):
+    """The control server answered a CLI request with an error (status and server text)."""
+
+    def __init__(self, message: str, *, status: int, url: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.url = url
