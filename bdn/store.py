@@ -178,6 +178,26 @@ class LocalBackend:
             return None
 
     def put(self, key: str, data: bytes | memoryview, *, fsync: bool = False) -> bool:
+        def write(fd: int) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        return self._atomic(key, write, fsync)
+
+    def put_from_fd(self, key: str, src_fd: int, offset: int, length: int, *,
+                    fsync: bool = False) -> bool:
+        """Store ``length`` bytes of an open file from ``offset`` without a user copy."""
+        def write(fd: int) -> None:
+            done = 0
+            while done < length:
+                n = os.copy_file_range(src_fd, fd, length - done, offset + done)
+                if n == 0:
+                    raise StoreError(f"source file ended {length - done} bytes early",
+                                     url=self.url, key=key)
+                done += n
+        return self._atomic(key, write, fsync)
+
+    def _atomic(self, key: str, write: Any, fsync: bool) -> bool:
         path = self._path(key)
         parent = str(path.parent)
         if parent not in self._made_dirs:
@@ -186,10 +206,7 @@ class LocalBackend:
         tmp = f"{path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            write(fd)
             if fsync:
                 os.fsync(fd)
         except BaseException:

@@ -1,0 +1,159 @@
+"""CLI commands of the ``bdn`` package: mirror, export, manifest show, store stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from bdn.progress import byte_progress, human_bytes
+from bdn.store import BlobStore, default_store_url
+from manifests.digest import Digest
+from manifests.refs import Ref
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=None,
+                   help="blob store URL or folder (default: $BDN_STORE or ~/.bdn/store)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("mirror", help="mirror weights from a source into the blob store")
+    p.add_argument("source", help="local folder, file://, hf://, s3://, gs:// or r2:// URI")
+    p.add_argument("--ref", required=True, help="name for the result: namespace/model:tag")
+    p.add_argument("--allow", action="append", default=[], metavar="GLOB",
+                   help="only files matching (repeatable)")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="skip files matching (repeatable)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    p.add_argument("--events", action="store_true",
+                   help="print progress events as JSON lines on stdout")
+    _store_arg(p)
+    p.set_defaults(handler=cmd_mirror)
+
+    p = sub.add_parser("export", help="write a mirrored model's files into a folder")
+    p.add_argument("ref", help="namespace/model:tag or b3:<manifest digest>")
+    p.add_argument("dest", help="destination folder")
+    _store_arg(p)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("manifest", help="inspect manifests")
+    msub = p.add_subparsers(dest="manifest_cmd", metavar="SUBCOMMAND", required=True)
+    show = msub.add_parser("show", help="files, sizes, chunks and sharing of a manifest")
+    show.add_argument("ref", help="namespace/model:tag or b3:<manifest digest>")
+    show.add_argument("--base", help="compare against this ref: bytes shared vs new")
+    show.add_argument("--chunks", action="store_true", help="list every chunk")
+    show.add_argument("--json", action="store_true", help="print the manifest document")
+    _store_arg(show)
+    show.set_defaults(handler=cmd_manifest_show)
+
+    p = sub.add_parser("store", help="inspect the blob store")
+    ssub = p.add_subparsers(dest="store_cmd", metavar="SUBCOMMAND", required=True)
+    st = ssub.add_parser("stats", help="objects, bytes stored, logical bytes referenced")
+    st.add_argument("--json", action="store_true")
+    _store_arg(st)
+    st.set_defaults(handler=cmd_store_stats)
+    refs = ssub.add_parser("refs", help="list refs")
+    _store_arg(refs)
+    refs.set_defaults(handler=cmd_store_refs)
+
+
+def open_store(args: argparse.Namespace) -> BlobStore:
+    return BlobStore(args.store or default_store_url())
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from bdn.mirror import Mirror
+    from bdn.sources import open_source
+
+    ref = Ref.parse(args.ref)
+    store = open_store(args)
+    source = open_source(args.source)
+    events = args.events
+
+    def emit_json(event: dict[str, Any]) -> None:
+        print(json.dumps(event), flush=True)
+
+    try:
+        with byte_progress("mirror", enabled=not (args.json or events)) as bar:
+            progress = emit_json if events else bar
+            result = Mirror(store).run(source, ref=ref, allow=args.allow, ignore=args.ignore,
+                                       progress=progress)
+    finally:
+        source.close()
+    s = result.stats
+    if args.json or events:
+        print(json.dumps({"event": "summary", **result.to_dict()} if events
+                         else result.to_dict()), flush=True)
+        return 0
+    rate = s.logical_bytes / s.seconds / 1e9 if s.seconds else 0.0
+    print(f"mirrored {args.source} → {ref} = {result.manifest_digest}")
+    print(f"  {s.files} files, {human_bytes(s.logical_bytes)} logical "
+          f"({s.files_reused} files known by fingerprint)")
+    print(f"  uploaded {human_bytes(s.bytes_uploaded)} in {s.objects_new} new objects; "
+          f"reused {s.objects_reused} objects ({human_bytes(s.bytes_reused)})")
+    print(f"  {s.seconds:.2f} s, {rate:.2f} GB/s")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bdn.export import export_manifest
+
+    store = open_store(args)
+    digest, manifest = store.resolve(args.ref)
+    with byte_progress("export") as bar:
+        bar({"event": "listed", "bytes": manifest.total_size})
+        stats = export_manifest(store, manifest, args.dest, progress=bar)
+    print(f"exported {args.ref} ({digest.short}) → {args.dest}: {stats.files} files, "
+          f"{human_bytes(stats.bytes_written)} written, {stats.hardlinks} hardlinks")
+    return 0
+
+
+def cmd_manifest_show(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    digest, m = store.resolve(args.ref)
+    if args.json:
+        sys.stdout.write(m.canonical_bytes().decode() + "\n")
+        return 0
+    print(f"manifest {digest}")
+    for k, v in sorted(m.source.items()):
+        print(f"  {k}: {v}")
+    print(f"  {len(m.files)} files, {human_bytes(m.total_size)} logical, "
+          f"{len(m.unique_chunks())} unique chunks ({human_bytes(m.unique_size)})")
+    for f in m.files:
+        print(f"  {f.size:>14,d}  {len(f.chunks):>5} chunks  {f.digest.short}  {f.path}")
+        if args.chunks:
+            for c in f.chunks:
+                enc = "" if c.encoding == "raw" else f" {c.encoding} {c.stored_length:,d}"
+                print(f"      @{c.offset:<14,d} {c.length:>12,d}  {c.digest.short}{enc}")
+    if args.base:
+        _, base = store.resolve(args.base)
+        base_chunks: set[Digest] = set(base.unique_chunks())
+        mine = m.unique_chunks()
+        shared = sum(c.length for d, c in mine.items() if d in base_chunks)
+        new = sum(c.length for d, c in mine.items() if d not in base_chunks)
+        print(f"  against {args.base}: {human_bytes(shared)} shared, {human_bytes(new)} new "
+              f"({sum(1 for d in mine if d not in base_chunks)} new chunks)")
+    return 0
+
+
+def cmd_store_stats(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    stats = store.stats()
+    if args.json:
+        print(json.dumps({"store": store.url, **stats}))
+        return 0
+    print(f"store {store.url}")
+    print(f"  objects:                  {stats['objects']:,d}")
+    print(f"  bytes stored:             {human_bytes(stats['bytes_stored'])}")
+    print(f"  manifests / refs:         {stats['manifests']} / {stats['refs']}")
+    print(f"  logical bytes referenced: {human_bytes(stats['logical_bytes_referenced'])}")
+    print(f"  unique bytes referenced:  {human_bytes(stats['unique_bytes_referenced'])}")
+    return 0
+
+
+def cmd_store_refs(args: argparse.Namespace) -> int:
+    for ref, digest in open_store(args).list_refs():
+        print(f"{ref}\t{digest}")
+    return 0

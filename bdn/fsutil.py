@@ -1,0 +1,64 @@
+"""Filesystem helpers for writing under a root that a manifest names paths in.
+
+Every write of a manifest path goes through :func:`safe_target`: the path string is
+checked (relative, normalised) and every directory between the root and the file is
+created or checked with ``lstat`` so that a symlink planted anywhere under the root is
+refused *before* anything is written — a path can never be steered outside the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from bdn.errors import PathError
+from manifests.paths import check_relative_path
+
+
+def safe_target(root: Path, rel: str) -> Path:
+    """Create the parents of ``root/rel`` (refusing symlinks) and return the path.
+
+    Raises :class:`PathError` if ``rel`` is unsafe, if any component under ``root`` is a
+    symlink or a non-directory, or if the target itself is a symlink or a directory.
+    """
+    check_relative_path(rel)
+    parts = rel.split("/")
+    cur = root
+    for seg in parts[:-1]:
+        cur = cur / seg
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(cur, 0o755)
+            st = os.lstat(cur)
+        if stat.S_ISLNK(st.st_mode):
+            raise PathError(f"{rel!r}: {cur} is a symlink; refusing to write through it",
+                            field="path")
+        if not stat.S_ISDIR(st.st_mode):
+            raise PathError(f"{rel!r}: {cur} exists and is not a directory", field="path")
+    target = cur / parts[-1]
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return target
+    if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        raise PathError(f"{rel!r}: {target} exists and is a symlink or directory; refusing "
+                        "to replace it", field="path")
+    return target
+
+
+def check_root(root: Path) -> Path:
+    """Create ``root`` if needed; refuse it if it is itself a symlink."""
+    root = Path(os.path.abspath(root))
+    root.mkdir(parents=True, exist_ok=True)
+    if os.path.islink(root):
+        raise PathError(f"{root} is a symlink; give the real directory", field="root")
+    return root
+
+
+def temp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.bdn-tmp-{os.getpid()}-{secrets.token_hex(4)}")

@@ -1,0 +1,260 @@
+"""The mirror: copy a source's files into the blob store as chunks, write the manifest,
+then move the ref.
+
+For each file, in this order: a *fingerprint* hit (the same upstream content mirrored
+before, from any repository) reuses the recorded entry without reading a byte; otherwise
+the file is made local (in place for local sources, spooled for remote ones), planned
+into chunks (tensor-aligned for safetensors, FastCDC otherwise), hashed, and every chunk
+the store lacks is written. Hashing runs on the calling thread (BLAKE3 spreads a large
+input over cores by itself) while a small pool writes objects, so reading, hashing and
+writing overlap; memory stays bounded because chunks are views of an ``mmap``.
+
+Crash safety comes from ordering, not from locks: objects are written atomically and
+idempotently; a fingerprint entry is written only after its file's objects; the manifest
+only after every object it names (the store checks); the ref only after the manifest.
+Killing the mirror at any point therefore leaves nothing that points at a missing object,
+and running it again skips what already landed.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from bdn.errors import BdnError, MirrorError, SourceError
+from bdn.patterns import select
+from bdn.sources.base import Source, SourceFile
+from bdn.store import BlobStore, LocalBackend, PutResult, choose_encoding, object_key
+from manifests.chunking import DEFAULT_OPTIONS, ChunkingOptions, plan_cdc, plan_safetensors
+from manifests.digest import Digest
+from manifests.errors import SafetensorsError
+from manifests.manifest import EMPTY_DIGEST, ENCODING_RAW, Chunk, FileEntry, build_manifest
+from manifests.refs import Ref
+from manifests.safetensors import PREFIX_BYTES, header_length, parse_header
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WRITE_WORKERS = 4
+SAFETENSORS_SUFFIX = ".safetensors"
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class MirrorCancelled(MirrorError):
+    """The mirror was cancelled; what was written so far stays valid and reusable."""
+
+
+@dataclass(frozen=True)
+class MirrorOptions:
+    chunking: ChunkingOptions = DEFAULT_OPTIONS
+    write_workers: int = DEFAULT_WRITE_WORKERS
+    use_fingerprints: bool = True
+    spool_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.write_workers <= 256:
+            raise ValueError("MirrorOptions.write_workers must be in [1, 256]")
+
+
+@dataclass
+class MirrorStats:
+    files: int = 0
+    files_reused: int = 0
+    logical_bytes: int = 0
+    bytes_uploaded: int = 0
+    bytes_reused: int = 0
+    objects_new: int = 0
+    objects_reused: int = 0
+    bytes_from_origin: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MirrorResult:
+    manifest_digest: Digest
+    ref: Ref | None
+    stats: MirrorStats
+    source: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": str(self.manifest_digest), "ref": str(self.ref) if self.ref else None,
+                "source": self.source, **self.stats.to_dict()}
+
+
+class Mirror:
+    """Mirrors sources into one store. Thread-safe per call; reuse across calls."""
+
+    def __init__(self, store: BlobStore, options: MirrorOptions = MirrorOptions()) -> None:
+        self.store = store
+        self.options = options
+        self._lock = threading.Lock()
+
+    def run(self, source: Source, *, ref: Ref | None = None,
+            allow: Sequence[str] = (), ignore: Sequence[str] = (),
+            progress: ProgressFn | None = None,
+            cancel: threading.Event | None = None) -> MirrorResult:
+        started = time.monotonic()
+        emit = progress or (lambda _e: None)
+        stats = MirrorStats()
+        pinned = source.pin()
+        listing = source.list_files()
+        chosen = set(select([f.path for f in listing], allow, ignore))
+        files = [f for f in listing if f.path in chosen]
+        if not files:
+            raise MirrorError(f"source {source.uri} has no files matching allow={list(allow)} "
+                              f"ignore={list(ignore)}")
+        emit({"event": "listed", "files": len(files), "bytes": sum(f.size for f in files)})
+        entries: list[FileEntry] = []
+        seen: set[Digest] = set()
+        spool = Path(self.options.spool_dir or tempfile.gettempdir())
+        with ThreadPoolExecutor(self.options.write_workers,
+                                thread_name_prefix="bdn-mirror") as pool:
+            for sf in files:
+                if cancel is not None and cancel.is_set():
+                    raise MirrorCancelled(f"mirror of {source.uri} cancelled")
+                entry = self._file(source, sf, spool, pool, seen, stats, emit, cancel)
+                entries.append(entry)
+                emit({"event": "file", "path": sf.path, "size": sf.size,
+                      "digest": str(entry.digest)})
+        stats.bytes_from_origin = source.counters.bytes_from_origin
+        manifest = build_manifest(entries, pinned)
+        digest = self.store.put_manifest(manifest)
+        emit({"event": "manifest", "digest": str(digest)})
+        if ref is not None:
+            self.store.set_ref(ref, digest)
+            emit({"event": "ref", "ref": str(ref), "digest": str(digest)})
+        stats.seconds = time.monotonic() - started
+        return MirrorResult(digest, ref, stats, pinned)
+
+    # -- one file ----------------------------------------------------------------
+
+    def _file(self, source: Source, sf: SourceFile, spool: Path, pool: ThreadPoolExecutor,
+              seen: set[Digest], stats: MirrorStats, emit: ProgressFn,
+              cancel: threading.Event | None) -> FileEntry:
+        stats.files += 1
+        stats.logical_bytes += sf.size
+        if sf.fingerprint and self.options.use_fingerprints:
+            known = self.store.get_fingerprint(sf.fingerprint)
+            if known is not None and known.size == sf.size:
+                stats.files_reused += 1
+                stats.bytes_reused += sf.size
+                emit({"event": "bytes", "path": sf.path, "n": sf.size, "reused": True})
+                return replace(known, path=sf.path, mode=sf.mode)
+        try:
+            with source.local_file(sf, spool) as local:
+                entry = self._chunk_file(local, sf, pool, seen, stats, emit, cancel)
+        except (SourceError, MirrorError):
+            raise
+        except BdnError:
+            raise
+        except OSError as e:
+            raise SourceError(f"reading {sf.path} from {source.uri} failed: {e.strerror or e}",
+                              source=source.uri, file=sf.path) from None
+        if sf.fingerprint:
+            self.store.put_fingerprint(sf.fingerprint, entry)
+        return entry
+
+    def _plan(self, view: memoryview, size: int, sf: SourceFile) -> list[tuple[int, int]]:
+        opts = self.options.chunking
+        if sf.path.endswith(SAFETENSORS_SUFFIX) and size >= PREFIX_BYTES:
+            try:
+                n = header_length(view[:PREFIX_BYTES], size, path=sf.path)
+                header = parse_header(view[:PREFIX_BYTES + n], size, path=sf.path)
+                return plan_safetensors(header, opts)
+            except SafetensorsError as e:
+                log.warning("%s; chunking it as an opaque file", e)
+        return plan_cdc(view, opts)
+
+    def _chunk_file(self, local: Path, sf: SourceFile, pool: ThreadPoolExecutor,
+                    seen: set[Digest], stats: MirrorStats, emit: ProgressFn,
+                    cancel: threading.Event | None) -> FileEntry:
+        fd = os.open(local, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return FileEntry(path=sf.path, size=0, digest=EMPTY_DIGEST, chunks=(),
+                                 mode=sf.mode)
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mm)
+            slices: list[memoryview] = []
+            pending: list[tuple[int, int, Digest, Future[PutResult] | None]] = []
+            try:
+                spans = self._plan(view, size, sf)
+                file_hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                for off, length in spans:
+                    if cancel is not None and cancel.is_set():
+                        raise MirrorCancelled(f"mirror cancelled while reading {sf.path}")
+                    piece = view[off:off + length]
+                    slices.append(piece)
+                    file_hasher.update(piece)
+                    digest = Digest.of(piece)
+                    with self._lock:
+                        first = digest not in seen
+                        seen.add(digest)
+                    fut = pool.submit(self._put, digest, fd, off, piece) if first else None
+                    pending.append((off, length, digest, fut))
+                chunks = []
+                for off, length, digest, fut in pending:
+                    if fut is None:
+                        info = self.store.stat_object(digest)
+                        assert info is not None
+                        res = PutResult(info.encoding, info.stored_length, new=False)
+                    else:
+                        res = fut.result()
+                    if res.new:
+                        stats.objects_new += 1
+                        stats.bytes_uploaded += res.stored_length
+                    else:
+                        stats.objects_reused += 1
+                        stats.bytes_reused += length
+                    chunks.append(Chunk(digest=digest, offset=off, length=length,
+                                        encoding=res.encoding, stored_length=res.stored_length))
+                    emit({"event": "object", "digest": str(digest), "new": res.new,
+                          "path": sf.path, "n": length})
+                    emit({"event": "bytes", "path": sf.path, "n": length, "reused": not res.new})
+                file_digest = Digest(file_hasher.hexdigest())
+            finally:
+                # Every view of the map must be released before it can be closed; a
+                # write still running holds one, so wait for all writes first.
+                for _, _, _, fut in pending:
+                    if fut is not None:
+                        fut.exception()
+                for piece in slices:
+                    piece.release()
+                view.release()
+                mm.close()
+        finally:
+            os.close(fd)
+        return FileEntry(path=sf.path, size=size, digest=file_digest, chunks=tuple(chunks),
+                         mode=sf.mode)
+
+    def _put(self, digest: Digest, fd: int, offset: int, piece: memoryview) -> PutResult:
+        store = self.store
+        info = store.stat_object(digest)
+        if info is not None:
+            return PutResult(info.encoding, info.stored_length, new=False)
+        encoding, stored = choose_encoding(piece, store.options.compression)
+        backend = store.backend
+        if encoding == ENCODING_RAW and isinstance(backend, LocalBackend):
+            # Kernel-side copy: the bytes never cross into Python.
+            backend.put_from_fd(object_key(digest), fd, offset, len(piece),
+                                fsync=store.options.fsync_objects)
+        else:
+            backend.put(object_key(digest, encoding), stored,
+                        fsync=store.options.fsync_objects)
+        return PutResult(encoding, len(stored), new=True)

@@ -1,0 +1,64 @@
+"""The one small interface every source implements.
+
+A mirror needs four things from an upstream: pin the revision (so later scale-ups never
+see a new commit), list files with sizes and *fingerprints* (metadata that identifies
+content without reading it: HF LFS sha256, S3 ETag + size, GCS md5 + size, local
+device + inode + size + mtime), read a byte range, and make a file available as a
+local path to chunk. Local files are used in place; remote ones are spooled to a temp
+file by parallel ranged requests (the source decides how) and deleted after chunking.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file at the source. ``path`` is relative, ``/``-separated."""
+
+    path: str
+    size: int
+    fingerprint: str | None = None
+    mode: int = 0o644
+
+
+@dataclass
+class FetchCounters:
+    """Bytes actually read from the origin (for "bytes from origin" reporting)."""
+
+    bytes_from_origin: int = 0
+
+
+class Source(ABC):
+    """An upstream of weights."""
+
+    uri: str
+
+    def __init__(self) -> None:
+        self.counters = FetchCounters()
+
+    @abstractmethod
+    def pin(self) -> dict[str, str]:
+        """Resolve the revision now; return what the manifest records (no secrets)."""
+
+    @abstractmethod
+    def list_files(self) -> list[SourceFile]:
+        """All files (unfiltered), at the pinned revision."""
+
+    @abstractmethod
+    def read_range(self, file: SourceFile, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``file``."""
+
+    @contextmanager
+    def local_file(self, file: SourceFile, spool_dir: Path) -> Iterator[Path]:
+        """A local path holding ``file``'s bytes for the duration of the block."""
+        raise NotImplementedError
+        yield spool_dir  # pragma: no cover
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
