@@ -172,11 +172,13 @@ class Mirror:
         opts = self.options.chunking
         if sf.path.endswith(SAFETENSORS_SUFFIX) and size >= PREFIX_BYTES:
             try:
-                n = header_length(view[:PREFIX_BYTES], size, path=sf.path)
-                header = parse_header(view[:PREFIX_BYTES + n], size, path=sf.path)
+                # Copies (≤ 100 MB by the bound): an exception's traceback must not pin
+                # views of the map, or the map could not be closed.
+                n = header_length(bytes(view[:PREFIX_BYTES]), size, path=sf.path)
+                header = parse_header(bytes(view[:PREFIX_BYTES + n]), size, path=sf.path)
                 return plan_safetensors(header, opts)
             except SafetensorsError as e:
-                log.warning("%s; chunking it as an opaque file", e)
+                log.warning("%s; chunking it as an opaque file", str(e))
         return plan_cdc(view, opts)
 
     def _chunk_file(self, local: Path, sf: SourceFile, pool: ThreadPoolExecutor,

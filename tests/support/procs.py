@@ -51,6 +51,8 @@ class ServiceProcess:
         self.lines: list[str] = []
         self.url: str | None = None
         self._ready = threading.Event()
+        self._cond = threading.Condition()
+        self._ended = False
         self._prefix = ready_prefix
         self.proc = subprocess.Popen(
             self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
@@ -65,10 +67,15 @@ class ServiceProcess:
     def _drain(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.append(line)
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
             if self._prefix and self.url is None and line.startswith(self._prefix):
                 self.url = line[len(self._prefix):].strip()
                 self._ready.set()
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
         self._ready.set()  # process ended: unblock a waiter
 
     @property
@@ -80,22 +87,25 @@ class ServiceProcess:
         return self.proc.pid
 
     def wait_line(self, needle: str, timeout_s: float = START_TIMEOUT_S) -> str:
-        """Block until a line containing ``needle`` has been printed."""
-        deadline = time.monotonic() + timeout_s
-        seen = 0
-        while time.monotonic() < deadline:
-            for line in self.lines[seen:]:
+        """Block until a line containing ``needle`` has been printed (woken per line)."""
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: any(needle in x for x in self.lines) or self._ended, timeout_s)
+            for line in self.lines:
                 if needle in line:
                     return line
-            seen = len(self.lines)
-            if self.proc.poll() is not None and seen == len(self.lines):
-                self._reader.join(1)
-                for line in self.lines[seen:]:
-                    if needle in line:
-                        return line
-                break
-            time.sleep(0.01)
-        raise TimeoutError(f"no line with {needle!r} from {self.cmd}:\n{self.output}")
+        why = "process ended" if ok else "timed out"
+        raise TimeoutError(f"no line with {needle!r} from {self.cmd} ({why}):\n{self.output}")
+
+    def wait_count(self, needle: str, count: int, timeout_s: float = START_TIMEOUT_S) -> int:
+        """Block until ``count`` lines containing ``needle`` were printed or the process
+        ended; return how many were seen."""
+        def seen() -> int:
+            return sum(1 for x in self.lines if needle in x)
+        with self._cond:
+            if not self._cond.wait_for(lambda: seen() >= count or self._ended, timeout_s):
+                raise TimeoutError(f"fewer than {count} lines with {needle!r} from {self.cmd}")
+            return seen()
 
     def kill9(self) -> None:
         with contextlib.suppress(ProcessLookupError):
