@@ -8,7 +8,8 @@ spans always tile the file from offset 0 without gaps):
   length + JSON) is one chunk. A tensor larger than ``tensor_piece_bytes`` is split into
   pieces of that size counted from the tensor's first byte, so its pieces are the same
   wherever the tensor sits. Runs of small tensors are grouped (up to
-  ``group_max_bytes``), and a group also ends after any tensor whose *name* hashes to a
+  ``group_max_bytes``; a tensor of ``small_tensor_bytes`` or more is always its own
+  chunk), and a group also ends after any tensor whose *name* hashes to a
   boundary; groups therefore re-synchronise after a different shard start, which keeps a
   re-sharded model's new bytes to its headers and a few edge groups. Bytes between
   tensors (padding) go with the preceding chunk.
@@ -34,6 +35,9 @@ MiB = 1024 * 1024
 
 TENSOR_PIECE_BYTES = 16 * MiB
 GROUP_MAX_BYTES = 4 * MiB
+# Tensors below this are grouped with neighbours; at or above it each is its own chunk,
+# so changing one mid-sized tensor never drags its neighbours' bytes along.
+SMALL_TENSOR_BYTES = 1 * MiB
 # One name in GROUP_NAME_MODULUS ends a group: about 8 small tensors a group on average.
 GROUP_NAME_MODULUS = 8
 CDC_AVG_BYTES = 4 * MiB
@@ -50,6 +54,7 @@ class ChunkingOptions:
 
     tensor_piece_bytes: int = TENSOR_PIECE_BYTES
     group_max_bytes: int = GROUP_MAX_BYTES
+    small_tensor_bytes: int = SMALL_TENSOR_BYTES
     group_name_modulus: int = GROUP_NAME_MODULUS
     cdc_avg_bytes: int = CDC_AVG_BYTES
     cdc_min_bytes: int = CDC_MIN_BYTES
@@ -57,7 +62,8 @@ class ChunkingOptions:
     small_file_bytes: int = SMALL_FILE_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("tensor_piece_bytes", "group_max_bytes", "cdc_avg_bytes",
+        for name in ("tensor_piece_bytes", "group_max_bytes", "small_tensor_bytes",
+                     "cdc_avg_bytes",
                      "cdc_min_bytes", "cdc_max_bytes", "group_name_modulus"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ChunkingOptions.{name} must be ≥ 1")
@@ -93,7 +99,7 @@ def plan_safetensors(header: SafetensorsHeader,
     for t in header.tensors:
         if t.nbytes == 0:
             continue
-        if t.nbytes >= options.group_max_bytes:
+        if t.nbytes >= min(options.small_tensor_bytes, options.group_max_bytes):
             close_group(t.begin)
             cuts.append(t.begin)
             pos = t.begin + options.tensor_piece_bytes
