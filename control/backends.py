@@ -6,8 +6,9 @@ default and a cluster backend are interchangeable:
 
 - :class:`LocalProcessBackend` (default) runs ``bdn serve MODEL_DIR --listen 127.0.0.1:0``
   as a child process in its own session, reads the ``BDN_LISTENING <url>`` line for the
-  port it bound, polls ``GET /health/ready`` until the model's ``load()`` returned, and
-  records the cold start (spawn to ready). Stopping sends SIGTERM to the process group,
+  port it bound, and waits until the model's ``load()`` returned: ``GET /health/ready``
+  answers 200, or (sooner) the replica prints ``BDN_READY <url>`` as ``bdn serve`` does.
+  It records the cold start (spawn to ready). Stopping sends SIGTERM to the process group,
   then SIGKILL after a grace period. The command is a setting, so tests and operators
   can run a different server that speaks the same contract.
 - :class:`KubernetesBackend` is a documented stub: it renders the Deployment and Service
@@ -35,9 +36,17 @@ from control.errors import BackendError, RequestError
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "BDN_LISTENING"
+# ``bdn serve`` also prints this once load() returned: an event, quicker than a probe.
+LOADED_PREFIX = "BDN_READY"
 DEFAULT_READY_TIMEOUT_S = 600.0
 DEFAULT_STOP_GRACE_S = 10.0
-READY_POLL_INTERVAL_S = 0.01
+# A replica still loading serves nothing: it gets less time to go before SIGKILL.
+UNREADY_STOP_GRACE_S = 1.0
+PR_SET_PDEATHSIG = 1
+# The readiness probe starts fast and backs off: a probe costs the loading replica a
+# little CPU, and most replicas (``bdn serve``) announce readiness on stdout anyway.
+READY_POLL_FIRST_S = 0.02
+READY_POLL_MAX_S = 0.1
 READY_PROBE_TIMEOUT_S = 2.0
 OUTPUT_TAIL_LINES = 40
 
@@ -63,6 +72,8 @@ class Replica:
     started_at_s: float
     ready_at_s: float
     handle: Any = None
+    pid: int | None = None
+    ready: bool = False
     in_flight: int = 0
     draining: bool = False
     output: deque[str] = field(default_factory=lambda: deque(maxlen=OUTPUT_TAIL_LINES))
@@ -132,15 +143,19 @@ class LocalProcessBackend:
                  spec.deployment_id, " ".join(argv))
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True)
+            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent)
         self._procs[replica_id] = proc
         output: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-        url_found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        reader = asyncio.create_task(self._drain(proc, replica_id, output, url_found))
+        loop = asyncio.get_running_loop()
+        url_found: asyncio.Future[str] = loop.create_future()
+        loaded: asyncio.Future[None] = loop.create_future()
+        reader = asyncio.create_task(self._drain(proc, replica_id, output, url_found, loaded))
         replica = Replica(id=replica_id, spec=spec, url="", started_at_s=started,
-                          ready_at_s=started, handle=(proc, reader), output=output)
+                          ready_at_s=started, handle=(proc, reader), pid=proc.pid,
+                          output=output)
         try:
-            await asyncio.wait_for(self._wait_ready(proc, url_found, replica),
+            await asyncio.wait_for(self._wait_ready(proc, url_found, loaded, replica),
                                    timeout=opts.ready_timeout_s)
         except TimeoutError:
             await self.stop(replica)
@@ -151,12 +166,14 @@ class LocalProcessBackend:
             await self.stop(replica)
             raise
         replica.ready_at_s = time.monotonic()
+        replica.ready = True
         log.info("replica %s of deployment %s ready at %s after %.2f s", replica_id,
                  spec.deployment_id, replica.url, replica.cold_start_s)
         return replica
 
     async def _drain(self, proc: asyncio.subprocess.Process, replica_id: str,
-                     output: deque[str], url_found: asyncio.Future[str]) -> None:
+                     output: deque[str], url_found: asyncio.Future[str],
+                     loaded: asyncio.Future[None]) -> None:
         assert proc.stdout is not None
         while True:
             raw = await proc.stdout.readline()
@@ -167,8 +184,12 @@ class LocalProcessBackend:
             log.debug("replica %s: %s", replica_id, line)
             if not url_found.done() and line.startswith(READY_PREFIX):
                 url_found.set_result(line[len(READY_PREFIX):].strip())
+            elif not loaded.done() and line.startswith(LOADED_PREFIX):
+                loaded.set_result(None)
         if not url_found.done():
             url_found.set_exception(EOFError())
+        if not loaded.done():
+            loaded.cancel()
 
     def _exited(self, proc: asyncio.subprocess.Process, replica: Replica) -> BackendError:
         tail = "\n".join(list(replica.output)[-10:])
@@ -178,15 +199,32 @@ class LocalProcessBackend:
             replica=replica.id)
 
     async def _wait_ready(self, proc: asyncio.subprocess.Process,
-                          url_found: asyncio.Future[str], replica: Replica) -> None:
+                          url_found: asyncio.Future[str], loaded: asyncio.Future[None],
+                          replica: Replica) -> None:
         try:
             replica.url = await url_found
         except EOFError:
             await proc.wait()
             raise self._exited(proc, replica) from None
+        probing = asyncio.ensure_future(self._probe_ready(proc, replica))
+        try:
+            # Whichever comes first: the replica's own "loaded" line, or a 200 from
+            # /health/ready (servers that print no such line).
+            await asyncio.wait({probing, loaded}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            probing.cancel()
+        if probing.done() and not probing.cancelled() and probing.exception() is not None:
+            raise probing.exception()  # type: ignore[misc]
+        if not (loaded.done() and not loaded.cancelled()) and not (
+                probing.done() and not probing.cancelled()):
+            await proc.wait()
+            raise self._exited(proc, replica)
+
+    async def _probe_ready(self, proc: asyncio.subprocess.Process, replica: Replica) -> None:
         probe = f"{replica.url}/health/ready"
         session = self._http()
-        # A bounded poll on a condition: the replica offers no ready event to wait on.
+        # A bounded poll on a condition, for replicas that announce nothing when loaded.
+        interval = READY_POLL_FIRST_S
         while True:
             if proc.returncode is not None:
                 raise self._exited(proc, replica)
@@ -194,7 +232,8 @@ class LocalProcessBackend:
                 async with session.get(probe) as resp:
                     if resp.status == 200:
                         return
-            await asyncio.sleep(READY_POLL_INTERVAL_S)
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, READY_POLL_MAX_S)
 
     async def stop(self, replica: Replica) -> None:
         proc, reader = replica.handle
@@ -202,11 +241,13 @@ class LocalProcessBackend:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+            grace = self.options.stop_grace_s if replica.ready else min(
+                self.options.stop_grace_s, UNREADY_STOP_GRACE_S)
             try:
-                await asyncio.wait_for(proc.wait(), timeout=self.options.stop_grace_s)
+                await asyncio.wait_for(proc.wait(), timeout=grace)
             except TimeoutError:
                 log.warning("replica %s did not stop within %.0f s; killing it", replica.id,
-                            self.options.stop_grace_s)
+                            grace)
         # Children of the replica live in its session; make sure none is left behind.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -221,6 +262,19 @@ class LocalProcessBackend:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed if the control server dies without stopping us.
+
+    Replicas run in their own session (so one can be stopped with its children), which
+    also takes them out of reach of a signal to the server's process group; without this
+    a crashed or SIGKILLed server would leave orphaned replicas holding GPUs.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ RANGES: dict[str, tuple[int, int | None]] = {
 }
 UNITS = {"autoscaling_window": " s", "scale_down_delay": " s",
          "target_utilization_percentage": " %"}
+# Baseten fields bdn does not implement: accepted as null (clients send them so), refused
+# with a clear sentence otherwise.
+UNSUPPORTED_FIELDS = frozenset({"target_in_flight_tokens", "max_scale_down_rate"})
 
 
 def describe_range(field: str) -> str:
@@ -105,6 +108,12 @@ class AutoscalingSettings:
         known = set(RANGES)
         changes: dict[str, int] = {}
         for key, value in patch.items():
+            if key in UNSUPPORTED_FIELDS:
+                if value is None:
+                    continue
+                raise SettingsError("is not supported by bdn (scale-down removes half the "
+                                    "excess per step; scaling follows in-flight requests)",
+                                    field=key)
             if key not in known:
                 raise SettingsError(
                     "is not an autoscaling setting", field=key,

@@ -1,0 +1,321 @@
+"""Benchmark: scale-from-zero through the control plane against ``bdn serve`` directly.
+
+Part 1, cold start. The same model folder (safetensors weights loaded by ``bdn serve``'s
+streaming loader in ``load()``) is started two ways, alternating in one run so both see
+the same machine:
+
+- direct: spawn ``bdn serve MODEL --listen 127.0.0.1:0``, wait for its ``BDN_READY`` line,
+  send one predict; timed from spawn to the response;
+- control plane: a deployment with ``min_replica: 0`` and no replica; send one predict to
+  the router; timed from sending to the response (the router queues the request, the
+  autoscaler asks for a replica, the backend spawns ``bdn serve`` and waits until it is
+  ready, the request is forwarded).
+
+Medians of ``--runs`` runs each, in alternating order; the ratio control/direct should be
+at most 1.2. Between control-plane runs the deployment is deactivated and activated,
+which stops its replica at once and leaves it at zero replicas (no waiting out a
+scale-down delay).
+
+Part 2, load. ``--concurrency`` clients (200) send predicts in a loop for
+``--load-duration-s`` to a deployment with ``max_replica: 4`` and ``concurrency_target:
+8`` that starts at zero replicas. Reports errors (goal: none), p50/p99 latency and the
+replica count over time as the autoscaler scales up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MiB = 1024**2
+TENSOR_ELEMS = 2048 * 2048  # 8 MiB of fp16 per tensor
+API_KEY = "bench-" + os.urandom(8).hex()
+SAMPLE_INTERVAL_S = 0.5
+
+MODEL_PY = '''
+import time
+
+
+class Model:
+    def __init__(self, weights=None, **kwargs):
+        self._weights = weights
+        self.tensors = {}
+
+    def load(self):
+        self.tensors = self._weights.load()
+
+    def predict(self, model_input):
+        time.sleep(float(model_input.get("work_ms", 0)) / 1000.0)
+        return {"tensors": len(self.tensors)}
+'''
+
+
+def make_model(root: Path, weights_mb: int) -> Path:
+    """A model folder whose load() streams ``weights_mb`` of fp16 safetensors."""
+    model_dir, weights = root / "model", root / "weights"
+    if not (weights / "model.safetensors").exists():
+        weights.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        n = max(1, weights_mb * MiB // (TENSOR_ELEMS * 2))
+        tensors = {f"layers.{i}.weight": rng.integers(0, 65535, TENSOR_ELEMS, dtype=np.uint16)
+                   .view(np.float16).reshape(2048, 2048) for i in range(n)}
+        save_file(tensors, str(weights / "model.safetensors"))
+    (model_dir / "model").mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.yaml").write_text(
+        "model_name: coldstart-bench\n"
+        "weights:\n"
+        f"  - source: file://{weights}\n"
+        f"    mount_location: {weights}\n"
+        "predict_concurrency: 8\n")
+    (model_dir / "model" / "model.py").write_text(MODEL_PY)
+    return model_dir
+
+
+def http(method: str, url: str, body: Any = None, timeout_s: float = 600) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", f"Api-Key {API_KEY}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bdn.cli", *args]
+
+
+def direct_run(model_dir: Path) -> float:
+    """Spawn ``bdn serve``, wait for BDN_READY, first predict: seconds from spawn."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(serve_cmd("serve", str(model_dir), "--listen", "127.0.0.1:0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            if line.startswith("BDN_LISTENING"):
+                url = line.split()[1]
+            if line.startswith("BDN_READY"):
+                break
+        else:
+            raise RuntimeError("bdn serve exited before it was ready")
+        http("POST", f"{url}/predict", {})
+        return time.perf_counter() - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+class Control:
+    """A control server process for the benchmark."""
+
+    def __init__(self, state_dir: Path) -> None:
+        env = dict(os.environ, BDN_API_KEY=API_KEY, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            serve_cmd("control-server", "--listen", "127.0.0.1:0", "--state-dir",
+                      str(state_dir)),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            start_new_session=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("BDN_LISTENING"):
+                self.url = line.split()[1]
+                break
+        else:
+            raise RuntimeError("control-server did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(60)
+
+    def push(self, model_dir: Path, model_name: str,
+             settings: dict[str, int]) -> tuple[str, str]:
+        model = http("POST", f"{self.url}/v1/models", {"name": model_name})
+        dep = http("POST", f"{self.url}/v1/models/{model['id']}/deployments",
+                   {"model_dir": str(model_dir), "autoscaling_settings": settings})
+        return model["id"], dep["id"]
+
+    def deployment(self, model_id: str, dep_id: str) -> dict[str, Any]:
+        return dict(http("GET", f"{self.url}/v1/models/{model_id}/deployments/{dep_id}"))
+
+    def reset_to_zero(self, model_id: str, dep_id: str) -> None:
+        base = f"{self.url}/v1/models/{model_id}/deployments/{dep_id}"
+        http("POST", f"{base}/deactivate")
+        http("POST", f"{base}/activate")
+        dep = self.deployment(model_id, dep_id)
+        assert dep["status"] == "SCALED_TO_ZERO", dep["status"]
+        # The old replica must have exited, not be tearing down alongside the next cold
+        # start (the direct runs wait for their process to exit, too).
+        while dep["stopping_replica_count"]:
+            time.sleep(0.01)
+            dep = self.deployment(model_id, dep_id)
+
+
+def cold_start_part(args: argparse.Namespace, model_dir: Path, ctl: Control) -> dict[str, Any]:
+    model_id, dep_id = ctl.push(model_dir, "coldstart", {"min_replica": 0, "max_replica": 1})
+    predict = f"{ctl.url}/models/{model_id}/deployment/{dep_id}/predict"
+    direct_run(model_dir)  # warm the page cache and Python's bytecode cache, untimed
+    direct: list[float] = []
+    control: list[float] = []
+    overhead: list[float] = []
+
+    def via_control() -> float:
+        ctl.reset_to_zero(model_id, dep_id)
+        t0 = time.perf_counter()
+        http("POST", predict, {})
+        return time.perf_counter() - t0
+
+    for i in range(args.runs):
+        # Alternate which goes first, so a drift in the machine's load favours neither.
+        if i % 2 == 0:
+            direct.append(direct_run(model_dir))
+            control.append(via_control())
+        else:
+            control.append(via_control())
+            direct.append(direct_run(model_dir))
+        spawn_to_ready = ctl.deployment(model_id, dep_id)["cold_start_seconds"][-1]
+        overhead.append(control[-1] - spawn_to_ready)
+        print(f"  run {i + 1}/{args.runs}: direct {direct[-1]:.3f} s, "
+              f"scale from zero {control[-1]:.3f} s (replica spawn to ready "
+              f"{spawn_to_ready:.3f} s)", flush=True)
+    md, mc = statistics.median(direct), statistics.median(control)
+    ratio = mc / md
+    print(f"cold start to first response, median of {args.runs}: bdn serve directly "
+          f"{md:.3f} s, control plane from zero {mc:.3f} s, ratio {ratio:.3f}x "
+          f"(goal <= 1.2x: {'met' if ratio <= 1.2 else 'NOT met'})")
+    print(f"control plane's own share (first response minus the replica's spawn-to-ready), "
+          f"median: {statistics.median(overhead) * 1000:.0f} ms")
+    return {"direct_s": direct, "control_s": control, "overhead_s": overhead,
+            "median_direct_s": md,
+            "median_control_s": mc, "ratio": ratio}
+
+
+async def load_part(args: argparse.Namespace, model_dir: Path, ctl: Control) -> dict[str, Any]:
+    import aiohttp
+
+    model_id, dep_id = ctl.push(model_dir, "load", {
+        "min_replica": 0, "max_replica": 4, "concurrency_target": 8,
+        "autoscaling_window": 10, "scale_down_delay": 60})
+    predict = f"{ctl.url}/models/{model_id}/deployment/{dep_id}/predict"
+    detail = f"{ctl.url}/v1/models/{model_id}/deployments/{dep_id}"
+    headers = {"Authorization": f"Api-Key {API_KEY}"}
+    latencies: list[float] = []
+    sent_at: list[float] = []
+    errors: dict[str, int] = {}
+    timeline: list[tuple[float, int, int, int, int]] = []
+    t_start = time.perf_counter()
+    deadline = t_start + args.load_duration_s
+    body = {"work_ms": args.work_ms}
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(predict, json=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
+                        continue
+            except aiohttp.ClientError as e:
+                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            sent_at.append(t0 - t_start)
+
+    async def sampler(session: aiohttp.ClientSession) -> None:
+        while time.perf_counter() < deadline:
+            async with session.get(detail, headers=headers) as resp:
+                d = await resp.json()
+            timeline.append((time.perf_counter() - t_start, d["active_replica_count"],
+                             d["starting_replica_count"], d["desired_replica_count"],
+                             d["in_flight_requests"]))
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(sampler(session),
+                             *(client(session) for _ in range(args.concurrency)))
+    n = len(latencies)
+    p50, p99 = percentiles(latencies)
+    # Steady state: requests sent once every replica was ready (no cold start inside).
+    all_ready = next((t for t, ready, *_ in timeline if ready == 4), None)
+    steady = [lat for lat, t in zip(latencies, sent_at, strict=True)
+              if all_ready is not None and t >= all_ready]
+    s50, s99 = percentiles(steady)
+    print(f"load: {args.concurrency} concurrent clients for {args.load_duration_s:.0f} s, "
+          f"max_replica 4, concurrency_target 8, from zero replicas")
+    print("  t (s)  ready  starting  desired  in flight")
+    for t, ready, starting, desired, in_flight in timeline[::max(1, len(timeline) // 24)]:
+        print(f"  {t:5.1f}  {ready:5d}  {starting:8d}  {desired:7d}  {in_flight:9d}")
+    print(f"  requests {n}, errors {sum(errors.values())} {errors or ''}, "
+          f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+          f"{n / args.load_duration_s:.0f} req/s")
+    if all_ready is not None:
+        print(f"  once all 4 replicas were ready (t >= {all_ready:.1f} s): {len(steady)} "
+              f"requests, p50 {s50 * 1000:.0f} ms, p99 {s99 * 1000:.0f} ms")
+    cold = ctl.deployment(model_id, dep_id)["cold_start_seconds"]
+    print(f"  replica cold starts (s): {', '.join(f'{c:.2f}' for c in cold)}")
+    return {"requests": n, "errors": errors, "p50_s": p50, "p99_s": p99,
+            "steady_p50_s": s50, "steady_p99_s": s99,
+            "timeline": timeline, "cold_starts_s": cold}
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    """p50 and p99 (nearest rank) in seconds; NaN for no values."""
+    if not values:
+        return float("nan"), float("nan")
+    v = sorted(values)
+    return v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.99))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--weights-mb", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=200)
+    ap.add_argument("--load-duration-s", type=float, default=20.0)
+    ap.add_argument("--work-ms", type=float, default=20.0,
+                    help="time each predict spends (sleeping) in the model")
+    ap.add_argument("--dir", type=Path, default=ROOT / ".bench" / "coldstart")
+    ap.add_argument("--skip-load", action="store_true")
+    args = ap.parse_args()
+    model_dir = make_model(args.dir, args.weights_mb)
+    print(f"model: {args.weights_mb} MiB of fp16 safetensors loaded in load(); "
+          f"{os.cpu_count()} CPUs", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bdn-bench-control-") as state:
+        ctl = Control(Path(state))
+        try:
+            results = {"cold_start": cold_start_part(args, model_dir, ctl)}
+            if not args.skip_load:
+                results["load"] = asyncio.run(load_part(args, model_dir, ctl))
+        finally:
+            ctl.stop()
+    (args.dir / "results.json").write_text(json.dumps(results, indent=2))
+    ok = results["cold_start"]["ratio"] <= 1.2 and not results.get("load", {}).get("errors")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

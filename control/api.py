@@ -1,0 +1,438 @@
+"""The control server's HTTP app: the management API, the router, metrics, API keys.
+
+Management paths and JSON fields are Baseten's (``/v1/models/{model_id}/deployments/
+{deployment_id}/autoscaling_settings``, ``.../environments/{env_name}/promote``, ...), so
+clients written for that API need only a different base URL. Where Baseten takes a
+Truss archive (creating a model, pushing a deployment), this API takes the path of a
+model folder the server can read: ``POST /v1/models`` and
+``POST /v1/models/{model_id}/deployments``. ``production`` and ``development`` work
+wherever a deployment id does, as in Baseten's paths.
+
+Every ``/v1/`` and inference path needs ``Authorization: Api-Key <key>``; ``/metrics``
+and ``/health/*`` do not, so Prometheus and probes need no secret. Keys are compared in
+constant time and never logged. Errors are JSON ``{"error": "...", "status": N}`` whose
+sentence names the field, deployment or environment involved.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from control.backends import (
+    LocalBackendOptions,
+    LocalProcessBackend,
+    ReplicaBackend,
+)
+from control.controller import Controller, ControllerOptions, Runtime
+from control.errors import ControlError, NotFoundError, RequestError
+from control.metrics import Metrics
+from control.router import Router, error_response
+from control.settings import AutoscalingSettings
+from control.store import DEVELOPMENT, PRODUCTION, DeploymentRecord, EnvironmentRecord, Store
+
+log = logging.getLogger(__name__)
+
+API_KEY_FILE_NAME = "api-key"
+STATE_FILE_NAME = "control.sqlite3"
+AUTH_SCHEME = "Api-Key"
+OPEN_PATHS = ("/metrics", "/health/")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Everything a control server needs; validated on construction."""
+
+    state_dir: Path
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    controller: ControllerOptions = field(default_factory=ControllerOptions)
+    backend: LocalBackendOptions = field(default_factory=LocalBackendOptions)
+
+    def __post_init__(self) -> None:
+        if not self.api_keys:
+            raise RequestError("at least one API key is required", field="api_keys")
+        for key in self.api_keys:
+            if len(key) < 8 or any(c.isspace() for c in key):
+                raise RequestError("an API key must be at least 8 characters without "
+                                   "whitespace", field="api_keys")
+
+
+def load_or_create_api_keys(state_dir: Path, key_file: Path | None,
+                            env_key: str | None) -> tuple[tuple[str, ...], str]:
+    """The server's API keys and where they came from (never the keys themselves).
+
+    Order: ``--api-key-file`` (one key per line), ``BDN_API_KEY``, else a key generated
+    once into ``STATE_DIR/api-key`` (mode 0600) and reused on later starts.
+    """
+    if key_file is not None:
+        keys = tuple(k.strip() for k in key_file.read_text().splitlines() if k.strip())
+        return keys, str(key_file)
+    if env_key:
+        return (env_key,), "BDN_API_KEY"
+    path = state_dir / API_KEY_FILE_NAME
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return (path.read_text().strip(),), str(path)
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError("the body must be a JSON object")
+    return data
+
+
+def bool_field(data: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"must be true or false, got {value!r}", field=name)
+    return value
+
+
+def str_field(data: Mapping[str, Any], name: str, *, required: bool) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise RequestError("is required", field=name)
+        return None
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"must be a non-empty string, got {value!r}", field=name)
+    return value
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ManagementApi:
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+        self.store = controller.store
+
+    # -- JSON views --------------------------------------------------------------------
+
+    def deployment_json(self, rec: DeploymentRecord) -> dict[str, Any]:
+        rt: Runtime | None = self.c.runtimes.get(rec.id)
+        envs = self.store.environments_of(rec.id)
+        return {
+            "id": rec.id,
+            "created_at": rec.created_at,
+            "name": rec.name,
+            "model_id": rec.model_id,
+            "is_production": PRODUCTION in envs,
+            "is_development": rec.is_development,
+            "status": self.c.status_of(rt) if rt else ("ACTIVE" if rec.active else "INACTIVE"),
+            "active_replica_count": len(rt.ready) if rt else 0,
+            "autoscaling_settings": rec.settings.to_json(),
+            "instance_type_name": None,
+            "environment": envs[0] if envs else None,
+            # bdn's additions: the live picture the autoscaler works from.
+            "model_dir": rec.model_dir,
+            "desired_replica_count": rt.desired if rt else 0,
+            "starting_replica_count": len(rt.starting) if rt else 0,
+            "stopping_replica_count": len(rt.draining) if rt else 0,
+            "in_flight_requests": rt.in_flight if rt else 0,
+            "queued_requests": rt.queued if rt else 0,
+            "cold_start_seconds": [round(s, 3) for s in rt.cold_starts_s[-10:]] if rt else [],
+            "last_error": rt.last_error if rt else None,
+            "replicas": [{"id": r.id, "url": r.url, "pid": r.pid, "in_flight": r.in_flight,
+                          "cold_start_seconds": round(r.cold_start_s, 3)}
+                         for r in (rt.ready if rt else [])],
+        }
+
+    def model_json(self, model_id: str) -> dict[str, Any]:
+        m = self.store.get_model(model_id)
+        deps = self.store.list_deployments(model_id)
+        dev = next((d.id for d in deps if d.is_development), None)
+        return {"id": m.id, "created_at": m.created_at, "name": m.name,
+                "deployments_count": len(deps),
+                "production_deployment_id":
+                    self.store.get_environment(model_id, PRODUCTION).current_deployment_id,
+                "development_deployment_id": dev, "instance_type_name": None}
+
+    def environment_json(self, env: EnvironmentRecord) -> dict[str, Any]:
+        current = (self.store.get_deployment(env.model_id, env.current_deployment_id)
+                   if env.current_deployment_id else None)
+        promotion = None
+        status = self.c.promotions.get((env.model_id, env.name))
+        if status is not None:
+            rt = self.c.runtimes.get(status.deployment_id)
+            promotion = {"deployment_id": status.deployment_id, "status": status.status,
+                         "error": status.error,
+                         "ready_replicas": len(rt.ready) if rt else 0,
+                         "min_replica": rt.record.settings.min_replica if rt else None}
+        return {"name": env.name, "created_at": env.created_at, "model_id": env.model_id,
+                "current_deployment": self.deployment_json(current) if current else None,
+                "autoscaling_settings": env.settings.to_json(),
+                "promotion_settings": {},
+                "previous_deployment_id": env.previous_deployment_id,
+                "promotion": promotion}
+
+    def resolve(self, model_id: str, deployment_id: str) -> DeploymentRecord:
+        self.store.get_model(model_id)
+        if deployment_id == PRODUCTION:
+            current = self.store.get_environment(model_id, PRODUCTION).current_deployment_id
+            if current is None:
+                raise NotFoundError(f"model {model_id} has no production deployment yet",
+                                    kind="deployment", ident=PRODUCTION)
+            deployment_id = current
+        elif deployment_id == DEVELOPMENT:
+            return self.store.development_deployment(model_id)
+        return self.store.get_deployment(model_id, deployment_id)
+
+    # -- routes ------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/v1/models", self.list_models)
+        r.add_post("/v1/models", self.create_model)
+        r.add_get("/v1/models/{model_id}", self.get_model)
+        r.add_delete("/v1/models/{model_id}", self.delete_model)
+        r.add_get("/v1/models/{model_id}/deployments", self.list_deployments)
+        r.add_post("/v1/models/{model_id}/deployments", self.create_deployment)
+        r.add_get("/v1/models/{model_id}/deployments/{deployment_id}", self.get_deployment)
+        r.add_delete("/v1/models/{model_id}/deployments/{deployment_id}",
+                     self.delete_deployment)
+        r.add_patch("/v1/models/{model_id}/deployments/{deployment_id}/autoscaling_settings",
+                    self.patch_autoscaling)
+        r.add_post("/v1/models/{model_id}/deployments/{deployment_id}/activate", self.activate)
+        r.add_post("/v1/models/{model_id}/deployments/{deployment_id}/deactivate",
+                   self.deactivate)
+        r.add_post("/v1/models/{model_id}/deployments/{deployment_id}/promote",
+                   self.promote_to_production)
+        r.add_get("/v1/models/{model_id}/environments", self.list_environments)
+        r.add_post("/v1/models/{model_id}/environments", self.create_environment)
+        r.add_get("/v1/models/{model_id}/environments/{env_name}", self.get_environment)
+        r.add_patch("/v1/models/{model_id}/environments/{env_name}", self.patch_environment)
+        r.add_delete("/v1/models/{model_id}/environments/{env_name}",
+                     self.delete_environment)
+        r.add_post("/v1/models/{model_id}/environments/{env_name}/promote",
+                   self.promote_to_environment)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"models": [self.model_json(m.id) for m in self.store.list_models()]})
+
+    async def create_model(self, request: web.Request) -> web.Response:
+        data = await json_body(request)
+        name = str_field(data, "name", required=True)
+        assert name is not None
+        rec = self.store.create_model(name)
+        return web.json_response(self.model_json(rec.id), status=201)
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        return web.json_response(self.model_json(request.match_info["model_id"]))
+
+    async def delete_model(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        await self.c.delete_model(model_id)
+        return web.json_response({"id": model_id, "deleted": True})
+
+    async def list_deployments(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        self.store.get_model(model_id)
+        return web.json_response({"deployments": [
+            self.deployment_json(d) for d in self.store.list_deployments(model_id)]})
+
+    async def create_deployment(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        data = await json_body(request)
+        model_dir = str_field(data, "model_dir", required=True)
+        assert model_dir is not None
+        if not os.path.isabs(model_dir):
+            raise RequestError(f"must be an absolute path on the server, got {model_dir!r}",
+                               field="model_dir")
+        if not os.path.isfile(os.path.join(model_dir, "config.yaml")):
+            raise RequestError(f"{model_dir} has no config.yaml", field="model_dir")
+        raw = data.get("autoscaling_settings")
+        settings = AutoscalingSettings.from_json(raw) if raw is not None else None
+        rec = self.c.push(model_id, model_dir, name=str_field(data, "name", required=False),
+                          development=bool_field(data, "development", False),
+                          settings=settings)
+        return web.json_response(self.deployment_json(rec), status=201)
+
+    async def get_deployment(self, request: web.Request) -> web.Response:
+        rec = self.resolve(request.match_info["model_id"], request.match_info["deployment_id"])
+        return web.json_response(self.deployment_json(rec))
+
+    async def delete_deployment(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        rec = self.resolve(model_id, request.match_info["deployment_id"])
+        await self.c.delete_deployment(model_id, rec.id)
+        return web.json_response({"id": rec.id, "deleted": True})
+
+    async def patch_autoscaling(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        rec = self.resolve(model_id, request.match_info["deployment_id"])
+        status, after = self.c.update_settings(model_id, rec.id, await json_body(request))
+        message = ("autoscaling settings unchanged" if status == "UNCHANGED"
+                   else f"autoscaling settings of deployment {after.id} updated")
+        return web.json_response({"status": status, "message": message,
+                                  "autoscaling_settings": after.settings.to_json()})
+
+    async def activate(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        rec = self.resolve(model_id, request.match_info["deployment_id"])
+        self.c.set_active(model_id, rec.id, True)
+        return web.json_response({"success": True})
+
+    async def deactivate(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        rec = self.resolve(model_id, request.match_info["deployment_id"])
+        self.c.set_active(model_id, rec.id, False)
+        return web.json_response({"success": True})
+
+    async def promote_to_production(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        rec = self.resolve(model_id, request.match_info["deployment_id"])
+        data = await json_body(request)
+        promoted = self.c.promote(
+            model_id, PRODUCTION, rec.id,
+            scale_down_previous=bool_field(data, "scale_down_previous_production", True))
+        return web.json_response(self.deployment_json(promoted))
+
+    async def promote_to_environment(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        env_name = request.match_info["env_name"]
+        data = await json_body(request)
+        dep = str_field(data, "deployment_id", required=True)
+        assert dep is not None
+        rec = self.resolve(model_id, dep)
+        promoted = self.c.promote(
+            model_id, env_name, rec.id,
+            scale_down_previous=bool_field(data, "scale_down_previous_deployment", True))
+        return web.json_response(self.deployment_json(promoted))
+
+    async def list_environments(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        self.store.get_model(model_id)
+        return web.json_response({"environments": [
+            self.environment_json(e) for e in self.store.list_environments(model_id)]})
+
+    async def create_environment(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        data = await json_body(request)
+        name = str_field(data, "name", required=True)
+        assert name is not None
+        raw = data.get("autoscaling_settings")
+        settings = AutoscalingSettings.from_json(raw) if raw is not None else None
+        env = self.store.create_environment(model_id, name, settings)
+        return web.json_response(self.environment_json(env), status=201)
+
+    async def get_environment(self, request: web.Request) -> web.Response:
+        env = self.store.get_environment(request.match_info["model_id"],
+                                         request.match_info["env_name"])
+        return web.json_response(self.environment_json(env))
+
+    async def patch_environment(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        env_name = request.match_info["env_name"]
+        data = await json_body(request)
+        unknown = set(data) - {"autoscaling_settings", "promotion_settings"}
+        if unknown:
+            raise RequestError("is not an environment setting", field=sorted(unknown)[0])
+        patch = data.get("autoscaling_settings") or {}
+        before = self.store.get_environment(model_id, env_name).settings
+        env = self.c.update_environment_settings(model_id, env_name, patch)
+        status = "UNCHANGED" if env.settings == before else "ACCEPTED"
+        return web.json_response({"status": status,
+                                  "message": f"environment {env_name!r} settings {status.lower()}",
+                                  "autoscaling_settings": env.settings.to_json()})
+
+    async def delete_environment(self, request: web.Request) -> web.Response:
+        model_id = request.match_info["model_id"]
+        env_name = request.match_info["env_name"]
+        self.store.delete_environment(model_id, env_name)
+        return web.json_response({"name": env_name, "deleted": True})
+
+
+def auth_middleware(keys: tuple[str, ...]) -> Any:
+    encoded = [k.encode() for k in keys]
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(OPEN_PATHS):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme != AUTH_SCHEME or not given:
+            return error_response(401, "missing API key: send the header "
+                                       "'Authorization: Api-Key <key>'")
+        given_b = given.strip().encode()
+        # Compare against every key so timing does not reveal which one matched.
+        ok = False
+        for key in encoded:
+            ok |= hmac.compare_digest(given_b, key)
+        if not ok:
+            return error_response(401, "the API key is not valid")
+        return await handler(request)
+    return middleware
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ControlError as e:
+        return error_response(e.status, str(e))
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return error_response(e.status, e.reason)
+        raise
+
+
+async def build_app(options: ServerOptions,
+                    backend: ReplicaBackend | None = None) -> web.Application:
+    """The control server app; its cleanup stops every replica it started."""
+    store = Store(options.state_dir / STATE_FILE_NAME)
+    metrics = Metrics()
+    controller = Controller(store, backend or LocalProcessBackend(options.backend), metrics,
+                            options.controller)
+    router = Router(controller)
+    app = web.Application(middlewares=[error_middleware, auth_middleware(options.api_keys)],
+                          client_max_size=1 << 30)
+    ManagementApi(controller).add_routes(app)
+    router.add_routes(app)
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        return web.Response(text=metrics.render(controller.gauges()),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})
+
+    async def live(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", live)
+    app["controller"] = controller
+
+    async def on_startup(app: web.Application) -> None:
+        await controller.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await controller.close()
+        await router.close()
+        store.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

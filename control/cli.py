@@ -1,0 +1,437 @@
+"""``bdn`` commands of the control plane.
+
+``bdn control-server`` runs the management API and the router in one daemon; the other
+commands (``push``, ``deployments``, ``autoscaling``, ``promote``, ``predict``,
+``environments``) are thin clients of its API. Clients take ``--server URL`` (env
+``BDN_CONTROL_URL``) and ``--api-key`` (env ``BDN_API_KEY``); the key is never printed.
+Tables and progress go through rich, on stderr where they are decoration; JSON results
+go to stdout so they pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from control.client import API_KEY_ENV, SERVER_URL_ENV, ControlClient, q
+from control.errors import ClientError, RequestError
+from control.settings import RANGES, describe_range
+
+DEFAULT_LISTEN = "127.0.0.1:8700"
+# XDG's place for state that should persist across restarts, outside any checkout.
+DEFAULT_STATE_DIR = str(Path(os.environ.get("XDG_STATE_HOME")
+                             or Path.home() / ".local" / "state") / "bdn" / "control")
+STATE_DIR_ENV = "BDN_CONTROL_STATE"
+REPLICA_COMMAND_ENV = "BDN_REPLICA_COMMAND"
+PROMOTION_POLL_INTERVAL_S = 0.25
+WATCH_POLL_INTERVAL_S = 1.0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("control-server", help="run the management API and router",
+                              description="Run the control plane: management API under /v1/, "
+                              "inference router under /models/, Prometheus text at /metrics.")
+    p.add_argument("--listen", default=DEFAULT_LISTEN,
+                   help=f"HOST:PORT or unix:PATH (default {DEFAULT_LISTEN}; port 0 = any)")
+    p.add_argument("--state-dir", type=Path,
+                   default=Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)),
+                   help=f"where the SQLite state lives (env {STATE_DIR_ENV}; "
+                   f"default {DEFAULT_STATE_DIR})")
+    p.add_argument("--api-key-file", type=Path,
+                   help=f"file with accepted API keys, one a line (else {API_KEY_ENV}, else "
+                   "a key generated once into STATE_DIR/api-key)")
+    p.add_argument("--replica-command",
+                   default=os.environ.get(REPLICA_COMMAND_ENV),
+                   help="command that runs one replica; MODEL_DIR --listen HOST:0 is appended "
+                   f"(env {REPLICA_COMMAND_ENV}; default: this Python's `bdn serve`)")
+    p.add_argument("--tick-interval-s", type=float, default=1.0,
+                   help="seconds between autoscaler evaluations (default 1)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="run autoscaling time this many times faster than wall time "
+                   "(tests and demos only; default 1)")
+    p.add_argument("--queue-timeout-s", type=float, default=600.0,
+                   help="how long a request waits for a ready replica (default 600)")
+    p.add_argument("--max-queue", type=int, default=1000,
+                   help="requests that may wait per deployment (default 1000)")
+    p.add_argument("--ready-timeout-s", type=float, default=600.0,
+                   help="how long a replica may take to become ready (default 600)")
+    p.add_argument("--drain-timeout-s", type=float, default=60.0,
+                   help="how long a stopping replica may finish its requests (default 60)")
+    p.add_argument("--start-retry-backoff-s", type=float, default=1.0,
+                   help="first wait before starting a replica again after a failed start; "
+                   "doubles per failure up to 30 s (default 1)")
+    p.set_defaults(handler=cmd_control_server)
+
+    p = subparsers.add_parser("push", help="push a model folder as a new deployment")
+    _client_args(p)
+    p.add_argument("model_dir", type=Path, help="folder with config.yaml and model/model.py")
+    p.add_argument("--watch", action="store_true",
+                   help="push to the development deployment and re-push on every change")
+    p.add_argument("--promote", action="store_true", help="promote to production once ready")
+    p.add_argument("--environment", help="promote to this environment once ready")
+    p.add_argument("--name", help="deployment name (default deployment-N)")
+    p.add_argument("--model-name", help="model name (default: config.yaml model_name)")
+    p.add_argument("--no-wait", action="store_true", help="do not wait for a promotion")
+    p.set_defaults(handler=cmd_push)
+
+    p = subparsers.add_parser("deployments", help="list, activate, deactivate or delete "
+                              "deployments")
+    _client_args(p)
+    p.add_argument("model", nargs="?", help="model name or id (default: every model)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--activate", metavar="DEPLOYMENT")
+    group.add_argument("--deactivate", metavar="DEPLOYMENT")
+    group.add_argument("--delete", metavar="DEPLOYMENT")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=cmd_deployments)
+
+    p = subparsers.add_parser("autoscaling", help="show or set autoscaling settings")
+    sub = p.add_subparsers(dest="autoscaling_command", metavar="ACTION", required=True)
+    s = sub.add_parser("set", help="PATCH a deployment's (or environment's) settings")
+    _client_args(s)
+    s.add_argument("model", help="model name or id")
+    target = s.add_mutually_exclusive_group()
+    target.add_argument("--deployment", default="production",
+                        help="deployment id, 'production' (default) or 'development'")
+    target.add_argument("--environment", help="set an environment's settings instead")
+    for name in RANGES:
+        s.add_argument("--" + name.replace("_", "-"), dest=name, type=int,
+                       help=f"{describe_range(name)}")
+    s.set_defaults(handler=cmd_autoscaling_set)
+    s = sub.add_parser("show", help="print a deployment's settings")
+    _client_args(s)
+    s.add_argument("model")
+    s.add_argument("--deployment", default="production")
+    s.set_defaults(handler=cmd_autoscaling_show)
+
+    p = subparsers.add_parser("promote", help="promote a deployment to an environment")
+    _client_args(p)
+    p.add_argument("model", help="model name or id")
+    p.add_argument("deployment", nargs="?",
+                   help="deployment id or name ('development' publishes the dev deployment)")
+    p.add_argument("--environment", default="production")
+    p.add_argument("--rollback", action="store_true",
+                   help="promote the environment's previous deployment again")
+    p.add_argument("--keep-previous", action="store_true",
+                   help="do not scale the previous deployment down")
+    p.add_argument("--no-wait", action="store_true")
+    p.set_defaults(handler=cmd_promote)
+
+    p = subparsers.add_parser("predict", help="call a model through the router")
+    _client_args(p)
+    p.add_argument("model", help="model name or id")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--environment", default="production")
+    target.add_argument("--deployment")
+    target.add_argument("--development", action="store_true")
+    p.add_argument("-d", "--data", default=None,
+                   help="JSON body, @FILE, or - for stdin (default {})")
+    p.add_argument("--timeout-s", type=float, default=900.0)
+    p.set_defaults(handler=cmd_predict)
+
+    p = subparsers.add_parser("environments", help="list, create or delete environments")
+    _client_args(p)
+    p.add_argument("model", help="model name or id")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--create", metavar="NAME")
+    group.add_argument("--delete", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_environments)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None,
+                   help=f"control server URL (env {SERVER_URL_ENV}; default http://{DEFAULT_LISTEN})")
+    p.add_argument("--api-key", default=None, help=f"API key (env {API_KEY_ENV})")
+
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    return ControlClient(args.server, args.api_key)
+
+
+def _console(stderr: bool = True) -> Any:
+    from rich.console import Console
+    return Console(stderr=stderr)
+
+
+# -- control-server ----------------------------------------------------------------------
+
+def cmd_control_server(args: argparse.Namespace) -> int:
+    from bdn.service import ListenAddress, serve_forever
+    from control.api import ServerOptions, build_app, load_or_create_api_keys
+    from control.backends import LocalBackendOptions
+    from control.controller import ControllerOptions
+
+    listen = ListenAddress.parse(args.listen)
+    state_dir: Path = args.state_dir.resolve()
+    keys, source = load_or_create_api_keys(state_dir, args.api_key_file,
+                                           os.environ.get(API_KEY_ENV))
+    command = (tuple(shlex.split(args.replica_command)) if args.replica_command
+               else LocalBackendOptions().command)
+    backend = LocalBackendOptions(command=command, ready_timeout_s=args.ready_timeout_s)
+    options = ServerOptions(
+        state_dir=state_dir, api_keys=keys, backend=backend,
+        controller=ControllerOptions(
+            tick_interval_s=args.tick_interval_s, time_scale=args.time_scale,
+            queue_timeout_s=args.queue_timeout_s, max_queue=args.max_queue,
+            drain_timeout_s=args.drain_timeout_s,
+            start_retry_backoff_s=args.start_retry_backoff_s))
+    print(f"bdn control-server: state in {state_dir}, API keys from {source}",
+          file=sys.stderr, flush=True)
+    return serve_forever(lambda: build_app(options), listen)
+
+
+# -- push --------------------------------------------------------------------------------
+
+def _model_name(model_dir: Path, override: str | None) -> str:
+    if override:
+        return override
+    config_path = model_dir / "config.yaml"
+    if not config_path.is_file():
+        raise RequestError(f"{model_dir} has no config.yaml", field="model_dir")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    name = config.get("model_name") if isinstance(config, dict) else None
+    return str(name) if name else model_dir.resolve().name
+
+
+def _push_once(client: ControlClient, model_dir: Path, model_name: str, *,
+               name: str | None, development: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    model = client.find_model(model_name)
+    if model is None:
+        model = client.request("POST", "/v1/models", {"name": model_name})
+    body: dict[str, Any] = {"model_dir": str(model_dir.resolve()), "development": development}
+    if name:
+        body["name"] = name
+    dep = client.request("POST", f"/v1/models/{q(model['id'])}/deployments", body)
+    return model, dep
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.watch and (args.promote or args.environment or args.name):
+        raise RequestError("--watch pushes the development deployment; publish with a plain "
+                           "`bdn push` to promote or name a deployment", field="--watch")
+    model_dir: Path = args.model_dir
+    model_name = _model_name(model_dir, args.model_name)
+    model, dep = _push_once(client, model_dir, model_name, name=args.name,
+                            development=args.watch)
+    console = _console()
+    console.print(f"pushed [bold]{model_name}[/] ({model['id']}): deployment "
+                  f"[bold]{dep['name']}[/] ({dep['id']}), status {dep['status']}")
+    env = args.environment or ("production" if args.promote else None)
+    if env:
+        client.request("POST", f"/v1/models/{q(model['id'])}/environments/{q(env)}/promote",
+                       {"deployment_id": dep["id"]})
+        if not args.no_wait:
+            _wait_promotion(client, model["id"], env, dep["id"])
+    print(json.dumps({"model_id": model["id"], "deployment_id": dep["id"],
+                      "name": dep["name"],
+                      "predict_url": client.base_url + client.predict_path(
+                          model["id"], environment=env, deployment=None if env else dep["id"],
+                          development=args.watch)}))
+    if args.watch:
+        return _watch(client, model_dir, model_name)
+    return 0
+
+
+def _snapshot(model_dir: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for p in model_dir.rglob("*"):
+        if p.is_file() and "__pycache__" not in p.parts:
+            st = p.stat()
+            out[str(p)] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _watch(client: ControlClient, model_dir: Path, model_name: str) -> int:
+    console = _console()
+    console.print(f"watching {model_dir} for changes (Ctrl-C to stop)")
+    before = _snapshot(model_dir)
+    while True:
+        time.sleep(WATCH_POLL_INTERVAL_S)  # a CLI watching files: polling is the portable way
+        now = _snapshot(model_dir)
+        if now != before:
+            before = now
+            _, dep = _push_once(client, model_dir, model_name, name=None, development=True)
+            console.print(f"change detected: development deployment {dep['id']} reloaded")
+
+
+def _wait_promotion(client: ControlClient, model_id: str, env: str, dep_id: str) -> None:
+    from rich.console import Console
+    console = Console(stderr=True)
+    with console.status(f"promoting {dep_id} to {env}...") as status:
+        while True:
+            data = client.environment(model_id, env)
+            promo = data.get("promotion") or {}
+            state = promo.get("status")
+            current = (data.get("current_deployment") or {}).get("id")
+            if state == "FAILED":
+                raise ClientError(f"promotion to {env} failed: {promo.get('error')}", status=0)
+            if state == "SUCCEEDED" or (state is None and current == promo.get("deployment_id")):
+                break
+            status.update(f"promoting {promo.get('deployment_id', dep_id)} to {env}: "
+                          f"{promo.get('ready_replicas', 0)}/{promo.get('min_replica', 0)} "
+                          "replicas ready")
+            time.sleep(PROMOTION_POLL_INTERVAL_S)
+    console.print(f"deployment {promo.get('deployment_id', dep_id)} now serves [bold]{env}[/]")
+
+
+# -- deployments -------------------------------------------------------------------------
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    client = _client(args)
+    action = next(((verb, getattr(args, verb)) for verb in ("activate", "deactivate", "delete")
+                   if getattr(args, verb)), None)
+    if action is not None:
+        if not args.model:
+            raise RequestError("name the model whose deployment to change", field="model")
+        model = client.model(args.model)
+        verb, dep = action
+        path = f"/v1/models/{q(model['id'])}/deployments/{q(dep)}"
+        if verb == "delete":
+            client.request("DELETE", path)
+        else:
+            client.request("POST", f"{path}/{verb}")
+        _console().print(f"deployment {dep}: {verb}d")
+        return 0
+    models = [client.model(args.model)] if args.model else client.models()
+    rows = [(m, d) for m in models for d in client.deployments(m["id"])]
+    if args.json:
+        print(json.dumps([d for _, d in rows], indent=2))
+        return 0
+    from rich.table import Table
+    table = Table("model", "deployment", "id", "environment", "status", "replicas",
+                  "in flight", "min-max", "cold starts (s)")
+    for m, d in rows:
+        s = d["autoscaling_settings"]
+        table.add_row(m["name"], d["name"], d["id"], d["environment"] or "", d["status"],
+                      f"{d['active_replica_count']}/{d['desired_replica_count']}",
+                      str(d["in_flight_requests"]), f"{s['min_replica']}-{s['max_replica']}",
+                      ", ".join(f"{x:.2f}" for x in d["cold_start_seconds"][-3:]))
+    _console(stderr=False).print(table)
+    return 0
+
+
+# -- autoscaling -------------------------------------------------------------------------
+
+def cmd_autoscaling_set(args: argparse.Namespace) -> int:
+    client = _client(args)
+    model = client.model(args.model)
+    patch = {k: getattr(args, k) for k in RANGES if getattr(args, k) is not None}
+    if not patch:
+        raise RequestError("give at least one setting to change, e.g. --min-replica 1",
+                           field="settings")
+    if args.environment:
+        result = client.request(
+            "PATCH", f"/v1/models/{q(model['id'])}/environments/{q(args.environment)}",
+            {"autoscaling_settings": patch})
+    else:
+        result = client.request(
+            "PATCH",
+            f"/v1/models/{q(model['id'])}/deployments/{q(args.deployment)}/autoscaling_settings",
+            patch)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_autoscaling_show(args: argparse.Namespace) -> int:
+    client = _client(args)
+    model = client.model(args.model)
+    dep = client.request("GET", f"/v1/models/{q(model['id'])}/deployments/{q(args.deployment)}")
+    print(json.dumps(dep["autoscaling_settings"], indent=2))
+    return 0
+
+
+# -- promote -----------------------------------------------------------------------------
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    client = _client(args)
+    model = client.model(args.model)
+    env = client.environment(model["id"], args.environment)
+    if args.rollback:
+        if args.deployment:
+            raise RequestError("give either a deployment or --rollback", field="--rollback")
+        target = env.get("previous_deployment_id")
+        if not target:
+            raise ClientError(f"environment {args.environment} has no previous deployment to "
+                              "roll back to", status=0)
+    elif args.deployment:
+        target = args.deployment
+        for d in client.deployments(model["id"]):
+            if d["name"] == args.deployment:
+                target = d["id"]
+    else:
+        raise RequestError("name the deployment to promote (or --rollback)", field="deployment")
+    dep = client.request(
+        "POST", f"/v1/models/{q(model['id'])}/environments/{q(args.environment)}/promote",
+        {"deployment_id": target, "scale_down_previous_deployment": not args.keep_previous})
+    if not args.no_wait:
+        _wait_promotion(client, model["id"], args.environment, dep["id"])
+    print(json.dumps({"model_id": model["id"], "deployment_id": dep["id"],
+                      "environment": args.environment}))
+    return 0
+
+
+# -- predict -----------------------------------------------------------------------------
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    client = _client(args)
+    model = client.model(args.model)
+    if args.data is None:
+        raw = b"{}"
+    elif args.data == "-":
+        raw = sys.stdin.buffer.read()
+    elif args.data.startswith("@"):
+        raw = Path(args.data[1:]).read_bytes()
+    else:
+        raw = args.data.encode()
+    try:
+        json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"is not valid JSON: {e}", field="--data") from None
+    path = client.predict_path(model["id"], environment=args.environment,
+                               deployment=args.deployment, development=args.development)
+    with _console().status("waiting for the model (a cold start may take a while)..."):
+        result = client.request("POST", path, raw=raw, timeout_s=args.timeout_s)
+    print(json.dumps(result) if not isinstance(result, str) else result)
+    return 0
+
+
+# -- environments ------------------------------------------------------------------------
+
+def cmd_environments(args: argparse.Namespace) -> int:
+    client = _client(args)
+    model = client.model(args.model)
+    base = f"/v1/models/{q(model['id'])}/environments"
+    if args.create:
+        env = client.request("POST", base, {"name": args.create})
+        _console().print(f"environment [bold]{env['name']}[/] created")
+        return 0
+    if args.delete:
+        client.request("DELETE", f"{base}/{q(args.delete)}")
+        _console().print(f"environment [bold]{args.delete}[/] deleted")
+        return 0
+    envs = client.environments(model["id"])
+    if args.json:
+        print(json.dumps(envs, indent=2))
+        return 0
+    from rich.table import Table
+    table = Table("environment", "deployment", "status", "previous", "promotion", "min-max")
+    for e in envs:
+        cur = e["current_deployment"] or {}
+        promo = e.get("promotion") or {}
+        s = e["autoscaling_settings"]
+        table.add_row(e["name"], f"{cur.get('name', '')} {cur.get('id', '')}".strip(),
+                      cur.get("status", ""), e.get("previous_deployment_id") or "",
+                      promo.get("status", "") if promo else "",
+                      f"{s['min_replica']}-{s['max_replica']}")
+    _console(stderr=False).print(table)
+    return 0

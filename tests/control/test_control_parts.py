@@ -1,0 +1,111 @@
+"""The smaller parts on their own: metrics text, the Kubernetes stub, option validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from control.api import ServerOptions, load_or_create_api_keys
+from control.backends import (
+    KubernetesBackend,
+    KubernetesBackendOptions,
+    LocalBackendOptions,
+    ReplicaSpec,
+)
+from control.controller import ControllerOptions
+from control.errors import BackendError, RequestError
+from control.metrics import Histogram, Metrics, format_labels
+
+
+def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
+    h = Histogram("bdn_cold_start_seconds", "help", (1.0, 5.0))
+    labels = (("deployment_id", "d1"),)
+    for v in (0.5, 2.0, 3.0, 9.0):
+        h.observe(v, labels)
+    text = "\n".join(h.render())
+    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="1"} 1' in text
+    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="5"} 3' in text
+    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="+Inf"} 4' in text
+    assert 'bdn_cold_start_seconds_sum{deployment_id="d1"} 14.5' in text
+    assert 'bdn_cold_start_seconds_count{deployment_id="d1"} 4' in text
+    assert "# TYPE bdn_cold_start_seconds histogram" in text
+
+
+def test_metrics_render_gauges_and_escape_labels() -> None:
+    m = Metrics()
+    m.requests.inc((("code", "200"),))
+    text = m.render([("bdn_concurrent_requests", "in flight",
+                      [((("deployment_id", "a"),), 3)])])
+    assert "# TYPE bdn_concurrent_requests gauge" in text
+    assert 'bdn_concurrent_requests{deployment_id="a"} 3' in text
+    assert 'bdn_requests_total{code="200"} 1' in text
+    assert format_labels({"x": 'a"b\\c'}) == '{x="a\\"b\\\\c"}'
+
+
+def test_kubernetes_backend_renders_a_deployment_and_service() -> None:
+    backend = KubernetesBackend(KubernetesBackendOptions(namespace="ml", gpus=1))
+    spec = ReplicaSpec(model_id="m1", deployment_id="d1", deployment_name="deployment-1",
+                       model_dir="/models/llama")
+    deployment, service = backend.render(spec, replicas=3)
+    assert deployment["kind"] == "Deployment" and service["kind"] == "Service"
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["metadata"]["namespace"] == "ml"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["serve", "/models/llama"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    yaml.safe_dump_all([deployment, service])  # plain data, renders as YAML
+
+
+async def test_kubernetes_backend_says_it_cannot_start_replicas() -> None:
+    spec = ReplicaSpec(model_id="m", deployment_id="d", deployment_name="n", model_dir="/x")
+    with pytest.raises(BackendError, match="only renders"):
+        await KubernetesBackend().start(spec, "r1")
+
+
+def test_options_are_validated_and_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(RequestError) as err:
+        ControllerOptions(tick_interval_s=0)
+    assert err.value.field == "tick_interval_s"
+    with pytest.raises(RequestError) as err:
+        ControllerOptions(max_queue=0)
+    assert err.value.field == "max_queue"
+    with pytest.raises(RequestError) as err:
+        LocalBackendOptions(command=())
+    assert err.value.field == "command"
+    with pytest.raises(RequestError) as err:
+        ServerOptions(state_dir=tmp_path, api_keys=())
+    assert err.value.field == "api_keys"
+    with pytest.raises(RequestError):
+        ServerOptions(state_dir=tmp_path, api_keys=("short",))
+    assert "secret-key-1" not in repr(ServerOptions(state_dir=tmp_path,
+                                                    api_keys=("secret-key-1",)))
+
+
+def test_a_generated_api_key_is_private_and_reused(tmp_path: Path) -> None:
+    keys, source = load_or_create_api_keys(tmp_path, None, None)
+    path = tmp_path / "api-key"
+    assert source == str(path) and len(keys[0]) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_api_keys(tmp_path, None, None)[0] == keys
+    assert load_or_create_api_keys(tmp_path, None, "from-env-123") == (("from-env-123",),
+                                                                        "BDN_API_KEY")
+    key_file = tmp_path / "keys"
+    key_file.write_text("k1-aaaaaaaa\n\nk2-bbbbbbbb\n")
+    assert load_or_create_api_keys(tmp_path, key_file, "ignored")[0] == ("k1-aaaaaaaa",
+                                                                         "k2-bbbbbbbb")
+
+
+def test_the_kubernetes_manifest_runs_a_valid_control_server_command() -> None:
+    from bdn.cli import build_parser
+
+    path = Path(__file__).parents[2] / "deploy" / "control" / "control-plane.yaml"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text())}
+    assert set(docs) == {"PersistentVolumeClaim", "Deployment", "Service"}
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert args.command == "control-server" and args.handler.__name__ == "cmd_control_server"
+    assert str(args.state_dir) == "/var/lib/bdn"
