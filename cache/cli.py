@@ -1,0 +1,77 @@
+"""``bdn cache-server``: run one cluster cache pod (see :mod:`cache.server`)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from bdn.errors import ConfigError
+from bdn.service import ListenAddress, serve_forever
+from bdn.store import default_store_url
+from cache.server import (
+    DEFAULT_FILL_THREADS,
+    DEFAULT_PREFETCH_CONCURRENCY,
+    DEFAULT_PREFETCH_RATE_BYTES_PER_S,
+    DEFAULT_SEND_THREADS,
+    REF_TTL_S,
+    CacheServer,
+    CacheServerOptions,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:8401"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``1073741824``, ``512M``, ``10GiB``, ``1.5T`` → bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 10G, 512MiB)")
+    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("cache-server", help="run a cluster cache server (read-through, "
+                       "single-flight fills, byte ranges, disk LRU)")
+    p.add_argument("--store", default=None,
+                   help="blob store URL or folder (default: $BDN_STORE or ~/.bdn/store)")
+    p.add_argument("--dir", required=True, help="cache folder (objects + LMDB index)")
+    p.add_argument("--budget-bytes", required=True, type=parse_bytes,
+                   help="most object bytes kept on disk, e.g. 500G")
+    p.add_argument("--listen", default=DEFAULT_LISTEN,
+                   help=f"HOST:PORT or unix:PATH (default {DEFAULT_LISTEN}; port 0: any)")
+    p.add_argument("--prefetch-rate", type=parse_bytes,
+                   default=DEFAULT_PREFETCH_RATE_BYTES_PER_S, metavar="BYTES_PER_S",
+                   help="byte rate limit of background prefetch fills (default 100M)")
+    p.add_argument("--prefetch-concurrency", type=int, default=DEFAULT_PREFETCH_CONCURRENCY,
+                   help="background fills at once (default %(default)s)")
+    p.add_argument("--fill-threads", type=int, default=DEFAULT_FILL_THREADS,
+                   help="most concurrent blob store reads (default %(default)s)")
+    p.add_argument("--send-threads", type=int, default=DEFAULT_SEND_THREADS,
+                   help="responses sent with sendfile at once off the event loop, using "
+                   "more cores (0: send on the event loop; default %(default)s)")
+    p.add_argument("--ref-ttl", type=float, default=REF_TTL_S, metavar="SECONDS",
+                   help="how long a resolved ref is reused (default %(default)s)")
+    p.add_argument("--fsync", action="store_true",
+                   help="sync every completed object to disk (survives power loss)")
+    p.set_defaults(handler=cmd_cache_server)
+
+
+def cmd_cache_server(args: argparse.Namespace) -> int:
+    try:
+        options = CacheServerOptions(
+            store_url=args.store or default_store_url(), cache_dir=args.dir,
+            budget_bytes=args.budget_bytes, prefetch_rate_bytes_per_s=args.prefetch_rate,
+            prefetch_concurrency=args.prefetch_concurrency, fill_threads=args.fill_threads,
+            send_threads=args.send_threads,
+            ref_ttl_s=args.ref_ttl, fsync=args.fsync)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    listen = ListenAddress.parse(args.listen)
+
+    async def make_app():  # type: ignore[no-untyped-def]
+        return CacheServer(options).make_app()
+
+    return serve_forever(make_app, listen)

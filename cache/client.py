@@ -1,0 +1,518 @@
+"""The ring client: how a node agent reads objects from the cluster cache.
+
+Every object has an owner among the cache peers, chosen by rendezvous (highest random
+weight) hashing with xxh3 over ``(peer, digest)``: every client computes the same order
+from the same peer list, adding or removing a peer only moves the objects that peer owned,
+and the order after the owner is the failover order. Peers come from a static list or
+from the addresses a DNS name resolves to (a Kubernetes headless Service), re-resolved
+every ``dns_ttl_s``.
+
+A read tries the owner, then the next peers; a transport error, 408, 429 or 5xx moves on
+to the next peer at once (the object is cacheable anywhere). When every peer failed, the
+round is repeated after a capped, jittered backoff (``bdn.retry.RetryPolicy``, honouring
+``Retry-After``); after the last round the client reads the blob store directly, unless
+``strict_origin`` is set (then the store is never touched and the error names every peer
+tried). A 404 from a peer is final: peers read the same store.
+
+Bytes are not re-hashed here: the agent verifies every chunk it assembles and reports a
+bad copy with :meth:`RingClient.report_bad`. Manifests are small and verified here.
+
+Streaming: :meth:`RingClient.read_into` hands each block to a sink as it arrives
+(``sink(offset, data)``, offsets absolute in the object). After a failover the range is
+read again from ``start`` on the next peer — never stitched from two sources — so a sink
+must write by offset (``pwrite``), not append.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import aiohttp
+import xxhash
+
+from bdn.errors import NotFoundError
+from bdn.retry import RetryPolicy, is_retryable_status, parse_retry_after
+from bdn.store import BlobStore
+from cache.errors import (
+    CacheError,
+    CacheNotFoundError,
+    CacheUnavailableError,
+    RangeNotSatisfiableError,
+)
+from manifests.digest import Digest
+from manifests.errors import DigestError, IntegrityError
+from manifests.manifest import ENCODING_RAW
+from manifests.refs import Ref
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["cluster", "store"]
+TIER_CLUSTER: Tier = "cluster"
+TIER_STORE: Tier = "store"
+DEFAULT_PORT = 8401
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_DNS_TTL_S = 10.0
+# Rounds over all peers before falling back to the store; short delays: a peer that is
+# down is skipped at once, so a round only repeats when *every* peer failed.
+DEFAULT_RETRY = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=2.0)
+DEFAULT_MAX_CONNECTIONS = 64
+STREAM_BLOCK_BYTES = 1024 * 1024
+REPORT_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+Sink = Callable[[int, bytes], Awaitable[None] | None]
+
+
+def rendezvous_order(peers: Sequence[str], key: str) -> list[str]:
+    """Peers ordered by rendezvous weight for ``key`` (pure; ties broken by name)."""
+    k = key.encode()
+    scored = [(xxhash.xxh3_64_intdigest(p.encode() + b"\0" + k), p) for p in set(peers)]
+    scored.sort(key=lambda sp: (-sp[0], sp[1]))
+    return [p for _, p in scored]
+
+
+def _normalise_peer(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not (url.startswith("http://") or url.startswith("https://")):
+        raise ValueError(f"cache peer {url!r} must be an http:// or https:// base URL")
+    return url
+
+
+@dataclass(frozen=True)
+class RingClientOptions:
+    """Where the cache peers are and how hard to try them.
+
+    ``peers``: base URLs (``http://10.0.0.5:8401``). ``dns_name``: a name whose addresses
+    are peers (``dns_port``, ``scheme``); both may be given. ``strict_origin``: never read
+    the blob store directly (fail instead). ``retry``: rounds over all peers.
+    """
+
+    peers: tuple[str, ...] = ()
+    dns_name: str | None = None
+    dns_port: int = DEFAULT_PORT
+    scheme: str = "http"
+    strict_origin: bool = False
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    retry: RetryPolicy = DEFAULT_RETRY
+    dns_ttl_s: float = DEFAULT_DNS_TTL_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.peers, str):
+            raise ValueError("RingClientOptions.peers must be a sequence of URLs, not a str")
+        object.__setattr__(self, "peers", tuple(_normalise_peer(p) for p in self.peers))
+        if self.dns_name is not None and not self.dns_name.strip():
+            raise ValueError("RingClientOptions.dns_name must not be empty")
+        if not 0 < self.dns_port < 65536:
+            raise ValueError("RingClientOptions.dns_port must be in 1..65535")
+        if self.scheme not in ("http", "https"):
+            raise ValueError("RingClientOptions.scheme must be 'http' or 'https'")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("RingClientOptions timeouts must be > 0")
+        if self.dns_ttl_s < 0:
+            raise ValueError("RingClientOptions.dns_ttl_s must be ≥ 0")
+        if self.max_connections < 1:
+            raise ValueError("RingClientOptions.max_connections must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """Bytes read, the tier that served them and the peer (None for the store)."""
+
+    data: bytes
+    tier: Tier
+    peer: str | None
+
+
+@dataclass(frozen=True)
+class ReadInfo:
+    """What :meth:`RingClient.read_into` delivered: ``length`` bytes from ``tier``."""
+
+    length: int
+    tier: Tier
+    peer: str | None
+    peers_failed: tuple[str, ...] = field(default=())
+
+
+class _PeerFailed(Exception):
+    """One peer could not serve; try the next one."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class _Collector:
+    """A sink that assembles a range in memory; a restart from ``start`` truncates."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.buf = bytearray()
+
+    def __call__(self, offset: int, data: bytes) -> None:
+        rel = offset - self.start
+        if rel != len(self.buf):
+            del self.buf[rel:]
+        self.buf += data
+
+
+def _range_header(start: int, end: int | None) -> str | None:
+    if start == 0 and end is None:
+        return None
+    if end is None:
+        return f"bytes={start}-"
+    return f"bytes={start}-{end - 1}"
+
+
+async def _maybe_await(value: Awaitable[None] | None) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+class RingClient:
+    """Reads objects, manifests and refs through the cache ring (see module docstring).
+
+    ``store`` is the fallback blob store (needed unless ``strict_origin``). ``session``:
+    an aiohttp session to share; otherwise one is made on first use and closed by
+    :meth:`close`.
+    """
+
+    def __init__(self, options: RingClientOptions, store: BlobStore | None = None,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        if not options.peers and options.dns_name is None and (
+                options.strict_origin or store is None):
+            raise ValueError("RingClient needs cache peers (peers or dns_name), or a store "
+                             "to read when not in strict-origin mode")
+        self.options = options
+        self.store = store
+        self._session = session
+        self._own_session = session is None
+        self._dns_peers: tuple[str, ...] = ()
+        self._dns_resolved_at: float | None = None
+        self._dns_lock = asyncio.Lock()
+        self._rng = random.Random()
+
+    # -- peers ---------------------------------------------------------------------
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """The current peer set: static peers plus the last DNS answer."""
+        return tuple(dict.fromkeys(self.options.peers + self._dns_peers))
+
+    def owners(self, digest: Digest | str) -> list[str]:
+        """Peers in rendezvous order for ``digest`` (the owner first)."""
+        return rendezvous_order(self.peers, str(digest))
+
+    async def refresh_peers(self, *, force: bool = False) -> tuple[str, ...]:
+        """Re-resolve ``dns_name`` if its answer is older than ``dns_ttl_s``.
+
+        A failed lookup keeps the previous answer (a DNS blip must not empty the ring).
+        """
+        name = self.options.dns_name
+        if name is None:
+            return self.peers
+        now = time.monotonic()
+        fresh = (self._dns_resolved_at is not None
+                 and now - self._dns_resolved_at < self.options.dns_ttl_s)
+        if fresh and not force:
+            return self.peers
+        async with self._dns_lock:
+            if (not force and self._dns_resolved_at is not None
+                    and time.monotonic() - self._dns_resolved_at < self.options.dns_ttl_s):
+                return self.peers
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await loop.getaddrinfo(name, self.options.dns_port,
+                                               type=socket.SOCK_STREAM)
+            except OSError as e:
+                log.warning("cache peers: resolving %s failed (%s); keeping %d peer(s)",
+                            name, e, len(self._dns_peers))
+                self._dns_resolved_at = time.monotonic()
+                return self.peers
+            urls = []
+            for family, _, _, _, addr in infos:
+                host = str(addr[0])
+                host = f"[{host}]" if family == socket.AF_INET6 else host
+                urls.append(f"{self.options.scheme}://{host}:{self.options.dns_port}")
+            self._dns_peers = tuple(sorted(set(urls)))
+            self._dns_resolved_at = time.monotonic()
+        return self.peers
+
+    # -- session -------------------------------------------------------------------
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=None,
+                                            sock_connect=self.options.connect_timeout_s,
+                                            sock_read=self.options.read_timeout_s)
+            connector = aiohttp.TCPConnector(limit=self.options.max_connections)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                                  auto_decompress=False)
+            self._own_session = True
+        return self._session
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    async def __aenter__(self) -> RingClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- objects -------------------------------------------------------------------
+
+    async def read(self, digest: Digest, start: int = 0, end: int | None = None
+                   ) -> ReadResult:
+        """Bytes ``[start, end)`` of an object (``end=None``: to its end)."""
+        collector = _Collector(start)
+        info = await self.read_into(digest, collector, start, end)
+        return ReadResult(bytes(collector.buf), info.tier, info.peer)
+
+    async def read_into(self, digest: Digest, sink: Sink, start: int = 0,
+                        end: int | None = None) -> ReadInfo:
+        """Stream bytes ``[start, end)`` of an object into ``sink(offset, data)``.
+
+        ``sink`` may be a plain function or a coroutine function; ``offset`` is absolute
+        in the object. After a failover the range restarts at ``start`` (see module
+        docstring). Raises :class:`CacheNotFoundError` when the object exists nowhere,
+        :class:`RangeNotSatisfiableError` when ``start`` is past its end, and
+        :class:`CacheUnavailableError` naming every peer tried when nothing answered.
+        """
+        digest = Digest.parse(digest)
+        if start < 0 or (end is not None and end < start):
+            raise ValueError(f"bad range [{start}, {end}) for {digest}")
+        if end is not None and end == start:
+            return ReadInfo(0, TIER_CLUSTER, None)
+        await self.refresh_peers()
+        owners = self.owners(digest)
+        tried: list[str] = []
+        last_error = "no cache peers"
+        policy = self.options.retry
+        for attempt in range(1, policy.attempts + 1 if owners else 1):
+            retry_after: float | None = None
+            for peer in owners:
+                try:
+                    n = await self._read_peer(peer, digest, start, end, sink)
+                    return ReadInfo(n, TIER_CLUSTER, peer, tuple(tried))
+                except _PeerFailed as e:
+                    tried.append(peer)
+                    last_error = f"{peer}: {e}"
+                    log.info("cache peer failed for %s: %s", digest.short, last_error)
+                    if e.retry_after_s is not None:
+                        retry_after = max(retry_after or 0.0, e.retry_after_s)
+            if attempt < policy.attempts:
+                await asyncio.sleep(policy.delay_s(attempt, retry_after_s=retry_after,
+                                                   draw=self._rng.random()))
+        if self.options.strict_origin or self.store is None:
+            raise CacheUnavailableError(
+                f"object {digest}: no cache peer could serve it (tried "
+                f"{', '.join(tried) or 'none'}; last error: {last_error})"
+                + ("; strict origin: not reading the blob store"
+                   if self.options.strict_origin else ""),
+                digest=str(digest), peers_tried=tried, last_error=last_error)
+        data = await self._read_store(digest, start, end)
+        await _maybe_await(sink(start, data))
+        return ReadInfo(len(data), TIER_STORE, None, tuple(tried))
+
+    async def _read_peer(self, peer: str, digest: Digest, start: int, end: int | None,
+                         sink: Sink) -> int:
+        url = f"{peer}/v1/objects/{digest}"
+        headers = {}
+        rng = _range_header(start, end)
+        if rng:
+            headers["Range"] = rng
+        try:
+            async with self._get_session().get(url, headers=headers) as resp:
+                if resp.status == 404:
+                    raise CacheNotFoundError(
+                        f"object {digest} not found (peer {peer}: {await _body(resp)})",
+                        digest=str(digest), url=url)
+                if resp.status == 416:
+                    size = _size_from_content_range(resp.headers.get("Content-Range"))
+                    raise RangeNotSatisfiableError(
+                        f"range [{start}, {end}) of object {digest} is not satisfiable "
+                        f"(size {size})", digest=str(digest), size=size, url=url)
+                if resp.status not in (200, 206) or (rng and resp.status != 206):
+                    msg = f"HTTP {resp.status}: {await _body(resp)}"
+                    if is_retryable_status(resp.status) or resp.status in (200, 408, 429):
+                        raise _PeerFailed(msg, retry_after_s=parse_retry_after(
+                            resp.headers.get("Retry-After")))
+                    raise CacheError(f"object {digest} from {peer}: {msg}",
+                                     digest=str(digest), url=url)
+                pos = start
+                async for block in resp.content.iter_chunked(STREAM_BLOCK_BYTES):
+                    await _maybe_await(sink(pos, block))
+                    pos += len(block)
+                if end is not None and pos != end:
+                    raise _PeerFailed(f"short body: {pos - start} of {end - start} bytes")
+                return pos - start
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise _PeerFailed(f"{type(e).__name__}: {e}") from e
+
+    async def _read_store(self, digest: Digest, start: int, end: int | None) -> bytes:
+        store = self.store
+        assert store is not None
+
+        def read() -> bytes:
+            info = store.stat_object(digest)
+            if info is None:
+                raise CacheNotFoundError(f"object {digest} not found in store {store.url}",
+                                         digest=str(digest), url=store.url)
+            if info.encoding == ENCODING_RAW:
+                size = info.stored_length
+                whole = None
+            else:
+                whole = store.get_object(digest, verify=False)
+                size = len(whole)
+            if start >= size and not (start == 0 and end in (None, 0)):
+                raise RangeNotSatisfiableError(
+                    f"range [{start}, {end}) of object {digest} is not satisfiable "
+                    f"(size {size})", digest=str(digest), size=size, url=store.url)
+            stop = size if end is None else min(end, size)
+            if whole is not None:
+                return whole[start:stop] if (start, stop) != (0, size) else whole
+            return store.read_object_range(digest, start, stop)
+
+        try:
+            return await asyncio.to_thread(read)
+        except NotFoundError as e:
+            if isinstance(e, CacheNotFoundError):
+                raise
+            raise CacheNotFoundError(str(e), digest=str(digest), url=store.url) from e
+
+    async def report_bad(self, digest: Digest, peer: str) -> None:
+        """Tell ``peer`` its copy of ``digest`` looked bad; it re-checks and drops it.
+
+        Best effort: a failure is logged, never raised (the caller already has a bad
+        chunk to deal with and will read it again).
+        """
+        url = f"{_normalise_peer(peer)}/v1/objects/{Digest.parse(digest)}/verify"
+        try:
+            async with self._get_session().post(
+                    url, timeout=aiohttp.ClientTimeout(total=REPORT_TIMEOUT_S)) as resp:
+                body = await _body(resp)
+                if resp.status != 200:
+                    log.warning("report of bad %s to %s: HTTP %s %s", digest, peer,
+                                resp.status, body)
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            log.warning("report of bad %s to %s failed: %s", digest, peer, e)
+
+    # -- manifests and refs --------------------------------------------------------
+
+    async def get_manifest_bytes(self, digest: Digest) -> bytes:
+        """A manifest's canonical bytes, verified against ``digest``."""
+        digest = Digest.parse(digest)
+
+        async def from_peer(session: aiohttp.ClientSession, peer: str) -> bytes:
+            async with session.get(f"{peer}/v1/manifests/{digest}") as resp:
+                await _check(resp, peer, str(digest))
+                data = await resp.read()
+            try:
+                digest.verify(data, where=f"manifest from cache peer {peer}")
+            except IntegrityError as e:
+                await self.report_bad(digest, peer)
+                raise _PeerFailed(str(e)) from e
+            return data
+
+        def from_store(store: BlobStore) -> bytes:
+            return store.get_manifest_bytes(digest)
+
+        return await self._ask(str(digest), f"manifest {digest}", from_peer, from_store)
+
+    async def resolve_ref(self, ref: Ref) -> Digest:
+        """The manifest digest a ref names now (peers cache refs for a few seconds)."""
+        if isinstance(ref, str):
+            ref = Ref.parse(ref)
+
+        async def from_peer(session: aiohttp.ClientSession, peer: str) -> Digest:
+            async with session.get(f"{peer}/v1/refs/{ref.key}") as resp:
+                await _check(resp, peer, str(ref))
+                try:
+                    return Digest.parse(json.loads(await resp.read())["digest"])
+                except (ValueError, KeyError, TypeError, DigestError) as e:
+                    raise _PeerFailed(f"bad ref answer: {e}") from e
+
+        def from_store(store: BlobStore) -> Digest:
+            return store.get_ref(ref)
+
+        return await self._ask(f"ref:{ref}", f"ref {ref}", from_peer, from_store)
+
+    async def _ask(self, key: str, what: str,
+                      from_peer: Callable[[aiohttp.ClientSession, str], Awaitable[T]],
+                      from_store: Callable[[BlobStore], T]) -> T:
+        await self.refresh_peers()
+        owners = rendezvous_order(self.peers, key)
+        tried: list[str] = []
+        last_error = "no cache peers"
+        policy = self.options.retry
+        for attempt in range(1, policy.attempts + 1 if owners else 1):
+            retry_after: float | None = None
+            for peer in owners:
+                try:
+                    return await from_peer(self._get_session(), peer)
+                except (TimeoutError, _PeerFailed, aiohttp.ClientError, OSError) as e:
+                    tried.append(peer)
+                    last_error = f"{peer}: {e}"
+                    ra = getattr(e, "retry_after_s", None)
+                    if ra is not None:
+                        retry_after = max(retry_after or 0.0, ra)
+            if attempt < policy.attempts:
+                await asyncio.sleep(policy.delay_s(attempt, retry_after_s=retry_after,
+                                                   draw=self._rng.random()))
+        if self.options.strict_origin or self.store is None:
+            raise CacheUnavailableError(
+                f"{what}: no cache peer could serve it (tried {', '.join(tried) or 'none'}; "
+                f"last error: {last_error})", digest=key, peers_tried=tried,
+                last_error=last_error)
+        store = self.store
+        try:
+            return await asyncio.to_thread(from_store, store)
+        except NotFoundError as e:
+            if isinstance(e, CacheNotFoundError):
+                raise
+            raise CacheNotFoundError(str(e), digest=key, url=store.url) from e
+
+
+async def _body(resp: aiohttp.ClientResponse, limit: int = 500) -> str:
+    with contextlib.suppress(Exception):
+        text = (await resp.content.read(limit)).decode("utf-8", "replace").strip()
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            text = str(json.loads(text)["error"])
+        return text
+    return ""
+
+
+async def _check(resp: aiohttp.ClientResponse, peer: str, what: str) -> None:
+    if resp.status == 200:
+        return
+    body = await _body(resp)
+    if resp.status == 404:
+        raise CacheNotFoundError(f"{what} not found (peer {peer}: {body})", digest=what,
+                                 url=peer)
+    if is_retryable_status(resp.status):
+        raise _PeerFailed(f"HTTP {resp.status}: {body}",
+                          retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
+    raise CacheError(f"{what} from {peer}: HTTP {resp.status}: {body}", digest=what,
+                     url=peer)
+
+
+def _size_from_content_range(value: str | None) -> int | None:
+    if value and "/" in value:
+        total = value.rsplit("/", 1)[1].strip()
+        if total.isdigit():
+            return int(total)
+    return None

@@ -1,0 +1,964 @@
+"""The cluster cache server: read-through, single-flight, ranged, on a byte budget.
+
+HTTP API (all digests ``b3:<hex>``):
+
+- ``GET|HEAD /v1/objects/{digest}`` — the object's decoded bytes (a HEAD of an uncached
+  object starts its fill and answers once the size is known). ``Range: bytes=a-b``,
+  ``a-`` and ``-n`` give 206 with ``Content-Range``; a range past the end gives 416 with
+  ``Content-Range: bytes */size``; several ranges are answered with the whole object
+  (200). ``ETag`` is the quoted digest, ``Cache-Control: immutable``. A cached object is
+  sent with ``sendfile``; a miss starts (or joins) the object's one fill and streams from
+  it as bytes arrive. ``X-Bdn-Cache`` says ``hit``, ``miss`` or ``coalesced``.
+- ``GET /v1/manifests/{digest}`` — a manifest's bytes (manifests are objects).
+- ``GET /v1/refs/{namespace}/{model}/{tag}`` — ``{"ref", "digest"}``, cached for
+  ``ref_ttl_s`` (refs move; a short TTL bounds how stale a scale-up can be).
+- ``POST /v1/objects/{digest}/verify`` — re-hash the cached copy; drop it if bad.
+- ``POST /v1/prefetch`` ``{"manifest": "b3:..."}`` or ``{"ref": "ns/m:t"}`` (optionally
+  ``"peers"`` and ``"self"`` to keep only the objects this peer owns on the ring) —
+  queue background fills of the manifest's objects, rate limited (202).
+- ``GET /metrics`` (Prometheus text), ``GET /healthz``.
+
+Errors are JSON ``{"error": sentence, "digest": ...}``: 404 when the store has no such
+object, 503 (with ``Retry-After``) when the store cannot be read, 502 when the store's
+bytes do not match their digest. Failures after the headers went out abort the
+connection (see :mod:`cache.fill`).
+
+Why so: every store read happens in a worker thread (the blob store is synchronous and
+may be remote) so the event loop only moves bytes; complete objects go out with
+``loop.sendfile`` from the page cache, and the per-request bookkeeping is a dict lookup,
+a pin and an in-memory LRU touch (the index is written in batches, see
+:mod:`cache.disk`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+from aiohttp import web
+
+from bdn.errors import NotFoundError
+from bdn.store import OBJECTS_PREFIX, Backend, BlobStore, object_key, open_backend
+from cache.client import rendezvous_order
+from cache.disk import ACCESS_FLUSH_S, DiskOptions, DiskStore
+from cache.errors import (
+    CacheError,
+    CacheNotFoundError,
+    FillError,
+    FillIntegrityError,
+    RangeNotSatisfiableError,
+    StoreUnavailableError,
+)
+from cache.fill import FILL_BLOCK_BYTES, Fill, FillAborted, RateLimiter, produce
+from manifests.digest import Digest, Hasher
+from manifests.errors import BdnError, DigestError
+from manifests.manifest import ENCODING_RAW, ENCODING_ZSTD, parse_manifest
+from manifests.refs import Ref
+
+log = logging.getLogger(__name__)
+
+REF_TTL_S = 5.0
+MAX_CACHED_REFS = 10_000
+MAX_CACHED_DIGESTS = 100_000
+DEFAULT_PREFETCH_RATE_BYTES_PER_S = 100 * 1024 * 1024
+DEFAULT_PREFETCH_CONCURRENCY = 2
+DEFAULT_FILL_THREADS = 32
+DEFAULT_SEND_THREADS = 16
+# A client that accepts no byte for this long is dropped (frees its send thread).
+SEND_STALL_TIMEOUT_S = 300.0
+SEND_POLL_SLICE_S = 1.0
+RETRY_AFTER_S = 1
+VERIFY_BLOCK_BYTES = 4 * 1024 * 1024
+SHUTDOWN_FILL_WAIT_S = 5.0
+ZSTD_HEADER_PEEK_BYTES = 18
+NOT_FOUND_STATUSES = (404, 410)
+IMMUTABLE = "public, max-age=31536000, immutable"
+FILL_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class CacheServerOptions:
+    """``store_url``: the blob store; ``cache_dir``/``budget_bytes``: the disk store.
+
+    ``prefetch_rate_bytes_per_s`` and ``prefetch_concurrency`` bound background fills;
+    ``fill_threads`` bounds concurrent store reads; ``send_threads`` how many responses
+    are sent by ``sendfile`` at once off the event loop (0: on the loop); ``ref_ttl_s``
+    how long a resolved ref is reused; ``fsync`` makes completed fills survive power
+    loss.
+    """
+
+    store_url: str
+    cache_dir: str
+    budget_bytes: int
+    prefetch_rate_bytes_per_s: int = DEFAULT_PREFETCH_RATE_BYTES_PER_S
+    prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY
+    fill_threads: int = DEFAULT_FILL_THREADS
+    send_threads: int = DEFAULT_SEND_THREADS
+    ref_ttl_s: float = REF_TTL_S
+    fsync: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.store_url:
+            raise ValueError("CacheServerOptions.store_url is required")
+        if not self.cache_dir:
+            raise ValueError("CacheServerOptions.cache_dir is required")
+        if self.budget_bytes < 0:
+            raise ValueError("CacheServerOptions.budget_bytes must be ≥ 0")
+        if self.prefetch_rate_bytes_per_s <= 0:
+            raise ValueError("CacheServerOptions.prefetch_rate_bytes_per_s must be > 0")
+        if self.send_threads < 0:
+            raise ValueError("CacheServerOptions.send_threads must be ≥ 0")
+        if self.prefetch_concurrency < 1 or self.fill_threads < 1:
+            raise ValueError("CacheServerOptions: prefetch_concurrency and fill_threads ≥ 1")
+        if self.ref_ttl_s < 0:
+            raise ValueError("CacheServerOptions.ref_ttl_s must be ≥ 0")
+
+
+# -- ranges --------------------------------------------------------------------------
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The half-open byte range a ``Range`` header asks of an object of ``size`` bytes.
+
+    None means "send the whole object": no header, a unit other than bytes, or several
+    ranges (RFC 9110 lets a server ignore those). Raises
+    :class:`RangeNotSatisfiableError` for a malformed bytes range or one that selects no
+    byte (first byte at or past the end; a zero suffix; any range of an empty object).
+    """
+    if header is None:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    spec = spec.strip()
+    if "," in spec:
+        return None
+    first, dash, last = (p.strip() for p in spec.partition("-"))
+    bad = RangeNotSatisfiableError(f"range {header!r} not satisfiable for {size} bytes",
+                                   size=size)
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+        raise bad
+    if not first:
+        if not last or int(last) == 0 or size == 0:
+            raise bad
+        return max(0, size - int(last)), size
+    start = int(first)
+    if start >= size:
+        raise bad
+    if not last:
+        return start, size
+    if int(last) < start:
+        raise bad
+    return start, min(int(last) + 1, size)
+
+
+# -- the store, counted --------------------------------------------------------------
+
+
+class CountingBackend:
+    """The store backend, passed through, counting reads of objects (for ``/metrics``).
+
+    Counting at the backend is counting at the store: every byte of an object the server
+    reads comes through one of these calls, so "one read per object however many
+    waiters" is observable from outside the process.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.object_reads = 0
+        self._lock = threading.Lock()
+
+    def _count(self, key: str) -> None:
+        if key.startswith(OBJECTS_PREFIX):
+            with self._lock:
+                self.object_reads += 1
+
+    def size(self, key: str) -> int | None:
+        fs = getattr(self.inner, "fs", None)
+        if fs is None or not hasattr(self.inner, "_path"):
+            return self.inner.size(key)
+        # fsspec's HTTP filesystem reports *any* failure (connection refused, 503) as
+        # FileNotFoundError; a store that is down must not look like a missing object.
+        try:
+            info = fs.info(self.inner._path(key))
+        except FileNotFoundError as e:
+            cause = e.__cause__
+            status = getattr(cause, "status", None)
+            if cause is not None and status not in NOT_FOUND_STATUSES:
+                raise OSError(f"blob store {self.url} unreachable: "
+                              f"{type(cause).__name__}: {cause}") from e
+            return None
+        return int(info.get("size") or 0) if info.get("type") != "directory" else None
+
+    def put(self, key: str, data: bytes | memoryview, *, fsync: bool = False) -> bool:
+        return self.inner.put(key, data, fsync=fsync)
+
+    def get(self, key: str) -> bytes:
+        self._count(key)
+        return self.inner.get(key)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        self._count(key)
+        return self.inner.get_range(key, start, end)
+
+    def open(self, key: str) -> BinaryIO:
+        self._count(key)
+        return self.inner.open(key)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+# -- metrics -------------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.coalesced = 0
+        self.bytes_served = 0
+        self.bytes_filled = 0
+        self.fill_failures: dict[str, int] = {}
+        self.fill_buckets = [0] * (len(FILL_SECONDS_BUCKETS) + 1)
+        self.fill_sum_s = 0.0
+        self.fill_count = 0
+        self.prefetch_queued = 0
+        self.prefetch_filled = 0
+        self.invalidated = 0
+
+    def observe_fill(self, seconds: float) -> None:
+        self.fill_count += 1
+        self.fill_sum_s += seconds
+        for i, le in enumerate(FILL_SECONDS_BUCKETS):
+            if seconds <= le:
+                self.fill_buckets[i] += 1
+                return
+        self.fill_buckets[-1] += 1
+
+    def fail(self, reason: str) -> None:
+        self.fill_failures[reason] = self.fill_failures.get(reason, 0) + 1
+
+
+def _error(status: int, message: str, digest: str = "",
+           headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": message}
+    if digest:
+        body["digest"] = digest
+    return web.json_response(body, status=status, headers=headers)
+
+
+class CacheServer:
+    """The cache service: a disk store, the fills in flight, and the HTTP handlers."""
+
+    def __init__(self, options: CacheServerOptions, store: BlobStore | None = None) -> None:
+        self.options = options
+        if store is None:
+            self.backend = CountingBackend(open_backend(options.store_url))
+            store = BlobStore(options.store_url, backend=self.backend)
+        else:
+            self.backend = CountingBackend(store.backend)
+            store = BlobStore(store.url, store.options, backend=self.backend)
+        self.store = store
+        self.disk = DiskStore(options.cache_dir, DiskOptions(options.budget_bytes,
+                                                              fsync=options.fsync))
+        self.metrics = Metrics()
+        self.fills: dict[Digest, Fill] = {}
+        self._fill_tasks: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(options.fill_threads,
+                                            thread_name_prefix="bdn-cache-fill")
+        self._send_executor = (ThreadPoolExecutor(options.send_threads,
+                                                  thread_name_prefix="bdn-cache-send")
+                               if options.send_threads else None)
+        self._sends_in_threads = 0
+        self._stopping = threading.Event()
+        self._limiter = RateLimiter(options.prefetch_rate_bytes_per_s)
+        self._prefetch_queue: asyncio.Queue[Digest] | None = None
+        self._prefetch_pending: set[Digest] = set()
+        self._prefetch_workers: list[asyncio.Task[None]] = []
+        self._refs: dict[Ref, tuple[Digest, float]] = {}
+        self._digests: dict[str, Digest] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("GET", "/v1/objects/{digest}", self.handle_object)
+        app.router.add_route("HEAD", "/v1/objects/{digest}", self.handle_object)
+        app.router.add_post("/v1/objects/{digest}/verify", self.handle_verify)
+        app.router.add_route("GET", "/v1/manifests/{digest}", self.handle_manifest)
+        app.router.add_route("HEAD", "/v1/manifests/{digest}", self.handle_manifest)
+        app.router.add_get("/v1/refs/{namespace}/{model}/{tag}", self.handle_ref)
+        app.router.add_post("/v1/prefetch", self.handle_prefetch)
+        app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/healthz", self.handle_healthz)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self._prefetch_queue = asyncio.Queue()
+        self._prefetch_workers = [asyncio.create_task(self._prefetch_worker())
+                                  for _ in range(self.options.prefetch_concurrency)]
+        self._flush_task = asyncio.create_task(self._flush_loop())
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        # Before aiohttp waits for in-flight requests: sends to clients that keep
+        # reading finish; sends to stalled clients end within SEND_POLL_SLICE_S.
+        self._stopping.set()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        self._stopping.set()
+        for t in [*self._prefetch_workers, *([self._flush_task] if self._flush_task else [])]:
+            t.cancel()
+        for fill in self.fills.values():
+            fill.cancelled = True
+        if self._fill_tasks:
+            await asyncio.wait(self._fill_tasks, timeout=SHUTDOWN_FILL_WAIT_S)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._send_executor is not None:
+            self._send_executor.shutdown(wait=False, cancel_futures=True)
+        self.disk.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ACCESS_FLUSH_S)
+            self.disk.flush()
+
+    # -- fills ---------------------------------------------------------------------
+
+    def _join(self, digest: Digest, *, background: bool = False) -> tuple[Fill, str]:
+        """The fill of ``digest``: joined if one is in flight, started otherwise."""
+        fill = self.fills.get(digest)
+        if fill is not None:
+            if not background:
+                fill.promote()
+                self.metrics.coalesced += 1
+            return fill, "coalesced"
+        fill = Fill(digest, background=background)
+        self.fills[digest] = fill
+        if not background:
+            self.metrics.misses += 1
+        task = asyncio.create_task(self._run_fill(fill))
+        self._fill_tasks.add(task)
+        task.add_done_callback(self._fill_tasks.discard)
+        return fill, "miss"
+
+    async def _run_fill(self, fill: Fill) -> None:
+        loop = asyncio.get_running_loop()
+        digest = fill.digest
+        store = self.store
+        slot = None
+        try:
+            try:
+                info = await loop.run_in_executor(self._executor, store.stat_object, digest)
+            except Exception as e:
+                raise StoreUnavailableError(
+                    f"blob store {store.url} unavailable while looking up {digest}: "
+                    f"{type(e).__name__}: {e}", digest=str(digest), url=store.url) from e
+            if info is None:
+                raise CacheNotFoundError(f"object {digest} not found in blob store "
+                                         f"{store.url}", digest=str(digest), url=store.url)
+            if info.encoding == ENCODING_RAW:
+                size: int | None = info.stored_length
+            else:
+                size = await loop.run_in_executor(self._executor, self._zstd_size, digest)
+            if size is not None:
+                slot = self.disk.begin_fill(digest, size)
+            fill.set_size(size, slot)
+
+            def run() -> tuple[Digest, int]:
+                try:
+                    blocks = store.iter_object(digest, FILL_BLOCK_BYTES)
+                    return produce(fill, blocks, slot.fd if slot else None, loop,
+                                   self._limiter)
+                except (FillAborted, NotFoundError):
+                    raise
+                except Exception as e:
+                    raise StoreUnavailableError(
+                        f"blob store {store.url} failed while reading {digest}: "
+                        f"{type(e).__name__}: {e}", digest=str(digest), url=store.url) from e
+
+            got, length = await loop.run_in_executor(self._executor, run)
+            if got != digest or (size is not None and length != size):
+                raise FillIntegrityError(
+                    f"object {digest} in blob store {store.url} does not match its digest "
+                    f"(read {length} bytes hashing to {got}); not cached",
+                    digest=str(digest), url=store.url)
+            if slot is not None:
+                final: Path | None = self.disk.commit_fill(slot)
+            else:
+                final = await self._keep_memory_fill(fill, length)
+            self.metrics.bytes_filled += length
+            self.metrics.observe_fill(time.monotonic() - fill.started_s)
+            if fill.background:
+                self.metrics.prefetch_filled += 1
+            fill.finish(None, final)
+        except BaseException as e:
+            if slot is not None:
+                self.disk.abort_fill(slot)
+            fill.blocks.clear()
+            reason = ("integrity" if isinstance(e, FillIntegrityError) else
+                      "not_found" if isinstance(e, NotFoundError) else
+                      "store" if isinstance(e, StoreUnavailableError) else "other")
+            self.metrics.fail(reason)
+            if reason != "not_found":
+                log.warning("fill of %s failed: %s", digest, e)
+            fill.finish(e if isinstance(e, Exception) else FillError(
+                f"fill of {digest} stopped", digest=str(digest)))
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            if self.fills.get(digest) is fill:
+                del self.fills[digest]
+
+    def _zstd_size(self, digest: Digest) -> int | None:
+        """The decoded size a zstd object's frame header announces, if it does.
+
+        A header peek (18 bytes), not a body read, so it goes past the read counter.
+        """
+        key = object_key(digest, ENCODING_ZSTD)
+        try:
+            header = self.backend.inner.get_range(key, 0, ZSTD_HEADER_PEEK_BYTES)
+            size = zstandard.frame_content_size(header)
+        except (zstandard.ZstdError, OSError, NotFoundError):
+            return None
+        return size if size >= 0 else None
+
+    async def _keep_memory_fill(self, fill: Fill, length: int) -> Path | None:
+        """Store a verified fill that ran in memory (size unknown up front), if it fits."""
+        slot = self.disk.begin_fill(fill.digest, length)
+        if slot is None:
+            return None
+
+        def write() -> None:
+            assert slot is not None
+            for block in fill.blocks:
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(slot.fd, view):]
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, write)
+        except OSError as e:
+            self.disk.abort_fill(slot)
+            log.warning("could not keep %s on disk: %s", fill.digest, e)
+            return None
+        return self.disk.commit_fill(slot)
+
+    # -- object serving ------------------------------------------------------------
+
+    async def handle_object(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "application/octet-stream")
+
+    async def handle_manifest(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "application/json")
+
+    def _headers(self, digest: Digest, content_type: str, state: str) -> dict[str, str]:
+        return {"ETag": f'"{digest}"', "Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes",
+                "Content-Type": content_type, "X-Bdn-Cache": state}
+
+    def _parse_digest(self, text: str) -> Digest:
+        """``Digest.parse``, remembered: hot objects are asked for over and over."""
+        d = self._digests.get(text)
+        if d is None:
+            d = Digest.parse(text)
+            if len(self._digests) >= MAX_CACHED_DIGESTS:
+                self._digests.clear()
+            self._digests[text] = d
+        return d
+
+    async def _serve(self, request: web.Request, content_type: str) -> web.StreamResponse:
+        try:
+            digest = self._parse_digest(request.match_info["digest"])
+        except DigestError as e:
+            return _error(400, str(e))
+        path = self.disk.lookup(digest)
+        if path is not None:
+            self.metrics.hits += 1
+            return await self._serve_file(request, digest, path, content_type)
+        fill, state = self._join(digest)
+        return await self._serve_fill(request, fill, content_type, state)
+
+    def _prepare_range(self, request: web.Request, digest: Digest, size: int,
+                       headers: dict[str, str]) -> tuple[int, int, int] | web.Response:
+        try:
+            rng = parse_range(request.headers.get("Range"), size)
+        except RangeNotSatisfiableError as e:
+            headers["Content-Range"] = f"bytes */{size}"
+            headers["Content-Type"] = "application/json"
+            body = json.dumps({"error": f"{e} (object {digest})", "digest": str(digest)})
+            return web.Response(status=416, text=body, headers=headers)
+        if rng is None:
+            return 200, 0, size
+        headers["Content-Range"] = f"bytes {rng[0]}-{rng[1] - 1}/{size}"
+        return 206, rng[0], rng[1]
+
+    async def _serve_file(self, request: web.Request, digest: Digest, path: str,
+                          content_type: str) -> web.StreamResponse:
+        size = self.disk.size_of(digest)
+        assert size is not None
+        headers = self._headers(digest, content_type, "hit")
+        if request.headers.get("If-None-Match") == headers["ETag"]:
+            return web.Response(status=304, headers=headers)
+        prep = self._prepare_range(request, digest, size, headers)
+        if isinstance(prep, web.Response):
+            return prep
+        status, start, end = prep
+        self.disk.touch(digest)
+        self.disk.pin(digest)
+        try:
+            # Opened while pinned: eviction cannot choose it until this reader is done.
+            f = open(path, "rb")
+        except FileNotFoundError:
+            self.disk.unpin(digest)
+            self.disk.drop(digest)
+            return _error(503, f"object {digest} vanished from the cache disk; retry",
+                          str(digest), {"Retry-After": str(RETRY_AFTER_S)})
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = end - start
+        corked = _cork(request, end > start and request.method != "HEAD")
+        try:
+            await resp.prepare(request)
+            if request.method != "HEAD" and end > start:
+                await self._sendfile(request, f, start, end - start)
+                self.metrics.bytes_served += end - start
+        except ConnectionError:
+            _abort(request)  # the client went away (or stalled): never reuse this socket
+            return resp
+        finally:
+            _uncork(corked)
+            f.close()
+            self.disk.unpin(digest)
+        await resp.write_eof()
+        return resp
+
+    async def _sendfile(self, request: web.Request, f: BinaryIO, offset: int,
+                        count: int) -> None:
+        """Send ``count`` bytes of ``f`` from ``offset`` on the request's connection.
+
+        First one non-blocking ``sendfile`` right here: it moves as much as the socket
+        buffer takes (often a whole range) with no thread hop and no extra wakeup — the
+        per-request cost that decides small ranges. What is left goes to a send thread:
+        on loopback and fast NICs the kernel's copy and TCP work happen in the sending
+        thread, so one event loop would cap the server at one core. The thread works on
+        a ``dup`` of the socket (it can never write into a reused descriptor) while the
+        transport's reading is paused and its buffer is empty, as asyncio's own
+        ``loop.sendfile`` does. If every send thread is busy (slow readers hold them),
+        the rest is sent on the loop, so slow clients never queue fast ones.
+        """
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        loop = asyncio.get_running_loop()
+        sock = transport.get_extra_info("socket")
+        if sock is None or not hasattr(transport, "_make_empty_waiter"):
+            await loop.sendfile(transport, f, offset, count)
+            return
+        resume = transport.is_reading()
+        transport.pause_reading()
+        try:
+            if transport.get_write_buffer_size():
+                try:
+                    await transport._make_empty_waiter()  # the headers are on the wire
+                finally:
+                    transport._reset_empty_waiter()
+            try:
+                sent = os.sendfile(sock.fileno(), f.fileno(), offset, count)
+            except BlockingIOError:
+                sent = 0
+            offset += sent
+            count -= sent
+            if count <= 0:
+                return
+            if (self._send_executor is None
+                    or self._sends_in_threads >= self.options.send_threads):
+                await loop.sendfile(transport, f, offset, count)
+                return
+            fd = os.dup(sock.fileno())
+            self._sends_in_threads += 1
+            try:
+                await loop.run_in_executor(self._send_executor, _sendfile_blocking, fd,
+                                           f.fileno(), offset, count, self._stopping)
+            finally:
+                self._sends_in_threads -= 1
+                os.close(fd)
+        finally:
+            if resume and not transport.is_closing():
+                transport.resume_reading()
+
+    async def _serve_fill(self, request: web.Request, fill: Fill, content_type: str,
+                          state: str) -> web.StreamResponse:
+        digest = fill.digest
+        self.disk.pin(digest)
+        f: BinaryIO | None = None
+        try:
+            await fill.size_known.wait()
+            if fill.size is None and not fill.done.is_set():
+                await fill.done.wait()  # size unknown until the end (memory-backed fill)
+            if fill.error is not None:
+                return self._fill_error_response(fill.error, digest)
+            size = fill.size
+            assert size is not None
+            headers = self._headers(digest, content_type, state)
+            prep = self._prepare_range(request, digest, size, headers)
+            if isinstance(prep, web.Response):
+                return prep
+            status, start, end = prep
+            if fill.slot is not None or fill.final_path is not None:
+                # Same loop tick as the state check: the rename/unlink cannot interleave.
+                f = open(fill.final_path or fill.slot.path, "rb")  # type: ignore[union-attr]
+            resp = web.StreamResponse(status=status, headers=headers)
+            resp.content_length = end - start
+            try:
+                await resp.prepare(request)
+            except ConnectionError:
+                _abort(request)
+                return resp
+            if request.method == "HEAD":
+                await resp.write_eof()
+                return resp
+            pos = start
+            while pos < end:
+                if fill.error is not None:
+                    _abort(request)  # never a clean end: the client must see it fail
+                    return resp
+                # Until the fill is verified, the last byte of the range is held back.
+                limit = end if fill.ok else min(fill.written, end - 1)
+                if limit <= pos:
+                    await fill.wait_progress()
+                    continue
+                try:
+                    if f is not None:
+                        await self._sendfile(request, f, pos, limit - pos)
+                    else:
+                        for view in fill.iter_memory(pos, limit):
+                            await resp.write(view)
+                except ConnectionError:
+                    _abort(request)
+                    return resp  # the client went away; the fill goes on for others
+                self.metrics.bytes_served += limit - pos
+                pos = limit
+            await resp.write_eof()
+            return resp
+        finally:
+            if f is not None:
+                f.close()
+            self.disk.unpin(digest)
+
+    def _fill_error_response(self, error: BaseException, digest: Digest) -> web.Response:
+        if isinstance(error, NotFoundError):
+            return _error(404, str(error), str(digest))
+        if isinstance(error, FillIntegrityError):
+            return _error(502, str(error), str(digest))
+        if isinstance(error, StoreUnavailableError):
+            return _error(503, str(error), str(digest), {"Retry-After": str(RETRY_AFTER_S)})
+        return _error(500, f"filling {digest} failed: {error}", str(digest))
+
+    async def _ensure(self, digest: Digest, *, background: bool = False
+                      ) -> str | Path | None:
+        """Have ``digest`` cached (fill it if needed); its path, or None if not kept."""
+        path = self.disk.lookup(digest)
+        if path is not None:
+            return path
+        fill, _ = self._join(digest, background=background)
+        await fill.done.wait()
+        if fill.error is not None:
+            raise fill.error
+        return fill.final_path
+
+    # -- invalidate ----------------------------------------------------------------
+
+    async def handle_verify(self, request: web.Request) -> web.Response:
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+        except DigestError as e:
+            return _error(400, str(e))
+        if digest in self.fills:
+            return web.json_response({"digest": str(digest), "status": "filling"})
+        path = self.disk.lookup(digest)
+        if path is None:
+            return web.json_response({"digest": str(digest), "status": "absent"})
+        self.disk.pin(digest)
+        try:
+            got = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _hash_file, path)
+        except FileNotFoundError:
+            got = None
+        finally:
+            self.disk.unpin(digest)
+        if got == digest:
+            return web.json_response({"digest": str(digest), "status": "ok"})
+        self.disk.drop(digest)
+        self.metrics.invalidated += 1
+        log.warning("dropped bad cached copy of %s (hashes to %s)", digest, got)
+        return web.json_response({"digest": str(digest), "status": "dropped",
+                                  "actual": str(got) if got else None})
+
+    # -- refs ----------------------------------------------------------------------
+
+    async def handle_ref(self, request: web.Request) -> web.Response:
+        try:
+            ref = Ref(request.match_info["namespace"], request.match_info["model"],
+                      request.match_info["tag"])
+        except BdnError as e:
+            return _error(400, str(e))
+        now = time.monotonic()
+        cached = self._refs.get(ref)
+        if cached is not None and cached[1] > now:
+            digest = cached[0]
+        else:
+            try:
+                digest = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.store.get_ref, ref)
+            except NotFoundError as e:
+                return _error(404, str(e))
+            except Exception as e:
+                return _error(503, f"blob store {self.store.url} unavailable while resolving "
+                              f"{ref}: {e}", headers={"Retry-After": str(RETRY_AFTER_S)})
+            if len(self._refs) >= MAX_CACHED_REFS:
+                self._refs.clear()
+            self._refs[ref] = (digest, now + self.options.ref_ttl_s)
+        return web.json_response(
+            {"ref": str(ref), "digest": str(digest)},
+            headers={"Cache-Control": f"max-age={int(self.options.ref_ttl_s)}"})
+
+    # -- prefetch ------------------------------------------------------------------
+
+    async def handle_prefetch(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            if "manifest" in body:
+                mdigest = Digest.parse(body["manifest"])
+            elif "ref" in body:
+                ref = Ref.parse(body["ref"])
+                mdigest = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.store.get_ref, ref)
+            else:
+                raise ValueError('want {"manifest": "b3:..."} or {"ref": "ns/model:tag"}')
+            peers = [str(p).rstrip("/") for p in body.get("peers") or []]
+            me = str(body.get("self") or "").rstrip("/")
+            if peers and me not in peers:
+                raise ValueError('"self" must be one of "peers"')
+        except NotFoundError as e:
+            return _error(404, str(e))
+        except (ValueError, BdnError) as e:
+            return _error(400, f"bad prefetch request: {e}")
+        try:
+            path = await self._ensure(mdigest)
+            data = (Path(path).read_bytes() if path is not None else
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self.store.get_manifest_bytes, mdigest))
+            manifest = parse_manifest(data, expect=mdigest)
+        except NotFoundError as e:
+            return _error(404, str(e), str(mdigest))
+        except CacheError as e:
+            return self._fill_error_response(e, mdigest)
+        except BdnError as e:
+            return _error(502, f"manifest {mdigest}: {e}", str(mdigest))
+        assert self._prefetch_queue is not None
+        queued = 0
+        queued_bytes = 0
+        chunks = manifest.unique_chunks()
+        for d, chunk in chunks.items():
+            if peers and rendezvous_order(peers, str(d))[0] != me:
+                continue
+            if self.disk.lookup(d) is not None or d in self.fills or d in self._prefetch_pending:
+                continue
+            self._prefetch_pending.add(d)
+            self._prefetch_queue.put_nowait(d)
+            queued += 1
+            queued_bytes += chunk.length
+        self.metrics.prefetch_queued += queued
+        return web.json_response({"manifest": str(mdigest), "objects": len(chunks),
+                                  "queued": queued, "queued_bytes": queued_bytes}, status=202)
+
+    async def _prefetch_worker(self) -> None:
+        assert self._prefetch_queue is not None
+        while True:
+            digest = await self._prefetch_queue.get()
+            try:
+                await self._ensure(digest, background=True)
+            except Exception as e:
+                log.warning("prefetch of %s failed: %s", digest, e)
+            finally:
+                self._prefetch_pending.discard(digest)
+
+    # -- status --------------------------------------------------------------------
+
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        u = self.disk.usage()
+        return web.json_response({"ok": True, "store": self.store.url,
+                                  "dir": str(self.disk.root), "objects": u.objects,
+                                  "used_bytes": u.used_bytes, "budget_bytes": u.budget_bytes,
+                                  "fills_in_flight": len(self.fills)})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.render_metrics(),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"Cache-Control": "no-store"})
+
+    def render_metrics(self) -> str:
+        m = self.metrics
+        u = self.disk.usage()
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, value: float,
+                   labels: str = "") -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            out.append(f"{name}{labels} {value}")
+
+        metric("bdn_cache_hits_total", "counter", "Requests served from disk.", m.hits)
+        metric("bdn_cache_misses_total", "counter", "Requests that started a fill.",
+               m.misses)
+        metric("bdn_cache_coalesced_waiters_total", "counter",
+               "Requests that joined a fill already in flight.", m.coalesced)
+        metric("bdn_cache_bytes_served_total", "counter", "Body bytes sent.",
+               m.bytes_served)
+        metric("bdn_cache_bytes_filled_total", "counter",
+               "Verified bytes read from the blob store.", m.bytes_filled)
+        metric("bdn_cache_store_object_reads_total", "counter",
+               "Object body reads issued to the blob store.", self.backend.object_reads)
+        metric("bdn_cache_evictions_total", "counter", "Objects evicted (LRU).",
+               self.disk.evictions)
+        metric("bdn_cache_evicted_bytes_total", "counter", "Bytes evicted (LRU).",
+               self.disk.evicted_bytes)
+        metric("bdn_cache_invalidations_total", "counter",
+               "Bad copies dropped after a verify request.", m.invalidated)
+        out.append("# HELP bdn_cache_fill_failures_total Fills that failed, by reason.")
+        out.append("# TYPE bdn_cache_fill_failures_total counter")
+        for reason in ("integrity", "not_found", "store", "other"):
+            out.append(f'bdn_cache_fill_failures_total{{reason="{reason}"}} '
+                       f"{m.fill_failures.get(reason, 0)}")
+        out.append("# HELP bdn_cache_fill_seconds Time from miss to verified object.")
+        out.append("# TYPE bdn_cache_fill_seconds histogram")
+        cum = 0
+        for le, n in zip((*FILL_SECONDS_BUCKETS, "+Inf"), m.fill_buckets, strict=True):
+            cum += n
+            out.append(f'bdn_cache_fill_seconds_bucket{{le="{le}"}} {cum}')
+        out.append(f"bdn_cache_fill_seconds_sum {m.fill_sum_s}")
+        out.append(f"bdn_cache_fill_seconds_count {m.fill_count}")
+        metric("bdn_cache_fills_in_flight", "gauge", "Fills in progress.", len(self.fills))
+        metric("bdn_cache_prefetch_queued_total", "counter",
+               "Objects queued by prefetch requests.", m.prefetch_queued)
+        metric("bdn_cache_prefetch_filled_total", "counter",
+               "Objects filled in the background.", m.prefetch_filled)
+        metric("bdn_cache_prefetch_pending", "gauge", "Prefetches not yet done.",
+               len(self._prefetch_pending))
+        metric("bdn_cache_disk_used_bytes", "gauge", "Bytes of complete objects on disk.",
+               u.used_bytes)
+        metric("bdn_cache_disk_reserved_bytes", "gauge", "Bytes reserved by fills.",
+               u.reserved_bytes)
+        metric("bdn_cache_disk_budget_bytes", "gauge", "The disk byte budget.",
+               u.budget_bytes)
+        metric("bdn_cache_objects", "gauge", "Complete objects on disk.", u.objects)
+        return "\n".join(out) + "\n"
+
+
+def _abort(request: web.Request) -> None:
+    """Drop the connection mid-body: the client sees a short, failed transfer, and the
+    socket is never reused for a next request while the body is incomplete."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _cork(request: web.Request, want: bool) -> socket.socket | None:
+    """Hold the headers back until the body joins them (``TCP_CORK``, as nginx's
+    ``tcp_nopush``): one segment and one client wakeup instead of two per response —
+    most of the per-request cost of small ranges on loopback."""
+    if not want or not hasattr(socket, "TCP_CORK") or request.transport is None:
+        return None
+    sock = request.transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    except OSError:
+        return None
+    return sock  # type: ignore[no-any-return]
+
+
+def _uncork(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+
+def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int,
+                       stop: threading.Event) -> None:
+    """``sendfile`` until done on a non-blocking socket, waiting with ``poll`` (thread).
+
+    Waits in slices so a server shutting down (``stop``) never waits on a stalled
+    client; a client that takes no byte for ``SEND_STALL_TIMEOUT_S`` is dropped.
+    """
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
+    sent = 0
+    stalled_s = 0.0
+    while sent < count:
+        try:
+            n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
+        except BlockingIOError:
+            if poller.poll(SEND_POLL_SLICE_S * 1000):
+                stalled_s = 0.0
+                continue
+            stalled_s += SEND_POLL_SLICE_S
+            if stop.is_set() or stalled_s >= SEND_STALL_TIMEOUT_S:
+                raise ConnectionResetError(
+                    "server stopping" if stop.is_set() else
+                    f"client read nothing for {SEND_STALL_TIMEOUT_S:.0f} s") from None
+            continue
+        if n == 0:
+            raise ConnectionResetError("file ended before the response did")
+        sent += n
+
+
+def _hash_file(path: str | Path) -> Digest:
+    h = Hasher()
+    with open(path, "rb") as f:
+        while block := f.read(VERIFY_BLOCK_BYTES):
+            h.update(block)
+    return h.digest()
+
+
+async def make_app(options: CacheServerOptions) -> web.Application:
+    return CacheServer(options).make_app()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → {name{labels}: value} (for tests and the bench)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            out[name] = float(value)
+    return out
+
+
+__all__ = ["CacheServer", "CacheServerOptions", "CountingBackend", "make_app",
+           "parse_metrics", "parse_range"]
+
