@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from bdn.errors import BdnError
 
 # Other packages' command modules; each exposes ``register(subparsers) -> None``.
-PLUGIN_MODULES = ("bdn.cli_store", "cache.cli", "agent.cli", "serving.cli", "control.cli")
+PLUGIN_MODULES = ("bdn.cli_store", "bdn.cli_mirror_server", "cache.cli", "agent.cli",
+                  "serving.cli", "control.cli")
 
 Handler = Callable[[argparse.Namespace], int]
 

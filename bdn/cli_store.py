@@ -16,6 +16,10 @@ from manifests.refs import Ref
 def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None,
                    help="blob store URL or folder (default: $BDN_STORE or ~/.bdn/store)")
+    p.add_argument("--store-endpoint-url", default=None,
+                   help="S3/GCS endpoint of an s3:// or gs:// store (compatible stores)")
+    p.add_argument("--store-secret", default=None,
+                   help="secret name holding the store's credentials (S3 JSON / GCS key)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -29,6 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.add_argument("--events", action="store_true",
                    help="print progress events as JSON lines on stdout")
+    p.add_argument("--secret", default=None, metavar="NAME",
+                   help="secret with the source's credentials (like auth_secret_name)")
+    p.add_argument("--secrets-dir", default=None,
+                   help="folder with one file per secret (default: $BDN_SECRETS_DIR)")
+    p.add_argument("--endpoint-url", default=None,
+                   help="endpoint for s3:// / gs:// sources, or the Hub URL for hf://")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="run the mirror on this mirror service (API key in "
+                        "$BDN_MIRROR_API_KEY) instead of in this process")
     _store_arg(p)
     p.set_defaults(handler=cmd_mirror)
 
@@ -60,16 +73,36 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def open_store(args: argparse.Namespace) -> BlobStore:
-    return BlobStore(args.store or default_store_url())
+    url = args.store or default_store_url()
+    endpoint = getattr(args, "store_endpoint_url", None)
+    secret_name = getattr(args, "store_secret", None)
+    if not endpoint and not secret_name:
+        return BlobStore(url)
+    from bdn.secrets import SecretResolver, store_storage_options
+    from bdn.store import StoreOptions
+
+    secret = SecretResolver.from_env(getattr(args, "secrets_dir", None)).get(secret_name) \
+        if secret_name else None
+    return BlobStore(url, StoreOptions(storage_options=store_storage_options(
+        url, endpoint_url=endpoint, secret=secret)))
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
+    from bdn.config import Auth
     from bdn.mirror import Mirror
+    from bdn.secrets import SecretResolver
     from bdn.sources import open_source
 
     ref = Ref.parse(args.ref)
+    if args.server:
+        from bdn.mirror_client import mirror_via_server
+
+        return mirror_via_server(args, ref)
     store = open_store(args)
-    source = open_source(args.source)
+    auth = Auth("CUSTOM_SECRET", auth_secret_name=args.secret) if args.secret else None
+    endpoint = args.endpoint_url
+    source = open_source(args.source, secrets=SecretResolver.from_env(args.secrets_dir),
+                         auth=auth, endpoint_url=endpoint, hf_endpoint=endpoint)
     events = args.events
 
     def emit_json(event: dict[str, Any]) -> None:

@@ -118,6 +118,12 @@ class Mirror:
             raise MirrorError(f"source {source.uri} has no files matching allow={list(allow)} "
                               f"ignore={list(ignore)}")
         emit({"event": "listed", "files": len(files), "bytes": sum(f.size for f in files)})
+        # Remote sources fetch one file ahead while this thread chunks the current one;
+        # they ask before fetching whether a file is still needed (not known by
+        # fingerprint), so the prefetch never downloads what the loop below would skip.
+        plan = getattr(source, "plan_fetches", None)
+        if callable(plan):
+            plan(files, self._needs_fetch)
         entries: list[FileEntry] = []
         seen: set[Digest] = set()
         spool = Path(self.options.spool_dir or tempfile.gettempdir())
@@ -141,6 +147,12 @@ class Mirror:
         return MirrorResult(digest, ref, stats, pinned)
 
     # -- one file ----------------------------------------------------------------
+
+    def _needs_fetch(self, sf: SourceFile) -> bool:
+        if not (sf.fingerprint and self.options.use_fingerprints):
+            return True
+        known = self.store.get_fingerprint(sf.fingerprint)
+        return known is None or known.size != sf.size
 
     def _file(self, source: Source, sf: SourceFile, spool: Path, pool: ThreadPoolExecutor,
               seen: set[Digest], stats: MirrorStats, emit: ProgressFn,

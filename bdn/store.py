@@ -272,7 +272,16 @@ class FsspecBackend:
         import fsspec
 
         self.url = url.rstrip("/")
-        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        opts = dict(storage_options or {})
+        scheme, _, rest = self.url.partition("://")
+        if scheme in ("gs", "gcs") and opts.get("endpoint_url"):
+            # gcsfs's default class probes the bucket type over gRPC first; against an
+            # emulator or custom endpoint that waits 60 s per call (see bdn.sources.gcs).
+            from gcsfs.core import GCSFileSystem
+
+            self.fs, root = GCSFileSystem(**opts), rest
+        else:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **opts)
         self.root = root.rstrip("/")
 
     def _path(self, key: str) -> str:

@@ -1,0 +1,510 @@
+"""Parallel ranged downloads into a local spool file, with retries, resume and verification.
+
+Every remote source (Hugging Face, S3, GCS) makes a file local the same way, so the hard
+parts live here once:
+
+* The file is cut into parts of ``part_bytes``; ``concurrency`` parts are fetched at once
+  (one connection each), each written with ``pwrite`` at its offset into a sparse spool
+  file. One TCP stream rarely fills a fast link; several do.
+* A part that fails (timeout, reset, 5xx, 408, 429) is retried under the shared
+  :class:`~bdn.retry.RetryPolicy` (capped exponential backoff, full jitter,
+  ``Retry-After`` as a floor) and *resumed*: the next request asks for ``Range`` from the
+  first byte not yet written, so a dropped connection costs only what was in flight.
+* Finished parts are recorded in a small state file next to the spool, so a mirror
+  killed mid-file (service restart) resumes at the parts it lacks.
+* The content is verified against the source's checksum (LFS sha256, MD5, git blob sha1)
+  by a hasher thread that follows the contiguous finished prefix, so hashing overlaps the
+  download instead of adding a pass after it. A spool that fails verification is deleted;
+  a resumed one is refetched once from scratch (it may predate a change at the origin).
+* A global semaphore (shared by all jobs of a mirror service) caps requests in flight
+  across jobs; ``concurrency`` caps them per file.
+
+Fetchers are plain callables ``fetch(start, end) -> Iterator[bytes]`` that raise
+:class:`~bdn.retry.RetryableError` for transient failures and
+:class:`~bdn.errors.SourceError` (or :class:`~bdn.errors.AuthError`) for final ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from abc import abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import blake3
+
+from bdn.errors import SourceError
+from bdn.retry import RetryableError, RetryPolicy, retry_sync
+from bdn.secrets import scrub
+from bdn.sources.base import FetchCounters, Source, SourceFile
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+DEFAULT_PART_BYTES = 8 * MiB
+DEFAULT_CONCURRENCY = 8
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 60.0
+HASH_BLOCK_BYTES = 4 * MiB
+SPOOL_PREFIX = "bdn-spool-"
+DEFAULT_RETRY = RetryPolicy(attempts=6, base_delay_s=0.2, max_delay_s=10.0)
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """How remote files are fetched. Sizes in bytes, times in seconds."""
+
+    part_bytes: int = DEFAULT_PART_BYTES
+    concurrency: int = DEFAULT_CONCURRENCY
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    # Longest wait for the next byte of a response; a stalled stream is a failed one.
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    retry: RetryPolicy = DEFAULT_RETRY
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.part_bytes < 64 * 1024:
+            raise ValueError("DownloadOptions.part_bytes must be ≥ 64 KiB")
+        if not 1 <= self.concurrency <= 256:
+            raise ValueError("DownloadOptions.concurrency must be in [1, 256]")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("DownloadOptions timeouts must be > 0")
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> Any: ...
+    def hexdigest(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """What the downloaded bytes must hash to: ``new()`` makes a fresh hasher whose
+    ``hexdigest()`` must equal ``expected_hex``."""
+
+    kind: str
+    expected_hex: str
+    new: Callable[[], Hasher]
+
+
+Fetch = Callable[[int, int], Iterator[bytes]]
+
+
+class CancelToken(Protocol):
+    """What a download checks to stop early: a :class:`threading.Event` or :class:`AnyOf`."""
+
+    def is_set(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class AnyOf:
+    """Set when any of its events is set (a job's cancel, or the source closing)."""
+
+    POLL_S = 0.05
+
+    def __init__(self, *events: CancelToken) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = self.POLL_S if deadline is None else min(self.POLL_S,
+                                                            deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self.events[0].wait(left)
+        return True
+
+
+def spool_paths(spool_dir: Path, source_uri: str, file: SourceFile) -> tuple[Path, Path]:
+    """Spool and state paths: stable for the same upstream content, so a restart finds
+    them; keyed by a hash so no upstream path reaches the file system."""
+    key = blake3.blake3(json.dumps([source_uri, file.path, file.size, file.fingerprint])
+                        .encode()).hexdigest()[:32]
+    base = spool_dir / f"{SPOOL_PREFIX}{key}"
+    return base.with_suffix(".part"), base.with_suffix(".state")
+
+
+class _Progress:
+    """Which parts are done and how far each has been written (thread-safe)."""
+
+    def __init__(self, parts: list[tuple[int, int]], done: set[int]) -> None:
+        self.parts = parts
+        self.done = set(done)
+        self.cond = threading.Condition()
+        self.failed = False
+
+    def mark_done(self, i: int) -> None:
+        with self.cond:
+            self.done.add(i)
+            self.cond.notify_all()
+
+    def fail(self) -> None:
+        with self.cond:
+            self.failed = True
+            self.cond.notify_all()
+
+
+def _cancelled(cancel: CancelToken | None, file: SourceFile) -> None:
+    if cancel is not None and cancel.is_set():
+        from bdn.mirror import MirrorCancelled
+
+        raise MirrorCancelled(f"mirror cancelled while downloading {file.path}")
+
+
+def spool_file(*, source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
+               options: DownloadOptions, counters: FetchCounters,
+               counter_lock: threading.Lock, checksum: Checksum | None = None,
+               cancel: CancelToken | None = None,
+               request_slots: threading.Semaphore | None = None) -> Path:
+    """Download ``file`` into a spool file and return its path (the caller deletes it
+    with :func:`remove_spool` once used). Raises :class:`SourceError` naming the source
+    and file when it cannot."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    # A resumed spool that fails verification may predate a change at the origin: it is
+    # deleted and fetched once more from scratch; a fresh one failing is final.
+    while True:
+        path, resumed = _download(source_uri, file, spool_dir, fetch, options, counters,
+                                  counter_lock, checksum, cancel, request_slots)
+        if path is not None:
+            return path
+        if not resumed:
+            break
+        log.warning("resumed spool of %s from %s failed verification; refetching", file.path,
+                    source_uri)
+    assert checksum is not None
+    raise SourceError(f"{file.path} from {source_uri}: downloaded bytes do not match the "
+                      f"source's {checksum.kind} checksum (the object changed during the "
+                      "mirror, or the origin served corrupt data)",
+                      source=source_uri, file=file.path)
+
+
+def remove_spool(spool_dir: Path, source_uri: str, file: SourceFile) -> None:
+    for p in spool_paths(spool_dir, source_uri, file):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _load_state(state_path: Path, file: SourceFile, part_bytes: int) -> set[int]:
+    try:
+        doc = json.loads(state_path.read_text())
+    except (FileNotFoundError, ValueError):
+        return set()
+    if doc.get("size") != file.size or doc.get("part_bytes") != part_bytes or \
+            doc.get("fingerprint") != file.fingerprint:
+        return set()
+    return {int(i) for i in doc.get("done", [])}
+
+
+def _save_state(state_path: Path, file: SourceFile, part_bytes: int, done: set[int]) -> None:
+    tmp = state_path.with_suffix(".state-tmp")
+    tmp.write_text(json.dumps({"size": file.size, "part_bytes": part_bytes,
+                               "fingerprint": file.fingerprint, "done": sorted(done)}))
+    os.replace(tmp, state_path)
+
+
+def _download(source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
+              options: DownloadOptions, counters: FetchCounters,
+              counter_lock: threading.Lock, checksum: Checksum | None,
+              cancel: CancelToken | None,
+              request_slots: threading.Semaphore | None) -> tuple[Path | None, bool]:
+    """One try: ``(path, resumed)``; path is None when verification failed."""
+    path, state_path = spool_paths(spool_dir, source_uri, file)
+    size = file.size
+    step = options.part_bytes
+    parts = [(s, min(s + step, size)) for s in range(0, size, step)]
+    done = _load_state(state_path, file, step) if path.exists() else set()
+    done &= set(range(len(parts)))
+    resumed = bool(done)
+    flags = os.O_RDWR | os.O_CREAT
+    fd = os.open(path, flags, 0o600)
+    try:
+        if not resumed:
+            os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+        progress = _Progress(parts, done)
+        state_lock = threading.Lock()
+        verify = checksum if options.verify else None
+        hasher_thread: threading.Thread | None = None
+        result: dict[str, str] = {}
+        if verify is not None:
+            hasher_thread = threading.Thread(
+                target=_hash_follow, args=(fd, progress, verify, result),
+                name="bdn-spool-hash", daemon=True)
+            hasher_thread.start()
+
+        def run_part(i: int) -> None:
+            start, end = parts[i]
+            written = [0]
+
+            def attempt() -> None:
+                _cancelled(cancel, file)
+                pos = start + written[0]
+                if pos >= end:
+                    return
+                if request_slots is not None:
+                    request_slots.acquire()
+                try:
+                    for block in fetch(pos, end):
+                        _cancelled(cancel, file)
+                        n = len(block)
+                        if pos + n > end:
+                            raise SourceError(f"{file.path} from {source_uri}: origin sent "
+                                              "more bytes than asked for",
+                                              source=source_uri, file=file.path)
+                        view = memoryview(block)
+                        off = pos
+                        while view:
+                            k = os.pwrite(fd, view, off)
+                            view, off = view[k:], off + k
+                        pos += n
+                        written[0] += n
+                        with counter_lock:
+                            counters.bytes_from_origin += n
+                finally:
+                    if request_slots is not None:
+                        request_slots.release()
+                if pos < end:
+                    raise RetryableError(f"short read: connection ended at byte {pos} of "
+                                         f"[{start}, {end})")
+
+            def on_retry(n: int, e: BaseException, delay: float) -> None:
+                log.warning("%s from %s bytes [%d, %d): attempt %d failed (%s); resuming at "
+                            "byte %d in %.2fs", file.path, source_uri, start, end, n,
+                            scrub(str(e)), start + written[0], delay)
+
+            try:
+                retry_cancellable(attempt, options.retry, cancel, on_retry=on_retry)
+            except RetryableError as e:
+                raise SourceError(f"{file.path} from {source_uri}: giving up after "
+                                  f"{options.retry.attempts} attempts: {scrub(str(e))}",
+                                  source=source_uri, file=file.path,
+                                  status=e.status) from None
+            progress.mark_done(i)
+            with state_lock:
+                _save_state(state_path, file, step, progress.done)
+
+        todo = [i for i in range(len(parts)) if i not in done]
+        try:
+            if todo:
+                workers = min(options.concurrency, len(todo))
+                with ThreadPoolExecutor(workers, thread_name_prefix="bdn-range") as pool:
+                    futures = [pool.submit(run_part, i) for i in todo]
+                    try:
+                        for fut in futures:
+                            fut.result()
+                    except BaseException:
+                        # Let the others stop at their next block instead of finishing
+                        # downloads nobody will use.
+                        for f in futures:
+                            f.cancel()
+                        raise
+        except BaseException:
+            progress.fail()
+            if hasher_thread is not None:
+                hasher_thread.join()
+            raise
+        if hasher_thread is not None:
+            hasher_thread.join()
+            assert verify is not None
+            got = result.get("hex")
+            if got != verify.expected_hex:
+                os.close(fd)
+                fd = -1
+                remove_spool(spool_dir, source_uri, file)
+                return None, resumed
+        return path, resumed
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _hash_follow(fd: int, progress: _Progress, checksum: Checksum,
+                 result: dict[str, str]) -> None:
+    """Hash the spool in order, part by part, as soon as each part is finished."""
+    h = checksum.new()
+    for i, (start, end) in enumerate(progress.parts):
+        with progress.cond:
+            while i not in progress.done and not progress.failed:
+                progress.cond.wait()
+            if progress.failed:
+                return
+        pos = start
+        while pos < end:
+            block = os.pread(fd, min(HASH_BLOCK_BYTES, end - pos), pos)
+            if not block:
+                return
+            h.update(block)
+            pos += len(block)
+    result["hex"] = h.hexdigest()
+
+
+def retry_cancellable(fn: Callable[[], T], policy: RetryPolicy,
+                      cancel: CancelToken | None, *,
+                      on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
+    """:func:`bdn.retry.retry_sync`, but a cancel wakes the backoff sleep at once, so a
+    job waiting out a long ``Retry-After`` can still be cancelled promptly."""
+    if cancel is None:
+        return retry_sync(fn, policy, on_retry=on_retry)
+    rng = random.Random()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except RetryableError as e:
+            if attempt >= policy.attempts:
+                raise
+            delay = policy.delay_s(attempt, retry_after_s=e.retry_after_s, draw=rng.random())
+            if on_retry:
+                on_retry(attempt, e, delay)
+            if cancel.wait(delay):
+                from bdn.mirror import MirrorCancelled
+
+                raise MirrorCancelled("mirror cancelled while waiting to retry") from None
+    raise AssertionError("unreachable")
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """Connection-level failures worth retrying, independent of the HTTP library."""
+    return isinstance(exc, (ConnectionError, TimeoutError)) or \
+        type(exc).__name__ in ("ServerDisconnectedError", "ClientPayloadError",
+                               "IncompleteRead", "ProtocolError", "ReadTimeoutError")
+
+
+_deleter_pool: ThreadPoolExecutor | None = None
+_deleter_lock = threading.Lock()
+
+
+def _deleter() -> ThreadPoolExecutor:
+    """One background thread that deletes used spools (joined at interpreter exit)."""
+    global _deleter_pool
+    with _deleter_lock:
+        if _deleter_pool is None:
+            _deleter_pool = ThreadPoolExecutor(1, thread_name_prefix="bdn-spool-rm")
+        return _deleter_pool
+
+
+def flush_spool_deletes() -> None:
+    """Wait until every spool deletion queued so far has happened (FIFO, one worker)."""
+    _deleter().submit(lambda: None).result()
+
+
+class RemoteSource(Source):
+    """A source whose files are fetched by byte range; subclasses provide the fetcher
+    and the checksum, this class the spooling, resume, retries, counting — and a
+    one-file-ahead prefetch, so the next file downloads while the mirror chunks, hashes
+    and stores the current one (network and CPU overlap instead of taking turns).
+
+    The mirror announces its plan with :meth:`plan_fetches` (the selected files, in
+    order, and a predicate telling whether a file still needs fetching — files known by
+    fingerprint do not). Without a plan, files are fetched one at a time on request.
+    """
+
+    def __init__(self, *, download: DownloadOptions | None = None,
+                 cancel: CancelToken | None = None,
+                 request_slots: threading.Semaphore | None = None) -> None:
+        super().__init__()
+        self.download = download or DownloadOptions()
+        self.cancel = cancel
+        self.request_slots = request_slots
+        self._counter_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._stop_token: CancelToken = AnyOf(self._closing, cancel) if cancel else self._closing
+        self._plan: list[SourceFile] = []
+        self._needed: Callable[[SourceFile], bool] = lambda _f: True
+        self._ahead: dict[str, Future[Path | None]] = {}
+        self._ahead_pool: ThreadPoolExecutor | None = None
+
+    @abstractmethod
+    def fetcher(self, file: SourceFile) -> Fetch:
+        """``fetch(start, end)`` streaming bytes ``[start, end)`` of ``file``."""
+
+    def checksum(self, file: SourceFile) -> Checksum | None:
+        """What ``file``'s bytes must hash to, when the source knows."""
+        return None
+
+    def plan_fetches(self, files: list[SourceFile],
+                     needed: Callable[[SourceFile], bool]) -> None:
+        self._plan = list(files)
+        self._needed = needed
+
+    def read_range(self, file: SourceFile, start: int, end: int) -> bytes:
+        fetch = self.fetcher(file)
+        out = bytearray()
+
+        def attempt() -> None:
+            for block in fetch(start + len(out), end):
+                out.extend(block)
+            if start + len(out) < end:
+                raise RetryableError("short read")
+
+        try:
+            retry_sync(attempt, self.download.retry)
+        except RetryableError as e:
+            raise SourceError(f"{file.path} from {self.uri}: {scrub(str(e))}",
+                              source=self.uri, file=file.path, status=e.status) from None
+        with self._counter_lock:
+            self.counters.bytes_from_origin += len(out)
+        return bytes(out)
+
+    def _spool(self, file: SourceFile, spool_dir: Path) -> Path:
+        return spool_file(source_uri=self.uri, file=file, spool_dir=spool_dir,
+                          fetch=self.fetcher(file), options=self.download,
+                          counters=self.counters, counter_lock=self._counter_lock,
+                          checksum=self.checksum(file), cancel=self._stop_token,
+                          request_slots=self.request_slots)
+
+    def _prefetch_after(self, file: SourceFile, spool_dir: Path) -> None:
+        paths = [f.path for f in self._plan]
+        if file.path not in paths:
+            return
+        for nxt in self._plan[paths.index(file.path) + 1:]:
+            if nxt.path in self._ahead:
+                return
+
+            def job(f: SourceFile = nxt) -> Path | None:
+                # A file known by fingerprint by now is not fetched at all; the mirror
+                # will not ask for it. Returning None makes a later request fetch it.
+                return self._spool(f, spool_dir) if self._needed(f) else None
+
+            if self._ahead_pool is None:
+                self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="bdn-prefetch")
+            self._ahead[nxt.path] = self._ahead_pool.submit(job)
+            return
+
+    @contextmanager
+    def local_file(self, file: SourceFile, spool_dir: Path) -> Iterator[Path]:
+        ahead = self._ahead.pop(file.path, None)
+        path = ahead.result() if ahead is not None else None
+        if path is None:
+            path = self._spool(file, spool_dir)
+        self._prefetch_after(file, spool_dir)
+        yield path
+        # Only a file that was used is deleted: after a failure the spool stays so a
+        # retried job resumes it (stale spools are swept by the mirror service). Freeing
+        # a large file's pages takes tens of milliseconds, so it happens off this thread.
+        _deleter().submit(remove_spool, spool_dir, self.uri, file)
+
+    def close(self) -> None:
+        """Stop a prefetch nobody will use (its partial spool stays for a resume)."""
+        self._closing.set()
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True, cancel_futures=True)
+            self._ahead_pool = None
+        for fut in self._ahead.values():
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # consumed: a failure of an unused prefetch is not news
+        self._ahead.clear()

@@ -1,0 +1,229 @@
+"""S3 and S3-compatible buckets (``s3://bucket/prefix``, ``r2://account.bucket/prefix``)
+as a source, through ``s3fs``.
+
+Listing is one paginated ``ListObjectsV2`` under the prefix; each object's fingerprint is
+``s3-etag:<endpoint host>/<bucket>:<etag>:<size>``. The ETag is an MD5 (or an MD5 of part
+MD5s for multipart uploads), which is not collision resistant against someone crafting
+objects, so the fingerprint is scoped to the bucket: reuse across prefixes and models in
+one bucket, never across buckets whose writers we do not know.
+
+Bytes come by parallel ranged ``GetObject`` calls (``bdn.sources.ranged``) of
+``BLOCK_BYTES`` each, so a failure is retried from the block that failed. botocore's and
+s3fs's own retries are turned off so the one bdn policy (backoff, jitter, Retry-After)
+applies, with strict connect/read timeouts. Downloads are verified against the object's
+full-object CRC32C/CRC32 when S3 has one (``HeadObject`` with ``ChecksumMode``; far
+cheaper than MD5), else a single-part ETag (the MD5); multipart ETags without a
+full-object checksum are not verifiable (their part size is unknown), size is.
+
+Credentials: the secret named by ``auth_secret_name`` (S3 JSON, see :mod:`bdn.secrets`),
+otherwise the SDK's default chain (``AWS_OIDC``: web identity in the pod environment).
+R2 endpoints are derived from the account (``https://<account>.r2.cloudflarestorage.com``);
+``endpoint_url`` overrides for any S3-compatible store (MinIO, moto, Ceph).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import threading
+import zlib
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from bdn.config import Auth, SourceURI
+from bdn.errors import AuthError, SourceError
+from bdn.retry import RetryableError, retry_sync
+from bdn.secrets import SecretResolver, s3_credentials, scrub
+from bdn.sources.base import SourceFile
+from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, RemoteSource
+
+BLOCK_BYTES = 8 * 1024 * 1024
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+_AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+               "ExpiredToken", "InvalidToken", "AllAccessDisabled")
+
+
+def _classify(exc: BaseException, where: str, uri: str, path: str = "") -> BaseException:
+    """Map an s3fs/botocore failure to AuthError / SourceError / RetryableError."""
+    text = scrub(str(exc))
+    if isinstance(exc, PermissionError) or any(c in text for c in _AUTH_CODES):
+        return AuthError(f"source {uri}: {where}: access denied by the store ({text}); "
+                         "check the credentials secret", source=uri, file=path, status=403)
+    if isinstance(exc, FileNotFoundError):
+        return SourceError(f"source {uri}: {where}: not found", source=uri, file=path,
+                           status=404)
+    if isinstance(exc, (ValueError, TypeError)):
+        return SourceError(f"source {uri}: {where}: {text}", source=uri, file=path)
+    # 5xx, throttling, timeouts, resets: worth another attempt.
+    return RetryableError(f"{where}: {type(exc).__name__}: {text}")
+
+
+class _B64Crc32:
+    """zlib CRC32 in S3's base64 big-endian form."""
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def hexdigest(self) -> str:
+        return base64.b64encode(self._crc.to_bytes(4, "big")).decode()
+
+
+class S3Source(RemoteSource):
+    def __init__(self, uri: SourceURI, *, secrets: SecretResolver | None = None,
+                 auth: Auth | None = None, endpoint_url: str | None = None,
+                 s3_endpoint_url: str | None = None, region: str | None = None,
+                 download: DownloadOptions | None = None,
+                 cancel: threading.Event | None = None,
+                 request_slots: threading.Semaphore | None = None, **_: Any) -> None:
+        super().__init__(download=download, cancel=cancel, request_slots=request_slots)
+        import s3fs
+
+        self.uri = uri.uri
+        bucket = uri.bucket
+        endpoint = s3_endpoint_url or endpoint_url
+        if uri.scheme == "r2":
+            account, dot, bucket = bucket.partition(".")
+            if not dot or not account or not bucket:
+                raise SourceError(f"Source '{uri.uri}': r2:// sources are "
+                                  "r2://<account_id>.<bucket>/<path>", source=uri.uri)
+            endpoint = endpoint or f"https://{account}.r2.cloudflarestorage.com"
+            region = region or "auto"
+        self.bucket = bucket
+        self.prefix = uri.prefix
+        creds = None
+        if auth is not None and auth.auth_method == "CUSTOM_SECRET":
+            assert auth.auth_secret_name
+            creds = s3_credentials((secrets or SecretResolver.from_env())
+                                   .get(auth.auth_secret_name))
+            endpoint = endpoint or creds.endpoint_url
+            region = region or creds.aws_region
+        elif auth is not None and auth.auth_method == "AWS_OIDC":
+            region = region or auth.aws_oidc_region
+        elif auth is not None:
+            raise AuthError(f"source {self.uri}: {auth.auth_method} cannot authenticate to "
+                            "S3", source=self.uri)
+        self._secret_name = auth.auth_secret_name if auth else None
+        self.endpoint = endpoint
+        d = self.download
+        kwargs: dict[str, Any] = {
+            "skip_instance_cache": True,
+            "use_listings_cache": False,
+            "config_kwargs": {"connect_timeout": d.connect_timeout_s,
+                              "read_timeout": d.read_timeout_s,
+                              "retries": {"max_attempts": 1, "mode": "standard"},
+                              "max_pool_connections": max(d.concurrency * 2, 10)},
+        }
+        if endpoint:
+            kwargs["endpoint_url"] = endpoint
+        if region:
+            kwargs["client_kwargs"] = {"region_name": region}
+        if creds is not None:
+            kwargs.update(key=creds.aws_access_key_id, secret=creds.aws_secret_access_key)
+            if creds.aws_session_token:
+                kwargs["token"] = creds.aws_session_token
+        self.fs = s3fs.S3FileSystem(**kwargs)
+        # bdn's RetryPolicy retries; s3fs's own loop (a class attribute) would multiply it.
+        self.fs.retries = 1
+        host = urlsplit(endpoint).netloc if endpoint else "aws"
+        self._scope = f"{host}/{self.bucket}"
+        self._files: list[SourceFile] | None = None
+        self._etags: dict[str, str] = {}
+
+    def _key(self, rel: str) -> str:
+        return f"{self.bucket}/{self.prefix}/{rel}" if self.prefix else f"{self.bucket}/{rel}"
+
+    def _retrying(self, what: str, fn: Any, path: str = "") -> Any:
+        def attempt() -> Any:
+            try:
+                return fn()
+            except (AuthError, SourceError):
+                raise
+            except Exception as e:
+                raise _classify(e, what, self.uri, path) from None
+
+        try:
+            return retry_sync(attempt, self.download.retry)
+        except RetryableError as e:
+            raise SourceError(f"source {self.uri}: {what} failed after "
+                              f"{self.download.retry.attempts} attempts: {e}",
+                              source=self.uri, file=path) from None
+
+    def pin(self) -> dict[str, str]:
+        out = {"uri": self.uri, "scheme": self.uri.split("://", 1)[0], "bucket": self.bucket,
+               "prefix": self.prefix}
+        if self.endpoint:
+            out["endpoint"] = self.endpoint
+        return out
+
+    def list_files(self) -> list[SourceFile]:
+        if self._files is not None:
+            return list(self._files)
+        root = f"{self.bucket}/{self.prefix}".rstrip("/")
+        found: dict[str, dict[str, Any]] = self._retrying(
+            "listing", lambda: self.fs.find(root, detail=True, withdirs=False))
+        files = []
+        for key, info in found.items():
+            if info.get("type") == "directory" or key.endswith("/"):
+                continue
+            rel = key[len(root):].lstrip("/") if key != root else key.rsplit("/", 1)[-1]
+            if not rel:
+                continue
+            size = int(info.get("size") or info.get("Size") or 0)
+            etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
+            fp = f"s3-etag:{self._scope}:{etag}:{size}" if etag else None
+            if etag:
+                self._etags[rel] = etag
+            files.append(SourceFile(rel, size, fp))
+        self._files = sorted(files, key=lambda f: f.path)
+        return list(self._files)
+
+    def checksum(self, file: SourceFile) -> Checksum | None:
+        # A full-object CRC (one HeadObject) is far cheaper to verify than MD5.
+        crc = self._full_object_crc(file)
+        if crc is not None:
+            return crc
+        etag = self._etags.get(file.path, "")
+        if _MD5_ETAG.match(etag):
+            return Checksum("md5 (ETag)", etag,
+                            lambda: hashlib.md5(usedforsecurity=False))
+        return None
+
+    def _full_object_crc(self, file: SourceFile) -> Checksum | None:
+        from bdn.sources.gcs import B64Crc32c, has_crc32c
+
+        try:
+            head = self.fs.call_s3("head_object", Bucket=self.bucket,
+                                   Key=self._key(file.path)[len(self.bucket) + 1:],
+                                   ChecksumMode="ENABLED")
+        except Exception:
+            return None  # verification falls back to the ETag; the download reports errors
+        if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+            return None
+        if head.get("ChecksumCRC32C") and has_crc32c():
+            return Checksum("crc32c", head["ChecksumCRC32C"], B64Crc32c)
+        if head.get("ChecksumCRC32") and "-" not in head["ChecksumCRC32"]:
+            return Checksum("crc32", head["ChecksumCRC32"], _B64Crc32)
+        return None
+
+    def fetcher(self, file: SourceFile) -> Fetch:
+        key = self._key(file.path)
+
+        def fetch(start: int, end: int) -> Iterator[bytes]:
+            pos = start
+            while pos < end:
+                stop = min(pos + BLOCK_BYTES, end)
+                try:
+                    block = self.fs.cat_file(key, start=pos, end=stop)
+                except Exception as e:
+                    raise _classify(e, f"reading {file.path}", self.uri, file.path) from None
+                if not block:
+                    return
+                yield block
+                pos += len(block)
+
+        return fetch
