@@ -1,0 +1,8 @@
+"""The node agent: turns ``weights:`` entries (or a manifest ref) into read-only files on
+a GPU node, fetched in parallel through the cluster cache, verified chunk by chunk,
+shared node-wide through the node cache (``cache/node.py``), resumable after a crash.
+
+Modules: ``planner`` (pure pull plans), ``fetch`` (tiers: cache peers, blob store),
+``writer`` (partial files, journal, publish), ``mounts`` (hardlink trees), ``engine``
+(pulls, events, single-flight), ``daemon`` (local HTTP API), ``client``, ``cli``.
+"""

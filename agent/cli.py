@@ -1,0 +1,281 @@
+"""CLI of the agent: ``bdn agent`` (the daemon), ``bdn agent status``, ``bdn pull``.
+
+``bdn pull`` goes through the node's agent when its socket answers (so the pull lands
+in the shared node cache and survives the CLI), and otherwise runs the same engine
+in-process against a node cache of its own (``--cache-dir``, default ``~/.bdn/node``):
+one code path, two hosts. The progress bar shows bytes by tier (node cache, cluster
+cache, blob store) as they are verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from agent.client import AgentClient, default_socket
+from agent.errors import PullError, RequestError
+from agent.options import MAX_BYTES_IN_FLIGHT, MAX_CONNECTIONS, AgentOptions
+from bdn.progress import human_bytes
+
+DEFAULT_CACHE_DIR = str(Path.home() / ".bdn" / "node")
+DEFAULT_BUDGET_BYTES = 100 * 1024 ** 3
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if t[-1:] in units else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500G, 1073741824)"
+                                         ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("sizes must be ≥ 0")
+    return value
+
+
+def _node_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None,
+                   help=f"node cache directory (default {DEFAULT_CACHE_DIR})")
+    p.add_argument("--budget-bytes", type=_parse_size, default=None,
+                   help="node cache byte budget, e.g. 500G (default 100G)")
+    p.add_argument("--peers", default="",
+                   help="cluster cache peers: URL[,URL...] (http://host:port)")
+    p.add_argument("--peers-dns", default=None, metavar="NAME[:PORT]",
+                   help="a DNS name whose addresses are cache peers (headless Service)")
+    p.add_argument("--store", default=None, help="blob store URL or folder")
+    p.add_argument("--strict", action="store_true",
+                   help="never read the blob store: fail when the cache peers cannot serve")
+    p.add_argument("--max-bytes-in-flight", type=_parse_size, default=MAX_BYTES_IN_FLIGHT,
+                   help="cap on chunk bytes requested but not yet written (default 1G)")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help=f"connections (fetch threads) to cache peers (default "
+                        f"{MAX_CONNECTIONS})")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("agent", help="run the node agent (or: bdn agent status)")
+    _node_args(p)
+    p.add_argument("--socket", default=None,
+                   help=f"unix socket of the local API (default ${'{'}BDN_AGENT_SOCKET{'}'} or "
+                        f"{default_socket()})")
+    p.add_argument("--listen", default=None, help="also listen on loopback HOST:PORT")
+    p.set_defaults(handler=cmd_agent)
+    asub = p.add_subparsers(dest="agent_cmd", metavar="SUBCOMMAND")
+    st = asub.add_parser("status", help="node cache usage and pulls of the running agent")
+    st.add_argument("--socket", dest="status_socket", default=None)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(handler=cmd_agent_status)
+
+    p = sub.add_parser("pull", help="pull weights onto this node (through the agent if one "
+                                    "runs, else in-process)")
+    p.add_argument("target", metavar="CONFIG_OR_REF",
+                   help="config.yaml (or its folder) with a weights: section, a ref "
+                        "ns/model:tag, or a manifest digest b3:...")
+    p.add_argument("--to", default=None,
+                   help="mount here: the folder for a ref, the root that mount_locations "
+                        "are placed under for a config (omit for a ref: pre-warm only)")
+    p.add_argument("--socket", default=None, help="the agent's socket")
+    p.add_argument("--standalone", action="store_true",
+                   help="do not use a running agent")
+    p.add_argument("--json", action="store_true", help="print the final status as JSON")
+    p.add_argument("--events", action="store_true", help="print every event as JSON")
+    _node_args(p)
+    p.set_defaults(handler=cmd_pull)
+
+
+def options_from_args(args: argparse.Namespace) -> AgentOptions:
+    from bdn.store import default_store_url
+
+    peers = tuple(x.strip() for x in (args.peers or "").split(",") if x.strip())
+    store = args.store
+    if store is None and not args.strict:
+        store = default_store_url()
+    dns, dns_port = args.peers_dns, 8401
+    if dns and ":" in dns:
+        dns, _, port = dns.rpartition(":")
+        dns_port = int(port)
+    try:
+        return AgentOptions(
+            cache_dir=Path(args.cache_dir or DEFAULT_CACHE_DIR),
+            budget_bytes=args.budget_bytes if args.budget_bytes is not None
+            else DEFAULT_BUDGET_BYTES,
+            peers=peers, peers_dns=dns, peers_dns_port=dns_port, store_url=store,
+            strict=args.strict,
+            max_bytes_in_flight=args.max_bytes_in_flight,
+            max_connections=args.max_connections)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agent.daemon import run_daemon
+
+    options = options_from_args(args)
+    socket_path = args.socket or (None if args.listen else default_socket())
+    if socket_path:
+        Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
+    return run_daemon(options, socket_path, args.listen)
+
+
+def cmd_agent_status(args: argparse.Namespace) -> int:
+    client = AgentClient(args.status_socket or getattr(args, "socket", None))
+    st = client.agent_status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    nc = st["node_cache"]
+    print(f"agent at {client.address}")
+    print(f"  node cache {st['cache_dir']}: {nc['files']} files, "
+          f"{human_bytes(nc['bytes_used'])} of {human_bytes(nc['budget_bytes'])} "
+          f"({human_bytes(nc['bytes_pinned'])} pinned, {nc['partial_files']} partial)")
+    print(f"  peers: {', '.join(st['peers']) or '-'}; store: {st['store'] or '-'}"
+          f"{' (strict: not used)' if st['strict'] else ''}")
+    c = st["counters"]
+    print(f"  served: node {human_bytes(c['bytes_node'])}, cluster "
+          f"{human_bytes(c['bytes_cluster'])}, store {human_bytes(c['bytes_store'])}")
+    print(f"  pulls: {', '.join(f'{k} {v}' for k, v in sorted(st['pulls'].items())) or '-'}")
+    for p in st["active"]:
+        print(f"    {p['id']} {p['state']} {human_bytes(p['bytes_done'])}/"
+              f"{human_bytes(p['bytes_total'])} eta {p['eta_s']}s")
+    return 0
+
+
+def build_request(target: str, to: str | None) -> dict[str, Any]:
+    """The ``POST /v1/pulls`` body for a CLI target (config path, ref or digest)."""
+    from bdn.config import load_model_config
+
+    p = Path(target)
+    if p.exists():
+        cfg = load_model_config(p)
+        if not cfg.weights:
+            raise RequestError(f"{target} has no weights: section")
+        body: dict[str, Any] = {"weights": [w.to_dict() for w in cfg.weights]}
+        if to is not None:
+            body["mount_root"] = os.path.abspath(to)
+        return body
+    body = {"ref": target}
+    if to is not None:
+        body["mount"] = os.path.abspath(to)
+    return body
+
+
+class _TierBar:
+    """A rich progress bar whose description shows bytes by tier."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+        self.progress: Any = None
+        self.task: Any = None
+        self.tiers = {"node": 0, "cluster": 0, "store": 0}
+
+    def __enter__(self) -> _TierBar:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+            self.progress = Progress(TextColumn("[bold]pull"), BarColumn(), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.description}"), console=self.console,
+                                     transient=True)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        kind = ev.get("event")
+        if kind == "plan":
+            self.task = self.progress.add_task("", total=ev.get("bytes") or None)
+        elif self.task is None:
+            return
+        elif kind == "chunk":
+            tier = ev.get("tier", "node")
+            self.tiers[tier] = self.tiers.get(tier, 0) + ev.get("length", 0)
+            self.progress.update(self.task, advance=ev.get("length", 0),
+                                 description=self._desc())
+        elif kind == "file" and ev.get("cached"):
+            self.progress.update(self.task, advance=ev.get("size", 0))
+
+    def _desc(self) -> str:
+        return " ".join(f"{k} {human_bytes(v)}" for k, v in self.tiers.items() if v)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    body = build_request(args.target, args.to)
+    client = AgentClient(args.socket)
+    use_agent = not args.standalone and client.healthy()
+
+    def printer(ev: dict[str, Any]) -> None:
+        print(json.dumps(ev), flush=True)
+
+    with _TierBar(enabled=not (args.json or args.events)) as bar:
+        on_event = printer if args.events else bar
+        if use_agent:
+            started = client.start_pull(**_client_kwargs(body))
+            status = client.wait(started["id"], on_event)
+        else:
+            status = run_standalone(options_from_args(args), body, on_event)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    tiers = status["bytes_by_tier"]
+    where = "via the agent" if use_agent else "standalone"
+    print(f"pulled {args.target} {where}: {status['files_total']} files, "
+          f"{human_bytes(status['bytes_total'])} in {status['elapsed_s']:.2f} s "
+          f"({status['throughput_bps'] / 1e9:.2f} GB/s)")
+    print(f"  bytes by tier: node {human_bytes(tiers['node'])}, cluster "
+          f"{human_bytes(tiers['cluster'])}, store {human_bytes(tiers['store'])}")
+    for m in status["mounts"]:
+        print(f"  mounted read-only at {m}")
+    return 0
+
+
+def _client_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    return {"ref": body.get("ref"), "mount": body.get("mount"),
+            "weights": body.get("weights"), "mount_root": body.get("mount_root"),
+            "prewarm": body.get("prewarm", False)}
+
+
+def run_standalone(options: AgentOptions, body: dict[str, Any],
+                   on_event: Any = None) -> dict[str, Any]:
+    """Run one pull with an in-process engine; returns its final status.
+
+    Also the function a demo or a test can call to pull without a daemon.
+    """
+    from agent.engine import Engine, parse_request
+
+    async def main() -> dict[str, Any]:
+        engine = Engine(options)
+        try:
+            pull, _ = await engine.submit(parse_request(body))
+            async for ev in pull.follow():
+                if on_event is not None:
+                    on_event(ev)
+            await engine.wait(pull)
+            status = pull.status()
+            if pull.state != "done":
+                raise PullError(f"pull failed: {pull.error}", pull_id=pull.id)
+            return status
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+

@@ -1,0 +1,165 @@
+"""Mounts: read-only trees of hardlinks into the node cache's file store.
+
+A mount is a directory of hardlinks to complete, verified files under
+``<cache>/files/``, so every replica on the node shares one copy of the bytes, a mount
+costs no disk and appears in microseconds, and duplicate files of a model are one inode.
+Files are read-only (the store's inode has no write bits) and a finished mount's
+directories are sealed ``0555``.
+
+Safety: :func:`check_mount_paths` runs over every path of a pull *before anything is
+written anywhere*: the mount directory and every existing component under it are
+``lstat``-ed and a symlink or a non-directory in the way is refused — a planted symlink
+can never steer a link outside the mount. :func:`link_file` re-checks while creating
+(``bdn.fsutil.safe_target``), because the tree could change between check and write.
+A file appears in a mount whole or not at all: ``link(2)`` creates the name atomically
+for an already complete inode; the cross-device fallback copies to a temporary name
+and renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from agent.errors import MountError
+from bdn.errors import PathError
+from bdn.fsutil import safe_target, temp_name
+from manifests.paths import check_relative_path
+
+SEALED_DIR_MODE = 0o555
+OPEN_DIR_MODE = 0o755
+
+
+def check_mount_path(mount: str) -> Path:
+    """An absolute, normalised mount path that is not itself a symlink."""
+    if not isinstance(mount, str) or not os.path.isabs(mount) or "\x00" in mount:
+        raise PathError(f"mount {mount!r} must be an absolute path", field="mount")
+    if ".." in mount.split("/"):
+        raise PathError(f"mount {mount!r} must not contain '..'", field="mount")
+    p = Path(os.path.normpath(mount))
+    if p == Path("/"):
+        raise PathError("mount cannot be /", field="mount")
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            raise PathError(f"mount {p} is a symlink; refusing to write through it",
+                            field="mount")
+        if not stat.S_ISDIR(st.st_mode):
+            raise PathError(f"mount {p} exists and is not a directory", field="mount")
+    return p
+
+
+def check_mount_paths(mount: str, rels: Iterable[str]) -> Path:
+    """Refuse unsafe paths or planted symlinks under ``mount``; writes nothing."""
+    root = check_mount_path(mount)
+    for rel in rels:
+        check_relative_path(rel)
+        cur = root
+        parts = rel.split("/")
+        for i, seg in enumerate(parts):
+            cur = cur / seg
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                break
+            except NotADirectoryError:
+                raise PathError(f"{rel!r}: a component of {cur} is not a directory",
+                                field="path") from None
+            last = i == len(parts) - 1
+            if stat.S_ISLNK(st.st_mode):
+                raise PathError(f"{rel!r}: {cur} is a symlink; refusing to write through it",
+                                field="path")
+            if not last and not stat.S_ISDIR(st.st_mode):
+                raise PathError(f"{rel!r}: {cur} exists and is not a directory", field="path")
+            if last and not stat.S_ISREG(st.st_mode):
+                raise PathError(f"{rel!r}: {cur} exists and is not a regular file",
+                                field="path")
+    return root
+
+
+def link_file(mount: Path, rel: str, src: Path) -> Path:
+    """Expose ``src`` (a complete node-cache file) at ``mount/rel``; idempotent."""
+    mount.mkdir(parents=True, exist_ok=True)
+    _open_dirs(mount, rel)
+    target = safe_target(mount, rel)
+    src_st = os.stat(src)
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(target)
+        if st.st_ino == src_st.st_ino and st.st_dev == src_st.st_dev:
+            return target
+        if st.st_size == src_st.st_size and _same_bytes(target, src):
+            return target  # a cross-device copy made earlier
+        raise MountError(f"{target} already exists with other content; refusing to replace "
+                         "a file this agent did not place", path=str(target))
+    try:
+        os.link(src, target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        tmp = temp_name(target)
+        try:
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, stat.S_IMODE(src_st.st_mode))
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    return target
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _open_dirs(mount: Path, rel: str) -> None:
+    """Re-open sealed directories on the way to ``rel`` (a second pull into a mount)."""
+    cur = mount
+    for seg in ["", *rel.split("/")[:-1]]:
+        cur = cur / seg if seg else cur
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(cur)
+            if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != OPEN_DIR_MODE:
+                os.chmod(cur, OPEN_DIR_MODE)
+
+
+def seal(mount: Path) -> None:
+    """Make every directory of a finished mount read-only (deepest first)."""
+    for dirpath, _dirs, _files in os.walk(mount, topdown=False):
+        if not os.path.islink(dirpath):
+            os.chmod(dirpath, SEALED_DIR_MODE)
+
+
+def release(mount: Path, rels: Iterable[str]) -> int:
+    """Remove the files this agent placed, then empty directories; returns files removed."""
+    if not os.path.isdir(mount) or os.path.islink(mount):
+        return 0
+    for dirpath, _dirs, _files in os.walk(mount):
+        if not os.path.islink(dirpath):
+            os.chmod(dirpath, OPEN_DIR_MODE)
+    removed = 0
+    for rel in rels:
+        try:
+            check_relative_path(rel)
+        except PathError:
+            continue
+        target = mount / rel
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            if stat.S_ISREG(os.lstat(target).st_mode):
+                os.unlink(target)
+                removed += 1
+    for dirpath, _dirs, _files in os.walk(mount, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+    return removed
