@@ -71,7 +71,9 @@ def make_finetune(src: Path, dst: Path) -> None:
 
 
 def main() -> int:
-    WORKDIR.mkdir(exist_ok=True)
+    # A fresh store each run, so the figures always show a first mirror.
+    shutil.rmtree(WORKDIR, ignore_errors=True)
+    WORKDIR.mkdir()
     store = str((WORKDIR / "store").resolve())
     src = model_dir()
     print(f"bdn demo — store {store}")

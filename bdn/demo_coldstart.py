@@ -1,30 +1,172 @@
-"""The cold-start half of ``make demo`` (see bdn/demo.py).
+"""The cold-start half of ``make demo`` (see bdn/demo.py): real services on loopback.
 
-Until the node agent, cluster cache and serving runtime exist this exports the model
-with the simple verified read path, so the demo always runs the job as far as it exists.
+A cluster cache server and a node agent start as processes; the agent pulls the base
+model through the cache into a read-only mount while ``bdn serve`` already loads tensors
+from it (the agent's readiness events tell the loader which bytes are verified). The
+replica answers a prediction; then the fine-tune is pulled to show how little crosses
+the network when the node already holds the base. Every process is stopped by PID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from bdn.progress import human_bytes
 
+READY_TIMEOUT_S = 180.0
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm"
+
+
+class Proc:
+    """A child process whose stdout is drained; waits for a ``PREFIX <url>`` line."""
+
+    def __init__(self, args: list[str], ready_prefix: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.p = subprocess.Popen([sys.executable, "-m", "bdn.cli", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=env, start_new_session=True)
+        self.lines: list[str] = []
+        self.url = ""
+        self._ready = threading.Event()
+        self._prefix = ready_prefix
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._ready.wait(READY_TIMEOUT_S) or not self.url:
+            self.stop()
+            raise SystemExit(f"bdn {args[0]} did not start:\n{''.join(self.lines)}")
+
+    def _drain(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.append(line)
+            if line.startswith(self._prefix + " ") and not self.url:
+                self.url = line.split(" ", 1)[1].strip()
+                self._ready.set()
+        self._ready.set()
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait(5)
+
+
+def http_json(url: str, body: Any | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pat = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.eE+-]+)$", re.M)
+    m = pat.search(text)
+    return float(m.group(1)) if m else float("nan")
+
+
+def summarize(answer: Any) -> str:
+    """Shapes for nested lists (embeddings), values for the rest."""
+    if not isinstance(answer, dict):
+        return json.dumps(answer)[:200]
+    parts = []
+    for k, v in answer.items():
+        if isinstance(v, list) and v and isinstance(v[0], list):
+            parts.append(f"{k}: {len(v)}×{len(v[0])}")
+        elif isinstance(v, list) and all(isinstance(x, float) for x in v):
+            parts.append(f"{k}: [{', '.join(f'{x:.3f}' for x in v)}]")
+        else:
+            parts.append(f"{k}: {json.dumps(v)[:80]}")
+    return "; ".join(parts)
+
+
+def tiers(status: dict[str, Any]) -> str:
+    t = status.get("bytes_by_tier", {})
+    return ", ".join(f"{k} {human_bytes(t.get(k, 0))}" for k in ("node", "cluster", "store"))
+
 
 def run(workdir: Path, store: str, base_ref: str, tuned_ref: str) -> int:
-    print(f"\n== cold start from {base_ref} (export, verified)")
-    dest = workdir / "replica"
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bdn.cli", "export", base_ref, str(dest), "--store",
-                    store], check=True)
-    print(f"   {time.perf_counter() - t0:.2f} s from the blob store")
-    stats = subprocess.run([sys.executable, "-m", "bdn.cli", "store", "stats", "--json",
-                            "--store", store], check=True, capture_output=True, text=True)
-    doc = json.loads(stats.stdout)
-    print(f"\nstore: {doc['objects']} objects, {human_bytes(doc['bytes_stored'])} stored for "
-          f"{human_bytes(doc['logical_bytes_referenced'])} of models")
+    from agent.client import AgentClient
+
+    for sub in ("cache", "node", "mnt"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    sock = str((workdir / "agent.sock").resolve())
+    procs: list[Proc] = []
+    try:
+        print("\n== start a cluster cache and a node agent (loopback)")
+        cache = Proc(["cache-server", "--store", store, "--dir", str(workdir / "cache"),
+                      "--budget-bytes", "2G", "--listen", "127.0.0.1:0"], "BDN_LISTENING")
+        procs.append(cache)
+        agent = Proc(["agent", "--cache-dir", str(workdir / "node"), "--budget-bytes", "4G",
+                      "--peers", cache.url, "--store", store, "--socket", sock],
+                     "BDN_LISTENING")
+        procs.append(agent)
+        print(f"   cache {cache.url}, agent unix:{sock}")
+
+        print(f"\n== cold-start a replica of {base_ref} (bdn serve {EXAMPLE.name})")
+        client = AgentClient(sock)
+        mount = (workdir / "mnt" / "base").resolve()
+        t0 = time.perf_counter()
+        pull = client.start_pull(ref=base_ref, mount=str(mount))
+        serve = Proc(["serve", str(EXAMPLE), "--weights-dir", str(mount), "--pull-events",
+                      client.events_url(pull["id"]), "--listen", "127.0.0.1:0"], "BDN_READY")
+        procs.append(serve)
+        t_ready = time.perf_counter() - t0
+        status = client.wait(pull["id"])
+        sample = {"sentences": ["A cat sits on the mat.", "A dog sleeps in the sun."],
+                  "query": "Where is the cat?"}
+        t1 = time.perf_counter()
+        answer = http_json(serve.url + "/predict", sample)
+        t_predict = time.perf_counter() - t1
+        with urllib.request.urlopen(serve.url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+
+        def phase_s(name: str) -> float:
+            return metric(text, "bdn_cold_start_phase_seconds", "{phase=" + f'"{name}"' + "}")
+
+        print(f"   weights pulled: {status['files_done']} files, "
+              f"{human_bytes(status['bytes_total'])} at "
+              f"{status.get('throughput_bps', 0) / 1e6:.0f} MB/s — bytes by tier: "
+              f"{tiers(status)}")
+        print(f"   replica ready {t_ready:.2f} s after the pull started "
+              f"(process start and imports included); the server's own phases:")
+        print(f"     waiting for weights {phase_s('waiting_for_weights'):.3f} s, loading to "
+              f"device {phase_s('loading_to_device'):.3f} s, model init "
+              f"{phase_s('model_init'):.3f} s")
+        print(f"   first prediction in {t_predict * 1000:.0f} ms: {summarize(answer)}")
+
+        print(f"\n== pull the fine-tune {tuned_ref} onto the same node")
+        t0 = time.perf_counter()
+        tuned = client.start_pull(ref=tuned_ref, mount=str(workdir / "mnt" / "tuned"))
+        st = client.wait(tuned["id"])
+        print(f"   {human_bytes(st['bytes_total'])} in {time.perf_counter() - t0:.2f} s — "
+              f"bytes by tier: {tiers(st)}")
+        by = st.get("bytes_by_tier", {})
+        print(f"   crossed the network: {human_bytes(by.get('cluster', 0) + by.get('store', 0))}"
+              f"; copied on the node: {human_bytes(by.get('node', 0))}")
+        with urllib.request.urlopen(cache.url + "/metrics", timeout=30) as r:
+            ctext = r.read().decode()
+        filled = metric(ctext, "bdn_cache_bytes_filled_total")
+        served = metric(ctext, "bdn_cache_bytes_served_total")
+        print(f"   cluster cache: filled {human_bytes(filled)} from the store, served "
+              f"{human_bytes(served)} to the node")
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    print("\nall services stopped. Try: .venv/bin/bdn manifest show demo/minilm:finetune "
+          f"--base {base_ref} --store {store}")
     return 0

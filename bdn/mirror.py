@@ -102,6 +102,7 @@ class Mirror:
         self.store = store
         self.options = options
         self._lock = threading.Lock()
+        self._plan_tag = Digest.of(repr(options.chunking).encode()).hex[:16]
 
     def run(self, source: Source, *, ref: Ref | None = None,
             allow: Sequence[str] = (), ignore: Sequence[str] = (),
@@ -148,10 +149,15 @@ class Mirror:
 
     # -- one file ----------------------------------------------------------------
 
+    def _fp_key(self, fingerprint: str) -> str:
+        # The recorded entry holds chunk cuts, so it is only valid for the chunking
+        # options that made it: a change of options re-chunks instead of reusing.
+        return f"{fingerprint}#plan:{self._plan_tag}"
+
     def _needs_fetch(self, sf: SourceFile) -> bool:
         if not (sf.fingerprint and self.options.use_fingerprints):
             return True
-        known = self.store.get_fingerprint(sf.fingerprint)
+        known = self.store.get_fingerprint(self._fp_key(sf.fingerprint))
         return known is None or known.size != sf.size
 
     def _file(self, source: Source, sf: SourceFile, spool: Path, pool: ThreadPoolExecutor,
@@ -160,7 +166,7 @@ class Mirror:
         stats.files += 1
         stats.logical_bytes += sf.size
         if sf.fingerprint and self.options.use_fingerprints:
-            known = self.store.get_fingerprint(sf.fingerprint)
+            known = self.store.get_fingerprint(self._fp_key(sf.fingerprint))
             if known is not None and known.size == sf.size:
                 stats.files_reused += 1
                 stats.bytes_reused += sf.size
@@ -177,7 +183,7 @@ class Mirror:
             raise SourceError(f"reading {sf.path} from {source.uri} failed: {e.strerror or e}",
                               source=source.uri, file=sf.path) from None
         if sf.fingerprint:
-            self.store.put_fingerprint(sf.fingerprint, entry)
+            self.store.put_fingerprint(self._fp_key(sf.fingerprint), entry)
         return entry
 
     def _plan(self, view: memoryview, size: int, sf: SourceFile) -> list[tuple[int, int]]:
