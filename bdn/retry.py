@@ -86,6 +86,19 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
+def _delay_after(policy: RetryPolicy, attempt: int, error: BaseException,
+                 rng: random.Random,
+                 on_retry: Callable[[int, BaseException, float], None] | None) -> float:
+    """The wait before the next attempt; re-raises ``error`` when attempts are spent."""
+    if attempt >= policy.attempts:
+        raise error
+    delay = policy.delay_s(attempt, retry_after_s=getattr(error, "retry_after_s", None),
+                           draw=rng.random())
+    if on_retry:
+        on_retry(attempt, error, delay)
+    return delay
+
+
 async def retry_async(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
                       retry_on: tuple[type[BaseException], ...] = (RetryableError,),
                       on_retry: Callable[[int, BaseException, float], None] | None = None,
@@ -95,13 +108,7 @@ async def retry_async(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
         try:
             return await fn()
         except retry_on as e:
-            if attempt >= policy.attempts:
-                raise
-            delay = policy.delay_s(attempt, retry_after_s=getattr(e, "retry_after_s", None),
-                                   draw=rng.random())
-            if on_retry:
-                on_retry(attempt, e, delay)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(_delay_after(policy, attempt, e, rng, on_retry))
     raise AssertionError("unreachable")
 
 
@@ -114,11 +121,5 @@ def retry_sync(fn: Callable[[], T], policy: RetryPolicy, *,
         try:
             return fn()
         except retry_on as e:
-            if attempt >= policy.attempts:
-                raise
-            delay = policy.delay_s(attempt, retry_after_s=getattr(e, "retry_after_s", None),
-                                   draw=rng.random())
-            if on_retry:
-                on_retry(attempt, e, delay)
-            time.sleep(delay)
+            time.sleep(_delay_after(policy, attempt, e, rng, on_retry))
     raise AssertionError("unreachable")

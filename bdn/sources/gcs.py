@@ -29,9 +29,9 @@ from typing import Any
 from bdn.config import Auth, SourceURI
 from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, retry_sync
-from bdn.secrets import SecretResolver, gcs_service_account, scrub
+from bdn.secrets import SecretResolver, gcs_service_account
 from bdn.sources.base import SourceFile
-from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, RemoteSource
+from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, RemoteSource, classify_fs_error
 
 BLOCK_BYTES = 8 * 1024 * 1024
 _AUTH_HINTS = ("401", "403", "Forbidden", "Unauthorized", "invalid_grant",
@@ -55,16 +55,7 @@ def gcs_filesystem(*, endpoint_url: str | None, token: Any, timeout_s: float | N
 
 
 def _classify(exc: BaseException, where: str, uri: str, path: str = "") -> BaseException:
-    text = scrub(str(exc))
-    if isinstance(exc, PermissionError) or any(h in text for h in _AUTH_HINTS):
-        return AuthError(f"source {uri}: {where}: access denied by GCS ({text}); check the "
-                         "credentials secret", source=uri, file=path, status=403)
-    if isinstance(exc, FileNotFoundError):
-        return SourceError(f"source {uri}: {where}: not found", source=uri, file=path,
-                           status=404)
-    if isinstance(exc, (ValueError, TypeError)):
-        return SourceError(f"source {uri}: {where}: {text}", source=uri, file=path)
-    return RetryableError(f"{where}: {type(exc).__name__}: {text}")
+    return classify_fs_error(exc, where, uri, path, service="GCS", auth_markers=_AUTH_HINTS)
 
 
 class _B64Md5:

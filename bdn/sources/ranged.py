@@ -43,7 +43,7 @@ from typing import Any, Protocol, TypeVar
 
 import blake3
 
-from bdn.errors import SourceError
+from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, RetryPolicy, retry_sync
 from bdn.secrets import scrub
 from bdn.sources.base import FetchCounters, Source, SourceFile
@@ -508,3 +508,23 @@ class RemoteSource(Source):
             if fut.done() and not fut.cancelled():
                 fut.exception()  # consumed: a failure of an unused prefetch is not news
         self._ahead.clear()
+
+
+def classify_fs_error(exc: BaseException, where: str, uri: str, path: str = "", *,
+                      service: str, auth_markers: tuple[str, ...]) -> BaseException:
+    """Map an fsspec (s3fs/gcsfs) failure to AuthError / SourceError / RetryableError.
+
+    Denials and missing objects are final; bad arguments are final; everything else
+    (5xx, throttling, timeouts, resets) is worth another attempt. Secrets are scrubbed
+    from the text before it reaches any message.
+    """
+    text = scrub(str(exc))
+    if isinstance(exc, PermissionError) or any(m in text for m in auth_markers):
+        return AuthError(f"source {uri}: {where}: access denied by {service} ({text}); "
+                         "check the credentials secret", source=uri, file=path, status=403)
+    if isinstance(exc, FileNotFoundError):
+        return SourceError(f"source {uri}: {where}: not found", source=uri, file=path,
+                           status=404)
+    if isinstance(exc, (ValueError, TypeError)):
+        return SourceError(f"source {uri}: {where}: {text}", source=uri, file=path)
+    return RetryableError(f"{where}: {type(exc).__name__}: {text}")

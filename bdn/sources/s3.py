@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 from bdn.config import Auth, SourceURI
 from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, retry_sync
-from bdn.secrets import SecretResolver, s3_credentials, scrub
+from bdn.secrets import SecretResolver, s3_credentials
 from bdn.sources.base import SourceFile
-from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, RemoteSource
+from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, RemoteSource, classify_fs_error
 
 BLOCK_BYTES = 8 * 1024 * 1024
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -46,18 +46,7 @@ _AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 
 
 def _classify(exc: BaseException, where: str, uri: str, path: str = "") -> BaseException:
-    """Map an s3fs/botocore failure to AuthError / SourceError / RetryableError."""
-    text = scrub(str(exc))
-    if isinstance(exc, PermissionError) or any(c in text for c in _AUTH_CODES):
-        return AuthError(f"source {uri}: {where}: access denied by the store ({text}); "
-                         "check the credentials secret", source=uri, file=path, status=403)
-    if isinstance(exc, FileNotFoundError):
-        return SourceError(f"source {uri}: {where}: not found", source=uri, file=path,
-                           status=404)
-    if isinstance(exc, (ValueError, TypeError)):
-        return SourceError(f"source {uri}: {where}: {text}", source=uri, file=path)
-    # 5xx, throttling, timeouts, resets: worth another attempt.
-    return RetryableError(f"{where}: {type(exc).__name__}: {text}")
+    return classify_fs_error(exc, where, uri, path, service="the store", auth_markers=_AUTH_CODES)
 
 
 class _B64Crc32:
