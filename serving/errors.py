@@ -14,6 +14,7 @@ from manifests.errors import BdnError, SafetensorsError
 __all__ = [
     "ModelDirError",
     "ModelLoadError",
+    "ReadinessTimeout",
     "SafetensorsError",
     "ServingError",
     "WeightsFileError",
@@ -40,6 +41,10 @@ class WeightsUnavailableError(ServingError):
         self.path = path
         self.begin = begin
         self.end = end
+
+
+class ReadinessTimeout(WeightsUnavailableError):
+    """A wait for bytes ran out of time (the pull may still be going)."""
 
 
 class WeightsFileError(ServingError, ValueError):

@@ -1,0 +1,420 @@
+"""Readiness sources: which byte ranges of which weight files are verified on disk.
+
+The loader does not care where bytes come from; it asks one question before it reads a
+range: "are bytes [begin, end) of this file verified yet?", and waits when they are not.
+A :class:`ReadinessSource` answers it. Three implementations:
+
+* :class:`FilesReady` — every file is complete already (weights on disk, a pre-warmed
+  mount, ``--weights-dir``): no waiting at all.
+* :class:`ProgressiveReadiness` — fed in process by whoever writes the files (tests, a
+  future in-process puller): ``mark(path, begin, end)``, ``mark_complete(path)``,
+  ``finish()``, ``fail(message)``.
+* :class:`EventStreamReadiness` — consumes the node agent's newline-delimited JSON
+  event stream (``GET /v1/pulls/{id}/events``) over TCP or a unix socket, in a thread.
+
+The interface is synchronous and thread-safe because the loader's readers are threads
+(``preadv`` releases the GIL; asyncio would add nothing but a hop). Paths are logical
+absolute paths (the mount root joined with the file's relative path); a source may say
+that a file's bytes are, for now, on disk elsewhere (``disk_path``: the agent writes a
+partial file and renames it when verified, and an inode survives a rename, so a reader
+that opened the partial file keeps reading the right bytes).
+
+Events understood (unknown events are ignored, so the agent can add more)::
+
+    {"event": "plan", "files": [{"path": "model.safetensors", "size": 123}, ...]}
+    {"event": "chunk", "path": "model.safetensors", "offset": 0, "length": 8388608,
+     "size": 123, "disk_path": "/var/bdn/partial/ab12..."}      # size, disk_path optional
+    {"event": "file", "path": "model.safetensors", "digest": "b3:...", "size": 123}
+    {"event": "done"}
+    {"event": "error", "message": "..."}
+
+A ``plan`` lets the loader list a folder before any file is complete; without one, a
+folder's listing is known only at ``done`` (so give the loader an index or explicit
+files, or have the agent send the plan first).
+"""
+
+from __future__ import annotations
+
+import bisect
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+from urllib.parse import unquote, urlsplit
+
+from serving.errors import ReadinessTimeout, WeightsUnavailableError
+
+# The event stream of a live pull may be quiet for a long time (a slow link, a large
+# chunk); the connection itself is only given this long to open.
+CONNECT_TIMEOUT_S = 10.0
+# One event line is small; a longer line is a broken or hostile stream.
+MAX_EVENT_LINE_BYTES = 1 << 20
+
+
+@runtime_checkable
+class ReadinessSource(Protocol):
+    """Which byte ranges of which files are verified; see the module docstring."""
+
+    def wait_range(self, path: str, begin: int, end: int, *,
+                   timeout_s: float | None = None) -> str:
+        """Block until ``[begin, end)`` of ``path`` is verified; return where to read it.
+
+        Raises :class:`WeightsUnavailableError` if the source failed, finished without
+        these bytes, or ``timeout_s`` passed.
+        """
+        ...
+
+    def wait_complete(self, path: str, *, timeout_s: float | None = None) -> str:
+        """Block until all of ``path`` is verified; return where to read it."""
+        ...
+
+    def file_size(self, path: str) -> int | None:
+        """The file's final size if the source knows it (else the loader uses fstat)."""
+        ...
+
+    def listing(self, root: str, *, timeout_s: float | None = None) -> list[str] | None:
+        """All files under ``root`` once the set is final, or None: "look at the disk"."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def normalize(path: str | os.PathLike[str], root: str | None = None) -> str:
+    """The logical key of a path: absolute and normalised (relative ones join ``root``)."""
+    p = os.fspath(path)
+    if not os.path.isabs(p):
+        p = os.path.join(root or os.getcwd(), p)
+    return os.path.normpath(p)
+
+
+class FilesReady:
+    """Every file is complete on disk: answers at once, never waits."""
+
+    def wait_range(self, path: str, begin: int, end: int, *,
+                   timeout_s: float | None = None) -> str:
+        return path
+
+    def wait_complete(self, path: str, *, timeout_s: float | None = None) -> str:
+        return path
+
+    def file_size(self, path: str) -> int | None:
+        return None
+
+    def listing(self, root: str, *, timeout_s: float | None = None) -> list[str] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class RangeSet:
+    """Disjoint, sorted, half-open byte ranges; adjacent ranges are merged."""
+
+    __slots__ = ("_begins", "_ends")
+
+    def __init__(self) -> None:
+        self._begins: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, begin: int, end: int) -> None:
+        if end <= begin:
+            return
+        # First range that could touch [begin, end): the one whose end >= begin.
+        i = bisect.bisect_left(self._ends, begin)
+        j = i
+        while j < len(self._begins) and self._begins[j] <= end:
+            begin = min(begin, self._begins[j])
+            end = max(end, self._ends[j])
+            j += 1
+        self._begins[i:j] = [begin]
+        self._ends[i:j] = [end]
+
+    def covers(self, begin: int, end: int) -> bool:
+        if end <= begin:
+            return True
+        i = bisect.bisect_right(self._begins, begin) - 1
+        return i >= 0 and self._ends[i] >= end
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._begins, self._ends, strict=True))
+
+    def covered_bytes(self) -> int:
+        return sum(e - b for b, e in zip(self._begins, self._ends, strict=True))
+
+
+@dataclass
+class _FileState:
+    ranges: RangeSet = field(default_factory=RangeSet)
+    complete: bool = False
+    size: int | None = None
+    disk_path: str | None = None
+
+
+class ProgressiveReadiness:
+    """An in-process readiness source fed by the writer of the files.
+
+    ``root`` anchors relative paths (as the agent's events are relative to the mount).
+    Every method is thread-safe; waiters wake on every change.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = normalize(root) if root is not None else None
+        self._cond = threading.Condition()
+        self._files: dict[str, _FileState] = {}
+        self._planned: set[str] | None = None
+        self._done = False
+        self._error: str | None = None
+
+    # -- the writer's side -------------------------------------------------------------
+    def key(self, path: str | os.PathLike[str]) -> str:
+        return normalize(path, self.root)
+
+    def _state(self, key: str) -> _FileState:
+        st = self._files.get(key)
+        if st is None:
+            st = self._files[key] = _FileState()
+        return st
+
+    def plan(self, files: dict[str, int | None]) -> None:
+        """Announce the complete set of files (path → size, if known) up front."""
+        with self._cond:
+            self._planned = set()
+            for path, size in files.items():
+                k = self.key(path)
+                self._planned.add(k)
+                if size is not None:
+                    self._state(k).size = size
+            self._cond.notify_all()
+
+    def mark(self, path: str | os.PathLike[str], begin: int, end: int, *,
+             size: int | None = None, disk_path: str | None = None) -> None:
+        """Bytes ``[begin, end)`` of ``path`` are verified on disk."""
+        if begin < 0 or end < begin:
+            raise ValueError(f"bad range [{begin}, {end})")
+        with self._cond:
+            st = self._state(self.key(path))
+            st.ranges.add(begin, end)
+            if size is not None:
+                st.size = size
+            if disk_path is not None:
+                st.disk_path = disk_path
+            self._cond.notify_all()
+
+    def mark_complete(self, path: str | os.PathLike[str], *, size: int | None = None) -> None:
+        """All of ``path`` is verified and in place at its logical path."""
+        with self._cond:
+            st = self._state(self.key(path))
+            st.complete = True
+            st.disk_path = None
+            if size is not None:
+                st.size = size
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        """The writer is done: any range not covered by now never will be."""
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def fail(self, message: str) -> None:
+        """The writer failed: every waiter gets :class:`WeightsUnavailableError`."""
+        with self._cond:
+            if self._error is None:
+                self._error = message
+            self._cond.notify_all()
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    # -- the reader's side -------------------------------------------------------------
+    def _wait(self, key: str, pred: object, what: tuple[int, int] | None,
+              timeout_s: float | None) -> str:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        begin, end = what if what is not None else (None, None)
+        with self._cond:
+            while True:
+                st = self._files.get(key)
+                if st is not None and pred(st):  # type: ignore[operator]
+                    return st.disk_path or key
+                if self._error is not None:
+                    raise WeightsUnavailableError(f"the weights pull failed: {self._error}",
+                                                  path=key, begin=begin, end=end)
+                if self._done:
+                    raise WeightsUnavailableError("the weights pull finished without these "
+                                                  "bytes", path=key, begin=begin, end=end)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise ReadinessTimeout(f"not verified within {timeout_s} s",
+                                           path=key, begin=begin, end=end)
+                self._cond.wait(remaining)
+
+    def wait_range(self, path: str, begin: int, end: int, *,
+                   timeout_s: float | None = None) -> str:
+        return self._wait(self.key(path),
+                          lambda st: st.complete or st.ranges.covers(begin, end),
+                          (begin, end), timeout_s)
+
+    def wait_complete(self, path: str, *, timeout_s: float | None = None) -> str:
+        def whole(st: _FileState) -> bool:
+            return st.complete or (st.size is not None and st.ranges.covers(0, st.size))
+        return self._wait(self.key(path), whole, None, timeout_s)
+
+    def file_size(self, path: str) -> int | None:
+        with self._cond:
+            st = self._files.get(self.key(path))
+            return st.size if st is not None else None
+
+    def listing(self, root: str, *, timeout_s: float | None = None) -> list[str] | None:
+        key = normalize(root, self.root)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self._planned is None and not self._done and self._error is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise ReadinessTimeout(
+                        f"the list of files was not known within {timeout_s} s", path=key)
+                self._cond.wait(remaining)
+            if self._planned is None and self._error is not None:
+                raise WeightsUnavailableError(f"the weights pull failed: {self._error}",
+                                              path=key)
+            names = self._planned if self._planned is not None else set(self._files)
+            prefix = key.rstrip(os.sep) + os.sep
+            return sorted(n for n in names if n.startswith(prefix))
+
+    def close(self) -> None:
+        pass
+
+
+class EventStreamReadiness(ProgressiveReadiness):
+    """Readiness from the node agent's NDJSON event stream, read by a daemon thread.
+
+    ``url`` is ``http://host:port/v1/pulls/{id}/events`` or, for the agent's unix
+    socket, ``http+unix://<percent-encoded socket path>/v1/pulls/{id}/events``. Event
+    paths are relative to ``root`` (the mount location) and must stay inside it.
+    """
+
+    def __init__(self, url: str, root: str | os.PathLike[str], *,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        super().__init__(root)
+        self.url = url
+        self._conn = _connection(url, connect_timeout_s)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="bdn-readiness", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            parts = urlsplit(self.url)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            self._conn.request("GET", target, headers={"Accept": "application/x-ndjson"})
+            resp = self._conn.getresponse()
+            if resp.status != 200:
+                body = resp.read(2048).decode("utf-8", "replace").strip()
+                raise WeightsUnavailableError(f"event stream answered {resp.status}: {body}",
+                                              path=self.url)
+            # Streaming responses must not time out between events.
+            if self._conn.sock is not None:
+                self._conn.sock.settimeout(None)
+            while True:
+                line = resp.readline(MAX_EVENT_LINE_BYTES + 1)
+                if not line:
+                    break
+                if len(line) > MAX_EVENT_LINE_BYTES:
+                    raise ValueError("an event line exceeds 1 MiB")
+                if line.strip() and self._handle(json.loads(line)):
+                    return
+            if not self._closed:
+                self.fail("the event stream ended before the pull was done")
+        except Exception as e:  # the thread must report, never die silently
+            if not self._closed:
+                self.fail(f"{type(e).__name__}: {e}" if not isinstance(
+                    e, WeightsUnavailableError) else str(e))
+        finally:
+            self._conn.close()
+
+    def _rel(self, ev: dict[str, object]) -> str:
+        path = ev.get("path")
+        if not isinstance(path, str) or not path or os.path.isabs(path) or "\x00" in path:
+            raise ValueError(f"event has a bad path: {path!r}")
+        key = self.key(path)
+        assert self.root is not None
+        if not key.startswith(self.root.rstrip(os.sep) + os.sep):
+            raise ValueError(f"event path {path!r} escapes the mount root")
+        return key
+
+    def _handle(self, ev: object) -> bool:
+        """Apply one event; True when the stream is over."""
+        if not isinstance(ev, dict):
+            raise ValueError(f"event is not a JSON object: {ev!r}")
+        kind = ev.get("event")
+        if kind == "chunk":
+            off, length = ev.get("offset"), ev.get("length")
+            if type(off) is not int or type(length) is not int or off < 0 or length < 0:
+                raise ValueError(f"chunk event has a bad offset/length: {ev!r}")
+            disk = ev.get("disk_path")
+            self.mark(self._rel(ev), off, off + length, size=_size(ev),
+                      disk_path=disk if isinstance(disk, str) and os.path.isabs(disk)
+                      else None)
+        elif kind == "file":
+            self.mark_complete(self._rel(ev), size=_size(ev))
+        elif kind == "plan":
+            files = ev.get("files")
+            if not isinstance(files, list):
+                raise ValueError("plan event without a files list")
+            self.plan({self._rel(f): _size(f) for f in files if isinstance(f, dict)})
+        elif kind == "done":
+            self.finish()
+            return True
+        elif kind == "error":
+            self.fail(str(ev.get("message") or "the agent reported an error"))
+            return True
+        return False
+
+    def close(self) -> None:
+        self._closed = True
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(5)
+
+
+def _size(ev: dict[str, object]) -> int | None:
+    size = ev.get("size")
+    return size if type(size) is int and size >= 0 else None
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._socket_path)
+        self.sock = sock
+
+
+def _connection(url: str, timeout_s: float) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    if parts.scheme == "http+unix":
+        return _UnixHTTPConnection(unquote(parts.netloc), timeout_s)
+    if parts.scheme == "http" and parts.hostname:
+        return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout_s)
+    raise WeightsUnavailableError(
+        "the event stream URL must be http://HOST:PORT/... or "
+        "http+unix://<percent-encoded socket path>/...", path=url)
