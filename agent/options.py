@@ -39,10 +39,10 @@ class AgentOptions:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
     retry: RetryPolicy = field(default_factory=lambda: DEFAULT_RETRY)
-    # Also hash each published file as a whole against the manifest's file digest. Off
-    # by default: every chunk is verified as it lands and the node cache is keyed by the
-    # chunk list (``cache.node.content_key``), so a self-inconsistent manifest cannot
-    # poison another model's files; the extra pass costs about 0.5 s a GiB here.
+    # Also re-read every chunk of a file from disk and verify it again before publishing.
+    # Off by default: every chunk is verified as it lands, and the file digest is the
+    # hash of the chunk list (checked when the manifest is parsed), so a published file
+    # is exact; the extra pass costs about 0.5 s a GiB here.
     verify_files: bool = False
     # Default place for mounts of requests that give relative mount locations.
     mount_root: Path | None = None

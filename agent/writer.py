@@ -7,10 +7,9 @@ bytes; read back after ``copy_file_range`` for local copies) → only then is th
 journaled in LMDB. So the journal never names bytes that were not checked, and a
 ``kill -9`` between any two steps loses at most the chunk in hand.
 
-When every chunk is journaled, :meth:`FileWriter.publish` optionally hashes the whole
-file (a second line of defence: a manifest whose chunks do not add up to its file
-digest must not enter a cache keyed by file digest), fsyncs it and links it into the
-content-addressed ``files/`` store.
+When every chunk is journaled, :meth:`FileWriter.publish` optionally re-verifies every
+chunk from disk (a second line of defence against a write gone wrong), fsyncs the file
+and links it into the content-addressed ``files/`` store.
 """
 
 from __future__ import annotations
@@ -128,7 +127,10 @@ class FileWriter:
 
     def publish(self, now: float, *, verify_file: bool) -> Path:
         if verify_file:
-            _verify_range(self.fd, 0, self.entry.size, self.entry.digest, whole=True)
+            # Re-read every chunk from disk (page cache) and check it again: catches a
+            # write that went wrong after its chunk was verified in memory.
+            for chunk in self.entry.chunks:
+                _verify_range(self.fd, chunk.offset, chunk.length, chunk.digest, whole=True)
         path = self.node.publish(self.entry, self.fd, now)
         self.close()
         return path
@@ -155,4 +157,4 @@ def _verify_range(fd: int, offset: int, length: int, digest: Digest, *,
     actual = Digest(h.hexdigest())
     if actual != digest:
         raise IntegrityError(str(digest), str(actual),
-                             where="whole file on disk" if whole else f"bytes at {offset}")
+                             where=f"bytes at {offset} on disk" if whole else f"bytes at {offset}")

@@ -10,7 +10,7 @@ One per node, owned by the agent. Layout under ``root``::
 The LMDB index has one environment and these tables:
 
 * ``files``   file key → {size, mode, digest, last_use, chunks: [[chunk, offset, length]]}
-  (the key is :func:`content_key`: the file digest, or a hash of the chunk list)
+  (the key is :func:`content_key`: the file digest, a hash of the chunk list)
 * ``partials`` file hex → {size, mode, last_use} for files under ``partial/``
 * ``journal`` ``<file hex>/<offset as 16 hex>`` → chunk hex: a chunk of a partial file
   whose bytes were written *and verified*; what a restarted agent resumes from
@@ -50,7 +50,7 @@ import lmdb
 from cache.eviction import Candidate, plan_eviction
 from cache.node_errors import BudgetError, DiskFullError
 from manifests.digest import Digest
-from manifests.manifest import FileEntry
+from manifests.manifest import FileEntry, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -85,26 +85,15 @@ class ChunkLocation:
     partial: bool
 
 
-FILE_KEY_DOMAIN = b"bdn-node-file-v1\n"
-
-
 def content_key(entry: FileEntry) -> Digest:
-    """The node cache's key for a file: what its verified chunks make, nothing more.
+    """The node cache's key for a file: the digest of its chunk list, recomputed.
 
-    Every chunk of a file is verified against its digest as it lands, so a file's bytes
-    are exactly determined by its chunk list; keying the store by a hash of that list
-    (rather than by the whole-file digest the manifest *claims*) means a manifest whose
-    chunks do not add up to its file digest can never plant wrong bytes under another
-    model's file digest — without a second hashing pass over every file. A file that is
-    one chunk (or empty) whose digest is the file digest keeps that digest as its key.
+    A file digest *is* the hash of its chunk list (``manifests.manifest.file_digest``),
+    and every chunk is verified as it lands, so the key pins the bytes exactly. It is
+    recomputed here rather than taken from the entry, so even an entry built without
+    validation can never plant bytes under another file's key.
     """
-    if not entry.chunks:
-        return entry.digest
-    if len(entry.chunks) == 1 and entry.chunks[0].digest == entry.digest:
-        return entry.digest
-    doc = FILE_KEY_DOMAIN + "\n".join(f"{c.digest.hex} {c.offset} {c.length}"
-                                      for c in entry.chunks).encode()
-    return Digest.of(doc)
+    return file_digest(entry.chunks)
 
 
 def _j(doc: Any) -> bytes:

@@ -1,15 +1,17 @@
 """Manifest records, their canonical encoding, and validating parse.
 
 A manifest names a source (and its pinned revision) and every file of a model: relative
-path, size, mode, whole-file digest, and the chunks that tile it (digest, offset,
-length, encoding, stored length). It is encoded canonically — sorted keys, no
-insignificant whitespace, UTF-8 — so equal content gives equal bytes, and its own
-digest (BLAKE3 of those bytes) is its identity; it is stored as an object like any chunk.
+path, size, mode, file digest (BLAKE3 of the chunk list), and the chunks that tile it
+(digest, offset, length, encoding, stored length). It is encoded canonically — sorted
+keys, no insignificant whitespace, UTF-8 — so equal content gives equal bytes, and its
+own digest (BLAKE3 of those bytes) is its identity; it is stored as an object like any
+chunk.
 
 :func:`parse_manifest` validates everything before a caller can act on it: a known
 version; safe, unique, non-conflicting paths; chunks contiguous from offset 0 that add
-up to the file size; known encodings; consistent stored lengths. Errors name the record
-(``files[3].chunks[2]``) and field. Nothing here touches a disk.
+up to the file size; a file digest that matches the chunk list; known encodings;
+consistent stored lengths. Errors name the record (``files[3].chunks[2]``) and field.
+Nothing here touches a disk.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ ENCODING_RAW = "raw"
 ENCODING_ZSTD = "zstd"
 ENCODINGS = (ENCODING_RAW, ENCODING_ZSTD)
 DEFAULT_FILE_MODE = 0o644
-EMPTY_DIGEST = Digest.of(b"")
+# A file's digest is the BLAKE3 of its chunk list (domain-separated, so no file's
+# content can pose as another file's list). It is computable from the manifest alone,
+# so any reader can check it without a second pass over the bytes, and with every chunk
+# verified against its own digest it pins the file's bytes exactly.
+FILE_DIGEST_DOMAIN = b"bdn-file-v1\n"
 # A manifest past this size is refused before parsing (about 500k chunks).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
@@ -57,6 +63,12 @@ class Chunk:
                 "encoding": self.encoding, "stored_length": self.stored_length}
 
 
+def file_digest(chunks: Iterable[Chunk]) -> Digest:
+    """The digest of a file made of ``chunks`` (see ``FILE_DIGEST_DOMAIN``)."""
+    lines = "\n".join(f"{c.digest.hex} {c.offset} {c.length}" for c in chunks)
+    return Digest.of(FILE_DIGEST_DOMAIN + lines.encode())
+
+
 @dataclass(frozen=True, slots=True)
 class FileEntry:
     """One file of a model."""
@@ -74,6 +86,13 @@ class FileEntry:
     @property
     def executable(self) -> bool:
         return bool(self.mode & 0o111)
+
+    @classmethod
+    def from_chunks(cls, path: str, chunks: Iterable[Chunk],
+                    mode: int = DEFAULT_FILE_MODE) -> FileEntry:
+        chunks = tuple(chunks)
+        return cls(path=path, size=sum(c.length for c in chunks),
+                   digest=file_digest(chunks), chunks=chunks, mode=mode)
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,9 @@ class Manifest:
     @property
     def unique_size(self) -> int:
         return sum(c.length for c in self.unique_chunks().values())
+
+
+EMPTY_FILE_DIGEST = file_digest(())
 
 
 def canonical_json(doc: Any) -> bytes:
@@ -208,9 +230,9 @@ def manifest_from_dict(doc: Any) -> Manifest:
         if not isinstance(fd["chunks"], list):
             raise ManifestError("must be a list", record=rec, field="chunks")
         chunks = tuple(_chunks(fd["chunks"], size, rec))
-        if size == 0 and digest != EMPTY_DIGEST:
-            raise ManifestError("an empty file must have the empty digest", record=rec,
-                                field="digest")
+        if digest != file_digest(chunks):
+            raise ManifestError(f"file digest {digest} does not match its chunk list",
+                                record=rec, field="digest")
         files.append(FileEntry(path=path, size=size, mode=mode, digest=digest, chunks=chunks))
     paths = [f.path for f in files]
     if paths != sorted(paths):

@@ -15,8 +15,7 @@ from manifests.manifest import Chunk, FileEntry
 
 def _file(node: NodeCache, data: bytes, now: float) -> FileEntry:
     d = Digest.of(data)
-    entry = FileEntry(path="f.bin", size=len(data), digest=d,
-                      chunks=(Chunk(d, 0, len(data)),))
+    entry = FileEntry.from_chunks("f.bin", (Chunk(d, 0, len(data)),))
     fd, resumed = node.open_partial(entry, now)
     assert not resumed
     os.pwrite(fd, data, 0)
@@ -47,8 +46,7 @@ def test_resume_keeps_the_journal_and_a_restart_recovers_orphans(tmp_path: Path)
     node = NodeCache(tmp_path / "n", budget_bytes=1 << 20)
     data = b"x" * 1000 + b"y" * 1000
     c1, c2 = Digest.of(data[:1000]), Digest.of(data[1000:])
-    entry = FileEntry(path="f", size=2000, digest=Digest.of(data),
-                      chunks=(Chunk(c1, 0, 1000), Chunk(c2, 1000, 1000)))
+    entry = FileEntry.from_chunks("f", (Chunk(c1, 0, 1000), Chunk(c2, 1000, 1000)))
     key = content_key(entry)
     fd, _ = node.open_partial(entry, 1.0)
     os.pwrite(fd, data[:1000], 0)
@@ -81,7 +79,7 @@ def test_a_crash_between_rename_and_index_adopts_the_verified_file(tmp_path: Pat
     node = NodeCache(tmp_path / "n", budget_bytes=1 << 20)
     data = b"p" * 3000
     d = Digest.of(data)
-    entry = FileEntry(path="f", size=3000, digest=d, chunks=(Chunk(d, 0, 3000),))
+    entry = FileEntry.from_chunks("f", (Chunk(d, 0, 3000),))
     key = content_key(entry)
     fd, _ = node.open_partial(entry, 1.0)
     os.pwrite(fd, data, 0)

@@ -21,7 +21,7 @@ from agent.options import AgentOptions
 from bdn.store import BlobStore, object_key
 from cache.node import NodeCache
 from manifests.digest import Digest
-from manifests.manifest import canonical_json
+from manifests.manifest import Chunk, canonical_json, file_digest
 from tests.agent.agent_support import Model, assert_mount_matches
 
 
@@ -34,13 +34,14 @@ def _options(tmp_path: Path, store: Path, budget: int = 1 << 30,
 def _plant_manifest(store: Path, path: str, ref: str, *,
                     claimed: Digest | None = None) -> None:
     """Write a manifest naming ``path`` straight into the store, past its validation;
-    ``claimed``: a whole-file digest other than the bytes' own."""
+    ``claimed``: a file digest other than the one its chunk list makes."""
     data = b"payload"
     d = Digest.of(data)
+    own = file_digest([Chunk(d, 0, len(data))])
     bs = BlobStore(str(store))
     bs.backend.put(object_key(d), data)
     doc = {"version": 1, "source": {}, "files": [
-        {"path": path, "size": len(data), "mode": 0o644, "digest": str(claimed or d),
+        {"path": path, "size": len(data), "mode": 0o644, "digest": str(claimed or own),
          "chunks": [{"digest": str(d), "offset": 0, "length": len(data), "encoding": "raw",
                      "stored_length": len(data)}]}]}
     raw = canonical_json(doc)
@@ -164,16 +165,21 @@ def test_a_manifest_lying_about_a_file_digest_cannot_poison_the_node_cache(
     victim = base.manifest.file("config.json")
     _plant_manifest(store, "config.json", "evil/liar:v1", claimed=victim.digest)
     node = tmp_path / "node"
-    run_standalone(_options(tmp_path, store, cache=node),
-                   {"ref": "evil/liar:v1", "mount": str(tmp_path / "evil")})
-    assert (tmp_path / "evil" / "config.json").read_bytes() == b"payload"
+    # A file digest is the hash of the chunk list, so the lie is refused when the
+    # manifest is parsed, before anything is written.
+    with pytest.raises(PullError, match="does not match its chunk list"):
+        run_standalone(_options(tmp_path, store, cache=node),
+                       {"ref": "evil/liar:v1", "mount": str(tmp_path / "evil")})
+    assert not (tmp_path / "evil").exists() or not any((tmp_path / "evil").rglob("*.json"))
     # The honest model pulled next on the same node gets its own bytes.
     run_standalone(_options(tmp_path, store, cache=node),
                    {"ref": base.ref, "mount": str(tmp_path / "good")})
     assert_mount_matches(base.src, tmp_path / "good")
-    # With whole-file verification on, the lie itself is refused.
-    strict = AgentOptions(cache_dir=tmp_path / "node2", budget_bytes=1 << 30,
-                          store_url=str(store), verify_files=True)
-    with pytest.raises(PullError, match="digest mismatch"):
-        run_standalone(strict, {"ref": "evil/liar:v1", "mount": str(tmp_path / "evil2")})
-    assert not (tmp_path / "evil2").exists() or not any((tmp_path / "evil2").rglob("*.json"))
+
+
+def test_verify_files_rereads_every_chunk_before_publishing(
+        tmp_path: Path, base: Model, store: Path) -> None:
+    opts = AgentOptions(cache_dir=tmp_path / "node", budget_bytes=1 << 30,
+                        store_url=str(store), verify_files=True)
+    run_standalone(opts, {"ref": base.ref, "mount": str(tmp_path / "verified")})
+    assert_mount_matches(base.src, tmp_path / "verified")

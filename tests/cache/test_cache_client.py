@@ -185,8 +185,7 @@ async def test_report_bad_makes_the_peer_drop_its_copy(
 async def test_manifests_and_refs_through_peers_and_store(
         store: BlobStore, start_cache: StartCache) -> None:
     data = os.urandom(1000)
-    entry = FileEntry("a.bin", 1000, Digest.of(data),
-                      (Chunk(put_object(store, data), 0, 1000),))
+    entry = FileEntry.from_chunks("a.bin", (Chunk(put_object(store, data), 0, 1000),))
     mdigest = store.put_manifest(build_manifest([entry], {"uri": "test://a"}))
     ref = Ref.parse("ns/a:v1")
     store.set_ref(ref, mdigest)

@@ -303,7 +303,7 @@ def make_model(store: BlobStore, n: int, size: int) -> tuple[Digest, list[bytes]
         datas.append(data)
         chunks.append(Chunk(put_object(store, data), off, size))
         off += size
-    entry = FileEntry("model.safetensors", off, Digest.of(b"".join(datas)), tuple(chunks))
+    entry = FileEntry.from_chunks("model.safetensors", chunks)
     manifest = build_manifest([entry], {"uri": "test://model"})
     mdigest = store.put_manifest(manifest)
     store.set_ref(Ref.parse("ns/model:v1"), mdigest)

@@ -13,10 +13,11 @@ from manifests.chunking import ChunkingOptions, check_tiling, plan_cdc, plan_saf
 from manifests.digest import Digest
 from manifests.errors import DigestError, IntegrityError, ManifestError, SafetensorsError
 from manifests.manifest import (
-    EMPTY_DIGEST,
+    EMPTY_FILE_DIGEST,
     Chunk,
     FileEntry,
     build_manifest,
+    file_digest,
     manifest_from_dict,
     parse_manifest,
 )
@@ -149,9 +150,8 @@ def test_header_offsets_out_of_range_overlapping_and_mismatched() -> None:
 
 
 def _entry(path: str, data: bytes) -> FileEntry:
-    d = Digest.of(data)
-    chunks = (Chunk(d, 0, len(data)),) if data else ()
-    return FileEntry(path=path, size=len(data), digest=d, chunks=chunks)
+    chunks = (Chunk(Digest.of(data), 0, len(data)),) if data else ()
+    return FileEntry.from_chunks(path, chunks)
 
 
 def test_manifest_canonical_and_digest_stable() -> None:
@@ -162,7 +162,7 @@ def test_manifest_canonical_and_digest_stable() -> None:
     assert b" " not in raw.replace(b"file:///x", b"")
     again = parse_manifest(raw, expect=m.digest)
     assert again == m and again.digest == m.digest
-    assert m.files[2].digest == EMPTY_DIGEST
+    assert m.files[2].digest == EMPTY_FILE_DIGEST
 
 
 def _doc(files: list[dict]) -> dict:
@@ -170,11 +170,13 @@ def _doc(files: list[dict]) -> dict:
 
 
 def _fd(path: str = "a", size: int = 4, chunks: list[dict] | None = None) -> dict:
-    d = str(Digest.of(b"abcd"))
-    return {"path": path, "size": size, "mode": 0o644, "digest": d,
-            "chunks": chunks if chunks is not None else [
-                {"digest": d, "offset": 0, "length": size, "encoding": "raw",
-                 "stored_length": size}]}
+    d = Digest.of(b"abcd")
+    if chunks is None:
+        chunks = [{"digest": str(d), "offset": 0, "length": size, "encoding": "raw",
+                   "stored_length": size}]
+    root = file_digest(Chunk(Digest.parse(c["digest"]), c["offset"], c["length"])
+                       for c in chunks)
+    return {"path": path, "size": size, "mode": 0o644, "digest": str(root), "chunks": chunks}
 
 
 @pytest.mark.parametrize("files,record,field", [
@@ -212,6 +214,15 @@ def test_manifest_rejects_gaps_overlaps_and_bad_sizes() -> None:
     bad_enc["chunks"][0]["encoding"] = "lz4"
     with pytest.raises(ManifestError, match="unknown encoding"):
         manifest_from_dict(_doc([bad_enc]))
+
+
+def test_file_digest_must_match_its_chunk_list() -> None:
+    ok = _fd()
+    manifest_from_dict(_doc([ok]))
+    liar = {**ok, "digest": str(Digest.of(b"abcd"))}  # the flat hash is not the file digest
+    with pytest.raises(ManifestError, match="does not match its chunk list") as e:
+        manifest_from_dict(_doc([liar]))
+    assert (e.value.record, e.value.field) == ("files[0]", "digest")
 
 
 def test_manifest_digest_mismatch_is_detected() -> None:
