@@ -257,3 +257,21 @@ def test_export_refuses_symlink_planted_in_destination(tmp_path: Path,
     with pytest.raises(PathError, match="symlink"):
         export_manifest(store, store.get_manifest(res.manifest_digest), dest)
     assert list(outside.iterdir()) == []
+
+
+def test_repeated_chunks_within_one_file_are_stored_once(tmp_path: Path,
+                                                         store: BlobStore) -> None:
+    import numpy as np
+
+    same = np.arange(64 * KiB, dtype=np.float16)  # 128 KiB: two 64 KiB pieces
+    src = tmp_path / "m"
+    write_sharded(src, {"a": same, "b": np.ones(16, dtype=np.float16), "c": same.copy(),
+                        "d": same.copy()})
+    res = mirror(store, src, "t/rep:v1")
+    m = store.get_manifest(res.manifest_digest)
+    digests = [c.digest for c in m.file("model.safetensors").chunks]
+    assert len(digests) > len(set(digests))
+    assert res.stats.objects_reused == len(digests) - len(set(digests))
+    out = tmp_path / "out"
+    export_manifest(store, m, out)
+    assert tree_digests(out) == tree_digests(src)
