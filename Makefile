@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench bench-mirror bench-cache bench-pull bench-load bench-coldstart clean
+.PHONY: venv demo test lint bench bench-remote bench-gpu clean
 
 venv: $(STAMP)
 
@@ -25,11 +25,21 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+
+# Benchmarks print medians and ratios against a baseline run in the same process.
+# bench/cache.py and bench/pull.py compare against nginx and aria2c when installed
+# (apt-get install nginx aria2); bench/load.py needs the `bench` extra.
+BENCHES := bench/mirror.py bench/cache.py bench/pull.py bench/load.py bench/coldstart.py
 
 bench: venv
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-remote: venv
+	$(PY) bench/mirror_remote.py --source all
+
+bench-gpu: venv
+	$(PY) bench/gpu_load.py
 
 clean:
 	rm -rf $(VENV) .demo .bench
