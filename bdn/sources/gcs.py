@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 from bdn.config import Auth, SourceURI
@@ -31,7 +30,14 @@ from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, retry_sync
 from bdn.secrets import SecretResolver, gcs_service_account
 from bdn.sources.base import SourceFile
-from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, RemoteSource, classify_fs_error
+from bdn.sources.ranged import (
+    Checksum,
+    DownloadOptions,
+    Fetch,
+    RemoteSource,
+    classify_fs_error,
+    fsspec_fetcher,
+)
 
 BLOCK_BYTES = 8 * 1024 * 1024
 _AUTH_HINTS = ("401", "403", "Forbidden", "Unauthorized", "invalid_grant",
@@ -177,19 +183,5 @@ class GCSSource(RemoteSource):
         return Checksum("md5", md5, _B64Md5) if md5 else None
 
     def fetcher(self, file: SourceFile) -> Fetch:
-        key = self._key(file.path)
-
-        def fetch(start: int, end: int) -> Iterator[bytes]:
-            pos = start
-            while pos < end:
-                stop = min(pos + BLOCK_BYTES, end)
-                try:
-                    block = self.fs.cat_file(key, start=pos, end=stop)
-                except Exception as e:
-                    raise _classify(e, f"reading {file.path}", self.uri, file.path) from None
-                if not block:
-                    return
-                yield block
-                pos += len(block)
-
-        return fetch
+        return fsspec_fetcher(self.fs, self._key(file.path), file.path, BLOCK_BYTES,
+                              lambda e, where, path: _classify(e, where, self.uri, path))

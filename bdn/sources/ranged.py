@@ -528,3 +528,24 @@ def classify_fs_error(exc: BaseException, where: str, uri: str, path: str = "", 
     if isinstance(exc, (ValueError, TypeError)):
         return SourceError(f"source {uri}: {where}: {text}", source=uri, file=path)
     return RetryableError(f"{where}: {type(exc).__name__}: {text}")
+
+
+def fsspec_fetcher(fs: Any, key: str, path: str, block_bytes: int,
+                   classify: Callable[[BaseException, str, str], BaseException]) -> Fetch:
+    """A :data:`Fetch` over an fsspec filesystem (s3fs, gcsfs): ranged ``cat_file`` reads
+    of at most ``block_bytes``, failures mapped by ``classify(exc, where, path)``."""
+
+    def fetch(start: int, end: int) -> Iterator[bytes]:
+        pos = start
+        while pos < end:
+            stop = min(pos + block_bytes, end)
+            try:
+                block = fs.cat_file(key, start=pos, end=stop)
+            except Exception as e:
+                raise classify(e, f"reading {path}", path) from None
+            if not block:
+                return
+            yield block
+            pos += len(block)
+
+    return fetch

@@ -28,7 +28,6 @@ import hashlib
 import re
 import threading
 import zlib
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +36,14 @@ from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, retry_sync
 from bdn.secrets import SecretResolver, s3_credentials
 from bdn.sources.base import SourceFile
-from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, RemoteSource, classify_fs_error
+from bdn.sources.ranged import (
+    Checksum,
+    DownloadOptions,
+    Fetch,
+    RemoteSource,
+    classify_fs_error,
+    fsspec_fetcher,
+)
 
 BLOCK_BYTES = 8 * 1024 * 1024
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
@@ -200,19 +206,5 @@ class S3Source(RemoteSource):
         return None
 
     def fetcher(self, file: SourceFile) -> Fetch:
-        key = self._key(file.path)
-
-        def fetch(start: int, end: int) -> Iterator[bytes]:
-            pos = start
-            while pos < end:
-                stop = min(pos + BLOCK_BYTES, end)
-                try:
-                    block = self.fs.cat_file(key, start=pos, end=stop)
-                except Exception as e:
-                    raise _classify(e, f"reading {file.path}", self.uri, file.path) from None
-                if not block:
-                    return
-                yield block
-                pos += len(block)
-
-        return fetch
+        return fsspec_fetcher(self.fs, self._key(file.path), file.path, BLOCK_BYTES,
+                              lambda e, where, path: _classify(e, where, self.uri, path))
