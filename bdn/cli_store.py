@@ -160,14 +160,22 @@ def cmd_manifest_show(args: argparse.Namespace) -> int:
             for c in f.chunks:
                 enc = "" if c.encoding == "raw" else f" {c.encoding} {c.stored_length:,d}"
                 print(f"      @{c.offset:<14,d} {c.length:>12,d}  {c.digest.short}{enc}")
+    # Shared vs new: against --base, or else against every other manifest in the store.
     if args.base:
         _, base = store.resolve(args.base)
-        base_chunks: set[Digest] = set(base.unique_chunks())
-        mine = m.unique_chunks()
-        shared = sum(c.length for d, c in mine.items() if d in base_chunks)
-        new = sum(c.length for d, c in mine.items() if d not in base_chunks)
-        print(f"  against {args.base}: {human_bytes(shared)} shared, {human_bytes(new)} new "
-              f"({sum(1 for d in mine if d not in base_chunks)} new chunks)")
+        others: set[Digest] = set(base.unique_chunks())
+        against = args.base
+    else:
+        others = set()
+        for other in store.list_manifests():
+            if other != digest:
+                others |= set(store.get_manifest(other).unique_chunks())
+        against = "the other manifests in the store"
+    mine = m.unique_chunks()
+    shared = sum(c.length for d, c in mine.items() if d in others)
+    new = sum(c.length for d, c in mine.items() if d not in others)
+    print(f"  against {against}: {human_bytes(shared)} shared, {human_bytes(new)} new "
+          f"({sum(1 for d in mine if d not in others)} new chunks)")
     return 0
 
 
