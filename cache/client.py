@@ -154,6 +154,15 @@ class _PeerFailed(Exception):
         self.retry_after_s = retry_after_s
 
 
+class _PeersExhausted(Exception):
+    """Every peer failed on every attempt the retry policy allows."""
+
+    def __init__(self, tried: list[str], last_error: str) -> None:
+        super().__init__(last_error)
+        self.tried = tried
+        self.last_error = last_error
+
+
 class _Collector:
     """A sink that assembles a range in memory; a restart from ``start`` truncates."""
 
@@ -298,35 +307,17 @@ class RingClient:
         if end is not None and end == start:
             return ReadInfo(0, TIER_CLUSTER, None)
         await self.refresh_peers()
-        owners = self.owners(digest)
-        tried: list[str] = []
-        last_error = "no cache peers"
-        policy = self.options.retry
-        for attempt in range(1, policy.attempts + 1 if owners else 1):
-            retry_after: float | None = None
-            for peer in owners:
-                try:
-                    n = await self._read_peer(peer, digest, start, end, sink)
-                    return ReadInfo(n, TIER_CLUSTER, peer, tuple(tried))
-                except _PeerFailed as e:
-                    tried.append(peer)
-                    last_error = f"{peer}: {e}"
-                    log.info("cache peer failed for %s: %s", digest.short, last_error)
-                    if e.retry_after_s is not None:
-                        retry_after = max(retry_after or 0.0, e.retry_after_s)
-            if attempt < policy.attempts:
-                await asyncio.sleep(policy.delay_s(attempt, retry_after_s=retry_after,
-                                                   draw=self._rng.random()))
-        if self.options.strict_origin or self.store is None:
-            raise CacheUnavailableError(
-                f"object {digest}: no cache peer could serve it (tried "
-                f"{', '.join(tried) or 'none'}; last error: {last_error})"
-                + ("; strict origin: not reading the blob store"
-                   if self.options.strict_origin else ""),
-                digest=str(digest), peers_tried=tried, last_error=last_error)
+        try:
+            n, peer, tried = await self._from_peers(
+                self.owners(digest),
+                lambda peer: self._read_peer(peer, digest, start, end, sink))
+            return ReadInfo(n, TIER_CLUSTER, peer, tried)
+        except _PeersExhausted as e:
+            self._may_use_store(f"object {digest}", str(digest), e)
+            tried = tuple(e.tried)
         data = await self._read_store(digest, start, end)
         await _maybe_await(sink(start, data))
-        return ReadInfo(len(data), TIER_STORE, None, tuple(tried))
+        return ReadInfo(len(data), TIER_STORE, None, tried)
 
     async def _read_peer(self, peer: str, digest: Digest, start: int, end: int | None,
                          sink: Sink) -> int:
@@ -451,11 +442,11 @@ class RingClient:
 
         return await self._ask(f"ref:{ref}", f"ref {ref}", from_peer, from_store)
 
-    async def _ask(self, key: str, what: str,
-                      from_peer: Callable[[aiohttp.ClientSession, str], Awaitable[T]],
-                      from_store: Callable[[BlobStore], T]) -> T:
-        await self.refresh_peers()
-        owners = rendezvous_order(self.peers, key)
+    async def _from_peers(self, owners: list[str], call: Callable[[str], Awaitable[T]]
+                          ) -> tuple[T, str, tuple[str, ...]]:
+        """``call`` each owner in ring order, again after a backoff, as often as the retry
+        policy allows; the first answer wins: ``(value, peer, peers that failed)``.
+        Raises :class:`_PeersExhausted` when none answered."""
         tried: list[str] = []
         last_error = "no cache peers"
         policy = self.options.retry
@@ -463,21 +454,40 @@ class RingClient:
             retry_after: float | None = None
             for peer in owners:
                 try:
-                    return await from_peer(self._get_session(), peer)
+                    return await call(peer), peer, tuple(tried)
                 except (TimeoutError, _PeerFailed, aiohttp.ClientError, OSError) as e:
                     tried.append(peer)
                     last_error = f"{peer}: {e}"
+                    log.info("cache peer failed: %s", last_error)
                     ra = getattr(e, "retry_after_s", None)
                     if ra is not None:
                         retry_after = max(retry_after or 0.0, ra)
             if attempt < policy.attempts:
                 await asyncio.sleep(policy.delay_s(attempt, retry_after_s=retry_after,
                                                    draw=self._rng.random()))
+        raise _PeersExhausted(tried, last_error)
+
+    def _may_use_store(self, what: str, key: str, failed: _PeersExhausted) -> None:
+        """Raise :class:`CacheUnavailableError` unless reading the blob store is allowed."""
         if self.options.strict_origin or self.store is None:
             raise CacheUnavailableError(
-                f"{what}: no cache peer could serve it (tried {', '.join(tried) or 'none'}; "
-                f"last error: {last_error})", digest=key, peers_tried=tried,
-                last_error=last_error)
+                f"{what}: no cache peer could serve it (tried "
+                f"{', '.join(failed.tried) or 'none'}; last error: {failed.last_error})"
+                + ("; strict origin: not reading the blob store"
+                   if self.options.strict_origin else ""),
+                digest=key, peers_tried=failed.tried, last_error=failed.last_error)
+
+    async def _ask(self, key: str, what: str,
+                   from_peer: Callable[[aiohttp.ClientSession, str], Awaitable[T]],
+                   from_store: Callable[[BlobStore], T]) -> T:
+        await self.refresh_peers()
+        try:
+            value, _, _ = await self._from_peers(
+                rendezvous_order(self.peers, key),
+                lambda peer: from_peer(self._get_session(), peer))
+            return value
+        except _PeersExhausted as e:
+            self._may_use_store(what, key, e)
         store = self.store
         try:
             return await asyncio.to_thread(from_store, store)
