@@ -365,22 +365,27 @@ class BlobStore:
     def has_object(self, digest: Digest) -> bool:
         return self.stat_object(digest) is not None
 
-    def put_chunk(self, digest: Digest, data: bytes | memoryview) -> PutResult:
+    def put_chunk(self, digest: Digest, data: bytes | memoryview, *,
+                  source: tuple[int, int] | None = None) -> PutResult:
         """Store raw chunk bytes under ``digest`` unless already there.
 
-        The caller computed ``digest`` from ``data``; the encoding is chosen here.
+        The caller computed ``digest`` from ``data``; the encoding is chosen here. With
+        ``source=(fd, offset)`` naming where ``data`` lies in an open file, a raw object
+        in a local store is written by a kernel-side copy, so the bytes never cross into
+        Python.
         """
         info = self.stat_object(digest)
         if info is not None:
             return PutResult(info.encoding, info.stored_length, new=False)
         encoding, stored = choose_encoding(data, self.options.compression)
-        self.backend.put(object_key(digest, encoding), stored,
-                         fsync=self.options.fsync_objects)
+        fsync = self.options.fsync_objects
+        if source is not None and encoding == ENCODING_RAW \
+                and isinstance(self.backend, LocalBackend):
+            fd, offset = source
+            self.backend.put_from_fd(object_key(digest), fd, offset, len(data), fsync=fsync)
+        else:
+            self.backend.put(object_key(digest, encoding), stored, fsync=fsync)
         return PutResult(encoding, len(stored), new=True)
-
-    def put_stored(self, digest: Digest, encoding: str, stored: bytes | memoryview) -> None:
-        """Store already-encoded bytes (used when copying between stores)."""
-        self.backend.put(object_key(digest, encoding), stored, fsync=self.options.fsync_objects)
 
     def get_object(self, digest: Digest, *, verify: bool = True) -> bytes:
         """Whole decoded object, verified against its digest."""
