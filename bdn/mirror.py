@@ -35,11 +35,11 @@ import blake3
 from bdn.errors import BdnError, MirrorError, SourceError
 from bdn.patterns import select
 from bdn.sources.base import Source, SourceFile
-from bdn.store import BlobStore, LocalBackend, PutResult, choose_encoding, object_key
+from bdn.store import BlobStore, PutResult
 from manifests.chunking import DEFAULT_OPTIONS, ChunkingOptions, plan_cdc, plan_safetensors
 from manifests.digest import Digest
 from manifests.errors import SafetensorsError
-from manifests.manifest import ENCODING_RAW, Chunk, FileEntry, build_manifest
+from manifests.manifest import Chunk, FileEntry, build_manifest
 from manifests.refs import Ref
 from manifests.safetensors import PREFIX_BYTES, header_length, parse_header
 
@@ -155,29 +155,30 @@ class Mirror:
         # options that made it: a change of options re-chunks instead of reusing.
         return f"{fingerprint}#plan:{self._plan_tag}"
 
-    def _needs_fetch(self, sf: SourceFile) -> bool:
+    def _known(self, sf: SourceFile) -> FileEntry | None:
+        """The entry mirrored earlier for this file's fingerprint, if still valid."""
         if not (sf.fingerprint and self.options.use_fingerprints):
-            return True
+            return None
         known = self.store.get_fingerprint(self._fp_key(sf.fingerprint))
-        return known is None or known.size != sf.size
+        return known if known is not None and known.size == sf.size else None
+
+    def _needs_fetch(self, sf: SourceFile) -> bool:
+        return self._known(sf) is None
 
     def _file(self, source: Source, sf: SourceFile, spool: Path, pool: ThreadPoolExecutor,
               seen: set[Digest], stats: MirrorStats, emit: ProgressFn,
               cancel: threading.Event | None) -> FileEntry:
         stats.files += 1
         stats.logical_bytes += sf.size
-        if sf.fingerprint and self.options.use_fingerprints:
-            known = self.store.get_fingerprint(self._fp_key(sf.fingerprint))
-            if known is not None and known.size == sf.size:
-                stats.files_reused += 1
-                stats.bytes_reused += sf.size
-                emit({"event": "bytes", "path": sf.path, "n": sf.size, "reused": True})
-                return replace(known, path=sf.path, mode=sf.mode)
+        known = self._known(sf)
+        if known is not None:
+            stats.files_reused += 1
+            stats.bytes_reused += sf.size
+            emit({"event": "bytes", "path": sf.path, "n": sf.size, "reused": True})
+            return replace(known, path=sf.path, mode=sf.mode)
         try:
             with source.local_file(sf, spool) as local:
                 entry = self._chunk_file(local, sf, pool, seen, stats, emit, cancel)
-        except (SourceError, MirrorError):
-            raise
         except BdnError:
             raise
         except OSError as e:
@@ -208,10 +209,8 @@ class Mirror:
             size = os.fstat(fd).st_size
             if size == 0:
                 return FileEntry.from_chunks(sf.path, (), mode=sf.mode)
-            # Prefault the whole mapping in one kernel call: two threads then read it
-            # without taking page faults one 4 KiB page at a time.
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                           prot=mmap.PROT_READ)
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            mm.madvise(mmap.MADV_WILLNEED)
             view = memoryview(mm)
             slices: list[memoryview] = []
             pending: list[tuple[int, int, Future[tuple[Digest, PutResult | None]]]] = []
@@ -266,23 +265,7 @@ class Mirror:
             if digest in seen:
                 return digest, None
             seen.add(digest)
-        res = self._put(digest, fd, offset, piece)
+        res = self.store.put_chunk(digest, piece, source=(fd, offset))
         with self._lock:
             self._done[digest] = (res.encoding, res.stored_length)
         return digest, res
-
-    def _put(self, digest: Digest, fd: int, offset: int, piece: memoryview) -> PutResult:
-        store = self.store
-        info = store.stat_object(digest)
-        if info is not None:
-            return PutResult(info.encoding, info.stored_length, new=False)
-        encoding, stored = choose_encoding(piece, store.options.compression)
-        backend = store.backend
-        if encoding == ENCODING_RAW and isinstance(backend, LocalBackend):
-            # Kernel-side copy: the bytes never cross into Python.
-            backend.put_from_fd(object_key(digest), fd, offset, len(piece),
-                                fsync=store.options.fsync_objects)
-        else:
-            backend.put(object_key(digest, encoding), stored,
-                        fsync=store.options.fsync_objects)
-        return PutResult(encoding, len(stored), new=True)
