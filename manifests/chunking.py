@@ -23,7 +23,6 @@ loader tensor-granular readiness; 4 MiB CDC averages match the group size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyfastcdc
@@ -124,7 +123,6 @@ def _spans_from_cuts(cuts: list[int], size: int, header: SafetensorsHeader) -> l
     starts = {header.data_start} | {t.begin for t in header.tensors if t.nbytes}
     ends = {t.end for t in header.tensors if t.nbytes}
     points = sorted({c for c in cuts if 0 <= c < size})
-    spans: list[Span] = []
     kept: list[int] = []
     for c in points:
         # A cut at a tensor's end that is not also a tensor's start is padding: the
@@ -132,14 +130,9 @@ def _spans_from_cuts(cuts: list[int], size: int, header: SafetensorsHeader) -> l
         if c in ends and c not in starts and c != 0:
             continue
         kept.append(c)
-    kept = sorted(set(kept))
-    for i, start in enumerate(kept):
-        end = kept[i + 1] if i + 1 < len(kept) else size
-        if end > start:
-            spans.append((start, end - start))
-    if not spans and size:
-        spans.append((0, size))
-    return spans
+    # ``kept`` is sorted, unique and starts at 0, so each span is non-empty.
+    return [(start, (kept[i + 1] if i + 1 < len(kept) else size) - start)
+            for i, start in enumerate(kept)]
 
 
 def plan_cdc(data: bytes | bytearray | memoryview,
@@ -153,14 +146,6 @@ def plan_cdc(data: bytes | bytearray | memoryview,
     cdc = pyfastcdc.FastCDC(avg_size=options.cdc_avg_bytes, min_size=options.cdc_min_bytes,
                             max_size=options.cdc_max_bytes)
     return [(c.offset, c.length) for c in cdc.cut_buf(data)]
-
-
-def iter_fixed(size: int, piece: int) -> Iterator[Span]:
-    """Fixed-size spans (used where content is not available to plan on)."""
-    off = 0
-    while off < size:
-        yield off, min(piece, size - off)
-        off += piece
 
 
 def check_tiling(spans: list[Span], size: int) -> None:
