@@ -9,61 +9,30 @@ the network when the node already holds the base. Every process is stopped by PI
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bdn.childproc import ChildProcess, ServiceStartError
 from bdn.progress import human_bytes
+from bdn.service import LOADED_PREFIX, READY_PREFIX
 
 READY_TIMEOUT_S = 180.0
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm"
 
 
-class Proc:
-    """A child process whose stdout is drained; waits for a ``PREFIX <url>`` line."""
-
-    def __init__(self, args: list[str], ready_prefix: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.p = subprocess.Popen([sys.executable, "-m", "bdn.cli", *args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=env, start_new_session=True)
-        self.lines: list[str] = []
-        self.url = ""
-        self._ready = threading.Event()
-        self._prefix = ready_prefix
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(READY_TIMEOUT_S) or not self.url:
-            self.stop()
-            raise SystemExit(f"bdn {args[0]} did not start:\n{''.join(self.lines)}")
-
-    def _drain(self) -> None:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            self.lines.append(line)
-            if line.startswith(self._prefix + " ") and not self.url:
-                self.url = line.split(" ", 1)[1].strip()
-                self._ready.set()
-        self._ready.set()
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(5)
+def start(args: list[str], ready_prefix: str = READY_PREFIX) -> ChildProcess:
+    """``bdn ARGS`` as a child process, returned once it printed ``ready_prefix``."""
+    try:
+        return ChildProcess([sys.executable, "-m", "bdn.cli", *args],
+                            ready_prefix=ready_prefix, timeout_s=READY_TIMEOUT_S)
+    except ServiceStartError as e:
+        raise SystemExit(f"bdn {args[0]} did not start: {e}") from None
 
 
 def http_json(url: str, body: Any | None = None) -> Any:
@@ -105,15 +74,14 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str) -> int:
     for sub in ("cache", "node", "mnt"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
     sock = str((workdir / "agent.sock").resolve())
-    procs: list[Proc] = []
+    procs: list[ChildProcess] = []
     try:
         print("\n== start a cluster cache and a node agent (loopback)")
-        cache = Proc(["cache-server", "--store", store, "--dir", str(workdir / "cache"),
-                      "--budget-bytes", "2G", "--listen", "127.0.0.1:0"], "BDN_LISTENING")
+        cache = start(["cache-server", "--store", store, "--dir", str(workdir / "cache"),
+                       "--budget-bytes", "2G", "--listen", "127.0.0.1:0"])
         procs.append(cache)
-        agent = Proc(["agent", "--cache-dir", str(workdir / "node"), "--budget-bytes", "4G",
-                      "--peers", cache.url, "--store", store, "--socket", sock],
-                     "BDN_LISTENING")
+        agent = start(["agent", "--cache-dir", str(workdir / "node"), "--budget-bytes", "4G",
+                       "--peers", cache.url, "--store", store, "--socket", sock])
         procs.append(agent)
         print(f"   cache {cache.url}, agent unix:{sock}")
 
@@ -122,8 +90,8 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str) -> int:
         mount = (workdir / "mnt" / "base").resolve()
         t0 = time.perf_counter()
         pull = client.start_pull(ref=base_ref, mount=str(mount))
-        serve = Proc(["serve", str(EXAMPLE), "--weights-dir", str(mount), "--pull-events",
-                      client.events_url(pull["id"]), "--listen", "127.0.0.1:0"], "BDN_READY")
+        serve = start(["serve", str(EXAMPLE), "--weights-dir", str(mount), "--pull-events",
+                       client.events_url(pull["id"]), "--listen", "127.0.0.1:0"], LOADED_PREFIX)
         procs.append(serve)
         t_ready = time.perf_counter() - t0
         status = client.wait(pull["id"])

@@ -1,29 +1,24 @@
 """Start real service processes for tests and stop them by PID.
 
 A service announces readiness with one stdout line (``BDN_LISTENING <url>``, see
-``bdn.service``); :class:`ServiceProcess` waits for that line, so tests never guess
-ports or sleep. Third-party servers (moto, fake-gcs-server, nginx) that print nothing
-useful are started on a free port and probed until they answer (``wait_http``). Every
-process runs in its own session so teardown can kill it and its children.
+``bdn.service``); :class:`ServiceProcess` (``bdn.childproc.ChildProcess``, shared with
+the demo) waits for that line, so tests never guess ports or sleep. Third-party servers
+(moto, fake-gcs-server, nginx) that print nothing useful are started on a free port and
+probed until they answer (``wait_http``). Every process runs in its own session so
+teardown can kill it and its children.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
-READY_PREFIX = "BDN_LISTENING"
-START_TIMEOUT_S = 60.0
+from bdn.childproc import START_TIMEOUT_S, ChildProcess
 
 
 def free_port() -> int:
@@ -37,104 +32,7 @@ def bdn_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "bdn.cli", *args]
 
 
-class ServiceProcess:
-    """A child process whose stdout/stderr are drained into memory by a thread."""
-
-    def __init__(self, cmd: Sequence[str], *, env: dict[str, str] | None = None,
-                 cwd: str | Path | None = None, ready_prefix: str | None = READY_PREFIX,
-                 timeout_s: float = START_TIMEOUT_S) -> None:
-        full_env = dict(os.environ)
-        full_env["PYTHONUNBUFFERED"] = "1"
-        if env:
-            full_env.update(env)
-        self.cmd = list(cmd)
-        self.lines: list[str] = []
-        self.url: str | None = None
-        self._ready = threading.Event()
-        self._cond = threading.Condition()
-        self._ended = False
-        self._prefix = ready_prefix
-        self.proc = subprocess.Popen(
-            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-            cwd=cwd, start_new_session=True, text=True, bufsize=1)
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-        if ready_prefix is not None:
-            if not self._ready.wait(timeout_s) or self.url is None:
-                self.stop()
-                raise RuntimeError(f"{self.cmd} did not become ready:\n{self.output}")
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-            if self._prefix and self.url is None and line.startswith(self._prefix):
-                self.url = line[len(self._prefix):].strip()
-                self._ready.set()
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
-        self._ready.set()  # process ended: unblock a waiter
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_line(self, needle: str, timeout_s: float = START_TIMEOUT_S) -> str:
-        """Block until a line containing ``needle`` has been printed (woken per line)."""
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: any(needle in x for x in self.lines) or self._ended, timeout_s)
-            for line in self.lines:
-                if needle in line:
-                    return line
-        why = "process ended" if ok else "timed out"
-        raise TimeoutError(f"no line with {needle!r} from {self.cmd} ({why}):\n{self.output}")
-
-    def wait_count(self, needle: str, count: int, timeout_s: float = START_TIMEOUT_S) -> int:
-        """Block until ``count`` lines containing ``needle`` were printed or the process
-        ended; return how many were seen."""
-        def seen() -> int:
-            return sum(1 for x in self.lines if needle in x)
-        with self._cond:
-            if not self._cond.wait_for(lambda: seen() >= count or self._ended, timeout_s):
-                raise TimeoutError(f"fewer than {count} lines with {needle!r} from {self.cmd}")
-            return seen()
-
-    def kill9(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._reader.join(5)
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        else:
-            # The leader exited; children in its session may linger.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self._reader.join(5)
-        return self.proc.returncode
-
-    def __enter__(self) -> ServiceProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+ServiceProcess = ChildProcess
 
 
 def wait_http(url: str, timeout_s: float = START_TIMEOUT_S,
