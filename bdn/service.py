@@ -22,6 +22,8 @@ from aiohttp import web
 from bdn.errors import BdnError
 
 READY_PREFIX = "BDN_LISTENING"
+# ``bdn serve`` also prints ``BDN_READY <url>`` once its model's load() returned.
+LOADED_PREFIX = "BDN_READY"
 SHUTDOWN_TIMEOUT_S = 10.0
 
 

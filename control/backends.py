@@ -31,13 +31,11 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from bdn.service import LOADED_PREFIX, READY_PREFIX
 from control.errors import BackendError, RequestError
 
 log = logging.getLogger(__name__)
 
-READY_PREFIX = "BDN_LISTENING"
-# ``bdn serve`` also prints this once load() returned: an event, quicker than a probe.
-LOADED_PREFIX = "BDN_READY"
 DEFAULT_READY_TIMEOUT_S = 600.0
 DEFAULT_STOP_GRACE_S = 10.0
 # A replica still loading serves nothing: it gets less time to go before SIGKILL.
@@ -184,6 +182,7 @@ class LocalProcessBackend:
             log.debug("replica %s: %s", replica_id, line)
             if not url_found.done() and line.startswith(READY_PREFIX):
                 url_found.set_result(line[len(READY_PREFIX):].strip())
+            # LOADED_PREFIX comes once load() returned: an event, quicker than a probe.
             elif not loaded.done() and line.startswith(LOADED_PREFIX):
                 loaded.set_result(None)
         if not url_found.done():

@@ -38,7 +38,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-from bdn.service import ListenAddress, announce, start_site
+from bdn.service import LOADED_PREFIX, ListenAddress, announce, start_site
 from serving.errors import ModelLoadError
 from serving.runtime import ModelRuntime, model_traceback
 
@@ -278,7 +278,7 @@ def run_server(rt: ModelRuntime, listen: ListenAddress) -> int:
                              "to device %.3f s, model init %.3f s)", cs.total_s or 0,
                              cs.waiting_for_weights_s, cs.loading_to_device_s,
                              cs.model_init_s or 0)
-                    print(f"BDN_READY {url}", flush=True)
+                    print(f"{LOADED_PREFIX} {url}", flush=True)
                     await stopper
         finally:
             stopper.cancel()
