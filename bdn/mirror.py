@@ -104,6 +104,7 @@ class Mirror:
         self._lock = threading.Lock()
         self._plan_tag = Digest.of(repr(options.chunking).encode()).hex[:16]
         self._done: dict[Digest, tuple[str, int]] = {}
+        self._known_entries: dict[str, FileEntry] = {}
 
     def run(self, source: Source, *, ref: Ref | None = None,
             allow: Sequence[str] = (), ignore: Sequence[str] = (),
@@ -156,11 +157,24 @@ class Mirror:
         return f"{fingerprint}#plan:{self._plan_tag}"
 
     def _known(self, sf: SourceFile) -> FileEntry | None:
-        """The entry mirrored earlier for this file's fingerprint, if still valid."""
+        """The entry mirrored earlier for this file's fingerprint, if still valid.
+
+        A remote source's prefetch asks first and the file loop asks again; a hit is
+        remembered (objects are immutable), so the lookup — one read plus a probe per
+        chunk object, HEAD requests on S3 — is not done twice.
+        """
         if not (sf.fingerprint and self.options.use_fingerprints):
             return None
-        known = self.store.get_fingerprint(self._fp_key(sf.fingerprint))
-        return known if known is not None and known.size == sf.size else None
+        key = self._fp_key(sf.fingerprint)
+        with self._lock:
+            known = self._known_entries.get(key)
+        if known is None:
+            known = self.store.get_fingerprint(key)
+            if known is None:
+                return None
+            with self._lock:
+                self._known_entries[key] = known
+        return known if known.size == sf.size else None
 
     def _needs_fetch(self, sf: SourceFile) -> bool:
         return self._known(sf) is None
