@@ -27,7 +27,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,6 +130,19 @@ def ranged_jobs(base: str, paths: list[str], object_bytes: int, range_bytes: int
     return jobs
 
 
+def run_split(worker: Callable[[list[Any]], None], items: list[Any], clients: int) -> float:
+    """Run ``worker`` on ``clients`` threads, each over every ``clients``-th item; the
+    wall-clock seconds until all finished."""
+    threads = [threading.Thread(target=worker, args=(items[i::clients],))
+               for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def read_store_directly(store_dir: Path, digests: list[Digest], clients: int) -> float:
     store = BlobStore(str(store_dir))
     paths = [Path(store.url) / f"objects/b3/{d.hex[:2]}/{d.hex[2:4]}/{d.hex}" for d in digests]
@@ -144,14 +159,8 @@ def read_store_directly(store_dir: Path, digests: list[Digest], clients: int) ->
         with lock:
             total[0] += n
 
-    threads = [threading.Thread(target=worker, args=(paths[i::clients],))
-               for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return total[0] / (time.perf_counter() - t0)
+    seconds = run_split(worker, paths, clients)
+    return total[0] / seconds
 
 
 def copy_and_hash_directly(store_dir: Path, digests: list[Digest], clients: int,
@@ -178,14 +187,8 @@ def copy_and_hash_directly(store_dir: Path, digests: list[Digest], clients: int,
         with lock:
             total[0] += n
 
-    threads = [threading.Thread(target=worker, args=(digests[i::clients],))
-               for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    rate = total[0] / (time.perf_counter() - t0)
+    seconds = run_split(worker, digests, clients)
+    rate = total[0] / seconds
     shutil.rmtree(out_dir, ignore_errors=True)
     return rate
 
