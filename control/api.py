@@ -289,15 +289,15 @@ class ManagementApi:
                                   "autoscaling_settings": after.settings.to_json()})
 
     async def activate(self, request: web.Request) -> web.Response:
-        model_id = request.match_info["model_id"]
-        rec = self.resolve(model_id, request.match_info["deployment_id"])
-        self.c.set_active(model_id, rec.id, True)
-        return web.json_response({"success": True})
+        return self._set_active(request, True)
 
     async def deactivate(self, request: web.Request) -> web.Response:
+        return self._set_active(request, False)
+
+    def _set_active(self, request: web.Request, active: bool) -> web.Response:
         model_id = request.match_info["model_id"]
         rec = self.resolve(model_id, request.match_info["deployment_id"])
-        self.c.set_active(model_id, rec.id, False)
+        self.c.set_active(model_id, rec.id, active)
         return web.json_response({"success": True})
 
     async def promote_to_production(self, request: web.Request) -> web.Response:
