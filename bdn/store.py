@@ -275,11 +275,9 @@ class FsspecBackend:
         opts = dict(storage_options or {})
         scheme, _, rest = self.url.partition("://")
         if scheme in ("gs", "gcs") and opts.get("endpoint_url"):
-            # gcsfs's default class probes the bucket type over gRPC first; against an
-            # emulator or custom endpoint that waits 60 s per call (see bdn.sources.gcs).
-            from gcsfs.core import GCSFileSystem
+            from bdn.sources.gcs import gcs_filesystem_class
 
-            self.fs, root = GCSFileSystem(**opts), rest
+            self.fs, root = gcs_filesystem_class(opts["endpoint_url"])(**opts), rest
         else:
             self.fs, root = fsspec.core.url_to_fs(self.url, **opts)
         self.root = root.rstrip("/")

@@ -47,17 +47,23 @@ _AUTH_HINTS = ("401", "403", "Forbidden", "Unauthorized", "invalid_grant",
 def gcs_filesystem(*, endpoint_url: str | None, token: Any, timeout_s: float | None = None,
                    project: str | None = None) -> Any:
     """A gcsfs filesystem; the core class (no gRPC bucket-type probe) for custom endpoints."""
-    if endpoint_url:
-        from gcsfs.core import GCSFileSystem
-    else:
-        from gcsfs import GCSFileSystem  # type: ignore[assignment]
     kwargs: dict[str, Any] = {"token": token, "skip_instance_cache": True,
                               "project": project or "bdn"}
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url
     if timeout_s:
         kwargs["timeout"] = timeout_s
-    return GCSFileSystem(**kwargs)
+    return gcs_filesystem_class(endpoint_url)(**kwargs)
+
+
+def gcs_filesystem_class(endpoint_url: str | None) -> Any:
+    """gcsfs's core class for a custom endpoint (emulators, compatible stores), where the
+    default class's gRPC bucket-type probe waits 60 s per call; the default otherwise."""
+    if endpoint_url:
+        from gcsfs.core import GCSFileSystem
+        return GCSFileSystem
+    from gcsfs import GCSFileSystem as DefaultGCSFileSystem
+    return DefaultGCSFileSystem
 
 
 def _classify(exc: BaseException, where: str, uri: str, path: str = "") -> BaseException:
