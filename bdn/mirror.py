@@ -3,11 +3,20 @@ then move the ref.
 
 For each file, in this order: a *fingerprint* hit (the same upstream content mirrored
 before, from any repository) reuses the recorded entry without reading a byte; otherwise
-the file is made local (in place for local sources, spooled for remote ones), planned
-into chunks (tensor-aligned for safetensors, FastCDC otherwise), hashed, and every chunk
-the store lacks is written. Hashing runs on the calling thread (BLAKE3 spreads a large
-input over cores by itself) while a small pool writes objects, so reading, hashing and
-writing overlap; memory stays bounded because chunks are views of an ``mmap``.
+the file is planned into chunks (tensor-aligned for safetensors, FastCDC otherwise),
+each chunk is hashed, and every chunk the store lacks is written.
+
+How the bytes arrive depends on the source:
+
+* **Local** files are mapped in place; a pool hashes and writes chunks (views of the
+  ``mmap``; BLAKE3 and the kernel-side copy release the GIL), so every core works.
+* **Remote** files are *streamed*: a safetensors header is one small ranged read, its
+  chunk plan follows from it, and the bytes go from the socket into the chunk that owns
+  them and from there into the store, once (:mod:`bdn.sources.stream`). Several files
+  are in flight at once (``fetch_files``), sharing the source's connection cap, so small
+  files and the tail of a large one do not leave connections idle. Other files
+  (content-defined cuts need the content) are spooled to a file first, then chunked
+  like a local one.
 
 Crash safety comes from ordering, not from locks: objects are written atomically and
 idempotently; a fingerprint entry is written only after its file's objects; the manifest
@@ -24,7 +33,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,6 +44,7 @@ import blake3
 from bdn.errors import BdnError, MirrorError, SourceError
 from bdn.patterns import select
 from bdn.sources.base import Source, SourceFile
+from bdn.sources.ranged import AnyOf, CancelToken, RemoteSource
 from bdn.store import BlobStore, PutResult
 from manifests.chunking import DEFAULT_OPTIONS, ChunkingOptions, plan_cdc, plan_safetensors
 from manifests.digest import Digest
@@ -46,6 +56,10 @@ from manifests.safetensors import PREFIX_BYTES, header_length, parse_header
 log = logging.getLogger(__name__)
 
 DEFAULT_WRITE_WORKERS = 4
+DEFAULT_FETCH_FILES = 4
+# One ranged read of this much usually holds a safetensors header whole (and the first
+# tensors, which are not fetched again): the chunk plan costs one round trip per file.
+HEADER_PROBE_BYTES = 256 * 1024
 SAFETENSORS_SUFFIX = ".safetensors"
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -61,10 +75,14 @@ class MirrorOptions:
     write_workers: int = DEFAULT_WRITE_WORKERS
     use_fingerprints: bool = True
     spool_dir: str | None = None
+    # Remote files fetched at once (they share the source's connection cap).
+    fetch_files: int = DEFAULT_FETCH_FILES
 
     def __post_init__(self) -> None:
         if not 1 <= self.write_workers <= 256:
             raise ValueError("MirrorOptions.write_workers must be in [1, 256]")
+        if not 1 <= self.fetch_files <= 64:
+            raise ValueError("MirrorOptions.fetch_files must be in [1, 64]")
 
 
 @dataclass
@@ -95,6 +113,20 @@ class MirrorResult:
                 "source": self.source, **self.stats.to_dict()}
 
 
+@dataclass
+class _Run:
+    """What one ``Mirror.run`` shares across its threads."""
+
+    stats: MirrorStats
+    emit: ProgressFn
+    stop: threading.Event  # set by the first failure, so other files stop early
+    cancelled: CancelToken  # ``stop`` or the caller's cancel
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # First writer of each digest in this run; a repeat waits for that write's result.
+    puts: dict[Digest, Future[PutResult]] = field(default_factory=dict)
+    failure: BaseException | None = None
+
+
 class Mirror:
     """Mirrors sources into one store. Thread-safe per call; reuse across calls."""
 
@@ -103,7 +135,6 @@ class Mirror:
         self.options = options
         self._lock = threading.Lock()
         self._plan_tag = Digest.of(repr(options.chunking).encode()).hex[:16]
-        self._done: dict[Digest, tuple[str, int]] = {}
         self._known_entries: dict[str, FileEntry] = {}
 
     def run(self, source: Source, *, ref: Ref | None = None,
@@ -111,7 +142,13 @@ class Mirror:
             progress: ProgressFn | None = None,
             cancel: threading.Event | None = None) -> MirrorResult:
         started = time.monotonic()
-        emit = progress or (lambda _e: None)
+        emit_lock = threading.Lock()
+
+        def emit(event: dict[str, Any]) -> None:
+            if progress is not None:
+                with emit_lock:  # events come from several threads; consumers need not care
+                    progress(event)
+
         stats = MirrorStats()
         pinned = source.pin()
         listing = source.list_files()
@@ -121,24 +158,19 @@ class Mirror:
             raise MirrorError(f"source {source.uri} has no files matching allow={list(allow)} "
                               f"ignore={list(ignore)}")
         emit({"event": "listed", "files": len(files), "bytes": sum(f.size for f in files)})
-        # Remote sources fetch one file ahead while this thread chunks the current one;
-        # they ask before fetching whether a file is still needed (not known by
-        # fingerprint), so the prefetch never downloads what the loop below would skip.
-        plan = getattr(source, "plan_fetches", None)
-        if callable(plan):
-            plan(files, self._needs_fetch)
-        entries: list[FileEntry] = []
-        seen: set[Digest] = set()
+        stop = threading.Event()
+        run = _Run(stats, emit, stop, AnyOf(stop, cancel) if cancel is not None else stop)
         spool = Path(self.options.spool_dir or tempfile.gettempdir())
         with ThreadPoolExecutor(self.options.write_workers,
                                 thread_name_prefix="bdn-mirror") as pool:
-            for sf in files:
-                if cancel is not None and cancel.is_set():
-                    raise MirrorCancelled(f"mirror of {source.uri} cancelled")
-                entry = self._file(source, sf, spool, pool, seen, stats, emit, cancel)
-                entries.append(entry)
-                emit({"event": "file", "path": sf.path, "size": sf.size,
-                      "digest": str(entry.digest)})
+            if isinstance(source, RemoteSource):
+                entries = self._remote_files(source, files, spool, pool, run)
+            else:
+                entries = []
+                for sf in files:
+                    if cancel is not None and cancel.is_set():
+                        raise MirrorCancelled(f"mirror of {source.uri} cancelled")
+                    entries.append(self._file(source, sf, spool, pool, run))
         stats.bytes_from_origin = source.counters.bytes_from_origin
         manifest = build_manifest(entries, pinned)
         digest = self.store.put_manifest(manifest)
@@ -148,6 +180,41 @@ class Mirror:
             emit({"event": "ref", "ref": str(ref), "digest": str(digest)})
         stats.seconds = time.monotonic() - started
         return MirrorResult(digest, ref, stats, pinned)
+
+    def _remote_files(self, source: RemoteSource, files: list[SourceFile], spool: Path,
+                      pool: ThreadPoolExecutor, run: _Run) -> list[FileEntry]:
+        """Several files at once; the entries in listing order. The first real failure
+        stops the others (they end as cancelled) and is what the caller sees."""
+
+        def one(sf: SourceFile) -> FileEntry:
+            try:
+                if run.cancelled.is_set():
+                    raise MirrorCancelled(f"mirror of {source.uri} cancelled")
+                return self._file(source, sf, spool, pool, run)
+            except BaseException as e:
+                with run.lock:
+                    if run.failure is None and not run.stop.is_set():
+                        run.failure = e
+                run.stop.set()
+                raise
+
+        with ThreadPoolExecutor(self.options.fetch_files,
+                                thread_name_prefix="bdn-mirror-file") as files_pool:
+            futures = [files_pool.submit(one, sf) for sf in files]
+            entries = []
+            for fut in futures:
+                try:
+                    entries.append(fut.result())
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    break
+        if run.failure is not None:
+            raise run.failure
+        if len(entries) != len(files):  # pragma: no cover - a failure is always recorded
+            raise MirrorError(f"mirror of {source.uri} stopped after {len(entries)} of "
+                              f"{len(files)} files")
+        return entries
 
     # -- one file ----------------------------------------------------------------
 
@@ -159,9 +226,9 @@ class Mirror:
     def _known(self, sf: SourceFile) -> FileEntry | None:
         """The entry mirrored earlier for this file's fingerprint, if still valid.
 
-        A remote source's prefetch asks first and the file loop asks again; a hit is
-        remembered (objects are immutable), so the lookup — one read plus a probe per
-        chunk object, HEAD requests on S3 — is not done twice.
+        A hit is remembered (objects are immutable), so mirroring the same upstream file
+        again in this process does not repeat the lookup — one read plus a probe per
+        chunk object, HEAD requests on S3.
         """
         if not (sf.fingerprint and self.options.use_fingerprints):
             return None
@@ -176,48 +243,91 @@ class Mirror:
                 self._known_entries[key] = known
         return known if known.size == sf.size else None
 
-    def _needs_fetch(self, sf: SourceFile) -> bool:
-        return self._known(sf) is None
-
     def _file(self, source: Source, sf: SourceFile, spool: Path, pool: ThreadPoolExecutor,
-              seen: set[Digest], stats: MirrorStats, emit: ProgressFn,
-              cancel: threading.Event | None) -> FileEntry:
-        stats.files += 1
-        stats.logical_bytes += sf.size
+              run: _Run) -> FileEntry:
+        stats = run.stats
+        with run.lock:
+            stats.files += 1
+            stats.logical_bytes += sf.size
         known = self._known(sf)
         if known is not None:
-            stats.files_reused += 1
-            stats.bytes_reused += sf.size
-            emit({"event": "bytes", "path": sf.path, "n": sf.size, "reused": True})
-            return replace(known, path=sf.path, mode=sf.mode)
-        try:
-            with source.local_file(sf, spool) as local:
-                entry = self._chunk_file(local, sf, pool, seen, stats, emit, cancel)
-        except BdnError:
-            raise
-        except OSError as e:
-            raise SourceError(f"reading {sf.path} from {source.uri} failed: {e.strerror or e}",
-                              source=source.uri, file=sf.path) from None
-        if sf.fingerprint:
-            self.store.put_fingerprint(self._fp_key(sf.fingerprint), entry)
+            with run.lock:
+                stats.files_reused += 1
+                stats.bytes_reused += sf.size
+            run.emit({"event": "bytes", "path": sf.path, "n": sf.size, "reused": True})
+            entry = replace(known, path=sf.path, mode=sf.mode)
+        else:
+            try:
+                if isinstance(source, RemoteSource):
+                    entry = self._remote_file(source, sf, spool, pool, run)
+                else:
+                    with source.local_file(sf, spool) as local:
+                        entry = self._chunk_file(local, sf, pool, run)
+            except BdnError:
+                raise
+            except OSError as e:
+                raise SourceError(f"reading {sf.path} from {source.uri} failed: "
+                                  f"{e.strerror or e}", source=source.uri,
+                                  file=sf.path) from None
+            if sf.fingerprint:
+                self.store.put_fingerprint(self._fp_key(sf.fingerprint), entry)
+        run.emit({"event": "file", "path": sf.path, "size": sf.size,
+                  "digest": str(entry.digest)})
         return entry
 
-    def _plan(self, view: memoryview, size: int, sf: SourceFile) -> list[tuple[int, int]]:
-        opts = self.options.chunking
-        if sf.path.endswith(SAFETENSORS_SUFFIX) and size >= PREFIX_BYTES:
+    def _header_plan(self, header_bytes: bytes, size: int,
+                     sf: SourceFile) -> list[tuple[int, int]] | None:
+        """Tensor-aligned spans from a safetensors file's first bytes; ``None`` when the
+        file is not safetensors or its header is bad (it is then chunked as opaque)."""
+        try:
+            header = parse_header(header_bytes, size, path=sf.path)
+            return plan_safetensors(header, self.options.chunking)
+        except SafetensorsError as e:
+            log.warning("%s; chunking it as an opaque file", str(e))
+            return None
+
+    def _remote_file(self, source: RemoteSource, sf: SourceFile, spool: Path,
+                     pool: ThreadPoolExecutor, run: _Run) -> FileEntry:
+        if sf.size == 0:
+            return FileEntry.from_chunks(sf.path, (), mode=sf.mode)
+        prefix = b""
+        if sf.path.endswith(SAFETENSORS_SUFFIX) and sf.size >= PREFIX_BYTES:
+            prefix = source.read_range(sf, 0, min(sf.size, HEADER_PROBE_BYTES))
             try:
-                # Copies (≤ 100 MB by the bound): an exception's traceback must not pin
-                # views of the map, or the map could not be closed.
-                n = header_length(bytes(view[:PREFIX_BYTES]), size, path=sf.path)
-                header = parse_header(bytes(view[:PREFIX_BYTES + n]), size, path=sf.path)
-                return plan_safetensors(header, opts)
+                n = PREFIX_BYTES + header_length(prefix[:PREFIX_BYTES], sf.size, path=sf.path)
             except SafetensorsError as e:
                 log.warning("%s; chunking it as an opaque file", str(e))
-        return plan_cdc(view, opts)
+            else:
+                if n > len(prefix):
+                    prefix += source.read_range(sf, len(prefix), n)
+                spans = self._header_plan(prefix[:n], sf.size, sf)
+                if spans is not None:
+                    chunks: dict[int, Chunk] = {}
+                    source.stream(sf, spans, prefix=prefix, cancel=run.cancelled,
+                                  open_chunk=lambda off, length: _StreamedChunk(
+                                      self, run, sf, off, length, chunks))
+                    return FileEntry.from_chunks(sf.path, [chunks[off] for off, _ in spans],
+                                                 mode=sf.mode)
+        # Content-defined cuts need the content: spool the file, then chunk it in place.
+        with source.local_file(sf, spool, prefix=prefix) as local:
+            return self._chunk_file(local, sf, pool, run)
+
+    def _plan(self, view: memoryview, size: int, sf: SourceFile) -> list[tuple[int, int]]:
+        if sf.path.endswith(SAFETENSORS_SUFFIX) and size >= PREFIX_BYTES:
+            try:
+                n = header_length(bytes(view[:PREFIX_BYTES]), size, path=sf.path)
+            except SafetensorsError as e:
+                log.warning("%s; chunking it as an opaque file", str(e))
+            else:
+                # A copy (≤ 100 MB by the bound): an exception's traceback must not pin
+                # views of the map, or the map could not be closed.
+                spans = self._header_plan(bytes(view[:PREFIX_BYTES + n]), size, sf)
+                if spans is not None:
+                    return spans
+        return plan_cdc(view, self.options.chunking)
 
     def _chunk_file(self, local: Path, sf: SourceFile, pool: ThreadPoolExecutor,
-                    seen: set[Digest], stats: MirrorStats, emit: ProgressFn,
-                    cancel: threading.Event | None) -> FileEntry:
+                    run: _Run) -> FileEntry:
         fd = os.open(local, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
@@ -227,39 +337,21 @@ class Mirror:
             mm.madvise(mmap.MADV_WILLNEED)
             view = memoryview(mm)
             slices: list[memoryview] = []
-            pending: list[tuple[int, int, Future[tuple[Digest, PutResult | None]]]] = []
+            pending: list[Future[Chunk]] = []
             try:
-                spans = self._plan(view, size, sf)
-                for off, length in spans:
-                    if cancel is not None and cancel.is_set():
+                for off, length in self._plan(view, size, sf):
+                    if run.cancelled.is_set():
                         raise MirrorCancelled(f"mirror cancelled while reading {sf.path}")
                     piece = view[off:off + length]
                     slices.append(piece)
                     # Hashing and writing both run on the pool: BLAKE3 and
                     # copy_file_range release the GIL, so every core works.
-                    pending.append((off, length,
-                                    pool.submit(self._hash_put, fd, off, piece, seen)))
-                # Wait for every task of the file before resolving repeats: a repeat's
-                # first occurrence may be a later chunk whose write is still running.
-                results = [fut.result() for _, _, fut in pending]
-                chunks = []
-                for (off, length, _), (digest, put) in zip(pending, results, strict=True):
-                    res = put or PutResult(*self._done[digest], new=False)
-                    if res.new:
-                        stats.objects_new += 1
-                        stats.bytes_uploaded += res.stored_length
-                    else:
-                        stats.objects_reused += 1
-                        stats.bytes_reused += length
-                    chunks.append(Chunk(digest=digest, offset=off, length=length,
-                                        encoding=res.encoding, stored_length=res.stored_length))
-                    emit({"event": "object", "digest": str(digest), "new": res.new,
-                          "path": sf.path, "n": length})
-                    emit({"event": "bytes", "path": sf.path, "n": length, "reused": not res.new})
+                    pending.append(pool.submit(self._take, run, sf, off, piece, fd))
+                chunks = [fut.result() for fut in pending]
             finally:
                 # Every view of the map must be released before it can be closed; a
                 # write still running holds one, so wait for all writes first.
-                for _, _, fut in pending:
+                for fut in pending:
                     fut.exception()
                 for piece in slices:
                     piece.release()
@@ -270,16 +362,72 @@ class Mirror:
         # The file digest is the hash of the chunk list: no second pass over the bytes.
         return FileEntry.from_chunks(sf.path, chunks, mode=sf.mode)
 
-    def _hash_put(self, fd: int, offset: int, piece: memoryview,
-                  seen: set[Digest]) -> tuple[Digest, PutResult | None]:
-        """Hash a chunk and store it unless this run already did; ``None`` for a repeat
-        (its result is in ``self._done`` once every earlier task has finished)."""
+    def _take(self, run: _Run, sf: SourceFile, offset: int, piece: memoryview,
+              fd: int | None = None) -> Chunk:
+        """Hash one chunk and store it unless this run already has; ``fd``: the open
+        file ``piece`` lies in at ``offset`` (lets a local store copy in the kernel)."""
         digest = Digest(blake3.blake3(piece).hexdigest())
-        with self._lock:
-            if digest in seen:
-                return digest, None
-            seen.add(digest)
-        res = self.store.put_chunk(digest, piece, source=(fd, offset))
-        with self._lock:
-            self._done[digest] = (res.encoding, res.stored_length)
-        return digest, res
+        res = self._put_once(run, digest, lambda: self.store.put_chunk(
+            digest, piece, source=(fd, offset) if fd is not None else None))
+        return self._record(run, sf, digest, offset, len(piece), res)
+
+    def _put_once(self, run: _Run, digest: Digest,
+                  put: Callable[[], PutResult]) -> PutResult:
+        """``put()`` for the first chunk of this run with ``digest``; a repeat is reused
+        once that write has finished (another thread is doing it now: a short wait)."""
+        with run.lock:
+            first = run.puts.get(digest)
+            if first is None:
+                mine: Future[PutResult] = Future()
+                run.puts[digest] = mine
+        if first is not None:
+            return replace(first.result(), new=False)
+        try:
+            res = put()
+        except BaseException as e:
+            mine.set_exception(e)
+            raise
+        mine.set_result(res)
+        return res
+
+    def _record(self, run: _Run, sf: SourceFile, digest: Digest, offset: int, length: int,
+                res: PutResult) -> Chunk:
+        with run.lock:
+            if res.new:
+                run.stats.objects_new += 1
+                run.stats.bytes_uploaded += res.stored_length
+            else:
+                run.stats.objects_reused += 1
+                run.stats.bytes_reused += length
+        run.emit({"event": "object", "digest": str(digest), "new": res.new,
+                  "path": sf.path, "n": length})
+        run.emit({"event": "bytes", "path": sf.path, "n": length, "reused": not res.new})
+        return Chunk(digest=digest, offset=offset, length=length, encoding=res.encoding,
+                     stored_length=res.stored_length)
+
+
+class _StreamedChunk:
+    """A chunk of a streamed file (a :class:`~bdn.sources.stream.ChunkSink`): its bytes
+    go into the store as they arrive (:meth:`BlobStore.incoming`); on ``finish`` it is
+    committed under its digest and recorded in ``out`` by offset."""
+
+    def __init__(self, mirror: Mirror, run: _Run, sf: SourceFile, offset: int, length: int,
+                 out: dict[int, Chunk]) -> None:
+        self.mirror, self.run, self.sf = mirror, run, sf
+        self.offset, self.length, self.out = offset, length, out
+        self.incoming = mirror.store.incoming(length)
+
+    def write(self, data: memoryview) -> None:
+        self.incoming.write(data)
+
+    def finish(self) -> None:
+        digest = self.incoming.digest()
+        res = self.mirror._put_once(self.run, digest, self.incoming.commit)
+        self.out[self.offset] = self.mirror._record(self.run, self.sf, digest, self.offset,
+                                                    self.length, res)
+
+    def read_back(self) -> Iterator[bytes | memoryview]:
+        return self.incoming.read_back()
+
+    def close(self) -> None:
+        self.incoming.close()

@@ -57,7 +57,7 @@ from bdn.mirror import Mirror, MirrorCancelled, MirrorOptions
 from bdn.mirror_key import mirror_ref
 from bdn.secrets import SecretResolver, install_log_scrubber, scrub, store_storage_options
 from bdn.sources import open_source
-from bdn.sources.ranged import SPOOL_PREFIX, DownloadOptions
+from bdn.sources.ranged import DEFAULT_PART_BYTES, SPOOL_PREFIX, DownloadOptions
 from bdn.store import BlobStore, StoreOptions
 from manifests.digest import Digest
 from manifests.errors import RefError
@@ -147,7 +147,7 @@ class ServiceOptions:
     max_requests: int = 32
     job_concurrency: int = 8
     write_workers: int = 8
-    part_bytes: int = 16 * 1024 * 1024
+    part_bytes: int = DEFAULT_PART_BYTES
     retry_attempts: int = 6
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+import blake3
 import zstandard
 
 from bdn.errors import NotFoundError, StoreError
@@ -119,21 +120,39 @@ def object_key(digest: Digest, encoding: str = ENCODING_RAW) -> str:
     return key + ZSTD_SUFFIX if encoding == ENCODING_ZSTD else key
 
 
+def sample_spans(n: int, sample_bytes: int) -> list[tuple[int, int]]:
+    """Where a compressibility sample is taken from an object of ``n`` bytes: its start,
+    middle and end, ``(offset, length)`` each."""
+    s = sample_bytes
+    mid = max(0, n // 2 - s // 2)
+    return [(0, min(s, n)), (mid, min(s, n - mid)), (max(0, n - s), min(s, n))]
+
+
+def samples_compress(samples: list[bytes | memoryview], options: CompressionOptions) -> bool:
+    """Whether the samples compress by ``min_ratio`` at a fast level (worth trying all)."""
+    cctx = zstandard.ZstdCompressor(level=1)
+    sample_in = sum(len(x) for x in samples)
+    sample_out = sum(len(cctx.compress(x)) for x in samples)
+    return sample_out * options.min_ratio <= sample_in
+
+
 def choose_encoding(data: bytes | memoryview,
                     options: CompressionOptions) -> tuple[str, bytes | memoryview]:
     """Return ``(encoding, stored_bytes)`` for a chunk (pure, deterministic)."""
     n = len(data)
     if not options.enabled or n < options.min_object_bytes:
         return ENCODING_RAW, data
-    cctx = zstandard.ZstdCompressor(level=1)
-    s = options.sample_bytes
-    samples = [data[:s], data[max(0, n // 2 - s // 2): n // 2 + s // 2], data[max(0, n - s):]]
-    sample_in = sum(len(x) for x in samples)
-    sample_out = sum(len(cctx.compress(x)) for x in samples)
-    if sample_out * options.min_ratio > sample_in:
+    if not samples_compress([data[o:o + k] for o, k in sample_spans(n, options.sample_bytes)],
+                            options):
         return ENCODING_RAW, data
+    return encode_if_worth(data, options)
+
+
+def encode_if_worth(data: bytes | memoryview,
+                    options: CompressionOptions) -> tuple[str, bytes | memoryview]:
+    """Compress all of ``data``; keep the result only if it reaches ``min_ratio``."""
     packed = zstandard.ZstdCompressor(level=options.level).compress(data)
-    if len(packed) * options.min_ratio > n:
+    if len(packed) * options.min_ratio > len(data):
         return ENCODING_RAW, data
     return ENCODING_ZSTD, packed
 
@@ -198,23 +217,39 @@ class LocalBackend:
         return self._atomic(key, write, fsync)
 
     def _atomic(self, key: str, write: Any, fsync: bool) -> bool:
+        tmp = self.temp_path(key)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write(fd)
+            self.adopt(tmp, key, fd, fsync=fsync)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        return True
+
+    def temp_path(self, near_key: str) -> str:
+        """A fresh temporary name in ``near_key``'s folder (made if missing), so that
+        :meth:`adopt` is a rename within one file system. Listings skip it."""
+        path = self._path(near_key)
+        parent = str(path.parent)
+        if parent not in self._made_dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
+        return f"{path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+
+    def adopt(self, tmp: str, key: str, fd: int, *, fsync: bool) -> None:
+        """Make the finished temporary file ``tmp`` (open as ``fd``) the object ``key``,
+        atomically; replacing an identical object is harmless."""
+        if fsync:
+            os.fsync(fd)
         path = self._path(key)
         parent = str(path.parent)
         if parent not in self._made_dirs:
             os.makedirs(parent, exist_ok=True)
             self._made_dirs.add(parent)
-        tmp = f"{path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            write(fd)
-            if fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        os.close(fd)
         os.replace(tmp, path)
         if fsync:
             dfd = os.open(parent, os.O_RDONLY)
@@ -222,7 +257,6 @@ class LocalBackend:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        return True
 
     def get(self, key: str) -> bytes:
         try:
@@ -384,6 +418,13 @@ class BlobStore:
         else:
             self.backend.put(object_key(digest, encoding), stored, fsync=fsync)
         return PutResult(encoding, len(stored), new=True)
+
+    def incoming(self, length: int) -> Incoming:
+        """A chunk of ``length`` bytes that arrives in order before its digest is known
+        (streamed from a remote source): see :class:`Incoming`."""
+        if isinstance(self.backend, LocalBackend):
+            return _FileIncoming(self, self.backend, length)
+        return _MemoryIncoming(self, length)
 
     def get_object(self, digest: Digest, *, verify: bool = True) -> bytes:
         """Whole decoded object, verified against its digest."""
@@ -554,3 +595,117 @@ def verify_chunk(chunk: Chunk, data: bytes | memoryview, where: str = "") -> Non
         raise IntegrityError(str(chunk.digest), f"<{len(data)} bytes, want {chunk.length}>",
                              where=where)
     chunk.digest.verify(data, where=where)
+
+
+class Incoming(Protocol):
+    """A chunk being received: ``write`` its bytes in order (BLAKE3 follows them), then
+    ``commit`` stores it under its digest (or finds it already there). ``read_back``
+    gives the bytes again until ``close``, which releases everything and discards an
+    uncommitted chunk. A local store receives straight into a temporary file beside the
+    objects, renamed into place on commit, so the bytes are written once and never wait
+    in memory; other stores gather the chunk in memory for one upload."""
+
+    length: int
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def digest(self) -> Digest: ...
+    def commit(self) -> PutResult: ...
+    def read_back(self) -> Iterator[bytes | memoryview]: ...
+    def close(self) -> None: ...
+
+
+class _IncomingBase:
+    def __init__(self, store: BlobStore, length: int) -> None:
+        self.store = store
+        self.length = length
+        self.received = 0
+        self._hasher = blake3.blake3()
+
+    def _count(self, n: int) -> None:
+        if self.received + n > self.length:
+            raise StoreError(f"chunk of {self.length} bytes received {self.received + n}",
+                             url=self.store.url)
+        self.received += n
+
+    def digest(self) -> Digest:
+        return Digest(self._hasher.hexdigest())
+
+    def _check_complete(self) -> Digest:
+        if self.received != self.length:
+            raise StoreError(f"chunk of {self.length} bytes committed after "
+                             f"{self.received}", url=self.store.url)
+        return self.digest()
+
+
+class _FileIncoming(_IncomingBase):
+    def __init__(self, store: BlobStore, backend: LocalBackend, length: int) -> None:
+        super().__init__(store, length)
+        self.backend = backend
+        self.tmp: str | None = backend.temp_path(f"{OBJECTS_PREFIX}/incoming")
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._count(len(data))
+        self._hasher.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def commit(self) -> PutResult:
+        digest = self._check_complete()
+        info = self.store.stat_object(digest)
+        if info is not None:
+            return PutResult(info.encoding, info.stored_length, new=False)
+        opts = self.store.options
+        comp = opts.compression
+        if comp.enabled and self.length >= comp.min_object_bytes and samples_compress(
+                [os.pread(self.fd, k, o) for o, k in sample_spans(self.length,
+                                                                  comp.sample_bytes)], comp):
+            encoding, stored = encode_if_worth(os.pread(self.fd, self.length, 0), comp)
+            if encoding != ENCODING_RAW:
+                self.backend.put(object_key(digest, encoding), stored,
+                                 fsync=opts.fsync_objects)
+                return PutResult(encoding, len(stored), new=True)
+        assert self.tmp is not None
+        self.backend.adopt(self.tmp, object_key(digest), self.fd, fsync=opts.fsync_objects)
+        self.tmp = None  # renamed: the object now, not ours to delete
+        return PutResult(ENCODING_RAW, self.length, new=True)
+
+    def read_back(self) -> Iterator[bytes | memoryview]:
+        pos = 0
+        while pos < self.received:
+            block = os.pread(self.fd, min(READ_BLOCK_BYTES, self.received - pos), pos)
+            if not block:
+                raise StoreError(f"received chunk shrank at byte {pos}", url=self.store.url)
+            yield block
+            pos += len(block)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+            self.tmp = None
+
+
+class _MemoryIncoming(_IncomingBase):
+    def __init__(self, store: BlobStore, length: int) -> None:
+        super().__init__(store, length)
+        self.buf = bytearray(length)
+
+    def write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        self._count(n)
+        self._hasher.update(data)
+        self.buf[self.received - n:self.received] = data
+
+    def commit(self) -> PutResult:
+        return self.store.put_chunk(self._check_complete(), memoryview(self.buf))
+
+    def read_back(self) -> Iterator[bytes | memoryview]:
+        yield memoryview(self.buf)[:self.received]
+
+    def close(self) -> None:
+        self.buf = bytearray()

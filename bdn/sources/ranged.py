@@ -34,8 +34,8 @@ import random
 import threading
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +53,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MiB = 1024 * 1024
-DEFAULT_PART_BYTES = 8 * MiB
+# Large enough that per-request costs (latency, billing, stores that read a whole object
+# for every ranged GET) stay small; small enough that 8 of them keep a single large file
+# on several connections, and that chunks waiting for the in-order checksum stay few.
+DEFAULT_PART_BYTES = 32 * MiB
 DEFAULT_CONCURRENCY = 8
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
@@ -159,6 +162,16 @@ class _Progress:
             self.cond.notify_all()
 
 
+@contextmanager
+def holding(slots: Sequence[threading.Semaphore]) -> Iterator[None]:
+    """Hold one slot of each semaphore for a request: acquired in the given order (always
+    the same, so waiters cannot deadlock), released in reverse."""
+    with contextlib.ExitStack() as stack:
+        for slot in slots:
+            stack.enter_context(slot)
+        yield
+
+
 def _cancelled(cancel: CancelToken | None, file: SourceFile) -> None:
     if cancel is not None and cancel.is_set():
         from bdn.mirror import MirrorCancelled
@@ -170,16 +183,16 @@ def spool_file(*, source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fet
                options: DownloadOptions, counters: FetchCounters,
                counter_lock: threading.Lock, checksum: Checksum | None = None,
                cancel: CancelToken | None = None,
-               request_slots: threading.Semaphore | None = None) -> Path:
+               request_slots: Sequence[threading.Semaphore] = (), prefix: bytes = b"") -> Path:
     """Download ``file`` into a spool file and return its path (the caller deletes it
-    with :func:`remove_spool` once used). Raises :class:`SourceError` naming the source
-    and file when it cannot."""
+    with :func:`remove_spool` once used); ``prefix``: its first bytes, already fetched.
+    Raises :class:`SourceError` naming the source and file when it cannot."""
     spool_dir.mkdir(parents=True, exist_ok=True)
     # A resumed spool that fails verification may predate a change at the origin: it is
     # deleted and fetched once more from scratch; a fresh one failing is final.
     while True:
         path, resumed = _download(source_uri, file, spool_dir, fetch, options, counters,
-                                  counter_lock, checksum, cancel, request_slots)
+                                  counter_lock, checksum, cancel, request_slots, prefix)
         if path is not None:
             return path
         if not resumed:
@@ -220,8 +233,8 @@ def _save_state(state_path: Path, file: SourceFile, part_bytes: int, done: set[i
 def _download(source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
               options: DownloadOptions, counters: FetchCounters,
               counter_lock: threading.Lock, checksum: Checksum | None,
-              cancel: CancelToken | None,
-              request_slots: threading.Semaphore | None) -> tuple[Path | None, bool]:
+              cancel: CancelToken | None, request_slots: Sequence[threading.Semaphore],
+              prefix: bytes) -> tuple[Path | None, bool]:
     """One try: ``(path, resumed)``; path is None when verification failed."""
     path, state_path = spool_paths(spool_dir, source_uri, file)
     size = file.size
@@ -236,6 +249,10 @@ def _download(source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
         if not resumed:
             os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
+        have = min(len(prefix), size)
+        if have:  # bytes a probe already fetched: not fetched again
+            os.pwrite(fd, memoryview(prefix)[:have], 0)
+            done |= {i for i, (_, end) in enumerate(parts) if end <= have}
         progress = _Progress(parts, done)
         state_lock = threading.Lock()
         verify = checksum if options.verify else None
@@ -249,16 +266,14 @@ def _download(source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
 
         def run_part(i: int) -> None:
             start, end = parts[i]
-            written = [0]
+            written = [max(0, min(have, end) - start)]
 
             def attempt() -> None:
                 _cancelled(cancel, file)
                 pos = start + written[0]
                 if pos >= end:
                     return
-                if request_slots is not None:
-                    request_slots.acquire()
-                try:
+                with holding(request_slots):
                     for block in fetch(pos, end):
                         _cancelled(cancel, file)
                         n = len(block)
@@ -275,9 +290,6 @@ def _download(source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
                         written[0] += n
                         with counter_lock:
                             counters.bytes_from_origin += n
-                finally:
-                    if request_slots is not None:
-                        request_slots.release()
                 if pos < end:
                     raise RetryableError(f"short read: connection ended at byte {pos} of "
                                          f"[{start}, {end})")
@@ -404,13 +416,14 @@ def flush_spool_deletes() -> None:
 
 class RemoteSource(Source):
     """A source whose files are fetched by byte range; subclasses provide the fetcher
-    and the checksum, this class the spooling, resume, retries, counting — and a
-    one-file-ahead prefetch, so the next file downloads while the mirror chunks, hashes
-    and stores the current one (network and CPU overlap instead of taking turns).
+    and the checksum, this class the streaming (:meth:`stream`, the mirror's main path),
+    the spooling (:meth:`local_file`, for large files whose chunks depend on their
+    content), resume, retries and counting.
 
-    The mirror announces its plan with :meth:`plan_fetches` (the selected files, in
-    order, and a predicate telling whether a file still needs fetching — files known by
-    fingerprint do not). Without a plan, files are fetched one at a time on request.
+    Requests in flight are capped at ``download.concurrency`` across all of this source's
+    files, so a mirror that streams several files at once still opens that many
+    connections, not that many per file; ``request_slots`` (the mirror service's global
+    cap) applies on top.
     """
 
     def __init__(self, *, download: DownloadOptions | None = None,
@@ -420,13 +433,10 @@ class RemoteSource(Source):
         self.download = download or DownloadOptions()
         self.cancel = cancel
         self.request_slots = request_slots
+        self._slots = threading.BoundedSemaphore(self.download.concurrency)
         self._counter_lock = threading.Lock()
         self._closing = threading.Event()
         self._stop_token: CancelToken = AnyOf(self._closing, cancel) if cancel else self._closing
-        self._plan: list[SourceFile] = []
-        self._needed: Callable[[SourceFile], bool] = lambda _f: True
-        self._ahead: dict[str, Future[Path | None]] = {}
-        self._ahead_pool: ThreadPoolExecutor | None = None
 
     @abstractmethod
     def fetcher(self, file: SourceFile) -> Fetch:
@@ -435,11 +445,6 @@ class RemoteSource(Source):
     def checksum(self, file: SourceFile) -> Checksum | None:
         """What ``file``'s bytes must hash to, when the source knows."""
         return None
-
-    def plan_fetches(self, files: list[SourceFile],
-                     needed: Callable[[SourceFile], bool]) -> None:
-        self._plan = list(files)
-        self._needed = needed
 
     def read_range(self, file: SourceFile, start: int, end: int) -> bytes:
         fetch = self.fetcher(file)
@@ -452,46 +457,44 @@ class RemoteSource(Source):
                 raise RetryableError("short read")
 
         try:
-            retry_sync(attempt, self.download.retry)
+            retry_cancellable(attempt, self.download.retry, self._stop_token)
         except RetryableError as e:
-            raise SourceError(f"{file.path} from {self.uri}: {scrub(str(e))}",
+            raise SourceError(f"{file.path} from {self.uri}: giving up after "
+                              f"{self.download.retry.attempts} attempts: {scrub(str(e))}",
                               source=self.uri, file=file.path, status=e.status) from None
         with self._counter_lock:
             self.counters.bytes_from_origin += len(out)
         return bytes(out)
 
-    def _spool(self, file: SourceFile, spool_dir: Path) -> Path:
-        return spool_file(source_uri=self.uri, file=file, spool_dir=spool_dir,
+    def stream(self, file: SourceFile, spans: Sequence[tuple[int, int]], *,
+               open_chunk: Callable[[int, int], Any], prefix: bytes = b"",
+               cancel: CancelToken | None = None) -> None:
+        """Fetch ``file`` into one sink per chunk of ``spans`` (tiling the file), made by
+        ``open_chunk(offset, length)``; sinks are fed from worker threads, each chunk in
+        order. ``prefix``: bytes from offset 0 already fetched. See
+        :mod:`bdn.sources.stream`."""
+        from bdn.sources.stream import stream_file
+
+        stop = AnyOf(self._stop_token, cancel) if cancel is not None else self._stop_token
+        stream_file(source_uri=self.uri, file=file, spans=spans, prefix=prefix,
+                    fetch=self.fetcher(file), open_chunk=open_chunk, options=self.download,
+                    counters=self.counters, counter_lock=self._counter_lock,
+                    checksum=self.checksum(file), cancel=stop,
+                    request_slots=self._request_slots())
+
+    def _request_slots(self) -> list[threading.Semaphore]:
+        # Always in this order (own cap, then the global one), so waiters cannot deadlock.
+        return [self._slots] + ([self.request_slots] if self.request_slots else [])
+
+    @contextmanager
+    def local_file(self, file: SourceFile, spool_dir: Path, *,
+                   prefix: bytes = b"") -> Iterator[Path]:
+        """Spool ``file`` (``prefix``: its first bytes, already fetched) for the block."""
+        path = spool_file(source_uri=self.uri, file=file, spool_dir=spool_dir,
                           fetch=self.fetcher(file), options=self.download,
                           counters=self.counters, counter_lock=self._counter_lock,
                           checksum=self.checksum(file), cancel=self._stop_token,
-                          request_slots=self.request_slots)
-
-    def _prefetch_after(self, file: SourceFile, spool_dir: Path) -> None:
-        paths = [f.path for f in self._plan]
-        if file.path not in paths:
-            return
-        for nxt in self._plan[paths.index(file.path) + 1:]:
-            if nxt.path in self._ahead:
-                return
-
-            def job(f: SourceFile = nxt) -> Path | None:
-                # A file known by fingerprint by now is not fetched at all; the mirror
-                # will not ask for it. Returning None makes a later request fetch it.
-                return self._spool(f, spool_dir) if self._needed(f) else None
-
-            if self._ahead_pool is None:
-                self._ahead_pool = ThreadPoolExecutor(1, thread_name_prefix="bdn-prefetch")
-            self._ahead[nxt.path] = self._ahead_pool.submit(job)
-            return
-
-    @contextmanager
-    def local_file(self, file: SourceFile, spool_dir: Path) -> Iterator[Path]:
-        ahead = self._ahead.pop(file.path, None)
-        path = ahead.result() if ahead is not None else None
-        if path is None:
-            path = self._spool(file, spool_dir)
-        self._prefetch_after(file, spool_dir)
+                          request_slots=self._request_slots(), prefix=prefix)
         yield path
         # Only a file that was used is deleted: after a failure the spool stays so a
         # retried job resumes it (stale spools are swept by the mirror service). Freeing
@@ -499,15 +502,8 @@ class RemoteSource(Source):
         _deleter().submit(remove_spool, spool_dir, self.uri, file)
 
     def close(self) -> None:
-        """Stop a prefetch nobody will use (its partial spool stays for a resume)."""
+        """Stop downloads still running (a partial spool stays for a resume)."""
         self._closing.set()
-        if self._ahead_pool is not None:
-            self._ahead_pool.shutdown(wait=True, cancel_futures=True)
-            self._ahead_pool = None
-        for fut in self._ahead.values():
-            if fut.done() and not fut.cancelled():
-                fut.exception()  # consumed: a failure of an unused prefetch is not news
-        self._ahead.clear()
 
 
 def classify_fs_error(exc: BaseException, where: str, uri: str, path: str = "", *,
@@ -547,5 +543,70 @@ def fsspec_fetcher(fs: Any, key: str, path: str, block_bytes: int,
                 return
             yield block
             pos += len(block)
+
+    return fetch
+
+
+STREAM_BLOCK_BYTES = 1024 * 1024
+
+
+class AsyncBody(Protocol):
+    """A response body read on an event loop (aiobotocore's StreamingBody, an aiohttp
+    response adapted): ``read(n)`` returns at most ``n`` bytes, ``b""`` at the end."""
+
+    async def read(self, n: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+def loop_stream_fetcher(loop: Any, open_body: Callable[[int, int], Awaitable[AsyncBody]],
+                        classify: Callable[[BaseException], BaseException],
+                        block_bytes: int = STREAM_BLOCK_BYTES) -> Fetch:
+    """A :data:`Fetch` streaming one ranged response per call from an fsspec filesystem's
+    event loop (s3fs, gcsfs), in blocks of about ``block_bytes``.
+
+    One request per range, read as a stream: not one request per block (object stores
+    bill and throttle per request, and some compatible servers read the whole object for
+    every ranged GET), and not the whole range gathered in memory (a fresh large buffer
+    costs a page fault per 4 KiB). Each block is one hop from this thread into the loop.
+    Failures are mapped by ``classify``.
+    """
+    from fsspec.asyn import sync
+
+    async def read_block(body: AsyncBody, n: int) -> bytes:
+        # aiohttp hands over whatever has arrived (often 64 KiB); gather a block so the
+        # thread hop and the caller's per-block work are paid per block, not per read.
+        pieces = []
+        while n > 0:
+            piece = await body.read(n)
+            if not piece:
+                break
+            pieces.append(piece)
+            n -= len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def close(body: AsyncBody) -> None:
+        body.close()
+
+    def fetch(start: int, end: int) -> Iterator[bytes]:
+        if start >= end:
+            return
+        try:
+            body = sync(loop, open_body, start, end)
+        except Exception as e:
+            raise classify(e) from None
+        try:
+            pos = start
+            while pos < end:
+                try:
+                    block = sync(loop, read_block, body, min(block_bytes, end - pos))
+                except Exception as e:
+                    raise classify(e) from None
+                if not block:
+                    return
+                yield block
+                pos += len(block)
+        finally:
+            with contextlib.suppress(Exception):
+                sync(loop, close, body)
 
     return fetch

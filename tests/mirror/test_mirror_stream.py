@@ -1,0 +1,145 @@
+"""Streaming a remote file into chunks (``bdn.sources.stream``): parts, the in-order source
+checksum over chunks that finish in any order, resume, failures — into a real store."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bdn.errors import SourceError
+from bdn.retry import RetryableError, RetryPolicy
+from bdn.sources.base import FetchCounters, SourceFile
+from bdn.sources.ranged import Checksum, DownloadOptions
+from bdn.sources.stream import Part, plan_parts, stream_file
+from bdn.store import BlobStore, Incoming
+from manifests.digest import Digest
+
+FAST = RetryPolicy(attempts=3, base_delay_s=0.0, max_delay_s=0.0)
+DATA = bytes((i * 7919 + i // 251) % 256 for i in range(700_000))
+# A header-sized first chunk, then chunks of uneven sizes, as a tensor plan gives.
+SPANS = [(0, 1000), (1000, 150_000), (151_000, 49_000), (200_000, 300_000),
+         (500_000, 1), (500_001, 199_999)]
+
+
+class _Sink:
+    """Feeds the store's own receiving path and records what landed."""
+
+    def __init__(self, store: BlobStore, off: int, length: int,
+                 landed: dict[int, Digest]) -> None:
+        self.incoming: Incoming = store.incoming(length)
+        self.off, self.landed = off, landed
+
+    def write(self, data: memoryview) -> None:
+        self.incoming.write(data)
+
+    def finish(self) -> None:
+        self.incoming.commit()
+        self.landed[self.off] = self.incoming.digest()
+
+    def read_back(self) -> Iterator[bytes | memoryview]:
+        return self.incoming.read_back()
+
+    def close(self) -> None:
+        self.incoming.close()
+
+
+def _stream(tmp_path: Path, fetch, *, prefix: bytes = b"", expected: str | None = None,
+            part_bytes: int = 128 * 1024, concurrency: int = 4
+            ) -> tuple[BlobStore, dict[int, Digest], FetchCounters]:
+    store = BlobStore(str(tmp_path / "store"))
+    landed: dict[int, Digest] = {}
+    counters = FetchCounters()
+    stream_file(source_uri="t://s", file=SourceFile("w.safetensors", len(DATA)), spans=SPANS,
+                prefix=prefix, fetch=fetch,
+                open_chunk=lambda off, n: _Sink(store, off, n, landed),
+                options=DownloadOptions(part_bytes=part_bytes, concurrency=concurrency,
+                                        retry=FAST),
+                counters=counters, counter_lock=threading.Lock(),
+                checksum=Checksum("sha256", expected or hashlib.sha256(DATA).hexdigest(),
+                                  hashlib.sha256))
+    return store, landed, counters
+
+
+def _temp_files(store: BlobStore) -> list[Path]:
+    return [p for p in Path(store.url).rglob("*") if ".tmp-" in p.name]
+
+
+def test_plan_parts_cuts_runs_of_whole_chunks() -> None:
+    assert plan_parts(SPANS, 0, 128 * 1024) == [
+        Part(0, 151_000, 0, 2), Part(151_000, 500_000, 2, 4), Part(500_000, 700_000, 4, 6)]
+    # A probe that fetched 3000 bytes: the first part starts inside chunk 1.
+    assert plan_parts(SPANS, 3000, 1)[0] == Part(3000, 151_000, 1, 2)
+    assert plan_parts(SPANS, len(DATA), 1) == []
+
+
+def test_chunks_finishing_out_of_order_are_stored_and_checksummed_in_order(
+        tmp_path: Path) -> None:
+    later_done = threading.Event()
+    requests: list[tuple[int, int]] = []
+
+    def fetch(start: int, end: int) -> Iterator[bytes]:
+        requests.append((start, end))
+        if start == 3000:
+            # The first part waits until a later one has finished, so every other chunk
+            # completes before the frontier and must be hashed from the store later.
+            assert later_done.wait(10)
+        for pos in range(start, end, 10_000):
+            yield DATA[pos:min(pos + 10_000, end)]
+        if end == len(DATA):
+            later_done.set()
+
+    store, landed, counters = _stream(tmp_path, fetch, prefix=DATA[:3000], part_bytes=64 * 1024)
+    assert sorted(landed) == [off for off, _ in SPANS]
+    for off, length in SPANS:
+        digest = landed[off]
+        assert digest == Digest.of(DATA[off:off + length])
+        # Read through the store: this data compresses, so large chunks are kept as zstd.
+        assert store.get_object(digest) == DATA[off:off + length]
+    assert store.stat_object(landed[200_000]).encoding == "zstd"  # type: ignore[union-attr]
+    assert store.stat_object(landed[0]).encoding == "raw"  # type: ignore[union-attr]
+    assert counters.bytes_from_origin == len(DATA) - 3000  # the probe's bytes not refetched
+    assert min(s for s, _ in requests) == 3000
+    assert not _temp_files(store)
+
+
+def test_dropped_connection_resumes_at_the_first_missing_byte(tmp_path: Path) -> None:
+    requests: list[tuple[int, int]] = []
+    dropped = threading.Event()
+
+    def fetch(start: int, end: int) -> Iterator[bytes]:
+        requests.append((start, end))
+        if start == 151_000 and not dropped.is_set():
+            dropped.set()
+            yield DATA[start:start + 77_777]
+            raise RetryableError("connection reset")
+        yield DATA[start:end]
+
+    _store, landed, counters = _stream(tmp_path, fetch)
+    assert (151_000 + 77_777, 500_000) in requests
+    assert counters.bytes_from_origin == len(DATA)  # nothing fetched twice
+    assert all(landed[off] == Digest.of(DATA[off:off + n]) for off, n in SPANS)
+
+
+def test_bytes_that_fail_the_source_checksum_are_refused(tmp_path: Path) -> None:
+    def fetch(start: int, end: int) -> Iterator[bytes]:
+        yield DATA[start:end]
+
+    with pytest.raises(SourceError) as info:
+        _stream(tmp_path, fetch, expected="0" * 64)
+    assert "sha256 checksum" in str(info.value) and info.value.file == "w.safetensors"
+    assert not _temp_files(BlobStore(str(tmp_path / "store")))
+
+
+def test_a_failing_part_stops_the_others_and_is_the_error_raised(tmp_path: Path) -> None:
+    def fetch(start: int, end: int) -> Iterator[bytes]:
+        if start == 500_000:
+            raise SourceError("origin gone", source="t://s", file="w.safetensors")
+        yield DATA[start:end]
+
+    with pytest.raises(SourceError, match="origin gone"):
+        _stream(tmp_path, fetch, part_bytes=64 * 1024, concurrency=2)
+    assert not _temp_files(BlobStore(str(tmp_path / "store")))
