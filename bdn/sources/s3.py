@@ -118,7 +118,11 @@ class S3Source(RemoteSource):
         self.endpoint = endpoint
         d = self.download
         kwargs: dict[str, Any] = {
-            "skip_instance_cache": True,
+            # s3fs keeps one filesystem (client, connection pool) per distinct set of
+            # these arguments, credentials included: mirrors of the same bucket reuse a
+            # warm client instead of building one (about 0.1 s) per job. Listings are
+            # never cached, so a reused client cannot see a stale prefix.
+            "skip_instance_cache": False,
             "session": _aio_session(),
             "use_listings_cache": False,
             "config_kwargs": {"connect_timeout": d.connect_timeout_s,
