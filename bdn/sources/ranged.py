@@ -48,6 +48,7 @@ from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, RetryPolicy, retry_sync
 from bdn.secrets import scrub
 from bdn.sources.base import FetchCounters, Source, SourceFile
+from bdn.sources.crc import CrcHasher, CrcKind
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,17 @@ class Hasher(Protocol):
 @dataclass(frozen=True)
 class Checksum:
     """What the downloaded bytes must hash to: ``new()`` makes a fresh hasher whose
-    ``hexdigest()`` must equal ``expected_hex``."""
+    ``hexdigest()`` must equal ``expected_hex``. ``crc``: set for a CRC, which can also be
+    computed per piece and combined (:mod:`bdn.sources.crc`)."""
 
     kind: str
     expected_hex: str
     new: Callable[[], Hasher]
+    crc: CrcKind | None = None
+
+    @classmethod
+    def of_crc(cls, crc: CrcKind, expected_b64: str) -> Checksum:
+        return cls(crc.name, expected_b64, lambda: CrcHasher(crc), crc=crc)
 
 
 Fetch = Callable[[int, int], Iterator[bytes]]

@@ -24,12 +24,10 @@ R2 endpoints are derived from the account (``https://<account>.r2.cloudflarestor
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import re
 import threading
-import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +36,7 @@ from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, retry_sync
 from bdn.secrets import SecretResolver, s3_credentials
 from bdn.sources.base import SourceFile
+from bdn.sources.crc import CRC32, crc32c
 from bdn.sources.ranged import (
     AsyncBody,
     Checksum,
@@ -55,19 +54,6 @@ _AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 
 def _classify(exc: BaseException, where: str, uri: str, path: str = "") -> BaseException:
     return classify_fs_error(exc, where, uri, path, service="the store", auth_markers=_AUTH_CODES)
-
-
-class _B64Crc32:
-    """zlib CRC32 in S3's base64 big-endian form."""
-
-    def __init__(self) -> None:
-        self._crc = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._crc = zlib.crc32(data, self._crc)
-
-    def hexdigest(self) -> str:
-        return base64.b64encode(self._crc.to_bytes(4, "big")).decode()
 
 
 @functools.cache
@@ -206,8 +192,6 @@ class S3Source(RemoteSource):
         return None
 
     def _full_object_crc(self, file: SourceFile) -> Checksum | None:
-        from bdn.sources.gcs import B64Crc32c, has_crc32c
-
         try:
             head = self.fs.call_s3("head_object", Bucket=self.bucket,
                                    Key=self._key(file.path)[len(self.bucket) + 1:],
@@ -216,10 +200,11 @@ class S3Source(RemoteSource):
             return None  # verification falls back to the ETag; the download reports errors
         if head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
             return None
-        if head.get("ChecksumCRC32C") and has_crc32c():
-            return Checksum("crc32c", head["ChecksumCRC32C"], B64Crc32c)
+        kind = crc32c()
+        if head.get("ChecksumCRC32C") and kind is not None:
+            return Checksum.of_crc(kind, head["ChecksumCRC32C"])
         if head.get("ChecksumCRC32") and "-" not in head["ChecksumCRC32"]:
-            return Checksum("crc32", head["ChecksumCRC32"], _B64Crc32)
+            return Checksum.of_crc(CRC32, head["ChecksumCRC32"])
         return None
 
     def fetcher(self, file: SourceFile) -> Fetch:

@@ -20,12 +20,14 @@ How:
 * **Sinks.** ``open_chunk(offset, length)`` gives a :class:`ChunkSink` that receives the
   chunk's bytes in order and stores the chunk on ``finish`` (the mirror's sink hashes
   with BLAKE3 and writes into the store as bytes arrive).
-* **In-order checksum.** The source's checksum (LFS sha256, MD5, CRC) needs the bytes in
-  file order. A chunk that starts when every earlier chunk is hashed is hashed *live*,
-  block by block; any other is hashed later from its sink's ``read_back`` (a page-cache
-  read for a local store), by whichever thread moves the frontier up to it. A part
-  starts only within a window (``concurrency × part_bytes``, at least 64 MiB) of the
-  frontier chunk, which bounds how many finished chunks wait for their turn.
+* **Source checksum.** A CRC (S3, GCS) is computed per chunk on the receiving thread and
+  the chunks' CRCs are combined at the end (:mod:`bdn.sources.crc`). Other digests (LFS
+  sha256, MD5) need the bytes in file order: a chunk that starts when every earlier
+  chunk is hashed is hashed *live*, block by block; any other is hashed later from its
+  sink's ``read_back`` (a page-cache read for a local store), by whichever thread moves
+  the frontier up to it. A part starts only within a window (``concurrency ×
+  part_bytes``, at least 64 MiB) of that frontier, which bounds how many finished chunks
+  wait for their turn.
 * **Limits.** Every request holds one slot of each semaphore in ``request_slots`` (the
   source's cap across its files, the mirror service's global cap across jobs).
 
@@ -112,13 +114,21 @@ _PENDING, _LIVE, _STREAMING, _DONE, _HASHED = range(5)
 
 @dataclass
 class _Order:
-    """The in-order source checksum over chunks finished in any order."""
+    """The source checksum over chunks that finish in any order.
+
+    A CRC (``crc`` set) is computed per chunk as its bytes arrive and the chunks' CRCs
+    are combined at the end: nothing waits, nothing is read back. Any other digest runs
+    over the file in order: live for a chunk that starts at the frontier, from the
+    sink's ``read_back`` for one that finished ahead of it.
+    """
 
     spans: Sequence[tuple[int, int]]
-    hasher: Hasher | None
+    checksum: Checksum | None
     window_bytes: int
+    hasher: Hasher | None = field(init=False)
+    crcs: list[int] = field(init=False)
     state: list[int] = field(init=False)
-    frontier: int = 0  # index of the first chunk not yet hashed
+    frontier: int = 0  # index of the first chunk not yet hashed (in-order mode)
     done: dict[int, ChunkSink] = field(default_factory=dict)
     draining: bool = False
     failed: bool = False
@@ -126,6 +136,9 @@ class _Order:
 
     def __post_init__(self) -> None:
         self.state = [_PENDING] * len(self.spans)
+        self.crcs = [0] * len(self.spans)
+        c = self.checksum
+        self.hasher = c.new() if c is not None and c.crc is None else None
 
     def fail(self) -> None:
         with self.cond:
@@ -146,14 +159,18 @@ class _Order:
                 self.cond.wait()
         raise _Stopped
 
-    def begin(self, i: int) -> bool:
-        """Chunk ``i`` starts arriving; True when its blocks are to be hashed live."""
-        if self.hasher is None:
-            return False
-        with self.cond:
-            live = i == self.frontier
-            self.state[i] = _LIVE if live else _STREAMING
-            return live
+    def begin(self, i: int) -> None:
+        """Chunk ``i`` starts arriving."""
+        if self.hasher is not None:
+            with self.cond:
+                self.state[i] = _LIVE if i == self.frontier else _STREAMING
+
+    def update(self, i: int, data: memoryview) -> None:
+        """The next bytes of chunk ``i``, in order."""
+        if self.checksum is not None and self.checksum.crc is not None:
+            self.crcs[i] = self.checksum.crc.extend(self.crcs[i], data)
+        elif self.hasher is not None and self.state[i] == _LIVE:
+            self.hasher.update(data)
 
     def end(self, i: int, sink: ChunkSink) -> None:
         """Chunk ``i`` is complete and stored; ``sink`` is closed once it is hashed."""
@@ -198,6 +215,21 @@ class _Order:
                 self.state[i] = _HASHED
                 self.frontier = i + 1
 
+    def result(self) -> str | None:
+        """The checksum of the whole file, once every chunk has ended."""
+        c = self.checksum
+        if c is None:
+            return None
+        if c.crc is not None:
+            crc = 0
+            for (_, length), part in zip(self.spans, self.crcs, strict=True):
+                crc = c.crc.combine(crc, part, length)
+            return c.crc.b64(crc)
+        assert self.hasher is not None
+        if self.frontier != len(self.spans):  # pragma: no cover - every chunk ended
+            return None
+        return self.hasher.hexdigest()
+
     def close_all(self) -> None:
         with self.cond:
             sinks, self.done = list(self.done.values()), {}
@@ -219,7 +251,7 @@ def stream_file(*, source_uri: str, file: SourceFile, spans: Sequence[tuple[int,
                                                                          strict=False)):
         raise ValueError(f"chunk spans of {file.path} do not tile its {file.size} bytes")
     verify = checksum if options.verify else None
-    order = _Order(spans, verify.new() if verify is not None else None,
+    order = _Order(spans, verify,
                    max(options.concurrency * options.part_bytes, MIN_WINDOW_BYTES))
     have = min(len(prefix), file.size)
     head = memoryview(prefix)[:have]
@@ -237,11 +269,7 @@ def stream_file(*, source_uri: str, file: SourceFile, spans: Sequence[tuple[int,
                        cancel=cancel, request_slots=request_slots)
     finally:
         order.close_all()
-    if order.hasher is not None and order.frontier != len(spans):  # pragma: no cover
-        raise SourceError(f"{file.path} from {source_uri}: chunks missing after the download",
-                          source=source_uri, file=file.path)
-    if verify is not None and order.hasher is not None \
-            and order.hasher.hexdigest() != verify.expected_hex:
+    if verify is not None and order.result() != verify.expected_hex:
         raise SourceError(f"{file.path} from {source_uri}: downloaded bytes do not match the "
                           f"source's {verify.kind} checksum (the object changed during the "
                           "mirror, or the origin served corrupt data)",
@@ -250,11 +278,9 @@ def stream_file(*, source_uri: str, file: SourceFile, spans: Sequence[tuple[int,
 
 def _feed_whole(order: _Order, i: int, sink: ChunkSink, data: memoryview) -> None:
     try:
-        live = order.begin(i)
+        order.begin(i)
         sink.write(data)
-        if live:
-            assert order.hasher is not None
-            order.hasher.update(data)
+        order.update(i, data)
         sink.finish()
     except BaseException:
         sink.close()
@@ -272,26 +298,21 @@ def _run_parts(parts: list[Part], *, source_uri: str, file: SourceFile,
         pos = part.start
         i = part.first
         sink: ChunkSink | None = None
-        live = False
 
         def feed(block: memoryview) -> None:
-            nonlocal pos, i, sink, live
+            nonlocal pos, i, sink
             while block:
                 off, length = spans[i]
                 if sink is None:
                     sink = open_chunk(off, length)
-                    live = order.begin(i)
+                    order.begin(i)
                     if off < pos:  # the chunk's head came with the header probe
                         sink.write(head[off:pos])
-                        if live:
-                            assert order.hasher is not None
-                            order.hasher.update(head[off:pos])
+                        order.update(i, head[off:pos])
                 take = min(off + length - pos, len(block))
-                piece = block[:take]
+                piece = block if take == len(block) else block[:take]
                 sink.write(piece)
-                if live:
-                    assert order.hasher is not None
-                    order.hasher.update(piece)
+                order.update(i, piece)
                 pos += take
                 block = block[take:]
                 if pos == off + length:

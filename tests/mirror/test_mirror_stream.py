@@ -3,8 +3,10 @@ checksum over chunks that finish in any order, resume, failures — into a real 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from bdn.errors import SourceError
 from bdn.retry import RetryableError, RetryPolicy
 from bdn.sources.base import FetchCounters, SourceFile
+from bdn.sources.crc import CRC32, CrcKind, crc32c
 from bdn.sources.ranged import Checksum, DownloadOptions
 from bdn.sources.stream import Part, plan_parts, stream_file
 from bdn.store import BlobStore, Incoming
@@ -47,7 +50,15 @@ class _Sink:
         self.incoming.close()
 
 
-def _stream(tmp_path: Path, fetch, *, prefix: bytes = b"", expected: str | None = None,
+def _sha256(expected: str | None = None) -> Checksum:
+    return Checksum("sha256", expected or hashlib.sha256(DATA).hexdigest(), hashlib.sha256)
+
+
+def _crc(kind: CrcKind, expected: str | None = None) -> Checksum:
+    return Checksum.of_crc(kind, expected or kind.b64(kind.extend(0, DATA)))
+
+
+def _stream(tmp_path: Path, fetch, *, prefix: bytes = b"", checksum: Checksum | None = None,
             part_bytes: int = 128 * 1024, concurrency: int = 4
             ) -> tuple[BlobStore, dict[int, Digest], FetchCounters]:
     store = BlobStore(str(tmp_path / "store"))
@@ -59,8 +70,7 @@ def _stream(tmp_path: Path, fetch, *, prefix: bytes = b"", expected: str | None 
                 options=DownloadOptions(part_bytes=part_bytes, concurrency=concurrency,
                                         retry=FAST),
                 counters=counters, counter_lock=threading.Lock(),
-                checksum=Checksum("sha256", expected or hashlib.sha256(DATA).hexdigest(),
-                                  hashlib.sha256))
+                checksum=checksum or _sha256())
     return store, landed, counters
 
 
@@ -76,8 +86,23 @@ def test_plan_parts_cuts_runs_of_whole_chunks() -> None:
     assert plan_parts(SPANS, len(DATA), 1) == []
 
 
+def test_crc_of_pieces_combines_to_the_crc_of_the_whole() -> None:
+    kinds = [CRC32] + ([crc32c()] if crc32c() else [])  # type: ignore[list-item]
+    for kind in kinds:
+        whole = kind.extend(0, DATA)
+        for cut in (0, 1, 4096, 333_333, len(DATA)):
+            a, b = kind.extend(0, DATA[:cut]), kind.extend(0, DATA[cut:])
+            assert kind.combine(a, b, len(DATA) - cut) == whole
+    assert CRC32.b64(zlib.crc32(b"abc")) == base64.b64encode(
+        zlib.crc32(b"abc").to_bytes(4, "big")).decode()
+
+
+@pytest.mark.parametrize("which", ["sha256", "crc32", "crc32c"])
 def test_chunks_finishing_out_of_order_are_stored_and_checksummed_in_order(
-        tmp_path: Path) -> None:
+        tmp_path: Path, which: str) -> None:
+    kind = {"crc32": CRC32, "crc32c": crc32c()}.get(which)
+    if which == "crc32c" and kind is None:
+        pytest.skip("google-crc32c's C extension is not installed")
     later_done = threading.Event()
     requests: list[tuple[int, int]] = []
 
@@ -92,7 +117,9 @@ def test_chunks_finishing_out_of_order_are_stored_and_checksummed_in_order(
         if end == len(DATA):
             later_done.set()
 
-    store, landed, counters = _stream(tmp_path, fetch, prefix=DATA[:3000], part_bytes=64 * 1024)
+    store, landed, counters = _stream(tmp_path, fetch, prefix=DATA[:3000],
+                                      part_bytes=64 * 1024,
+                                      checksum=_crc(kind) if kind else _sha256())
     assert sorted(landed) == [off for off, _ in SPANS]
     for off, length in SPANS:
         digest = landed[off]
@@ -129,9 +156,12 @@ def test_bytes_that_fail_the_source_checksum_are_refused(tmp_path: Path) -> None
         yield DATA[start:end]
 
     with pytest.raises(SourceError) as info:
-        _stream(tmp_path, fetch, expected="0" * 64)
+        _stream(tmp_path / "a", fetch, checksum=_sha256("0" * 64))
     assert "sha256 checksum" in str(info.value) and info.value.file == "w.safetensors"
-    assert not _temp_files(BlobStore(str(tmp_path / "store")))
+    assert not _temp_files(BlobStore(str(tmp_path / "a" / "store")))
+    with pytest.raises(SourceError, match="crc32 checksum"):
+        _stream(tmp_path / "b", fetch, checksum=_crc(CRC32, "AAAAAA=="))
+    assert not _temp_files(BlobStore(str(tmp_path / "b" / "store")))
 
 
 def test_a_failing_part_stops_the_others_and_is_the_error_raised(tmp_path: Path) -> None:

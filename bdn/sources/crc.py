@@ -1,0 +1,108 @@
+"""CRC32 and CRC32C in the form S3 and GCS report them, computable per chunk and combined.
+
+Object stores publish a whole-object CRC (base64 of the big-endian value). A CRC can be
+computed over pieces independently and the pieces' CRCs combined afterwards, knowing only
+their lengths (zlib's ``crc32_combine``: multiply by the matrix of "append N zero bits"
+over GF(2)). That is what lets a streamed mirror verify each chunk on the thread that
+receives it, while its bytes are still in the CPU cache, in any order, instead of
+replaying every chunk in file order (see :mod:`bdn.sources.stream`). Digests that cannot
+be combined (MD5, SHA-256) still take the in-order path.
+"""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CrcKind:
+    """A reflected 32-bit CRC: its polynomial and a fast ``extend(crc, data) -> crc``."""
+
+    name: str
+    poly: int
+    extend: Callable[[int, bytes | memoryview], int]
+
+    def combine(self, crc1: int, crc2: int, len2: int) -> int:
+        """The CRC of ``A + B`` from ``crc(A)``, ``crc(B)`` and ``len(B)``."""
+        if len2 <= 0:
+            return crc1
+        # Operator for one zero bit, then squared to 2, 4, 8... bits; applied per set bit
+        # of len2 in bytes (the first two squarings turn bits into a byte).
+        odd = [self.poly] + [1 << n for n in range(31)]
+        even = _square(odd)
+        odd = _square(even)
+        while True:
+            even = _square(odd)
+            if len2 & 1:
+                crc1 = _times(even, crc1)
+            len2 >>= 1
+            if not len2:
+                break
+            odd = _square(even)
+            if len2 & 1:
+                crc1 = _times(odd, crc1)
+            len2 >>= 1
+            if not len2:
+                break
+        return crc1 ^ crc2
+
+    @staticmethod
+    def b64(crc: int) -> str:
+        return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+def _times(mat: list[int], vec: int) -> int:
+    out = 0
+    i = 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _square(mat: list[int]) -> list[int]:
+    return [_times(mat, mat[n]) for n in range(32)]
+
+
+CRC32 = CrcKind("crc32", 0xEDB88320, lambda crc, data: zlib.crc32(data, crc))
+
+
+def _readonly(data: bytes | memoryview) -> bytes:
+    # google_crc32c takes only read-only bytes; a view of a whole bytes object is free.
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data.obj, bytes) and data.nbytes == len(data.obj):
+        return data.obj
+    return bytes(data)
+
+
+def crc32c() -> CrcKind | None:
+    """CRC32C through the hardware-accelerated ``google_crc32c``, if it is installed
+    (its pure-Python fallback is far slower than MD5: not worth using)."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return None
+    if google_crc32c.implementation != "c":
+        return None
+    extend = google_crc32c.extend
+    return CrcKind("crc32c", 0x82F63B78, lambda crc, data: int(extend(crc, _readonly(data))))
+
+
+class CrcHasher:
+    """A :class:`CrcKind` as a hasher whose ``hexdigest`` is the base64 form stores use."""
+
+    def __init__(self, kind: CrcKind) -> None:
+        self.kind = kind
+        self.crc = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.crc = self.kind.extend(self.crc, data)
+
+    def hexdigest(self) -> str:
+        return self.kind.b64(self.crc)
