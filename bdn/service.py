@@ -73,6 +73,23 @@ def announce(url: str) -> None:
     sys.stdout.flush()
 
 
+async def announce_and_wait(url: str) -> None:
+    """Announce ``url`` (the daemon is ready), then wait for SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    announce(url)
+    await stop.wait()
+
+
+def remove_socket_file(listen: ListenAddress) -> None:
+    """Remove a unix socket a daemon listened on (after it stopped)."""
+    if listen.path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listen.path)
+
+
 def serve_forever(make_app: Callable[[], Awaitable[web.Application]],
                   listen: ListenAddress) -> int:
     """Build the app, bind it, announce the URL and run until SIGTERM/SIGINT."""
@@ -81,18 +98,11 @@ def serve_forever(make_app: Callable[[], Awaitable[web.Application]],
         app = await make_app()
         runner, url = await start_site(app, listen)
         app["bdn.url"] = url
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        announce(url)
         try:
-            await stop.wait()
+            await announce_and_wait(url)
         finally:
             await runner.cleanup()
-            if listen.path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(listen.path)
+            remove_socket_file(listen)
 
     asyncio.run(main())
     return 0

@@ -2,8 +2,10 @@
 
 Warm: ``--clients`` parallel clients (curl, one process each, keep-alive) pull a warm
 object set of ``--size-gib`` in ``--range-mib`` byte ranges, from ``bdn cache-server``
-and from nginx (``sendfile on``) whose root is the cache's own object folder — the same
-files, same run, alternating, ``--runs`` times; medians and the ratio ours ÷ nginx.
+(``--workers`` processes, default the CPUs) and from nginx (``sendfile on``,
+``--nginx-workers`` processes, default one per CPU) whose root is the cache's own object
+folder — the same files, same run, alternating, ``--runs`` times; medians and the ratio
+ours ÷ nginx.
 
 Cold: a fresh cache (empty folder) is filled from a local blob store by the same
 clients requesting whole objects, against reading the store's files directly with
@@ -208,6 +210,8 @@ def main() -> int:
     ap.add_argument("--nginx-workers", default="auto")
     ap.add_argument("--send-threads", type=int, default=None,
                     help="pass --send-threads to the cache server (default: its own)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="pass --workers to the cache server (default: its own, the CPUs)")
     ap.add_argument("--dir", default=str(ROOT / ".bench" / "cache"))
     ap.add_argument("--fresh", action="store_true", help="regenerate the object set")
     args = ap.parse_args()
@@ -237,7 +241,8 @@ def main() -> int:
                 "cache-server", "--store", str(store_dir), "--dir", str(cache_dir),
                 "--budget-bytes", budget, "--listen", "127.0.0.1:0",
                 *([] if args.send_threads is None else
-                  ["--send-threads", str(args.send_threads)])))
+                  ["--send-threads", str(args.send_threads)]),
+                *([] if args.workers is None else ["--workers", str(args.workers)])))
             procs.append(cache)
             # Cold: every object filled from the store through the cache, whole.
             whole = [[(f"{cache.url}/v1/objects/{d}", None) for d in digests[i::args.clients]]

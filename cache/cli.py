@@ -6,7 +6,7 @@ import argparse
 import re
 
 from bdn.errors import ConfigError
-from bdn.service import ListenAddress, serve_forever
+from bdn.service import ListenAddress
 from bdn.store import default_store_url
 from cache.server import (
     DEFAULT_FILL_THREADS,
@@ -14,9 +14,11 @@ from cache.server import (
     DEFAULT_PREFETCH_RATE_BYTES_PER_S,
     DEFAULT_SEND_THREADS,
     REF_TTL_S,
-    CacheServer,
+    SEND_THREADS_AUTO,
     CacheServerOptions,
+    default_workers,
 )
+from cache.workers import serve
 
 DEFAULT_LISTEN = "127.0.0.1:8401"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -49,9 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="background fills at once (default %(default)s)")
     p.add_argument("--fill-threads", type=int, default=DEFAULT_FILL_THREADS,
                    help="most concurrent blob store reads (default %(default)s)")
-    p.add_argument("--send-threads", type=int, default=DEFAULT_SEND_THREADS,
-                   help="responses sent with sendfile at once off the event loop, using "
-                   "more cores (0: send on the event loop; default %(default)s)")
+    p.add_argument("--send-threads", type=int, default=SEND_THREADS_AUTO,
+                   help="responses sent with sendfile at once off the event loop, per "
+                   "process (0: send on the event loop; default: 0 with several workers, "
+                   f"{DEFAULT_SEND_THREADS} with one)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes serving the port: the owner (fills, index, eviction) "
+                   "and N-1 workers that send cached objects and forward the rest to it "
+                   f"(default 1; this machine's usable CPUs: {default_workers()})")
     p.add_argument("--ref-ttl", type=float, default=REF_TTL_S, metavar="SECONDS",
                    help="how long a resolved ref is reused (default %(default)s)")
     p.add_argument("--fsync", action="store_true",
@@ -66,12 +73,8 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
             budget_bytes=args.budget_bytes, prefetch_rate_bytes_per_s=args.prefetch_rate,
             prefetch_concurrency=args.prefetch_concurrency, fill_threads=args.fill_threads,
             send_threads=args.send_threads,
-            ref_ttl_s=args.ref_ttl, fsync=args.fsync)
+            ref_ttl_s=args.ref_ttl, fsync=args.fsync,
+            **({} if args.workers is None else {"workers": args.workers}))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    listen = ListenAddress.parse(args.listen)
-
-    async def make_app():  # type: ignore[no-untyped-def]
-        return CacheServer(options).make_app()
-
-    return serve_forever(make_app, listen)
+    return serve(options, ListenAddress.parse(args.listen))

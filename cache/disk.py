@@ -24,6 +24,14 @@ Why it is shaped so:
   without keeping it.
 - **Readers pin.** Any request serving an object pins its digest; pinned objects are
   never eviction victims, so an object being read is not deleted under its reader.
+  Readers in *other* processes (the hit workers of :mod:`cache.workers`, with
+  ``shared_readers``) pin by holding a shared ``flock`` on the object file they opened:
+  before removing a victim this process takes an exclusive ``flock`` on it (non-blocking;
+  a victim someone reads is skipped and the plan is made again) and holds it across the
+  unlink, so a reader either got its shared lock first (and the object stays) or finds
+  the lock taken or the file unlinked (and asks this process instead). Those processes
+  only ever open files under ``objects/`` for reading: they never touch the index, the
+  partial files or the folder lock.
 - **Access times are batched.** Every hit updates the in-memory LRU clock; the index is
   written in one transaction at most every ``ACCESS_FLUSH_S`` (and at close), so a hit
   costs no disk write. After a crash the LRU order is at most that stale.
@@ -65,14 +73,22 @@ ACCESS_FLUSH_S = 5.0
 _RECORD = struct.Struct("<QdB")  # size, last access (unix seconds), state
 
 
+def object_relpath(hex_: str) -> str:
+    """A complete object's file under ``objects/`` (also read by the worker processes
+    of :mod:`cache.worker`, which know no more of this layout than this)."""
+    return f"{hex_[:2]}/{hex_[2:4]}/{hex_}"
+
+
 @dataclass(frozen=True)
 class DiskOptions:
     """``budget_bytes``: most object bytes kept on disk. ``fsync``: sync each object file
     and the index before a fill counts as complete (survives power loss, not only a
-    process crash; costs a flush per fill)."""
+    process crash; costs a flush per fill). ``shared_readers``: other processes read
+    objects under a shared ``flock``, which eviction respects (see module docstring)."""
 
     budget_bytes: int
     fsync: bool = False
+    shared_readers: bool = False
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
@@ -149,8 +165,7 @@ class DiskStore:
 
     def object_file(self, digest: Digest) -> str:
         """The object's file name as a string (the hot path: no ``Path`` objects)."""
-        h = digest.hex
-        return f"{self._objects_str}/{h[:2]}/{h[2:4]}/{h}"
+        return f"{self._objects_str}/{object_relpath(digest.hex)}"
 
     # -- recovery ------------------------------------------------------------------
 
@@ -223,6 +238,15 @@ class DiskStore:
         self._dirty_access.add(digest.hex)
         if time.monotonic() - self._last_flush >= ACCESS_FLUSH_S:
             self.flush()
+
+    def note_access(self, digest: Digest, at: float) -> None:
+        """An access seen elsewhere at ``at`` (unix seconds), reported late: the LRU
+        clock only moves forward."""
+        e = self._entries.get(digest.hex)
+        if e is None or e.state != STATE_COMPLETE or at <= e.last_access:
+            return
+        e.last_access = at
+        self._dirty_access.add(digest.hex)
 
     def pin(self, digest: Digest) -> None:
         self._pins[digest.hex] = self._pins.get(digest.hex, 0) + 1
@@ -319,16 +343,46 @@ class DiskStore:
         return True
 
     def _make_room(self, incoming: int, *, now: float) -> bool:
-        candidates = [Candidate(k, e.size, e.last_access, k in self._pins)
-                      for k, e in self._entries.items() if e.state == STATE_COMPLETE]
-        plan = plan_eviction(candidates, used_bytes=self._used + self._reserved,
-                             incoming_bytes=incoming, budget_bytes=self.options.budget_bytes,
-                             now=now)
-        if plan.victims:
-            self._remove(list(plan.victims))
+        busy: set[str] = set()  # being read by another process (shared flock)
+        while True:
+            candidates = [Candidate(k, e.size, e.last_access, k in self._pins or k in busy)
+                          for k, e in self._entries.items() if e.state == STATE_COMPLETE]
+            plan = plan_eviction(candidates, used_bytes=self._used + self._reserved,
+                                 incoming_bytes=incoming,
+                                 budget_bytes=self.options.budget_bytes, now=now)
+            if not plan.victims:
+                return plan.fits
+            locks = self._lock_victims(plan.victims, busy)
+            try:
+                if any(k in busy for k in plan.victims):
+                    continue  # plan again without what others are reading
+                self._remove(list(plan.victims))
+            finally:
+                for fd in locks:
+                    os.close(fd)  # after the unlink: see module docstring
             self.evictions += len(plan.victims)
             self.evicted_bytes += plan.freed_bytes
-        return plan.fits
+            return plan.fits
+
+    def _lock_victims(self, victims: tuple[str, ...], busy: set[str]) -> list[int]:
+        """Exclusive ``flock`` on each victim's file (``shared_readers`` only); the
+        victims another process reads are added to ``busy``. Returns the lock fds."""
+        if not self.options.shared_readers:
+            return []
+        fds: list[int] = []
+        for k in victims:
+            try:
+                fd = os.open(f"{self._objects_str}/{object_relpath(k)}", os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                busy.add(k)
+                continue
+            fds.append(fd)
+        return fds
 
     def _remove(self, keys: list[str]) -> None:
         for k in keys:

@@ -69,3 +69,7 @@ class FillIntegrityError(FillError):
 
 class DiskStoreError(CacheError):
     """The cache's own disk store or index is unusable (names the folder)."""
+
+
+class WorkerError(CacheError):
+    """A worker process of a multi-process cache server failed to start or to run."""

@@ -27,21 +27,21 @@ Why so: every store read happens in a worker thread (the blob store is synchrono
 may be remote) so the event loop only moves bytes; complete objects go out with
 ``loop.sendfile`` from the page cache, and the per-request bookkeeping is a dict lookup,
 a pin and an in-memory LRU touch (the index is written in batches, see
-:mod:`cache.disk`).
+:mod:`cache.disk`). With ``workers`` > 1 this process is the *owner* of the cache folder
+and hit workers serve complete objects beside it on the same port, forwarding the rest
+here (:mod:`cache.workers`); ``X-Bdn-Worker`` names the process that answered (0: this).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import math
 import os
-import select
-import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +59,18 @@ from cache.errors import (
     CacheNotFoundError,
     FillError,
     FillIntegrityError,
-    RangeNotSatisfiableError,
     StoreUnavailableError,
 )
 from cache.fill import FILL_BLOCK_BYTES, Fill, FillAborted, RateLimiter, produce
+from cache.send import (
+    OWNER_WORKER,
+    Sender,
+    abort,
+    object_headers,
+    parse_range,
+    prepare_range,
+    send_file_response,
+)
 from manifests.digest import Digest, Hasher
 from manifests.errors import BdnError, DigestError
 from manifests.manifest import ENCODING_RAW, ENCODING_ZSTD, parse_manifest
@@ -77,16 +85,51 @@ DEFAULT_PREFETCH_RATE_BYTES_PER_S = 100 * 1024 * 1024
 DEFAULT_PREFETCH_CONCURRENCY = 2
 DEFAULT_FILL_THREADS = 32
 DEFAULT_SEND_THREADS = 16
-# A client that accepts no byte for this long is dropped (frees its send thread).
-SEND_STALL_TIMEOUT_S = 300.0
-SEND_POLL_SLICE_S = 1.0
+# send_threads left to the server: DEFAULT_SEND_THREADS with one process; with several
+# none — each process has its event loop on a core, and sending from the loop costs
+# less CPU per response than a thread hop (cache.send).
+SEND_THREADS_AUTO = -1
 RETRY_AFTER_S = 1
 VERIFY_BLOCK_BYTES = 4 * 1024 * 1024
 SHUTDOWN_FILL_WAIT_S = 5.0
 ZSTD_HEADER_PEEK_BYTES = 18
 NOT_FOUND_STATUSES = (404, 410)
-IMMUTABLE = "public, max-age=31536000, immutable"
 FILL_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_CPU_QUOTA_US = "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"
+CGROUP_V1_CPU_PERIOD_US = "/sys/fs/cgroup/cpu/cpu.cfs_period_us"
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """The container's CPU limit in CPUs (cgroup quota ÷ period), or None if unlimited."""
+    try:
+        quota, _, period = Path(CGROUP_V2_CPU_MAX).read_text().partition(" ")
+    except OSError:
+        try:
+            quota = Path(CGROUP_V1_CPU_QUOTA_US).read_text()
+            period = Path(CGROUP_V1_CPU_PERIOD_US).read_text()
+        except OSError:
+            return None
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
+        return None  # "max": no limit
+    return q / p if q > 0 and p > 0 else None
+
+
+def default_workers() -> int:
+    """Serving processes by default: the CPUs this process may use — those it may run
+    on, capped by the container's CPU limit — at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
 
 
 @dataclass(frozen=True)
@@ -95,9 +138,12 @@ class CacheServerOptions:
 
     ``prefetch_rate_bytes_per_s`` and ``prefetch_concurrency`` bound background fills;
     ``fill_threads`` bounds concurrent store reads; ``send_threads`` how many responses
-    are sent by ``sendfile`` at once off the event loop (0: on the loop); ``ref_ttl_s``
-    how long a resolved ref is reused; ``fsync`` makes completed fills survive power
-    loss.
+    are sent by ``sendfile`` at once off the event loop (0: on the loop), per process
+    (default ``SEND_THREADS_AUTO``: none with several workers, 16 with one);
+    ``ref_ttl_s`` how long a resolved ref is reused; ``fsync`` makes completed fills
+    survive power loss; ``workers`` how many processes serve the port (the owner and
+    ``workers`` − 1 hit workers, see :mod:`cache.workers`; default 1; ``default_workers()``
+    gives the CPUs the process may use).
     """
 
     store_url: str
@@ -106,9 +152,12 @@ class CacheServerOptions:
     prefetch_rate_bytes_per_s: int = DEFAULT_PREFETCH_RATE_BYTES_PER_S
     prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY
     fill_threads: int = DEFAULT_FILL_THREADS
-    send_threads: int = DEFAULT_SEND_THREADS
+    send_threads: int = SEND_THREADS_AUTO
     ref_ttl_s: float = REF_TTL_S
     fsync: bool = False
+    # One by default: a miss taken by a worker is relayed through it, which costs the cold
+    # fill CPU; several pay on nodes whose cores outrun one Python process's sendfile loop.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -119,50 +168,18 @@ class CacheServerOptions:
             raise ValueError("CacheServerOptions.budget_bytes must be ≥ 0")
         if self.prefetch_rate_bytes_per_s <= 0:
             raise ValueError("CacheServerOptions.prefetch_rate_bytes_per_s must be > 0")
-        if self.send_threads < 0:
-            raise ValueError("CacheServerOptions.send_threads must be ≥ 0")
+        if self.send_threads < SEND_THREADS_AUTO:
+            raise ValueError("CacheServerOptions.send_threads must be ≥ 0 (or "
+                             "SEND_THREADS_AUTO)")
         if self.prefetch_concurrency < 1 or self.fill_threads < 1:
             raise ValueError("CacheServerOptions: prefetch_concurrency and fill_threads ≥ 1")
         if self.ref_ttl_s < 0:
             raise ValueError("CacheServerOptions.ref_ttl_s must be ≥ 0")
-
-
-# -- ranges --------------------------------------------------------------------------
-
-
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The half-open byte range a ``Range`` header asks of an object of ``size`` bytes.
-
-    None means "send the whole object": no header, a unit other than bytes, or several
-    ranges (RFC 9110 lets a server ignore those). Raises
-    :class:`RangeNotSatisfiableError` for a malformed bytes range or one that selects no
-    byte (first byte at or past the end; a zero suffix; any range of an empty object).
-    """
-    if header is None:
-        return None
-    unit, sep, spec = header.partition("=")
-    if not sep or unit.strip().lower() != "bytes":
-        return None
-    spec = spec.strip()
-    if "," in spec:
-        return None
-    first, dash, last = (p.strip() for p in spec.partition("-"))
-    bad = RangeNotSatisfiableError(f"range {header!r} not satisfiable for {size} bytes",
-                                   size=size)
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
-        raise bad
-    if not first:
-        if not last or int(last) == 0 or size == 0:
-            raise bad
-        return max(0, size - int(last)), size
-    start = int(first)
-    if start >= size:
-        raise bad
-    if not last:
-        return start, size
-    if int(last) < start:
-        raise bad
-    return start, min(int(last) + 1, size)
+        if self.workers < 1:
+            raise ValueError("CacheServerOptions.workers must be ≥ 1")
+        if self.send_threads == SEND_THREADS_AUTO:
+            object.__setattr__(self, "send_threads",
+                               0 if self.workers > 1 else DEFAULT_SEND_THREADS)
 
 
 # -- the store, counted --------------------------------------------------------------
@@ -243,6 +260,9 @@ class Metrics:
         self.prefetch_queued = 0
         self.prefetch_filled = 0
         self.invalidated = 0
+        # Hits and bytes served by each worker process (the owner's: the rest).
+        self.worker_hits: dict[int, int] = {}
+        self.worker_bytes: dict[int, int] = {}
 
     def observe_fill(self, seconds: float) -> None:
         self.fill_count += 1
@@ -277,18 +297,14 @@ class CacheServer:
             self.backend = CountingBackend(store.backend)
             store = BlobStore(store.url, store.options, backend=self.backend)
         self.store = store
-        self.disk = DiskStore(options.cache_dir, DiskOptions(options.budget_bytes,
-                                                              fsync=options.fsync))
+        self.disk = DiskStore(options.cache_dir, DiskOptions(
+            options.budget_bytes, fsync=options.fsync, shared_readers=options.workers > 1))
         self.metrics = Metrics()
         self.fills: dict[Digest, Fill] = {}
         self._fill_tasks: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(options.fill_threads,
                                             thread_name_prefix="bdn-cache-fill")
-        self._send_executor = (ThreadPoolExecutor(options.send_threads,
-                                                  thread_name_prefix="bdn-cache-send")
-                               if options.send_threads else None)
-        self._sends_in_threads = 0
-        self._stopping = threading.Event()
+        self.sender = Sender(options.send_threads)
         self._limiter = RateLimiter(options.prefetch_rate_bytes_per_s)
         self._prefetch_queue: asyncio.Queue[Digest] | None = None
         self._prefetch_pending: set[Digest] = set()
@@ -296,6 +312,10 @@ class CacheServer:
         self._refs: dict[Ref, tuple[Digest, float]] = {}
         self._digests: dict[str, Digest] = {}
         self._flush_task: asyncio.Task[None] | None = None
+        # Serving processes that listen now, index → pid (0: this one; cache.workers),
+        # and how to collect their pending notes before /metrics is answered.
+        self.processes: dict[int, int] = {OWNER_WORKER: os.getpid()}
+        self.collect_worker_notes: Callable[[], Awaitable[None]] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -324,10 +344,10 @@ class CacheServer:
     async def _on_shutdown(self, app: web.Application) -> None:
         # Before aiohttp waits for in-flight requests: sends to clients that keep
         # reading finish; sends to stalled clients end within SEND_POLL_SLICE_S.
-        self._stopping.set()
+        self.sender.stop()
 
     async def _on_cleanup(self, app: web.Application) -> None:
-        self._stopping.set()
+        self.sender.stop()
         for t in [*self._prefetch_workers, *([self._flush_task] if self._flush_task else [])]:
             t.cancel()
         for fill in self.fills.values():
@@ -335,8 +355,7 @@ class CacheServer:
         if self._fill_tasks:
             await asyncio.wait(self._fill_tasks, timeout=SHUTDOWN_FILL_WAIT_S)
         self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._send_executor is not None:
-            self._send_executor.shutdown(wait=False, cancel_futures=True)
+        self.sender.close()
         self.disk.close()
 
     async def _flush_loop(self) -> None:
@@ -474,8 +493,7 @@ class CacheServer:
         return await self._serve(request, "application/json")
 
     def _headers(self, digest: Digest, content_type: str, state: str) -> dict[str, str]:
-        return {"ETag": f'"{digest}"', "Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes",
-                "Content-Type": content_type, "X-Bdn-Cache": state}
+        return object_headers(str(digest), content_type, state, str(OWNER_WORKER))
 
     def _parse_digest(self, text: str) -> Digest:
         """``Digest.parse``, remembered: hot objects are asked for over and over."""
@@ -501,17 +519,7 @@ class CacheServer:
 
     def _prepare_range(self, request: web.Request, digest: Digest, size: int,
                        headers: dict[str, str]) -> tuple[int, int, int] | web.Response:
-        try:
-            rng = parse_range(request.headers.get("Range"), size)
-        except RangeNotSatisfiableError as e:
-            headers["Content-Range"] = f"bytes */{size}"
-            headers["Content-Type"] = "application/json"
-            body = json.dumps({"error": f"{e} (object {digest})", "digest": str(digest)})
-            return web.Response(status=416, text=body, headers=headers)
-        if rng is None:
-            return 200, 0, size
-        headers["Content-Range"] = f"bytes {rng[0]}-{rng[1] - 1}/{size}"
-        return 206, rng[0], rng[1]
+        return prepare_range(request, str(digest), size, headers)
 
     async def _serve_file(self, request: web.Request, digest: Digest, path: str,
                           content_type: str) -> web.StreamResponse:
@@ -534,77 +542,15 @@ class CacheServer:
             self.disk.drop(digest)
             return _error(503, f"object {digest} vanished from the cache disk; retry",
                           str(digest), {"Retry-After": str(RETRY_AFTER_S)})
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = end - start
-        corked = _cork(request, end > start and request.method != "HEAD")
         try:
-            await resp.prepare(request)
-            if request.method != "HEAD" and end > start:
-                await self._sendfile(request, f, start, end - start)
-                self.metrics.bytes_served += end - start
-        except ConnectionError:
-            _abort(request)  # the client went away (or stalled): never reuse this socket
-            return resp
+            resp, whole = await send_file_response(request, self.sender, f, status, start,
+                                                   end, headers)
         finally:
-            _uncork(corked)
             f.close()
             self.disk.unpin(digest)
-        await resp.write_eof()
+        if whole and request.method != "HEAD":
+            self.metrics.bytes_served += end - start
         return resp
-
-    async def _sendfile(self, request: web.Request, f: BinaryIO, offset: int,
-                        count: int) -> None:
-        """Send ``count`` bytes of ``f`` from ``offset`` on the request's connection.
-
-        First one non-blocking ``sendfile`` right here: it moves as much as the socket
-        buffer takes (often a whole range) with no thread hop and no extra wakeup — the
-        per-request cost that decides small ranges. What is left goes to a send thread:
-        on loopback and fast NICs the kernel's copy and TCP work happen in the sending
-        thread, so one event loop would cap the server at one core. The thread works on
-        a ``dup`` of the socket (it can never write into a reused descriptor) while the
-        transport's reading is paused and its buffer is empty, as asyncio's own
-        ``loop.sendfile`` does. If every send thread is busy (slow readers hold them),
-        the rest is sent on the loop, so slow clients never queue fast ones.
-        """
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
-        loop = asyncio.get_running_loop()
-        sock = transport.get_extra_info("socket")
-        if sock is None or not hasattr(transport, "_make_empty_waiter"):
-            await loop.sendfile(transport, f, offset, count)
-            return
-        resume = transport.is_reading()
-        transport.pause_reading()
-        try:
-            if transport.get_write_buffer_size():
-                try:
-                    await transport._make_empty_waiter()  # the headers are on the wire
-                finally:
-                    transport._reset_empty_waiter()
-            try:
-                sent = os.sendfile(sock.fileno(), f.fileno(), offset, count)
-            except BlockingIOError:
-                sent = 0
-            offset += sent
-            count -= sent
-            if count <= 0:
-                return
-            if (self._send_executor is None
-                    or self._sends_in_threads >= self.options.send_threads):
-                await loop.sendfile(transport, f, offset, count)
-                return
-            fd = os.dup(sock.fileno())
-            self._sends_in_threads += 1
-            try:
-                await loop.run_in_executor(self._send_executor, _sendfile_blocking, fd,
-                                           f.fileno(), offset, count, self._stopping)
-            finally:
-                self._sends_in_threads -= 1
-                os.close(fd)
-        finally:
-            if resume and not transport.is_closing():
-                transport.resume_reading()
 
     async def _serve_fill(self, request: web.Request, fill: Fill, content_type: str,
                           state: str) -> web.StreamResponse:
@@ -632,7 +578,7 @@ class CacheServer:
             try:
                 await resp.prepare(request)
             except ConnectionError:
-                _abort(request)
+                abort(request)
                 return resp
             if request.method == "HEAD":
                 await resp.write_eof()
@@ -640,7 +586,7 @@ class CacheServer:
             pos = start
             while pos < end:
                 if fill.error is not None:
-                    _abort(request)  # never a clean end: the client must see it fail
+                    abort(request)  # never a clean end: the client must see it fail
                     return resp
                 # Until the fill is verified, the last byte of the range is held back.
                 limit = end if fill.ok else min(fill.written, end - 1)
@@ -649,12 +595,12 @@ class CacheServer:
                     continue
                 try:
                     if f is not None:
-                        await self._sendfile(request, f, pos, limit - pos)
+                        await self.sender.sendfile(request, f, pos, limit - pos)
                     else:
                         for view in fill.iter_memory(pos, limit):
                             await resp.write(view)
                 except ConnectionError:
-                    _abort(request)
+                    abort(request)
                     return resp  # the client went away; the fill goes on for others
                 self.metrics.bytes_served += limit - pos
                 pos = limit
@@ -685,6 +631,20 @@ class CacheServer:
         if fill.error is not None:
             raise fill.error
         return fill.final_path
+
+    # -- hits served by worker processes (cache.workers) -------------------------------
+
+    def worker_counts(self, worker: int, hits: int, nbytes: int) -> None:
+        """Hits and body bytes worker process ``worker`` served since its last note."""
+        m = self.metrics
+        m.hits += hits
+        m.bytes_served += nbytes
+        m.worker_hits[worker] = m.worker_hits.get(worker, 0) + hits
+        m.worker_bytes[worker] = m.worker_bytes.get(worker, 0) + nbytes
+
+    def worker_access(self, hex_: str, at: float) -> None:
+        """A worker process read object ``hex_`` at ``at`` (unix seconds): the LRU."""
+        self.disk.note_access(self._parse_digest(f"b3:{hex_}"), at)
 
     # -- invalidate ----------------------------------------------------------------
 
@@ -812,9 +772,13 @@ class CacheServer:
         return web.json_response({"ok": True, "store": self.store.url,
                                   "dir": str(self.disk.root), "objects": u.objects,
                                   "used_bytes": u.used_bytes, "budget_bytes": u.budget_bytes,
-                                  "fills_in_flight": len(self.fills)})
+                                  "fills_in_flight": len(self.fills),
+                                  "processes": {str(i): pid for i, pid
+                                                in sorted(self.processes.items())}})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
+        if self.collect_worker_notes is not None:
+            await self.collect_worker_notes()
         return web.Response(text=self.render_metrics(),
                             content_type="text/plain", charset="utf-8",
                             headers={"Cache-Control": "no-store"})
@@ -874,65 +838,22 @@ class CacheServer:
         metric("bdn_cache_disk_budget_bytes", "gauge", "The disk byte budget.",
                u.budget_bytes)
         metric("bdn_cache_objects", "gauge", "Complete objects on disk.", u.objects)
+        metric("bdn_cache_processes", "gauge",
+               "Processes serving the port (the owner and its hit workers).",
+               len(self.processes))
+        workers = sorted({*m.worker_hits, *self.processes} - {OWNER_WORKER})
+        for name, help_, total, per in (
+                ("bdn_cache_process_hits_total", "Hits served, by process (0: the owner).",
+                 m.hits, m.worker_hits),
+                ("bdn_cache_process_bytes_served_total",
+                 "Body bytes sent, by process (0: the owner).", m.bytes_served,
+                 m.worker_bytes)):
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} counter")
+            out.append(f'{name}{{worker="{OWNER_WORKER}"}} {total - sum(per.values())}')
+            for w in workers:
+                out.append(f'{name}{{worker="{w}"}} {per.get(w, 0)}')
         return "\n".join(out) + "\n"
-
-
-def _abort(request: web.Request) -> None:
-    """Drop the connection mid-body: the client sees a short, failed transfer, and the
-    socket is never reused for a next request while the body is incomplete."""
-    if request.transport is not None:
-        request.transport.abort()
-
-
-def _cork(request: web.Request, want: bool) -> socket.socket | None:
-    """Hold the headers back until the body joins them (``TCP_CORK``, as nginx's
-    ``tcp_nopush``): one segment and one client wakeup instead of two per response —
-    most of the per-request cost of small ranges on loopback."""
-    if not want or not hasattr(socket, "TCP_CORK") or request.transport is None:
-        return None
-    sock = request.transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    except OSError:
-        return None
-    return sock  # type: ignore[no-any-return]
-
-
-def _uncork(sock: socket.socket | None) -> None:
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-
-
-def _sendfile_blocking(sock_fd: int, file_fd: int, offset: int, count: int,
-                       stop: threading.Event) -> None:
-    """``sendfile`` until done on a non-blocking socket, waiting with ``poll`` (thread).
-
-    Waits in slices so a server shutting down (``stop``) never waits on a stalled
-    client; a client that takes no byte for ``SEND_STALL_TIMEOUT_S`` is dropped.
-    """
-    poller = select.poll()
-    poller.register(sock_fd, select.POLLOUT)
-    sent = 0
-    stalled_s = 0.0
-    while sent < count:
-        try:
-            n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
-        except BlockingIOError:
-            if poller.poll(SEND_POLL_SLICE_S * 1000):
-                stalled_s = 0.0
-                continue
-            stalled_s += SEND_POLL_SLICE_S
-            if stop.is_set() or stalled_s >= SEND_STALL_TIMEOUT_S:
-                raise ConnectionResetError(
-                    "server stopping" if stop.is_set() else
-                    f"client read nothing for {SEND_STALL_TIMEOUT_S:.0f} s") from None
-            continue
-        if n == 0:
-            raise ConnectionResetError("file ended before the response did")
-        sent += n
 
 
 def _hash_file(path: str | Path) -> Digest:
