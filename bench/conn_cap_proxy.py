@@ -6,8 +6,9 @@ ranged requests are for. Put this in front of moto or fake-gcs-server and every 
 ours and the baseline alike, sees each connection capped at ``--conn-mbps``.
 
 Only the upstream → client direction is paced (downloads are what is measured), in
-slices of ``SLICE_BYTES`` against a per-connection schedule, so a connection averages
-the cap without bursting past it. Prints ``BDN_LISTENING <url>`` once bound.
+slices of ``SLICE_BYTES`` by a per-connection token bucket, so a connection averages the
+cap and an idle keep-alive connection cannot burst past it later. Prints
+``BDN_LISTENING <url>`` once bound.
 
     python bench/conn_cap_proxy.py --upstream 127.0.0.1:9000 --conn-mbps 50 [--port 0]
 """
@@ -25,26 +26,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bdn.service import announce
 
 SLICE_BYTES = 64 * 1024
+BURST_BYTES = 256 * 1024
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 bytes_per_s: float | None) -> None:
     loop = asyncio.get_running_loop()
-    start = loop.time()
-    sent = 0
+    # A token bucket: an idle keep-alive connection saves up at most BURST_BYTES, so a
+    # connection reused later cannot burst past the cap on what it did not use.
+    tokens = float(BURST_BYTES)
+    last = loop.time()
     try:
         while True:
             data = await reader.read(SLICE_BYTES)
             if not data:
                 break
+            if bytes_per_s:
+                now = loop.time()
+                tokens = min(float(BURST_BYTES), tokens + (now - last) * bytes_per_s)
+                last = now
+                tokens -= len(data)
+                if tokens < 0:
+                    await asyncio.sleep(-tokens / bytes_per_s)
             writer.write(data)
             await writer.drain()
-            sent += len(data)
-            if bytes_per_s:
-                # Ahead of schedule: wait until the cap allows what was sent.
-                ahead = start + sent / bytes_per_s - loop.time()
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:

@@ -190,7 +190,7 @@ class Bench:
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        root = self.work / "fake-gcs"
+        root = self.work / ("fake-gcs-capped" if capped else "fake-gcs")
         root.mkdir()
         p = ServiceProcess([str(_get_binary_path()), "-scheme", "http", "-backend",
                             "filesystem", "-filesystem-root", str(root), "-host",
