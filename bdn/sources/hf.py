@@ -11,25 +11,33 @@ base model's shards in a fine-tune, a common tokenizer) is fetched once:
 ``hf-lfs-sha256:<hex>`` for LFS files and ``hf-git-sha1:<blob id>:<size>`` for small
 files kept in git. Both are collision-resistant enough to share across repositories.
 
-Bytes come from ``{endpoint}/{repo}/resolve/{commit}/{path}`` by parallel ranged GETs
-(``bdn.sources.ranged``), following the Hub's redirect to its CDN; the token is sent to
-the Hub only (the HTTP client strips it on a cross-origin redirect). Every download is
+Bytes come from ``{endpoint}/{repo}/resolve/{commit}/{path}`` by parallel ranged GETs,
+following the Hub's redirect to its CDN; the token is sent to the Hub only (the HTTP
+client strips it on a cross-origin redirect). The responses are read by aiohttp on
+fsspec's event loop and handed to the mirror's threads in 1 MiB blocks
+(``bdn.sources.ranged.loop_stream_fetcher``, as for S3 and GCS): a synchronous client
+parsing every 64 KiB socket read in Python, on eight threads sharing the GIL, cost more
+CPU than the hashing. Every download is
 verified against the LFS sha256 or git blob sha1. ``HF_ENDPOINT`` (or the ``endpoint``
 option) selects the Hub, which is how tests point it at a loopback fixture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import aiohttp
 import httpx2
+from fsspec.asyn import get_loop as fsspec_loop
+from fsspec.asyn import sync
 from huggingface_hub import HfApi
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
@@ -40,16 +48,17 @@ from huggingface_hub.errors import (
 )
 
 from bdn.config import Auth, SourceURI
-from bdn.errors import AuthError, SourceError
+from bdn.errors import AuthError, BdnError, SourceError
 from bdn.retry import RetryableError, is_retryable_status, parse_retry_after, retry_sync
 from bdn.secrets import SecretResolver, hf_token, scrub
 from bdn.sources.base import SourceFile
 from bdn.sources.ranged import (
-    STREAM_BLOCK_BYTES,
+    AsyncBody,
     Checksum,
     DownloadOptions,
     Fetch,
     RemoteSource,
+    loop_stream_fetcher,
 )
 
 log = logging.getLogger(__name__)
@@ -101,13 +110,8 @@ class HFSource(RemoteSource):
         self._commit: str | None = None
         self._files: list[SourceFile] | None = None
         self._checksums: dict[str, Checksum] = {}
-        d = self.download
-        self._client = httpx2.Client(
-            follow_redirects=True, verify=_tls_context(),
-            timeout=httpx2.Timeout(d.read_timeout_s, connect=d.connect_timeout_s),
-            limits=httpx2.Limits(max_connections=max(d.concurrency * 2, 8),
-                                 max_keepalive_connections=max(d.concurrency * 2, 8)),
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+        self._session: aiohttp.ClientSession | None = None
+        self._loop = fsspec_loop()
 
     # -- metadata ------------------------------------------------------------------
 
@@ -211,72 +215,90 @@ class HFSource(RemoteSource):
         self._load()
         return self._checksums.get(file.path)
 
+    async def _http(self) -> aiohttp.ClientSession:
+        # Made on the loop that uses it, once; closed with the source.
+        if self._session is None:
+            d = self.download
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=max(d.concurrency * 2, 8),
+                                               ssl=_tls_context()),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=d.connect_timeout_s,
+                                              sock_read=d.read_timeout_s),
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+                auto_decompress=False)
+        return self._session
+
     def fetcher(self, file: SourceFile) -> Fetch:
         url = self.file_url(file)
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-        def fetch(start: int, end: int) -> Iterator[bytes]:
-            if start >= end:
-                return
-            h = dict(headers, Range=f"bytes={start}-{end - 1}")
+        async def open_body(start: int, end: int) -> AsyncBody:
+            session = await self._http()
+            # Redirects (to the CDN) are followed; aiohttp drops the token when one leaves
+            # the Hub's origin, as the Hub's own client does.
+            r = await session.get(url, headers=dict(headers, Range=f"bytes={start}-{end - 1}"))
             try:
-                with self._client.stream("GET", url, headers=h) as r:
-                    status = r.status_code
-                    if status in (401, 403):
-                        raise AuthError(self._auth_message("refused the credentials") +
-                                        f" while downloading {file.path}", source=self.uri,
-                                        file=file.path, status=status)
-                    if status == 404:
-                        raise SourceError(f"{file.path} from {self.uri}: not found at commit "
-                                          f"{self.commit}", source=self.uri, file=file.path,
-                                          status=404)
-                    if is_retryable_status(status):
-                        raise RetryableError(
-                            f"HTTP {status}", status=status,
-                            retry_after_s=parse_retry_after(r.headers.get("Retry-After")))
-                    if status == 200:
-                        skip = start  # the origin ignored Range: drop what we have
-                    elif status == 206:
-                        skip = 0
-                    else:
-                        raise SourceError(f"{file.path} from {self.uri}: unexpected HTTP "
-                                          f"{status}", source=self.uri, file=file.path,
-                                          status=status)
-                    want = end - start
-                    # Socket reads (64 KiB) are gathered into blocks of about
-                    # STREAM_BLOCK_BYTES, so the caller's per-block work (hash, write,
-                    # each a GIL round trip) is paid per MiB; what was gathered is still
-                    # handed on if the connection drops, so a resume loses nothing.
-                    gathered: list[bytes] = []
-                    size = 0
-                    try:
-                        for block in r.iter_raw():
-                            if skip:
-                                cut = min(skip, len(block))
-                                block, skip = block[cut:], skip - cut
-                                if not block:
-                                    continue
-                            if len(block) > want:
-                                block = block[:want]
-                            want -= len(block)
-                            gathered.append(block)
-                            size += len(block)
-                            if size >= STREAM_BLOCK_BYTES or want == 0:
-                                yield b"".join(gathered)
-                                gathered, size = [], 0
-                            if want == 0:
-                                return
-                    except Exception:
-                        if gathered:
-                            yield b"".join(gathered)
-                        raise
-                    if gathered:  # the origin ended early: the caller resumes from here
-                        yield b"".join(gathered)
-            except httpx2.TransportError as e:
-                raise RetryableError(f"{type(e).__name__}: {scrub(str(e))}") from None
+                status = r.status
+                if status in (401, 403):
+                    raise AuthError(self._auth_message("refused the credentials") +
+                                    f" while downloading {file.path}", source=self.uri,
+                                    file=file.path, status=status)
+                if status == 404:
+                    raise SourceError(f"{file.path} from {self.uri}: not found at commit "
+                                      f"{self.commit}", source=self.uri, file=file.path,
+                                      status=404)
+                if is_retryable_status(status):
+                    raise RetryableError(
+                        f"HTTP {status}", status=status,
+                        retry_after_s=parse_retry_after(r.headers.get("Retry-After")))
+                if status not in (200, 206):
+                    raise SourceError(f"{file.path} from {self.uri}: unexpected HTTP "
+                                      f"{status}", source=self.uri, file=file.path,
+                                      status=status)
+            except BaseException:
+                r.release()
+                raise
+            # 200: the origin ignored Range; what precedes ``start`` is dropped.
+            return _RangeBody(r, skip=start if status == 200 else 0, want=end - start)
 
-        return fetch
+        def classify(e: BaseException) -> BaseException:
+            if isinstance(e, (BdnError, RetryableError)):
+                return e
+            return RetryableError(f"{type(e).__name__}: {scrub(str(e))}")
+
+        return loop_stream_fetcher(self._loop, open_body, classify)
 
     def close(self) -> None:
         super().close()
-        self._client.close()
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(Exception):
+                sync(self._loop, session.close)
+
+
+class _RangeBody:
+    """A response body cut to the asked range: ``skip`` bytes dropped first (an origin
+    that ignored ``Range``), at most ``want`` bytes handed on."""
+
+    def __init__(self, response: aiohttp.ClientResponse, *, skip: int, want: int) -> None:
+        self.response = response
+        self.skip = skip
+        self.want = want
+
+    async def read(self, n: int) -> bytes:
+        while self.want > 0:
+            data = await self.response.content.read(n if self.skip else min(n, self.want))
+            if not data:
+                return b""
+            if self.skip:
+                cut = min(self.skip, len(data))
+                data, self.skip = data[cut:], self.skip - cut
+                if not data:
+                    continue
+            data = data[:self.want]
+            self.want -= len(data)
+            return data
+        return b""
+
+    def close(self) -> None:
+        self.response.release()

@@ -642,17 +642,22 @@ def loop_stream_fetcher(loop: Any, open_body: Callable[[int, int], Awaitable[Asy
     """
     import asyncio
 
-    async def read_block(body: AsyncBody, n: int) -> bytes:
+    async def read_block(body: AsyncBody, n: int) -> tuple[bytes, Exception | None]:
         # aiohttp hands over whatever has arrived (often 64 KiB); gather a block so the
-        # caller's per-block work (hash, write: GIL round trips) is paid per block.
+        # caller's per-block work (hash, write: GIL round trips) is paid per block. What
+        # arrived before a failure is handed on too, so a resume loses nothing.
         pieces = []
-        while n > 0:
-            piece = await body.read(n)
-            if not piece:
-                break
-            pieces.append(piece)
-            n -= len(piece)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        failure: Exception | None = None
+        try:
+            while n > 0:
+                piece = await body.read(n)
+                if not piece:
+                    break
+                pieces.append(piece)
+                n -= len(piece)
+        except Exception as e:
+            failure = e
+        return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), failure
 
     async def pump(start: int, end: int, handoff: _Handoff) -> None:
         body: AsyncBody | None = None
@@ -660,11 +665,14 @@ def loop_stream_fetcher(loop: Any, open_body: Callable[[int, int], Awaitable[Asy
             body = await open_body(start, end)
             pos = start
             while pos < end:
-                block = await read_block(body, min(block_bytes, end - pos))
+                block, failure = await read_block(body, min(block_bytes, end - pos))
+                if block:
+                    await handoff.put(block)
+                    pos += len(block)
+                if failure is not None:
+                    raise failure
                 if not block:
                     break
-                await handoff.put(block)
-                pos += len(block)
             await handoff.put(_END)
         except _ConsumerGone:
             pass
