@@ -130,6 +130,18 @@ class NodeCache:
         # Bytes promised to running pulls but not yet allocated on disk.
         self._reserved: dict[str, int] = {}
 
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """A write transaction on the index. The index grows on the same disk as the
+        files: a commit refused for space is the same clear "disk full" as a file's."""
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.DiskError as e:  # ENOSPC (a full map is a budget matter, not this)
+            raise DiskFullError(f"no space on the node's disk for the cache index under "
+                                f"{self.root} ({e})", path=str(self.root)) from None
+
     def close(self) -> None:
         self.env.sync(True)
         self.env.close()
@@ -219,7 +231,7 @@ class NodeCache:
             st = None
         if st is not None:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-            with self.env.begin(write=True) as txn:
+            with self._writing() as txn:
                 txn.put(key, _j({**rec, "last_use": now}), db=self._partials)  # type: ignore[dict-item]
             return fd, True
         # No journal may outlive its partial file: a stale one would claim bytes that
@@ -239,7 +251,7 @@ class NodeCache:
                     f"({entry.path}, {entry.digest.short}) under {self.root}",
                     path=str(path), needed=entry.size) from None
             raise
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             txn.put(key, _j({"size": entry.size, "mode": entry.mode, "last_use": now}),
                     db=self._partials)
         return fd, False
@@ -247,7 +259,7 @@ class NodeCache:
     def mark_chunk(self, file_digest: Digest, offset: int, length: int,
                    chunk_digest: Digest) -> None:
         """Journal one verified chunk of a partial file and index it for local reuse."""
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             txn.put(f"{file_digest.hex}/{offset:016x}".encode(), chunk_digest.hex.encode(),
                     db=self._journal)
             ck = chunk_digest.hex.encode()
@@ -259,7 +271,7 @@ class NodeCache:
 
     def unmark_chunk(self, chunk_digest: Digest, loc: ChunkLocation) -> None:
         """Forget a chunk location found bad (its bytes did not verify)."""
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             ck = chunk_digest.hex.encode()
             cur = _u(txn.get(ck, db=self._chunks))
             if cur and cur["file"] == loc.file_hex and cur["offset"] == loc.offset:
@@ -279,7 +291,7 @@ class NodeCache:
         os.fsync(fd)
         fkey = content_key(entry)
         record = _file_record(entry, now)
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             txn.put(fkey.hex.encode(), _j({**record, "publishing": True}), db=self._partials)
         target = self.file_path(fkey)
         target.parent.mkdir(exist_ok=True)
@@ -297,7 +309,7 @@ class NodeCache:
 
     def _index_file(self, fkey: Digest, record: dict[str, Any]) -> None:
         h = fkey.hex
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             txn.put(h.encode(), _j(record), db=self._files)
             txn.delete(h.encode(), db=self._partials)
             self._clear_journal_txn(txn, fkey)
@@ -309,7 +321,7 @@ class NodeCache:
                                     "partial": False}), db=self._chunks)
 
     def touch(self, digests: Iterable[Digest], now: float) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             for d in digests:
                 rec = _u(txn.get(d.hex.encode(), db=self._files))
                 if rec is not None:
@@ -317,7 +329,7 @@ class NodeCache:
                     txn.put(d.hex.encode(), _j(rec), db=self._files)
 
     def _clear_journal(self, digest: Digest) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             self._clear_journal_txn(txn, digest)
 
     def _clear_journal_txn(self, txn: lmdb.Transaction, digest: Digest) -> None:
@@ -338,19 +350,19 @@ class NodeCache:
     def drop_partial(self, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.partial_path(digest))
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             txn.delete(digest.hex.encode(), db=self._partials)
             self._clear_journal_txn(txn, digest)
 
     # -- pins ----------------------------------------------------------------------
 
     def pin(self, holder: str, digests: Iterable[Digest]) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             for d in digests:
                 txn.put(f"{d.hex}/{holder}".encode(), b"", db=self._pins)
 
     def unpin(self, holder: str, digests: Iterable[Digest]) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             for d in digests:
                 txn.delete(f"{d.hex}/{holder}".encode(), db=self._pins)
 
@@ -427,7 +439,7 @@ class NodeCache:
             return
         # Row first, then file: a crash in between leaves an orphan file that
         # recover() removes, never a row pointing at nothing.
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             rec = _u(txn.get(e.key.encode(), db=self._files))
             txn.delete(e.key.encode(), db=self._files)
             for ch, _, _ in (rec or {}).get("chunks", []):
@@ -441,7 +453,7 @@ class NodeCache:
     # -- agent metadata ------------------------------------------------------------
 
     def meta_put(self, key: str, doc: Any) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             txn.put(key.encode(), _j(doc), db=self._meta)
 
     def meta_get(self, key: str) -> Any:
@@ -449,7 +461,7 @@ class NodeCache:
             return _u(txn.get(key.encode(), db=self._meta))
 
     def meta_delete(self, key: str) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._writing() as txn:
             txn.delete(key.encode(), db=self._meta)
 
     def meta_items(self, prefix: str) -> Iterator[tuple[str, Any]]:
