@@ -2,7 +2,7 @@
 
 Warm: ``--clients`` parallel clients (curl, one process each, keep-alive) pull a warm
 object set of ``--size-gib`` in ``--range-mib`` byte ranges, from ``bdn cache-server``
-(``--workers`` processes, default the CPUs) and from nginx (``sendfile on``,
+(``--workers`` processes, default the server's: 1) and from nginx (``sendfile on``,
 ``--nginx-workers`` processes, default one per CPU) whose root is the cache's own object
 folder — the same files, same run, alternating, ``--runs`` times; medians and the ratio
 ours ÷ nginx.
@@ -211,7 +211,7 @@ def main() -> int:
     ap.add_argument("--send-threads", type=int, default=None,
                     help="pass --send-threads to the cache server (default: its own)")
     ap.add_argument("--workers", type=int, default=None,
-                    help="pass --workers to the cache server (default: its own, the CPUs)")
+                    help="pass --workers to the cache server (default: its own, 1)")
     ap.add_argument("--dir", default=str(ROOT / ".bench" / "cache"))
     ap.add_argument("--fresh", action="store_true", help="regenerate the object set")
     args = ap.parse_args()
