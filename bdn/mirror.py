@@ -160,6 +160,9 @@ class Mirror:
         emit({"event": "listed", "files": len(files), "bytes": sum(f.size for f in files)})
         stop = threading.Event()
         run = _Run(stats, emit, stop, AnyOf(stop, cancel) if cancel is not None else stop)
+        if isinstance(source, RemoteSource):
+            # Chunks a killed mirror was receiving would otherwise stay in the store.
+            self.store.sweep_incoming(now=time.time())
         spool = Path(self.options.spool_dir or tempfile.gettempdir())
         with ThreadPoolExecutor(self.options.write_workers,
                                 thread_name_prefix="bdn-mirror") as pool:

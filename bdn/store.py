@@ -57,6 +57,10 @@ REFS_PREFIX = "refs"
 FINGERPRINTS_PREFIX = "fingerprints"
 ZSTD_SUFFIX = ".zst"
 TMP_MARKER = ".tmp-"
+INCOMING_NAME = "incoming"
+# A chunk being received is written to at least every read timeout (60 s); one untouched
+# for this long belongs to a mirror that died.
+STALE_INCOMING_S = 3600.0
 READ_BLOCK_BYTES = 4 * 1024 * 1024
 DEFAULT_STORE_ENV = "BDN_STORE"
 
@@ -426,6 +430,25 @@ class BlobStore:
             return _FileIncoming(self, self.backend, length)
         return _MemoryIncoming(self, length)
 
+    def sweep_incoming(self, now: float, stale_s: float = STALE_INCOMING_S) -> int:
+        """Delete chunks a dead mirror was receiving (:meth:`incoming` files untouched for
+        ``stale_s``); returns how many. Only a local store has them."""
+        if not isinstance(self.backend, LocalBackend):
+            return 0
+        removed = 0
+        try:
+            entries = list(os.scandir(self.backend.root / OBJECTS_PREFIX))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.startswith(INCOMING_NAME + TMP_MARKER):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if now - entry.stat(follow_symlinks=False).st_mtime >= stale_s:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
     def get_object(self, digest: Digest, *, verify: bool = True) -> bytes:
         """Whole decoded object, verified against its digest."""
         info = self.stat_object(digest)
@@ -641,7 +664,7 @@ class _FileIncoming(_IncomingBase):
     def __init__(self, store: BlobStore, backend: LocalBackend, length: int) -> None:
         super().__init__(store, length)
         self.backend = backend
-        self.tmp: str | None = backend.temp_path(f"{OBJECTS_PREFIX}/incoming")
+        self.tmp: str | None = backend.temp_path(f"{OBJECTS_PREFIX}/{INCOMING_NAME}")
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
     def write(self, data: bytes | memoryview) -> None:

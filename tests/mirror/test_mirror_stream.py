@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import threading
 import zlib
 from collections.abc import Iterator
@@ -173,3 +174,18 @@ def test_a_failing_part_stops_the_others_and_is_the_error_raised(tmp_path: Path)
     with pytest.raises(SourceError, match="origin gone"):
         _stream(tmp_path, fetch, part_bytes=64 * 1024, concurrency=2)
     assert not _temp_files(BlobStore(str(tmp_path / "store")))
+
+
+def test_chunks_a_dead_mirror_was_receiving_are_swept(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path / "store"))
+    abandoned, live = store.incoming(10), store.incoming(10)
+    abandoned.write(b"12345")
+    live.write(b"67890")
+    old = Path(abandoned.tmp)  # type: ignore[attr-defined]
+    os.utime(old, (1000.0, 1000.0))
+    assert store.sweep_incoming(now=1000.0 + 3600.0) == 1
+    assert not old.exists()
+    assert Path(live.tmp).exists()  # type: ignore[attr-defined]
+    live.close()
+    abandoned.close()
+    assert not _temp_files(store)
