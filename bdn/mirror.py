@@ -18,6 +18,10 @@ How the bytes arrive depends on the source:
   (content-defined cuts need the content) are spooled to a file first, then chunked
   like a local one.
 
+A streamed file that was interrupted (a crash, a restart of the mirror service) resumes
+from the chunks that landed: a small record beside the spool files lists them, and only
+the rest is fetched.
+
 Crash safety comes from ordering, not from locks: objects are written atomically and
 idempotently; a fingerprint entry is written only after its file's objects; the manifest
 only after every object it names (the store checks); the ref only after the manifest.
@@ -27,6 +31,8 @@ and running it again skips what already landed.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import mmap
 import os
@@ -44,7 +50,8 @@ import blake3
 from bdn.errors import BdnError, MirrorError, SourceError
 from bdn.patterns import select
 from bdn.sources.base import Source, SourceFile
-from bdn.sources.ranged import AnyOf, CancelToken, RemoteSource
+from bdn.sources.ranged import AnyOf, CancelToken, RemoteSource, spool_paths
+from bdn.sources.stream import Landed
 from bdn.store import BlobStore, PutResult
 from manifests.chunking import DEFAULT_OPTIONS, ChunkingOptions, plan_cdc, plan_safetensors
 from manifests.digest import Digest
@@ -305,15 +312,38 @@ class Mirror:
                     prefix += source.read_range(sf, len(prefix), n)
                 spans = self._header_plan(prefix[:n], sf.size, sf)
                 if spans is not None:
-                    chunks: dict[int, Chunk] = {}
-                    source.stream(sf, spans, prefix=prefix, cancel=run.cancelled,
-                                  open_chunk=lambda off, length: _StreamedChunk(
-                                      self, run, sf, off, length, chunks))
-                    return FileEntry.from_chunks(sf.path, [chunks[off] for off, _ in spans],
-                                                 mode=sf.mode)
+                    return self._stream_file(source, sf, spans, prefix, spool, run)
         # Content-defined cuts need the content: spool the file, then chunk it in place.
         with source.local_file(sf, spool, prefix=prefix) as local:
             return self._chunk_file(local, sf, pool, run)
+
+    def _stream_file(self, source: RemoteSource, sf: SourceFile,
+                     spans: list[tuple[int, int]], prefix: bytes, spool: Path,
+                     run: _Run) -> FileEntry:
+        """Stream ``sf`` into the store; chunks an interrupted attempt already stored
+        (its record in the spool folder says which) are not fetched again."""
+        record = _ResumeRecord(spool_paths(spool, source.uri, sf)[0].with_suffix(".stream"),
+                               [sf.size, sf.fingerprint, self._plan_tag, len(spans)])
+        chunks: dict[int, Chunk] = {}
+        landed: dict[int, Landed] = {}
+        for i, (digest, crc) in record.load().items():
+            info = self.store.stat_object(digest) if i < len(spans) else None
+            if info is None:
+                continue
+            off, length = spans[i]
+            landed[i] = Landed(crc, lambda d=digest: [self.store.get_object(d)])
+            chunks[off] = self._record(run, sf, digest, off, length,
+                                       PutResult(info.encoding, info.stored_length, False))
+
+        def on_chunk(i: int, crc: int | None) -> None:
+            record.add(i, chunks[spans[i][0]].digest, crc)
+
+        source.stream(sf, spans, prefix=prefix, cancel=run.cancelled, landed=landed,
+                      on_chunk=on_chunk,
+                      open_chunk=lambda off, length: _StreamedChunk(self, run, sf, off,
+                                                                   length, chunks))
+        record.remove()
+        return FileEntry.from_chunks(sf.path, [chunks[off] for off, _ in spans], mode=sf.mode)
 
     def _plan(self, view: memoryview, size: int, sf: SourceFile) -> list[tuple[int, int]]:
         if sf.path.endswith(SAFETENSORS_SUFFIX) and size >= PREFIX_BYTES:
@@ -434,3 +464,39 @@ class _StreamedChunk:
 
     def close(self) -> None:
         self.incoming.close()
+
+
+class _ResumeRecord:
+    """Which chunks of a streamed file are stored already (index → digest, and CRC when
+    the source's checksum is one), kept beside the spool files so a mirror restarted
+    after a crash fetches only the rest of a large file. ``key`` must match, or the
+    record is ignored (another size, upstream content or chunk plan)."""
+
+    def __init__(self, path: Path, key: list[Any]) -> None:
+        self.path = path
+        self.key = key
+        self.chunks: dict[str, list[Any]] = {}
+        self.lock = threading.Lock()
+
+    def load(self) -> dict[int, tuple[Digest, int | None]]:
+        try:
+            doc = json.loads(self.path.read_text())
+            if doc.get("key") != self.key:
+                return {}
+            self.chunks = {str(i): [str(h), c] for i, (h, c) in doc["chunks"].items()}
+            return {int(i): (Digest(h), None if c is None else int(c))
+                    for i, (h, c) in self.chunks.items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, BdnError):
+            return {}  # unreadable: fetch everything, as if there were none
+
+    def add(self, index: int, digest: Digest, crc: int | None) -> None:
+        with self.lock:
+            self.chunks[str(index)] = [digest.hex, crc]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".stream-tmp")
+            tmp.write_text(json.dumps({"key": self.key, "chunks": self.chunks}))
+            os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        with self.lock, contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -476,11 +476,12 @@ class RemoteSource(Source):
 
     def stream(self, file: SourceFile, spans: Sequence[tuple[int, int]], *,
                open_chunk: Callable[[int, int], Any], prefix: bytes = b"",
-               cancel: CancelToken | None = None) -> None:
+               cancel: CancelToken | None = None, landed: Any = None,
+               on_chunk: Callable[[int, int | None], None] | None = None) -> None:
         """Fetch ``file`` into one sink per chunk of ``spans`` (tiling the file), made by
         ``open_chunk(offset, length)``; sinks are fed from worker threads, each chunk in
-        order. ``prefix``: bytes from offset 0 already fetched. See
-        :mod:`bdn.sources.stream`."""
+        order. ``prefix``: bytes from offset 0 already fetched; ``landed`` and
+        ``on_chunk``: resuming an interrupted attempt. See :mod:`bdn.sources.stream`."""
         from bdn.sources.stream import stream_file
 
         stop = AnyOf(self._stop_token, cancel) if cancel is not None else self._stop_token
@@ -488,7 +489,7 @@ class RemoteSource(Source):
                     fetch=self.fetcher(file), open_chunk=open_chunk, options=self.download,
                     counters=self.counters, counter_lock=self._counter_lock,
                     checksum=self.checksum(file), cancel=stop,
-                    request_slots=self._request_slots())
+                    request_slots=self._request_slots(), landed=landed, on_chunk=on_chunk)
 
     def _request_slots(self) -> list[threading.Semaphore]:
         # Always in this order (own cap, then the global one), so waiters cannot deadlock.

@@ -31,15 +31,17 @@ How:
 * **Limits.** Every request holds one slot of each semaphore in ``request_slots`` (the
   source's cap across its files, the mirror service's global cap across jobs).
 
-Resuming after a crash restarts a streamed file: chunks that already landed are found in
-the store and not written again, but the source checksum needs every byte again.
+**Resume.** ``on_chunk`` hears of every chunk stored (with its CRC when the checksum is
+one); a later attempt passes those as ``landed`` and they are not fetched again. The
+source checksum still covers them: by the recorded CRC, or by reading the stored chunk
+back (other digests).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -90,23 +92,58 @@ class Part:
     stop: int
 
 
-def plan_parts(spans: Sequence[tuple[int, int]], have: int, part_bytes: int) -> list[Part]:
+def plan_parts(spans: Sequence[tuple[int, int]], have: int, part_bytes: int,
+               landed: Container[int] = frozenset()) -> list[Part]:
     """Runs of whole chunks of at least ``part_bytes`` (a chunk larger than that alone)
-    covering ``[have, size)``; ``spans`` tile the file."""
+    covering ``[have, size)``, except the chunks in ``landed``; ``spans`` tile the file."""
     parts: list[Part] = []
-    i = 0
-    while i < len(spans) and spans[i][0] + spans[i][1] <= have:
-        i += 1
-    start = have
-    while i < len(spans):
-        j = i
-        end = start
-        while j < len(spans) and (j == i or end - start < part_bytes):
-            end = spans[j][0] + spans[j][1]
-            j += 1
-        parts.append(Part(start, end, i, j))
-        start, i = end, j
+    run: list[int] = []
+
+    def close() -> None:
+        if run:
+            last = spans[run[-1]]
+            parts.append(Part(max(have, spans[run[0]][0]), last[0] + last[1], run[0],
+                              run[-1] + 1))
+            run.clear()
+
+    for i, (off, length) in enumerate(spans):
+        if off + length <= have:
+            continue
+        if i in landed:
+            close()
+            continue
+        run.append(i)
+        if off + length - max(have, spans[run[0]][0]) >= part_bytes:
+            close()
+    close()
     return parts
+
+
+@dataclass(frozen=True)
+class Landed:
+    """A chunk an earlier, interrupted attempt already stored: not fetched again. The
+    source checksum takes its recorded ``crc`` (a CRC checksum) or its bytes from
+    ``read_back`` (any other digest)."""
+
+    crc: int | None
+    read_back: Callable[[], Iterable[bytes | memoryview]]
+
+
+class _LandedSink:
+    def __init__(self, landed: Landed) -> None:
+        self.landed = landed
+
+    def write(self, data: memoryview) -> None:  # pragma: no cover - never fed
+        raise AssertionError("a landed chunk is not fetched")
+
+    def finish(self) -> None:  # pragma: no cover - never fed
+        raise AssertionError("a landed chunk is not fetched")
+
+    def read_back(self) -> Iterator[bytes | memoryview]:
+        yield from self.landed.read_back()
+
+    def close(self) -> None:
+        pass
 
 
 _PENDING, _LIVE, _STREAMING, _DONE, _HASHED = range(5)
@@ -125,6 +162,7 @@ class _Order:
     spans: Sequence[tuple[int, int]]
     checksum: Checksum | None
     window_bytes: int
+    on_chunk: Callable[[int, int | None], None] | None = None
     hasher: Hasher | None = field(init=False)
     crcs: list[int] = field(init=False)
     state: list[int] = field(init=False)
@@ -172,8 +210,25 @@ class _Order:
         elif self.hasher is not None and self.state[i] == _LIVE:
             self.hasher.update(data)
 
+    def land(self, i: int, landed: Landed) -> bool:
+        """Take chunk ``i`` as stored by an earlier attempt; False when the checksum
+        cannot be had without fetching it (a CRC that was not recorded)."""
+        c = self.checksum
+        if c is not None and c.crc is not None:
+            if landed.crc is None:
+                return False
+            self.crcs[i] = landed.crc
+        elif self.hasher is not None:
+            with self.cond:
+                self.state[i] = _DONE
+                self.done[i] = _LandedSink(landed)
+        return True
+
     def end(self, i: int, sink: ChunkSink) -> None:
         """Chunk ``i`` is complete and stored; ``sink`` is closed once it is hashed."""
+        if self.on_chunk is not None:
+            crc = self.checksum is not None and self.checksum.crc is not None
+            self.on_chunk(i, self.crcs[i] if crc else None)
         if self.hasher is None:
             sink.close()
             return
@@ -185,6 +240,13 @@ class _Order:
             else:
                 self.state[i] = _DONE
                 self.done[i] = sink
+        self.kick()
+
+    def kick(self) -> None:
+        """Hash what waits at the frontier, unless another thread is doing it."""
+        if self.hasher is None:
+            return
+        with self.cond:
             if self.draining:
                 self.cond.notify_all()
                 return
@@ -242,26 +304,34 @@ def stream_file(*, source_uri: str, file: SourceFile, spans: Sequence[tuple[int,
                 options: DownloadOptions, counters: FetchCounters,
                 counter_lock: threading.Lock, checksum: Checksum | None = None,
                 cancel: CancelToken | None = None,
-                request_slots: Sequence[threading.Semaphore] = ()) -> None:
+                request_slots: Sequence[threading.Semaphore] = (),
+                landed: Mapping[int, Landed] | None = None,
+                on_chunk: Callable[[int, int | None], None] | None = None) -> None:
     """Fetch ``file`` into one sink per chunk of ``spans``; ``prefix`` holds bytes
-    ``[0, len(prefix))`` already fetched. Raises :class:`SourceError` naming the source
-    and file when the bytes cannot be had or fail the source's checksum."""
+    ``[0, len(prefix))`` already fetched. ``landed``: chunks (by index) stored by an
+    earlier attempt, not fetched again; ``on_chunk(index, crc)`` is told of each chunk
+    stored now (its CRC when the checksum is one), for a later attempt to resume from.
+    Raises :class:`SourceError` naming the source and file when the bytes cannot be had
+    or fail the source's checksum."""
     ends = [0] + [off + length for off, length in spans]
     if ends[-1] != file.size or any(off != end for (off, _), end in zip(spans, ends,
                                                                          strict=False)):
         raise ValueError(f"chunk spans of {file.path} do not tile its {file.size} bytes")
     verify = checksum if options.verify else None
     order = _Order(spans, verify,
-                   max(options.concurrency * options.part_bytes, MIN_WINDOW_BYTES))
+                   max(options.concurrency * options.part_bytes, MIN_WINDOW_BYTES), on_chunk)
     have = min(len(prefix), file.size)
     head = memoryview(prefix)[:have]
-    parts = plan_parts(spans, have, options.part_bytes)
+    skip = {i for i, chunk in (landed or {}).items() if order.land(i, chunk)}
+    parts = plan_parts(spans, have, options.part_bytes, skip)
     try:
+        order.kick()
         # Chunks the probe fetched whole are stored right here.
         for i, (off, length) in enumerate(spans):
             if off + length > have:
                 break
-            _feed_whole(order, i, open_chunk(off, length), head[off:off + length])
+            if i not in skip:
+                _feed_whole(order, i, open_chunk(off, length), head[off:off + length])
         if parts:
             _run_parts(parts, source_uri=source_uri, file=file, spans=spans, head=head,
                        fetch=fetch, open_chunk=open_chunk, options=options,

@@ -15,7 +15,7 @@ import pytest
 from bdn.config import Auth, parse_source
 from bdn.errors import AuthError, ConfigError, SourceError
 from bdn.export import export_manifest
-from bdn.mirror import Mirror, MirrorOptions
+from bdn.mirror import HEADER_PROBE_BYTES, Mirror, MirrorCancelled, MirrorOptions
 from bdn.retry import RetryPolicy
 from bdn.secrets import SecretResolver
 from bdn.sources import open_source
@@ -240,3 +240,41 @@ def test_mirror_bad_source_uri_reads_like_truss(uri: str, message: str) -> None:
         else:
             parse_source(uri)
     assert message in str(info.value)
+
+
+def test_mirror_resumes_a_streamed_file_from_the_chunks_that_landed(hub: Any,
+                                                                    tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(3)
+    # Eight 1 MiB tensors: each its own chunk, and each its own part below.
+    data = save({f"t{i}": rng.integers(0, 255, 1 << 20, dtype=np.uint8) for i in range(8)})
+    files = {"model.safetensors": data, "config.json": b"{}"}
+    hub.state.commit("org/resume", files)
+    spool = str(tmp_path / "spool")
+    cancel = threading.Event()
+
+    def stop_after_a_tensor(event: dict[str, Any]) -> None:
+        # A crash stand-in: the mirror stops once the first tensor's chunk is stored.
+        if event.get("event") == "object" and event.get("n") == 1 << 20:
+            cancel.set()
+
+    store = BlobStore(str(tmp_path / "store"))
+    source = open_source("hf://org/resume", hf_endpoint=hub.url, download=_dl(concurrency=1))
+    try:
+        with pytest.raises(MirrorCancelled):
+            Mirror(store, MirrorOptions(spool_dir=spool)).run(
+                source, progress=stop_after_a_tensor, cancel=cancel)
+    finally:
+        source.close()
+    hub.state.reset_counters()
+    r = _mirror(store, open_source("hf://org/resume", hf_endpoint=hub.url, download=_dl()),
+                "team/resume:v1", tmp_path)
+    served = hub.state.stats()["bytes_by_blob"][hashlib.sha256(data).hexdigest()]
+    # What landed before the stop is not fetched again (and the sha256 of the whole file
+    # was still checked, from the stored chunks).
+    assert served <= len(data) - (1 << 20) + HEADER_PROBE_BYTES
+    assert r.stats.objects_reused >= 1
+    assert _exported(store, "team/resume:v1", tmp_path / "out") == files
+    assert not list((tmp_path / "spool").glob("*.stream"))  # the record goes with success

@@ -18,7 +18,7 @@ from bdn.retry import RetryableError, RetryPolicy
 from bdn.sources.base import FetchCounters, SourceFile
 from bdn.sources.crc import CRC32, CrcKind, crc32c
 from bdn.sources.ranged import Checksum, DownloadOptions
-from bdn.sources.stream import Part, plan_parts, stream_file
+from bdn.sources.stream import Landed, Part, plan_parts, stream_file
 from bdn.store import BlobStore, Incoming
 from manifests.digest import Digest
 
@@ -189,3 +189,55 @@ def test_chunks_a_dead_mirror_was_receiving_are_swept(tmp_path: Path) -> None:
     live.close()
     abandoned.close()
     assert not _temp_files(store)
+
+
+@pytest.mark.parametrize("which", ["sha256", "crc32"])
+def test_chunks_landed_by_an_interrupted_attempt_are_not_fetched_again(
+        tmp_path: Path, which: str) -> None:
+    # The first attempt dies at the part holding chunks 2-3; chunks 0-1 and 4-5 land.
+    record: dict[int, int | None] = {}
+
+    def dying(start: int, end: int) -> Iterator[bytes]:
+        if start == 151_000:
+            raise SourceError("killed", source="t://s", file="w.safetensors")
+        yield DATA[start:end]
+
+    checksum = _crc(CRC32) if which == "crc32" else _sha256()
+    store = BlobStore(str(tmp_path / "store"))
+    landed_first: dict[int, Digest] = {}
+    counters = FetchCounters()
+    opts = DownloadOptions(part_bytes=128 * 1024, concurrency=1, retry=FAST)
+    with pytest.raises(SourceError, match="killed"):
+        stream_file(source_uri="t://s", file=SourceFile("w.safetensors", len(DATA)),
+                    spans=SPANS, prefix=b"", fetch=dying,
+                    open_chunk=lambda off, n: _Sink(store, off, n, landed_first),
+                    options=opts, counters=counters, counter_lock=threading.Lock(),
+                    checksum=checksum, on_chunk=lambda i, crc: record.__setitem__(i, crc))
+    assert sorted(record) == [0, 1]
+    assert (record[0] is not None) == (which == "crc32")
+    # The retry is given what landed; it fetches only the rest, and still verifies all.
+    requests: list[tuple[int, int]] = []
+
+    def healthy(start: int, end: int) -> Iterator[bytes]:
+        requests.append((start, end))
+        yield DATA[start:end]
+
+    index = {off: i for i, (off, _) in enumerate(SPANS)}
+    landed = {index[off]: Landed(record[index[off]], lambda d=d: [store.get_object(d)])
+              for off, d in landed_first.items()}
+    landed_now: dict[int, Digest] = {}
+    stream_file(source_uri="t://s", file=SourceFile("w.safetensors", len(DATA)),
+                spans=SPANS, prefix=b"", fetch=healthy,
+                open_chunk=lambda off, n: _Sink(store, off, n, landed_now),
+                options=opts, counters=FetchCounters(), counter_lock=threading.Lock(),
+                checksum=checksum, landed=landed)
+    assert requests == [(151_000, 500_000), (500_000, 700_000)]
+    assert sorted(landed_now) == [151_000, 200_000, 500_000, 500_001]
+    # A wrong byte in what the retry fetches is still caught by the whole-file checksum.
+    with pytest.raises(SourceError, match="checksum"):
+        stream_file(source_uri="t://s", file=SourceFile("w.safetensors", len(DATA)),
+                    spans=SPANS, prefix=b"",
+                    fetch=lambda s, e: iter([b"\0" + DATA[s + 1:e]]),
+                    open_chunk=lambda off, n: _Sink(store, off, n, {}),
+                    options=opts, counters=FetchCounters(), counter_lock=threading.Lock(),
+                    checksum=checksum, landed=landed)
