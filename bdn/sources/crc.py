@@ -29,24 +29,18 @@ class CrcKind:
         """The CRC of ``A + B`` from ``crc(A)``, ``crc(B)`` and ``len(B)``."""
         if len2 <= 0:
             return crc1
-        # Operator for one zero bit, then squared to 2, 4, 8... bits; applied per set bit
-        # of len2 in bytes (the first two squarings turn bits into a byte).
-        odd = [self.poly] + [1 << n for n in range(31)]
-        even = _square(odd)
-        odd = _square(even)
+        # The operator "append one zero bit" over GF(2), squared three times: one zero
+        # byte; then squared on for each further bit of len2, applied where it is set.
+        op = [self.poly] + [1 << n for n in range(31)]
+        for _ in range(3):
+            op = _square(op)
         while True:
-            even = _square(odd)
             if len2 & 1:
-                crc1 = _times(even, crc1)
+                crc1 = _times(op, crc1)
             len2 >>= 1
             if not len2:
                 break
-            odd = _square(even)
-            if len2 & 1:
-                crc1 = _times(odd, crc1)
-            len2 >>= 1
-            if not len2:
-                break
+            op = _square(op)
         return crc1 ^ crc2
 
     @staticmethod

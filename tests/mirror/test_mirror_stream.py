@@ -213,7 +213,10 @@ def test_chunks_landed_by_an_interrupted_attempt_are_not_fetched_again(
                     open_chunk=lambda off, n: _Sink(store, off, n, landed_first),
                     options=opts, counters=counters, counter_lock=threading.Lock(),
                     checksum=checksum, on_chunk=lambda i, crc: record.__setitem__(i, crc))
-    assert sorted(record) == [0, 1]
+    # The dying part's chunks never land; the last part may have run before the failure
+    # stopped the pool (a worker takes the next part at once), or not.
+    assert {0, 1} <= set(record) and not {2, 3} & set(record)
+    tail_landed = 4 in record
     assert (record[0] is not None) == (which == "crc32")
     # The retry is given what landed; it fetches only the rest, and still verifies all.
     requests: list[tuple[int, int]] = []
@@ -231,8 +234,9 @@ def test_chunks_landed_by_an_interrupted_attempt_are_not_fetched_again(
                 open_chunk=lambda off, n: _Sink(store, off, n, landed_now),
                 options=opts, counters=FetchCounters(), counter_lock=threading.Lock(),
                 checksum=checksum, landed=landed)
-    assert requests == [(151_000, 500_000), (500_000, 700_000)]
-    assert sorted(landed_now) == [151_000, 200_000, 500_000, 500_001]
+    assert requests == [(151_000, 500_000)] + ([] if tail_landed else [(500_000, 700_000)])
+    assert sorted(landed_now) == [151_000, 200_000] + ([] if tail_landed
+                                                       else [500_000, 500_001])
     # A wrong byte in what the retry fetches is still caught by the whole-file checksum.
     with pytest.raises(SourceError, match="checksum"):
         stream_file(source_uri="t://s", file=SourceFile("w.safetensors", len(DATA)),
