@@ -4,8 +4,11 @@ A mirror needs four things from an upstream: pin the revision (so later scale-up
 see a new commit), list files with sizes and *fingerprints* (metadata that identifies
 content without reading it: HF LFS sha256, S3 ETag + size, GCS md5 + size, local
 device + inode + size + mtime), read a byte range, and make a file available as a
-local path to chunk. Local files are used in place; remote ones are spooled to a temp
-file by parallel ranged requests (the source decides how) and deleted after chunking.
+local path to chunk. Local files are used in place. Remote sources
+(:class:`~bdn.sources.ranged.RemoteSource`) also *stream* a file whose chunk plan is
+known from its header straight into the store (:mod:`bdn.sources.stream`); any other
+remote file is spooled to a temp file by parallel ranged requests and deleted after
+chunking.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Parallel ranged downloads into a local spool file, with retries, resume and verification.
+"""What every remote source shares: the :class:`RemoteSource` base, request limits,
+retries, checksums, the event-loop stream reader, and the spool.
 
-Every remote source (Hugging Face, S3, GCS) makes a file local the same way, so the hard
-parts live here once:
+Safetensors files are streamed into the store (:mod:`bdn.sources.stream`); other files
+are spooled here — parallel ranged downloads into a local file, with retries, resume
+and verification. Every remote source (Hugging Face, S3, GCS) does both the same way,
+so the hard parts live here once:
 
 * The file is cut into parts of ``part_bytes``; ``concurrency`` parts are fetched at once
   (one connection each), each written with ``pwrite`` at its offset into a sparse spool
@@ -17,7 +20,10 @@ parts live here once:
   download instead of adding a pass after it. A spool that fails verification is deleted;
   a resumed one is refetched once from scratch (it may predate a change at the origin).
 * A global semaphore (shared by all jobs of a mirror service) caps requests in flight
-  across jobs; ``concurrency`` caps them per file.
+  across jobs; ``concurrency`` caps them per source, across its files.
+* Bytes from S3, GCS and the Hub are read by :func:`loop_stream_fetcher`: one streamed
+  response per range on fsspec's event loop, read ahead and handed to the calling
+  thread in blocks.
 
 Fetchers are plain callables ``fetch(start, end) -> Iterator[bytes]`` that raise
 :class:`~bdn.retry.RetryableError` for transient failures and
