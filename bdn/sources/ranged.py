@@ -193,6 +193,58 @@ def _cancelled(cancel: CancelToken | None, file: SourceFile) -> None:
         raise MirrorCancelled(f"mirror cancelled while downloading {file.path}")
 
 
+def fetch_resumable(fetch: Fetch, start: int, end: int, take: Callable[[int, bytes], None],
+                    *, source_uri: str, file: SourceFile, options: DownloadOptions,
+                    counters: FetchCounters, counter_lock: threading.Lock,
+                    cancel: CancelToken | None = None,
+                    request_slots: Sequence[threading.Semaphore] = (),
+                    check: Callable[[], None] | None = None) -> None:
+    """Bytes ``[start, end)`` of ``file``, each block handed to ``take(offset, block)`` in
+    order. A failed request is retried under ``options.retry`` and *resumed* from the
+    first byte not taken, so a dropped connection costs only what was in flight. Every
+    request holds one slot of each of ``request_slots``; ``check`` (and the cancel) is
+    asked before each block. Raises :class:`SourceError` naming the source and file when
+    the last attempt fails."""
+    pos = start
+
+    def attempt() -> None:
+        nonlocal pos
+        if check is not None:
+            check()
+        _cancelled(cancel, file)
+        if pos >= end:
+            return
+        with holding(request_slots):
+            for block in fetch(pos, end):
+                if check is not None:
+                    check()
+                _cancelled(cancel, file)
+                n = len(block)
+                if pos + n > end:
+                    raise SourceError(f"{file.path} from {source_uri}: origin sent more "
+                                      "bytes than asked for", source=source_uri,
+                                      file=file.path)
+                with counter_lock:
+                    counters.bytes_from_origin += n
+                take(pos, block)
+                pos += n
+        if pos < end:
+            raise RetryableError(f"short read: connection ended at byte {pos} of "
+                                 f"[{start}, {end})")
+
+    def on_retry(n: int, e: BaseException, delay: float) -> None:
+        log.warning("%s from %s bytes [%d, %d): attempt %d failed (%s); resuming at byte %d "
+                    "in %.2fs", file.path, source_uri, start, end, n, scrub(str(e)), pos,
+                    delay)
+
+    try:
+        retry_cancellable(attempt, options.retry, cancel, on_retry=on_retry)
+    except RetryableError as e:
+        raise SourceError(f"{file.path} from {source_uri}: giving up after "
+                          f"{options.retry.attempts} attempts: {scrub(str(e))}",
+                          source=source_uri, file=file.path, status=e.status) from None
+
+
 def spool_file(*, source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
                options: DownloadOptions, counters: FetchCounters,
                counter_lock: threading.Lock, checksum: Checksum | None = None,
@@ -280,46 +332,17 @@ def _download(source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
 
         def run_part(i: int) -> None:
             start, end = parts[i]
-            written = [max(0, min(have, end) - start)]
 
-            def attempt() -> None:
-                _cancelled(cancel, file)
-                pos = start + written[0]
-                if pos >= end:
-                    return
-                with holding(request_slots):
-                    for block in fetch(pos, end):
-                        _cancelled(cancel, file)
-                        n = len(block)
-                        if pos + n > end:
-                            raise SourceError(f"{file.path} from {source_uri}: origin sent "
-                                              "more bytes than asked for",
-                                              source=source_uri, file=file.path)
-                        view = memoryview(block)
-                        off = pos
-                        while view:
-                            k = os.pwrite(fd, view, off)
-                            view, off = view[k:], off + k
-                        pos += n
-                        written[0] += n
-                        with counter_lock:
-                            counters.bytes_from_origin += n
-                if pos < end:
-                    raise RetryableError(f"short read: connection ended at byte {pos} of "
-                                         f"[{start}, {end})")
+            def take(off: int, block: bytes) -> None:
+                view = memoryview(block)
+                while view:
+                    k = os.pwrite(fd, view, off)
+                    view, off = view[k:], off + k
 
-            def on_retry(n: int, e: BaseException, delay: float) -> None:
-                log.warning("%s from %s bytes [%d, %d): attempt %d failed (%s); resuming at "
-                            "byte %d in %.2fs", file.path, source_uri, start, end, n,
-                            scrub(str(e)), start + written[0], delay)
-
-            try:
-                retry_cancellable(attempt, options.retry, cancel, on_retry=on_retry)
-            except RetryableError as e:
-                raise SourceError(f"{file.path} from {source_uri}: giving up after "
-                                  f"{options.retry.attempts} attempts: {scrub(str(e))}",
-                                  source=source_uri, file=file.path,
-                                  status=e.status) from None
+            fetch_resumable(fetch, max(start, min(have, end)), end, take,
+                            source_uri=source_uri, file=file, options=options,
+                            counters=counters, counter_lock=counter_lock, cancel=cancel,
+                            request_slots=request_slots)
             progress.mark_done(i)
             with state_lock:
                 _save_state(state_path, file, step, progress.done)
@@ -461,23 +484,11 @@ class RemoteSource(Source):
         return None
 
     def read_range(self, file: SourceFile, start: int, end: int) -> bytes:
-        fetch = self.fetcher(file)
         out = bytearray()
-
-        def attempt() -> None:
-            for block in fetch(start + len(out), end):
-                out.extend(block)
-            if start + len(out) < end:
-                raise RetryableError("short read")
-
-        try:
-            retry_cancellable(attempt, self.download.retry, self._stop_token)
-        except RetryableError as e:
-            raise SourceError(f"{file.path} from {self.uri}: giving up after "
-                              f"{self.download.retry.attempts} attempts: {scrub(str(e))}",
-                              source=self.uri, file=file.path, status=e.status) from None
-        with self._counter_lock:
-            self.counters.bytes_from_origin += len(out)
+        fetch_resumable(self.fetcher(file), start, end, lambda _off, block: out.extend(block),
+                        source_uri=self.uri, file=file, options=self.download,
+                        counters=self.counters, counter_lock=self._counter_lock,
+                        cancel=self._stop_token)
         return bytes(out)
 
     def stream(self, file: SourceFile, spans: Sequence[tuple[int, int]], *,

@@ -39,7 +39,6 @@ back (other digests).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -47,8 +46,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bdn.errors import SourceError
-from bdn.retry import RetryableError
-from bdn.secrets import scrub
 from bdn.sources.base import FetchCounters, SourceFile
 from bdn.sources.ranged import (
     CancelToken,
@@ -56,11 +53,8 @@ from bdn.sources.ranged import (
     DownloadOptions,
     Fetch,
     Hasher,
-    holding,
-    retry_cancellable,
+    fetch_resumable,
 )
-
-log = logging.getLogger(__name__)
 
 # Parts may run this far ahead of the first chunk not yet checksummed, at least.
 MIN_WINDOW_BYTES = 64 * 1024 * 1024
@@ -365,12 +359,12 @@ def _run_parts(parts: list[Part], *, source_uri: str, file: SourceFile,
                request_slots: Sequence[threading.Semaphore]) -> None:
     def run_part(part: Part) -> None:
         order.wait_window(part.start)
-        pos = part.start
         i = part.first
         sink: ChunkSink | None = None
 
-        def feed(block: memoryview) -> None:
-            nonlocal pos, i, sink
+        def feed(pos: int, data: bytes) -> None:
+            nonlocal i, sink
+            block = memoryview(data)
             while block:
                 off, length = spans[i]
                 if sink is None:
@@ -391,34 +385,15 @@ def _run_parts(parts: list[Part], *, source_uri: str, file: SourceFile,
                     order.end(i, done)
                     i += 1
 
-        def attempt() -> None:
-            _check(cancel, order, file)
-            with holding(request_slots):
-                for block in fetch(pos, part.end):
-                    _check(cancel, order, file)
-                    n = len(block)
-                    if pos + n > part.end:
-                        raise SourceError(f"{file.path} from {source_uri}: origin sent more "
-                                          "bytes than asked for", source=source_uri,
-                                          file=file.path)
-                    with counter_lock:
-                        counters.bytes_from_origin += n
-                    feed(memoryview(block))
-            if pos < part.end:
-                raise RetryableError(f"short read: connection ended at byte {pos} of "
-                                     f"[{part.start}, {part.end})")
-
-        def on_retry(n: int, e: BaseException, delay: float) -> None:
-            log.warning("%s from %s bytes [%d, %d): attempt %d failed (%s); resuming at byte "
-                        "%d in %.2fs", file.path, source_uri, part.start, part.end, n,
-                        scrub(str(e)), pos, delay)
+        def stopped() -> None:
+            if order.failed:
+                raise _Stopped
 
         try:
-            retry_cancellable(attempt, options.retry, cancel, on_retry=on_retry)
-        except RetryableError as e:
-            raise SourceError(f"{file.path} from {source_uri}: giving up after "
-                              f"{options.retry.attempts} attempts: {scrub(str(e))}",
-                              source=source_uri, file=file.path, status=e.status) from None
+            fetch_resumable(fetch, part.start, part.end, feed, source_uri=source_uri,
+                            file=file, options=options, counters=counters,
+                            counter_lock=counter_lock, cancel=cancel,
+                            request_slots=request_slots, check=stopped)
         finally:
             if sink is not None:
                 sink.close()  # a chunk cut short: nothing of it is kept
@@ -440,12 +415,3 @@ def _run_parts(parts: list[Part], *, source_uri: str, file: SourceFile,
         raise real[0]
     if any(e is not None for e in errors):
         raise _Stopped  # pragma: no cover - a stop always has a cause
-
-
-def _check(cancel: CancelToken | None, order: _Order, file: SourceFile) -> None:
-    if order.failed:
-        raise _Stopped
-    if cancel is not None and cancel.is_set():
-        from bdn.mirror import MirrorCancelled
-
-        raise MirrorCancelled(f"mirror cancelled while downloading {file.path}")
