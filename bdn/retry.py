@@ -115,11 +115,14 @@ async def retry_async(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
 def retry_sync(fn: Callable[[], T], policy: RetryPolicy, *,
                retry_on: tuple[type[BaseException], ...] = (RetryableError,),
                on_retry: Callable[[int, BaseException, float], None] | None = None,
-               rng: random.Random | None = None) -> T:
+               rng: random.Random | None = None,
+               sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()`` until it succeeds or the attempts are spent; ``sleep`` waits out each
+    backoff (one that can be woken, to cancel, may raise instead)."""
     rng = rng or random.Random()
     for attempt in range(1, policy.attempts + 1):
         try:
             return fn()
         except retry_on as e:
-            time.sleep(_delay_after(policy, attempt, e, rng, on_retry))
+            sleep(_delay_after(policy, attempt, e, rng, on_retry))
     raise AssertionError("unreachable")

@@ -37,7 +37,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import threading
 import time
 from abc import abstractmethod
@@ -409,21 +408,14 @@ def retry_cancellable(fn: Callable[[], T], policy: RetryPolicy,
     job waiting out a long ``Retry-After`` can still be cancelled promptly."""
     if cancel is None:
         return retry_sync(fn, policy, on_retry=on_retry)
-    rng = random.Random()
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return fn()
-        except RetryableError as e:
-            if attempt >= policy.attempts:
-                raise
-            delay = policy.delay_s(attempt, retry_after_s=e.retry_after_s, draw=rng.random())
-            if on_retry:
-                on_retry(attempt, e, delay)
-            if cancel.wait(delay):
-                from bdn.mirror import MirrorCancelled
 
-                raise MirrorCancelled("mirror cancelled while waiting to retry") from None
-    raise AssertionError("unreachable")
+    def sleep(delay_s: float) -> None:
+        if cancel.wait(delay_s):
+            from bdn.mirror import MirrorCancelled
+
+            raise MirrorCancelled("mirror cancelled while waiting to retry") from None
+
+    return retry_sync(fn, policy, on_retry=on_retry, sleep=sleep)
 
 
 def is_transport_error(exc: BaseException) -> bool:
