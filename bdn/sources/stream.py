@@ -47,6 +47,7 @@ from typing import Protocol
 
 from bdn.errors import SourceError
 from bdn.sources.base import FetchCounters, SourceFile
+from bdn.sources.crc import CrcKind
 from bdn.sources.ranged import (
     CancelToken,
     Checksum,
@@ -122,22 +123,15 @@ class Landed:
     crc: int | None
     read_back: Callable[[], Iterable[bytes | memoryview]]
 
-
-class _LandedSink:
-    def __init__(self, landed: Landed) -> None:
-        self.landed = landed
-
-    def write(self, data: memoryview) -> None:  # pragma: no cover - never fed
-        raise AssertionError("a landed chunk is not fetched")
-
-    def finish(self) -> None:  # pragma: no cover - never fed
-        raise AssertionError("a landed chunk is not fetched")
-
-    def read_back(self) -> Iterator[bytes | memoryview]:
-        yield from self.landed.read_back()
-
     def close(self) -> None:
-        pass
+        """Nothing to release (a :class:`Replayable`, like a finished sink)."""
+
+
+class Replayable(Protocol):
+    """A stored chunk whose bytes the in-order checksum can read again."""
+
+    def read_back(self) -> Iterable[bytes | memoryview]: ...
+    def close(self) -> None: ...
 
 
 _PENDING, _LIVE, _STREAMING, _DONE, _HASHED = range(5)
@@ -147,8 +141,8 @@ _PENDING, _LIVE, _STREAMING, _DONE, _HASHED = range(5)
 class _Order:
     """The source checksum over chunks that finish in any order.
 
-    A CRC (``crc`` set) is computed per chunk as its bytes arrive and the chunks' CRCs
-    are combined at the end: nothing waits, nothing is read back. Any other digest runs
+    A CRC (the checksum's ``crc`` set) is computed per chunk as its bytes arrive and the
+    chunks' CRCs are combined at the end: nothing waits, nothing is read back. Any other digest runs
     over the file in order: live for a chunk that starts at the frontier, from the
     sink's ``read_back`` for one that finished ahead of it.
     """
@@ -157,11 +151,12 @@ class _Order:
     checksum: Checksum | None
     window_bytes: int
     on_chunk: Callable[[int, int | None], None] | None = None
+    crc: CrcKind | None = field(init=False)
     hasher: Hasher | None = field(init=False)
     crcs: list[int] = field(init=False)
     state: list[int] = field(init=False)
     frontier: int = 0  # index of the first chunk not yet hashed (in-order mode)
-    done: dict[int, ChunkSink] = field(default_factory=dict)
+    done: dict[int, Replayable] = field(default_factory=dict)
     draining: bool = False
     failed: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -170,6 +165,7 @@ class _Order:
         self.state = [_PENDING] * len(self.spans)
         self.crcs = [0] * len(self.spans)
         c = self.checksum
+        self.crc = c.crc if c is not None else None
         self.hasher = c.new() if c is not None and c.crc is None else None
 
     def fail(self) -> None:
@@ -199,30 +195,28 @@ class _Order:
 
     def update(self, i: int, data: memoryview) -> None:
         """The next bytes of chunk ``i``, in order."""
-        if self.checksum is not None and self.checksum.crc is not None:
-            self.crcs[i] = self.checksum.crc.extend(self.crcs[i], data)
+        if self.crc is not None:
+            self.crcs[i] = self.crc.extend(self.crcs[i], data)
         elif self.hasher is not None and self.state[i] == _LIVE:
             self.hasher.update(data)
 
     def land(self, i: int, landed: Landed) -> bool:
         """Take chunk ``i`` as stored by an earlier attempt; False when the checksum
         cannot be had without fetching it (a CRC that was not recorded)."""
-        c = self.checksum
-        if c is not None and c.crc is not None:
+        if self.crc is not None:
             if landed.crc is None:
                 return False
             self.crcs[i] = landed.crc
         elif self.hasher is not None:
             with self.cond:
                 self.state[i] = _DONE
-                self.done[i] = _LandedSink(landed)
+                self.done[i] = landed
         return True
 
     def end(self, i: int, sink: ChunkSink) -> None:
         """Chunk ``i`` is complete and stored; ``sink`` is closed once it is hashed."""
         if self.on_chunk is not None:
-            crc = self.checksum is not None and self.checksum.crc is not None
-            self.on_chunk(i, self.crcs[i] if crc else None)
+            self.on_chunk(i, self.crcs[i] if self.crc is not None else None)
         if self.hasher is None:
             sink.close()
             return
@@ -273,15 +267,13 @@ class _Order:
 
     def result(self) -> str | None:
         """The checksum of the whole file, once every chunk has ended."""
-        c = self.checksum
-        if c is None:
-            return None
-        if c.crc is not None:
+        if self.crc is not None:
             crc = 0
             for (_, length), part in zip(self.spans, self.crcs, strict=True):
-                crc = c.crc.combine(crc, part, length)
-            return c.crc.b64(crc)
-        assert self.hasher is not None
+                crc = self.crc.combine(crc, part, length)
+            return self.crc.b64(crc)
+        if self.hasher is None:
+            return None
         if self.frontier != len(self.spans):  # pragma: no cover - every chunk ended
             return None
         return self.hasher.hexdigest()
