@@ -28,18 +28,17 @@ import threading
 from typing import Any
 
 from bdn.config import Auth, SourceURI
-from bdn.errors import AuthError, SourceError
-from bdn.retry import RetryableError, retry_sync
+from bdn.errors import AuthError
 from bdn.secrets import SecretResolver, gcs_service_account
 from bdn.sources.base import SourceFile
+from bdn.sources.bucket import BucketSource
 from bdn.sources.crc import crc32c
 from bdn.sources.ranged import (
+    AiohttpBody,
     AsyncBody,
     Checksum,
     DownloadOptions,
     Fetch,
-    RemoteSource,
-    classify_fs_error,
     fsspec_fetcher,
     loop_stream_fetcher,
 )
@@ -72,10 +71,6 @@ def gcs_filesystem_class(endpoint_url: str | None) -> Any:
     return DefaultGCSFileSystem
 
 
-def _classify(exc: BaseException, where: str, uri: str, path: str = "") -> BaseException:
-    return classify_fs_error(exc, where, uri, path, service="GCS", auth_markers=_AUTH_HINTS)
-
-
 class _B64Md5:
     """MD5 whose ``hexdigest`` is GCS's base64 form, to compare with ``md5Hash``."""
 
@@ -89,7 +84,10 @@ class _B64Md5:
         return base64.b64encode(self._h.digest()).decode()
 
 
-class GCSSource(RemoteSource):
+class GCSSource(BucketSource):
+    SERVICE = "GCS"
+    AUTH_MARKERS = _AUTH_HINTS
+
     def __init__(self, uri: SourceURI, *, secrets: SecretResolver | None = None,
                  auth: Auth | None = None, endpoint_url: str | None = None,
                  gcs_endpoint_url: str | None = None,
@@ -114,52 +112,17 @@ class GCSSource(RemoteSource):
         self.endpoint = endpoint
         self.fs = gcs_filesystem(endpoint_url=endpoint, token=token,
                                  timeout_s=self.download.read_timeout_s)
-        self._files: list[SourceFile] | None = None
         self._md5: dict[str, str] = {}
         self._crc32c: dict[str, str] = {}
 
-    def _key(self, rel: str) -> str:
-        return f"{self.bucket}/{self.prefix}/{rel}" if self.prefix else f"{self.bucket}/{rel}"
-
-    def pin(self) -> dict[str, str]:
-        out = {"uri": self.uri, "scheme": "gs", "bucket": self.bucket, "prefix": self.prefix}
-        if self.endpoint:
-            out["endpoint"] = self.endpoint
-        return out
-
-    def list_files(self) -> list[SourceFile]:
-        if self._files is not None:
-            return list(self._files)
-        root = f"{self.bucket}/{self.prefix}".rstrip("/")
-
-        def attempt() -> dict[str, dict[str, Any]]:
-            try:
-                return self.fs.find(root, detail=True)  # type: ignore[no-any-return]
-            except Exception as e:
-                raise _classify(e, "listing", self.uri) from None
-
-        try:
-            found = retry_sync(attempt, self.download.retry)
-        except RetryableError as e:
-            raise SourceError(f"source {self.uri}: listing failed: {e}",
-                              source=self.uri) from None
-        files = []
-        for key, info in found.items():
-            if info.get("type") == "directory" or key.endswith("/"):
-                continue
-            rel = key[len(root):].lstrip("/") if key != root else key.rsplit("/", 1)[-1]
-            if not rel:
-                continue
-            size = int(info.get("size") or 0)
-            md5 = info.get("md5Hash")
-            fp = f"gcs-md5:{self.bucket}:{md5}:{size}" if md5 else None
-            if md5:
-                self._md5[rel] = str(md5)
-            if info.get("crc32c"):
-                self._crc32c[rel] = str(info["crc32c"])
-            files.append(SourceFile(rel, size, fp))
-        self._files = sorted(files, key=lambda f: f.path)
-        return list(self._files)
+    def _describe(self, rel: str, info: dict[str, Any]) -> SourceFile:
+        size = int(info.get("size") or 0)
+        md5 = info.get("md5Hash")
+        if md5:
+            self._md5[rel] = str(md5)
+        if info.get("crc32c"):
+            self._crc32c[rel] = str(info["crc32c"])
+        return SourceFile(rel, size, f"gcs-md5:{self.bucket}:{md5}:{size}" if md5 else None)
 
     def checksum(self, file: SourceFile) -> Checksum | None:
         crc = self._crc32c.get(file.path)
@@ -174,7 +137,7 @@ class GCSSource(RemoteSource):
 
     def fetcher(self, file: SourceFile) -> Fetch:
         def classify(e: BaseException) -> BaseException:
-            return _classify(e, f"reading {file.path}", self.uri, file.path)
+            return self._classify(e, f"reading {file.path}", file.path)
 
         fs = self.fs
         if not all(hasattr(fs, a) for a in ("_set_session", "_get_headers", "_get_params",
@@ -198,19 +161,6 @@ class GCSSource(RemoteSource):
                     validate_response(r.status, await r.read(), url)
                 finally:
                     r.release()
-            return _AiohttpBody(r)
+            return AiohttpBody(r, want=end - start)
 
         return loop_stream_fetcher(fs.loop, open_body, classify)
-
-
-class _AiohttpBody:
-    """An aiohttp response as an :class:`~bdn.sources.ranged.AsyncBody`."""
-
-    def __init__(self, response: Any) -> None:
-        self.response = response
-
-    async def read(self, n: int) -> bytes:
-        return await self.response.content.read(n)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.response.release()

@@ -53,6 +53,7 @@ from bdn.retry import RetryableError, is_retryable_status, parse_retry_after, re
 from bdn.secrets import SecretResolver, hf_token, scrub
 from bdn.sources.base import SourceFile
 from bdn.sources.ranged import (
+    AiohttpBody,
     AsyncBody,
     Checksum,
     DownloadOptions,
@@ -259,7 +260,7 @@ class HFSource(RemoteSource):
                 r.release()
                 raise
             # 200: the origin ignored Range; what precedes ``start`` is dropped.
-            return _RangeBody(r, skip=start if status == 200 else 0, want=end - start)
+            return AiohttpBody(r, want=end - start, skip=start if status == 200 else 0)
 
         def classify(e: BaseException) -> BaseException:
             if isinstance(e, (BdnError, RetryableError)):
@@ -274,31 +275,3 @@ class HFSource(RemoteSource):
         if session is not None:
             with contextlib.suppress(Exception):
                 sync(self._loop, session.close)
-
-
-class _RangeBody:
-    """A response body cut to the asked range: ``skip`` bytes dropped first (an origin
-    that ignored ``Range``), at most ``want`` bytes handed on."""
-
-    def __init__(self, response: aiohttp.ClientResponse, *, skip: int, want: int) -> None:
-        self.response = response
-        self.skip = skip
-        self.want = want
-
-    async def read(self, n: int) -> bytes:
-        while self.want > 0:
-            data = await self.response.content.read(n if self.skip else min(n, self.want))
-            if not data:
-                return b""
-            if self.skip:
-                cut = min(self.skip, len(data))
-                data, self.skip = data[cut:], self.skip - cut
-                if not data:
-                    continue
-            data = data[:self.want]
-            self.want -= len(data)
-            return data
-        return b""
-
-    def close(self) -> None:
-        self.response.release()

@@ -636,6 +636,36 @@ class _Handoff:
             self.loop.call_soon_threadsafe(wake.set)
 
 
+class AiohttpBody:
+    """An aiohttp response as an :class:`AsyncBody`, cut to the range asked for: ``skip``
+    bytes dropped first (an origin that ignored ``Range`` and sent the whole object), at
+    most ``want`` bytes handed on."""
+
+    def __init__(self, response: Any, *, want: int, skip: int = 0) -> None:
+        self.response = response
+        self.want = want
+        self.skip = skip
+
+    async def read(self, n: int) -> bytes:
+        while self.want > 0:
+            data: bytes = await self.response.content.read(n if self.skip
+                                                           else min(n, self.want))
+            if not data:
+                return b""
+            if self.skip:
+                cut = min(self.skip, len(data))
+                data, self.skip = data[cut:], self.skip - cut
+                if not data:
+                    continue
+            data = data[:self.want]
+            self.want -= len(data)
+            return data
+        return b""
+
+    def close(self) -> None:
+        self.response.release()
+
+
 def loop_stream_fetcher(loop: Any, open_body: Callable[[int, int], Awaitable[AsyncBody]],
                         classify: Callable[[BaseException], BaseException],
                         block_bytes: int = STREAM_BLOCK_BYTES) -> Fetch:

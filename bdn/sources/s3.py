@@ -33,27 +33,21 @@ from urllib.parse import urlsplit
 
 from bdn.config import Auth, SourceURI
 from bdn.errors import AuthError, SourceError
-from bdn.retry import RetryableError, retry_sync
 from bdn.secrets import SecretResolver, s3_credentials
 from bdn.sources.base import SourceFile
+from bdn.sources.bucket import BucketSource
 from bdn.sources.crc import CRC32, crc32c
 from bdn.sources.ranged import (
     AsyncBody,
     Checksum,
     DownloadOptions,
     Fetch,
-    RemoteSource,
-    classify_fs_error,
     loop_stream_fetcher,
 )
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                "ExpiredToken", "InvalidToken", "AllAccessDisabled")
-
-
-def _classify(exc: BaseException, where: str, uri: str, path: str = "") -> BaseException:
-    return classify_fs_error(exc, where, uri, path, service="the store", auth_markers=_AUTH_CODES)
 
 
 @functools.cache
@@ -66,7 +60,9 @@ def _aio_session() -> Any:
     return aiobotocore.session.AioSession()
 
 
-class S3Source(RemoteSource):
+class S3Source(BucketSource):
+    AUTH_MARKERS = _AUTH_CODES
+
     def __init__(self, uri: SourceURI, *, secrets: SecretResolver | None = None,
                  auth: Auth | None = None, endpoint_url: str | None = None,
                  s3_endpoint_url: str | None = None, region: str | None = None,
@@ -129,56 +125,14 @@ class S3Source(RemoteSource):
         self.fs.retries = 1
         host = urlsplit(endpoint).netloc if endpoint else "aws"
         self._scope = f"{host}/{self.bucket}"
-        self._files: list[SourceFile] | None = None
         self._etags: dict[str, str] = {}
 
-    def _key(self, rel: str) -> str:
-        return f"{self.bucket}/{self.prefix}/{rel}" if self.prefix else f"{self.bucket}/{rel}"
-
-    def _retrying(self, what: str, fn: Any, path: str = "") -> Any:
-        def attempt() -> Any:
-            try:
-                return fn()
-            except (AuthError, SourceError):
-                raise
-            except Exception as e:
-                raise _classify(e, what, self.uri, path) from None
-
-        try:
-            return retry_sync(attempt, self.download.retry)
-        except RetryableError as e:
-            raise SourceError(f"source {self.uri}: {what} failed after "
-                              f"{self.download.retry.attempts} attempts: {e}",
-                              source=self.uri, file=path) from None
-
-    def pin(self) -> dict[str, str]:
-        out = {"uri": self.uri, "scheme": self.uri.split("://", 1)[0], "bucket": self.bucket,
-               "prefix": self.prefix}
-        if self.endpoint:
-            out["endpoint"] = self.endpoint
-        return out
-
-    def list_files(self) -> list[SourceFile]:
-        if self._files is not None:
-            return list(self._files)
-        root = f"{self.bucket}/{self.prefix}".rstrip("/")
-        found: dict[str, dict[str, Any]] = self._retrying(
-            "listing", lambda: self.fs.find(root, detail=True, withdirs=False))
-        files = []
-        for key, info in found.items():
-            if info.get("type") == "directory" or key.endswith("/"):
-                continue
-            rel = key[len(root):].lstrip("/") if key != root else key.rsplit("/", 1)[-1]
-            if not rel:
-                continue
-            size = int(info.get("size") or info.get("Size") or 0)
-            etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
-            fp = f"s3-etag:{self._scope}:{etag}:{size}" if etag else None
-            if etag:
-                self._etags[rel] = etag
-            files.append(SourceFile(rel, size, fp))
-        self._files = sorted(files, key=lambda f: f.path)
-        return list(self._files)
+    def _describe(self, rel: str, info: dict[str, Any]) -> SourceFile:
+        size = int(info.get("size") or info.get("Size") or 0)
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
+        if etag:
+            self._etags[rel] = etag
+        return SourceFile(rel, size, f"s3-etag:{self._scope}:{etag}:{size}" if etag else None)
 
     def checksum(self, file: SourceFile) -> Checksum | None:
         # A full-object CRC (one HeadObject) is far cheaper to verify than MD5.
@@ -215,5 +169,5 @@ class S3Source(RemoteSource):
                                           Range=f"bytes={start}-{end - 1}")
             return resp["Body"]  # type: ignore[no-any-return]
 
-        return loop_stream_fetcher(self.fs.loop, open_body, lambda e: _classify(
-            e, f"reading {file.path}", self.uri, file.path))
+        return loop_stream_fetcher(self.fs.loop, open_body, lambda e: self._classify(
+            e, f"reading {file.path}", file.path))
