@@ -167,9 +167,6 @@ class Mirror:
         emit({"event": "listed", "files": len(files), "bytes": sum(f.size for f in files)})
         stop = threading.Event()
         run = _Run(stats, emit, stop, AnyOf(stop, cancel) if cancel is not None else stop)
-        if isinstance(source, RemoteSource):
-            # Chunks a killed mirror was receiving would otherwise stay in the store.
-            self.store.sweep_incoming(now=time.time())
         spool = Path(self.options.spool_dir or tempfile.gettempdir())
         with ThreadPoolExecutor(self.options.write_workers,
                                 thread_name_prefix="bdn-mirror") as pool:
@@ -178,7 +175,7 @@ class Mirror:
             else:
                 entries = []
                 for sf in files:
-                    if cancel is not None and cancel.is_set():
+                    if run.cancelled.is_set():
                         raise MirrorCancelled(f"mirror of {source.uri} cancelled")
                     entries.append(self._file(source, sf, spool, pool, run))
         stats.bytes_from_origin = source.counters.bytes_from_origin
@@ -195,6 +192,8 @@ class Mirror:
                       pool: ThreadPoolExecutor, run: _Run) -> list[FileEntry]:
         """Several files at once; the entries in listing order. The first real failure
         stops the others (they end as cancelled) and is what the caller sees."""
+        # Chunks a killed mirror was receiving would otherwise stay in the store.
+        self.store.sweep_incoming(now=time.time())
 
         def one(sf: SourceFile) -> FileEntry:
             try:
@@ -285,34 +284,36 @@ class Mirror:
                   "digest": str(entry.digest)})
         return entry
 
-    def _header_plan(self, header_bytes: bytes, size: int,
-                     sf: SourceFile) -> list[tuple[int, int]] | None:
-        """Tensor-aligned spans from a safetensors file's first bytes; ``None`` when the
-        file is not safetensors or its header is bad (it is then chunked as opaque)."""
+    def _tensor_plan(self, sf: SourceFile, size: int, head: bytes,
+                     read: Callable[[int, int], bytes]) -> tuple[list[tuple[int, int]] | None,
+                                                                 bytes]:
+        """Tensor-aligned spans of a safetensors file from ``head``, its first bytes
+        (``read(start, end)`` fetches the rest of a longer header), and the bytes from
+        offset 0 now at hand. ``None`` when the file is not safetensors or its header is
+        bad: it is then chunked as an opaque file."""
+        if not (sf.path.endswith(SAFETENSORS_SUFFIX) and size >= PREFIX_BYTES):
+            return None, head
         try:
-            header = parse_header(header_bytes, size, path=sf.path)
-            return plan_safetensors(header, self.options.chunking)
+            n = PREFIX_BYTES + header_length(head[:PREFIX_BYTES], size, path=sf.path)
+            if n > len(head):
+                head += read(len(head), n)
+            header = parse_header(head[:n], size, path=sf.path)
         except SafetensorsError as e:
             log.warning("%s; chunking it as an opaque file", str(e))
-            return None
+            return None, head
+        return plan_safetensors(header, self.options.chunking), head
 
     def _remote_file(self, source: RemoteSource, sf: SourceFile, spool: Path,
                      pool: ThreadPoolExecutor, run: _Run) -> FileEntry:
         if sf.size == 0:
             return FileEntry.from_chunks(sf.path, (), mode=sf.mode)
-        prefix = b""
+        probe = b""
         if sf.path.endswith(SAFETENSORS_SUFFIX) and sf.size >= PREFIX_BYTES:
-            prefix = source.read_range(sf, 0, min(sf.size, HEADER_PROBE_BYTES))
-            try:
-                n = PREFIX_BYTES + header_length(prefix[:PREFIX_BYTES], sf.size, path=sf.path)
-            except SafetensorsError as e:
-                log.warning("%s; chunking it as an opaque file", str(e))
-            else:
-                if n > len(prefix):
-                    prefix += source.read_range(sf, len(prefix), n)
-                spans = self._header_plan(prefix[:n], sf.size, sf)
-                if spans is not None:
-                    return self._stream_file(source, sf, spans, prefix, spool, run)
+            probe = source.read_range(sf, 0, min(sf.size, HEADER_PROBE_BYTES))
+        spans, prefix = self._tensor_plan(sf, sf.size, probe,
+                                          lambda start, end: source.read_range(sf, start, end))
+        if spans is not None:
+            return self._stream_file(source, sf, spans, prefix, spool, run)
         # Content-defined cuts need the content: spool the file, then chunk it in place.
         with source.local_file(sf, spool, prefix=prefix) as local:
             return self._chunk_file(local, sf, pool, run)
@@ -346,18 +347,11 @@ class Mirror:
         return FileEntry.from_chunks(sf.path, [chunks[off] for off, _ in spans], mode=sf.mode)
 
     def _plan(self, view: memoryview, size: int, sf: SourceFile) -> list[tuple[int, int]]:
-        if sf.path.endswith(SAFETENSORS_SUFFIX) and size >= PREFIX_BYTES:
-            try:
-                n = header_length(bytes(view[:PREFIX_BYTES]), size, path=sf.path)
-            except SafetensorsError as e:
-                log.warning("%s; chunking it as an opaque file", str(e))
-            else:
-                # A copy (≤ 100 MB by the bound): an exception's traceback must not pin
-                # views of the map, or the map could not be closed.
-                spans = self._header_plan(bytes(view[:PREFIX_BYTES + n]), size, sf)
-                if spans is not None:
-                    return spans
-        return plan_cdc(view, self.options.chunking)
+        # Copies (≤ 100 MB by the bound): an exception's traceback must not pin views of
+        # the map, or the map could not be closed.
+        spans, _ = self._tensor_plan(sf, size, bytes(view[:PREFIX_BYTES]),
+                                     lambda start, end: bytes(view[start:end]))
+        return spans if spans is not None else plan_cdc(view, self.options.chunking)
 
     def _chunk_file(self, local: Path, sf: SourceFile, pool: ThreadPoolExecutor,
                     run: _Run) -> FileEntry:
