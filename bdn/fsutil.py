@@ -4,15 +4,18 @@ Every write of a manifest path goes through :func:`safe_target`: the path string
 checked (relative, normalised) and every directory between the root and the file is
 created or checked with ``lstat`` so that a symlink planted anywhere under the root is
 refused *before* anything is written — a path can never be steered outside the root.
+Small records (resume state) are replaced whole with :func:`write_json_atomic`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Any
 
 from bdn.errors import PathError
 from manifests.paths import check_relative_path
@@ -62,3 +65,17 @@ def check_root(root: Path) -> Path:
 
 def temp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.bdn-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    """Replace ``path`` with ``doc`` as JSON: written beside it, then renamed, so a
+    reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

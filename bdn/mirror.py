@@ -48,6 +48,7 @@ from typing import Any
 import blake3
 
 from bdn.errors import BdnError, MirrorError, SourceError
+from bdn.fsutil import write_json_atomic
 from bdn.patterns import select
 from bdn.sources.base import Source, SourceFile
 from bdn.sources.ranged import AnyOf, CancelToken, RemoteSource, spool_paths
@@ -486,10 +487,7 @@ class _ResumeRecord:
     def add(self, index: int, digest: Digest, crc: int | None) -> None:
         with self.lock:
             self.chunks[str(index)] = [digest.hex, crc]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".stream-tmp")
-            tmp.write_text(json.dumps({"key": self.key, "chunks": self.chunks}))
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, {"key": self.key, "chunks": self.chunks})
 
     def remove(self) -> None:
         with self.lock, contextlib.suppress(FileNotFoundError):

@@ -50,6 +50,7 @@ from typing import Any, Protocol, TypeVar
 import blake3
 
 from bdn.errors import AuthError, SourceError
+from bdn.fsutil import write_json_atomic
 from bdn.retry import RetryableError, RetryPolicy, retry_sync
 from bdn.secrets import scrub
 from bdn.sources.base import FetchCounters, Source, SourceFile
@@ -289,10 +290,8 @@ def _load_state(state_path: Path, file: SourceFile, part_bytes: int) -> set[int]
 
 
 def _save_state(state_path: Path, file: SourceFile, part_bytes: int, done: set[int]) -> None:
-    tmp = state_path.with_suffix(".state-tmp")
-    tmp.write_text(json.dumps({"size": file.size, "part_bytes": part_bytes,
-                               "fingerprint": file.fingerprint, "done": sorted(done)}))
-    os.replace(tmp, state_path)
+    write_json_atomic(state_path, {"size": file.size, "part_bytes": part_bytes,
+                                   "fingerprint": file.fingerprint, "done": sorted(done)})
 
 
 def _download(source_uri: str, file: SourceFile, spool_dir: Path, fetch: Fetch,
