@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -124,41 +124,31 @@ def object_key(digest: Digest, encoding: str = ENCODING_RAW) -> str:
     return key + ZSTD_SUFFIX if encoding == ENCODING_ZSTD else key
 
 
-def sample_spans(n: int, sample_bytes: int) -> list[tuple[int, int]]:
-    """Where a compressibility sample is taken from an object of ``n`` bytes: its start,
-    middle and end, ``(offset, length)`` each."""
-    s = sample_bytes
+def zstd_form(n: int, read: Callable[[int, int], bytes | memoryview],
+              options: CompressionOptions) -> bytes | None:
+    """The zstd encoding of an object of ``n`` bytes, or None when it does not pay.
+    ``read(offset, length)`` gives its bytes (from memory, or a file), so an object that
+    stays raw is never read whole: a sample from its start, middle and end is tried
+    first, cheaply, and only if it shrinks by ``min_ratio`` is the whole compressed
+    (and kept if that reaches ``min_ratio`` too). Pure and deterministic."""
+    if not options.enabled or n < options.min_object_bytes:
+        return None
+    s = options.sample_bytes
     mid = max(0, n // 2 - s // 2)
-    return [(0, min(s, n)), (mid, min(s, n - mid)), (max(0, n - s), min(s, n))]
-
-
-def samples_compress(samples: list[bytes | memoryview], options: CompressionOptions) -> bool:
-    """Whether the samples compress by ``min_ratio`` at a fast level (worth trying all)."""
+    samples = [read(0, min(s, n)), read(mid, min(s, n - mid)), read(max(0, n - s), min(s, n))]
     cctx = zstandard.ZstdCompressor(level=1)
-    sample_in = sum(len(x) for x in samples)
-    sample_out = sum(len(cctx.compress(x)) for x in samples)
-    return sample_out * options.min_ratio <= sample_in
+    if sum(len(cctx.compress(x)) for x in samples) * options.min_ratio > \
+            sum(len(x) for x in samples):
+        return None
+    packed = zstandard.ZstdCompressor(level=options.level).compress(read(0, n))
+    return packed if len(packed) * options.min_ratio <= n else None
 
 
 def choose_encoding(data: bytes | memoryview,
                     options: CompressionOptions) -> tuple[str, bytes | memoryview]:
     """Return ``(encoding, stored_bytes)`` for a chunk (pure, deterministic)."""
-    n = len(data)
-    if not options.enabled or n < options.min_object_bytes:
-        return ENCODING_RAW, data
-    if not samples_compress([data[o:o + k] for o, k in sample_spans(n, options.sample_bytes)],
-                            options):
-        return ENCODING_RAW, data
-    return encode_if_worth(data, options)
-
-
-def encode_if_worth(data: bytes | memoryview,
-                    options: CompressionOptions) -> tuple[str, bytes | memoryview]:
-    """Compress all of ``data``; keep the result only if it reaches ``min_ratio``."""
-    packed = zstandard.ZstdCompressor(level=options.level).compress(data)
-    if len(packed) * options.min_ratio > len(data):
-        return ENCODING_RAW, data
-    return ENCODING_ZSTD, packed
+    packed = zstd_form(len(data), lambda off, k: data[off:off + k], options)
+    return (ENCODING_ZSTD, packed) if packed is not None else (ENCODING_RAW, data)
 
 
 def decode(encoding: str, stored: bytes, length: int) -> bytes:
@@ -401,6 +391,11 @@ class BlobStore:
     def has_object(self, digest: Digest) -> bool:
         return self.stat_object(digest) is not None
 
+    def _existing(self, digest: Digest) -> PutResult | None:
+        """Writing an object that is already there is success: what it was stored as."""
+        info = self.stat_object(digest)
+        return None if info is None else PutResult(info.encoding, info.stored_length, False)
+
     def put_chunk(self, digest: Digest, data: bytes | memoryview, *,
                   source: tuple[int, int] | None = None) -> PutResult:
         """Store raw chunk bytes under ``digest`` unless already there.
@@ -410,9 +405,9 @@ class BlobStore:
         in a local store is written by a kernel-side copy, so the bytes never cross into
         Python.
         """
-        info = self.stat_object(digest)
-        if info is not None:
-            return PutResult(info.encoding, info.stored_length, new=False)
+        existing = self._existing(digest)
+        if existing is not None:
+            return existing
         encoding, stored = choose_encoding(data, self.options.compression)
         fsync = self.options.fsync_objects
         if source is not None and encoding == ENCODING_RAW \
@@ -676,19 +671,16 @@ class _FileIncoming(_IncomingBase):
 
     def commit(self) -> PutResult:
         digest = self._check_complete()
-        info = self.store.stat_object(digest)
-        if info is not None:
-            return PutResult(info.encoding, info.stored_length, new=False)
+        existing = self.store._existing(digest)
+        if existing is not None:
+            return existing
         opts = self.store.options
-        comp = opts.compression
-        if comp.enabled and self.length >= comp.min_object_bytes and samples_compress(
-                [os.pread(self.fd, k, o) for o, k in sample_spans(self.length,
-                                                                  comp.sample_bytes)], comp):
-            encoding, stored = encode_if_worth(os.pread(self.fd, self.length, 0), comp)
-            if encoding != ENCODING_RAW:
-                self.backend.put(object_key(digest, encoding), stored,
-                                 fsync=opts.fsync_objects)
-                return PutResult(encoding, len(stored), new=True)
+        packed = zstd_form(self.length, lambda off, k: os.pread(self.fd, k, off),
+                           opts.compression)
+        if packed is not None:
+            self.backend.put(object_key(digest, ENCODING_ZSTD), packed,
+                             fsync=opts.fsync_objects)
+            return PutResult(ENCODING_ZSTD, len(packed), new=True)
         assert self.tmp is not None
         self.backend.adopt(self.tmp, object_key(digest), self.fd, fsync=opts.fsync_objects)
         self.tmp = None  # renamed: the object now, not ours to delete
