@@ -64,6 +64,7 @@ from manifests.digest import ALGORITHM, HEX_LENGTH
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+LINE_ENCODING = "ascii"
 # How often hits and accesses are told to the owner (and whenever it asks: /metrics).
 NOTES_INTERVAL_S = 1.0
 FORWARD_CONNECT_TIMEOUT_S = 10.0
@@ -159,12 +160,11 @@ def die_with_owner(owner_pid: int) -> None:
         os._exit(0)
 
 
-class OwnerLink(asyncio.Protocol):
-    """The worker's end of the control socket (lines, see module docstring)."""
+class ControlLines(asyncio.Protocol):
+    """One end of the owner–worker control socket: ASCII lines (see the module docstring),
+    each handed to :meth:`line_received`."""
 
-    def __init__(self, on_sync: Callable[[], None], on_lost: Callable[[], None]) -> None:
-        self._on_sync = on_sync
-        self._on_lost = on_lost
+    def __init__(self) -> None:
         self._transport: asyncio.WriteTransport | None = None
         self._buf = b""
 
@@ -175,22 +175,43 @@ class OwnerLink(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         *lines, self._buf = (self._buf + data).split(b"\n")
         for line in lines:
-            kind, _, rest = line.partition(b" ")
-            if kind == b"S":
-                self._on_sync()  # notes first: the owner reads them before the answer
-                self.send(f"s {rest.decode('ascii')}\n")
+            self.line_received(line)
+
+    def line_received(self, line: bytes) -> None:
+        raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self._on_lost()
 
-    def send(self, text: str) -> None:
-        if self._transport is not None:
-            self._transport.write(text.encode("ascii"))
+    def send(self, text: str) -> bool:
+        """Write one or more lines; False when the other end is gone."""
+        if self._transport is None or self._transport.is_closing():
+            return False
+        self._transport.write(text.encode(LINE_ENCODING))
+        return True
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+
+class OwnerLink(ControlLines):
+    """The worker's end of the control socket."""
+
+    def __init__(self, on_sync: Callable[[], None], on_lost: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_sync = on_sync
+        self._on_lost = on_lost
+
+    def line_received(self, line: bytes) -> None:
+        kind, _, rest = line.partition(b" ")
+        if kind == b"S":
+            self._on_sync()  # notes first: the owner reads them before the answer
+            self.send(f"s {rest.decode(LINE_ENCODING)}\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._on_lost()
 
 
 class Notes:

@@ -63,7 +63,7 @@ from bdn.service import (
 from cache.disk import OBJECTS_DIR
 from cache.errors import WorkerError
 from cache.server import CacheServer, CacheServerOptions
-from cache.worker import WorkerOptions
+from cache.worker import LINE_ENCODING, ControlLines, WorkerOptions
 from manifests.errors import DigestError
 
 log = logging.getLogger(__name__)
@@ -75,14 +75,14 @@ WORKER_RESPAWN_DELAY_S = 1.0
 # /metrics waits at most this long for a worker's pending notes.
 WORKER_SYNC_TIMEOUT_S = 2.0
 FORWARD_BACKLOG = 1024
-_LINE_ENCODING = "ascii"
 
 
-class WorkerLink(asyncio.Protocol):
+class WorkerLink(ControlLines):
     """The owner's end of one worker's control socket (lines, see :mod:`cache.worker`)."""
 
     def __init__(self, pool: WorkerPool, index: int,
                  proc: asyncio.subprocess.Process) -> None:
+        super().__init__()
         self.pool = pool
         self.index = index
         self.proc = proc
@@ -90,20 +90,12 @@ class WorkerLink(asyncio.Protocol):
         self.ready: asyncio.Future[int] = loop.create_future()
         self._syncs: dict[int, asyncio.Future[None]] = {}
         self._next_sync = 0
-        self._buf = b""
-        self._transport: asyncio.WriteTransport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        *lines, self._buf = (self._buf + data).split(b"\n")
-        for line in lines:
-            try:
-                self._handle(line.decode(_LINE_ENCODING))
-            except (ValueError, DigestError) as e:
-                log.warning("cache worker %d sent a bad line %r: %s", self.index, line, e)
+    def line_received(self, line: bytes) -> None:
+        try:
+            self._handle(line.decode(LINE_ENCODING))
+        except (ValueError, DigestError) as e:
+            log.warning("cache worker %d sent a bad line %r: %s", self.index, line, e)
 
     def _handle(self, line: str) -> None:
         server = self.pool.server
@@ -127,16 +119,15 @@ class WorkerLink(asyncio.Protocol):
     def sync(self) -> asyncio.Future[None]:
         """Resolved once the worker has sent every note it had when asked."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._transport is None or self._transport.is_closing():
+        if not self.send(f"S {self._next_sync + 1}\n"):
             fut.set_result(None)
             return fut
         self._next_sync += 1
         self._syncs[self._next_sync] = fut
-        self._transport.write(f"S {self._next_sync}\n".encode(_LINE_ENCODING))
         return fut
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
+        super().connection_lost(exc)
         for fut in self._syncs.values():  # a dead worker has nothing more to say
             if not fut.done():
                 fut.set_result(None)
@@ -147,10 +138,6 @@ class WorkerLink(asyncio.Protocol):
                 "ready"))
             self.ready.exception()  # retrieved here; start() reports it
         self.pool._lost(self)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
 
 class WorkerPool:
