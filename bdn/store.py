@@ -228,11 +228,14 @@ class LocalBackend:
         """A fresh temporary name in ``near_key``'s folder (made if missing), so that
         :meth:`adopt` is a rename within one file system. Listings skip it."""
         path = self._path(near_key)
-        parent = str(path.parent)
-        if parent not in self._made_dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._made_dirs.add(parent)
+        self._make_dir(str(path.parent))
         return f"{path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+
+    def _make_dir(self, folder: str) -> None:
+        # Objects fan out over 65,536 folders; each is made once per process, not per write.
+        if folder not in self._made_dirs:
+            os.makedirs(folder, exist_ok=True)
+            self._made_dirs.add(folder)
 
     def adopt(self, tmp: str, key: str, fd: int, *, fsync: bool) -> None:
         """Make the finished temporary file ``tmp`` (open as ``fd``) the object ``key``,
@@ -241,9 +244,7 @@ class LocalBackend:
             os.fsync(fd)
         path = self._path(key)
         parent = str(path.parent)
-        if parent not in self._made_dirs:
-            os.makedirs(parent, exist_ok=True)
-            self._made_dirs.add(parent)
+        self._make_dir(parent)
         os.replace(tmp, path)
         if fsync:
             dfd = os.open(parent, os.O_RDONLY)
