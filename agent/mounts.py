@@ -28,7 +28,7 @@ from pathlib import Path
 
 from agent.errors import MountError
 from bdn.errors import PathError
-from bdn.fsutil import safe_target, temp_name
+from bdn.fsutil import refuse_unless_dir, safe_target, temp_name
 from manifests.paths import check_relative_path
 
 SEALED_DIR_MODE = 0o555
@@ -45,12 +45,7 @@ def check_mount_path(mount: str) -> Path:
     if p == Path("/"):
         raise PathError("mount cannot be /", field="mount")
     with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(p)
-        if stat.S_ISLNK(st.st_mode):
-            raise PathError(f"mount {p} is a symlink; refusing to write through it",
-                            field="mount")
-        if not stat.S_ISDIR(st.st_mode):
-            raise PathError(f"mount {p} exists and is not a directory", field="mount")
+        refuse_unless_dir(os.lstat(p), p, "mount", field="mount")
     return p
 
 
@@ -71,11 +66,7 @@ def check_mount_paths(mount: str, rels: Iterable[str]) -> Path:
                 raise PathError(f"{rel!r}: a component of {cur} is not a directory",
                                 field="path") from None
             last = i == len(parts) - 1
-            if stat.S_ISLNK(st.st_mode):
-                raise PathError(f"{rel!r}: {cur} is a symlink; refusing to write through it",
-                                field="path")
-            if not last and not stat.S_ISDIR(st.st_mode):
-                raise PathError(f"{rel!r}: {cur} exists and is not a directory", field="path")
+            refuse_unless_dir(st, cur, f"{rel!r}:", field="path", is_last=last)
             if last and not stat.S_ISREG(st.st_mode):
                 raise PathError(f"{rel!r}: {cur} exists and is not a regular file",
                                 field="path")

@@ -21,6 +21,18 @@ from bdn.errors import PathError
 from manifests.paths import check_relative_path
 
 
+def refuse_unless_dir(st: os.stat_result, path: Path, label: str, *, field: str,
+                      is_last: bool = False) -> None:
+    """Refuse a path (``st`` from ``lstat``) that is a symlink, or, unless it is the last
+    component (checked by its caller), not a directory: nothing may be written through
+    it. ``label`` starts the message ("mount", or the relative path asked for)."""
+    if stat.S_ISLNK(st.st_mode):
+        raise PathError(f"{label} {path} is a symlink; refusing to write through it",
+                        field=field)
+    if not is_last and not stat.S_ISDIR(st.st_mode):
+        raise PathError(f"{label} {path} exists and is not a directory", field=field)
+
+
 def safe_target(root: Path, rel: str) -> Path:
     """Create the parents of ``root/rel`` (refusing symlinks) and return the path.
 
@@ -38,11 +50,7 @@ def safe_target(root: Path, rel: str) -> Path:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(cur, 0o755)
             st = os.lstat(cur)
-        if stat.S_ISLNK(st.st_mode):
-            raise PathError(f"{rel!r}: {cur} is a symlink; refusing to write through it",
-                            field="path")
-        if not stat.S_ISDIR(st.st_mode):
-            raise PathError(f"{rel!r}: {cur} exists and is not a directory", field="path")
+        refuse_unless_dir(st, cur, f"{rel!r}:", field="path")
     target = cur / parts[-1]
     try:
         st = os.lstat(target)
