@@ -15,9 +15,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from bdn.errors import AuthError, SourceError
-from bdn.retry import RetryableError, retry_sync
 from bdn.sources.base import SourceFile
-from bdn.sources.ranged import RemoteSource, classify_fs_error
+from bdn.sources.ranged import RemoteSource, classify_fs_error, retry_or_fail
 
 T = TypeVar("T")
 
@@ -55,12 +54,7 @@ class BucketSource(RemoteSource):
             except Exception as e:
                 raise self._classify(e, what, path) from None
 
-        try:
-            return retry_sync(attempt, self.download.retry)
-        except RetryableError as e:
-            raise SourceError(f"source {self.uri}: {what} failed after "
-                              f"{self.download.retry.attempts} attempts: {e}",
-                              source=self.uri, file=path) from None
+        return retry_or_fail(attempt, self.download.retry, uri=self.uri, what=what, path=path)
 
     def pin(self) -> dict[str, str]:
         out = {"uri": self.uri, "scheme": self.uri.split("://", 1)[0], "bucket": self.bucket,

@@ -49,7 +49,7 @@ from huggingface_hub.errors import (
 
 from bdn.config import Auth, SourceURI
 from bdn.errors import AuthError, BdnError, SourceError
-from bdn.retry import RetryableError, is_retryable_status, parse_retry_after, retry_sync
+from bdn.retry import RetryableError, is_retryable_status, parse_retry_after
 from bdn.secrets import SecretResolver, hf_token, scrub
 from bdn.sources.base import SourceFile
 from bdn.sources.ranged import (
@@ -60,6 +60,7 @@ from bdn.sources.ranged import (
     Fetch,
     RemoteSource,
     loop_stream_fetcher,
+    retry_or_fail,
 )
 
 log = logging.getLogger(__name__)
@@ -151,12 +152,7 @@ class HFSource(RemoteSource):
             except httpx2.TransportError as e:
                 raise RetryableError(f"{what}: {type(e).__name__}: {scrub(str(e))}") from None
 
-        try:
-            return retry_sync(attempt, self.download.retry)
-        except RetryableError as e:
-            raise SourceError(f"source {self.uri}: {what} failed after "
-                              f"{self.download.retry.attempts} attempts: {e}",
-                              source=self.uri, status=e.status) from None
+        return retry_or_fail(attempt, self.download.retry, uri=self.uri, what=what)
 
     def _auth_message(self, what: str) -> str:
         via = f" (token from secret {self._secret_name!r})" if self._secret_name else \

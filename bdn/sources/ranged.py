@@ -400,6 +400,17 @@ def _hash_follow(fd: int, progress: _Progress, checksum: Checksum,
     result["hex"] = h.hexdigest()
 
 
+def retry_or_fail(attempt: Callable[[], T], policy: RetryPolicy, *, uri: str, what: str,
+                  path: str = "") -> T:
+    """:func:`retry_sync` for a source's metadata call (listing, model info): when the
+    attempts are spent, a :class:`SourceError` naming the source, the call and the file."""
+    try:
+        return retry_sync(attempt, policy)
+    except RetryableError as e:
+        raise SourceError(f"source {uri}: {what} failed after {policy.attempts} attempts: "
+                          f"{e}", source=uri, file=path, status=e.status) from None
+
+
 def retry_cancellable(fn: Callable[[], T], policy: RetryPolicy,
                       cancel: CancelToken | None, *,
                       on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
