@@ -58,22 +58,23 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if "," in spec:
         return None
     first, dash, last = (p.strip() for p in spec.partition("-"))
-    bad = RangeNotSatisfiableError(f"range {header!r} not satisfiable for {size} bytes",
-                                   size=size)
     if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
-        raise bad
+        raise _unsatisfiable(header, size)
     if not first:
         if not last or int(last) == 0 or size == 0:
-            raise bad
+            raise _unsatisfiable(header, size)
         return max(0, size - int(last)), size
     start = int(first)
-    if start >= size:
-        raise bad
+    if start >= size or (last and int(last) < start):
+        raise _unsatisfiable(header, size)
     if not last:
         return start, size
-    if int(last) < start:
-        raise bad
     return start, min(int(last) + 1, size)
+
+
+def _unsatisfiable(header: str, size: int) -> RangeNotSatisfiableError:
+    return RangeNotSatisfiableError(f"range {header!r} not satisfiable for {size} bytes",
+                                    size=size)
 
 
 def object_headers(digest: str, content_type: str, state: str,
@@ -81,6 +82,11 @@ def object_headers(digest: str, content_type: str, state: str,
     """The headers of every object response (``digest`` as ``b3:<hex>``)."""
     return {"ETag": f'"{digest}"', "Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes",
             "Content-Type": content_type, "X-Bdn-Cache": state, WORKER_HEADER: worker}
+
+
+def range_refusal_body(error: RangeNotSatisfiableError, digest: str) -> str:
+    """The JSON body of a 416 for object ``digest``."""
+    return json.dumps({"error": f"{error} (object {digest})", "digest": digest})
 
 
 def prepare_range(request: web.Request, digest: str, size: int,
@@ -94,8 +100,8 @@ def prepare_range(request: web.Request, digest: str, size: int,
     except RangeNotSatisfiableError as e:
         headers["Content-Range"] = f"bytes */{size}"
         headers["Content-Type"] = "application/json"
-        body = json.dumps({"error": f"{e} (object {digest})", "digest": digest})
-        return web.Response(status=416, text=body, headers=headers)
+        return web.Response(status=416, text=range_refusal_body(e, digest),
+                            headers=headers)
     if rng is None:
         return 200, 0, size
     headers["Content-Range"] = f"bytes {rng[0]}-{rng[1] - 1}/{size}"
@@ -443,5 +449,5 @@ async def send_file_response(request: web.Request, sender: Sender, f: BinaryIO,
 
 
 __all__ = ["IMMUTABLE", "OWNER_WORKER", "WORKER_HEADER", "Sender", "abort", "cork",
-           "object_headers", "parse_range", "prepare_range", "send_file_response",
-           "sendfile_blocking", "uncork"]
+           "object_headers", "parse_range", "prepare_range", "range_refusal_body",
+           "send_file_response", "sendfile_blocking", "uncork"]

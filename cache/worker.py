@@ -6,11 +6,13 @@ its options on the command line. It listens on the cache's public port beside th
 
 - ``GET|HEAD /v1/objects/{digest}`` of a complete object is answered here, with
   ``sendfile`` and the same ``Range``/``ETag``/``HEAD``/416 semantics as the owner
-  (:mod:`cache.send`). A complete object is a file under ``objects/``: the disk store
-  gives a file that name only after its fill was verified (:mod:`cache.disk`), so "the
-  file opened" means "complete and verified". The file is opened *first* and every byte
-  is read from that descriptor, so an eviction after the open (an unlink) cannot take
-  the bytes away from this reader.
+  (:mod:`cache.send`) — by the hit fast path (:mod:`cache.fastpath`) as the owner's
+  are, or by this worker's aiohttp app on a connection handed to it. A complete
+  object is a file under ``objects/``: the disk store gives a file that name only
+  after its fill was verified (:mod:`cache.disk`), so "the file opened" means
+  "complete and verified". The file is opened *first* and every byte is read from
+  that descriptor, so an eviction after the open (an unlink) cannot take the bytes
+  away from this reader.
 - everything else — misses (to be filled, once, by the owner), manifests, refs, verify,
   prefetch, metrics, health — is forwarded as is to the owner over its private unix
   socket, and its answer streamed back (with ``X-Bdn-Via: <index>``); a forwarded body
@@ -50,7 +52,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -58,7 +59,8 @@ from yarl import URL
 
 from bdn.service import SHUTDOWN_TIMEOUT_S
 from cache.disk import object_relpath
-from cache.send import Sender, abort, object_headers, prepare_range, send_file_response
+from cache.fastpath import FastPath, OpenObject, answer_hit
+from cache.send import Sender, abort, object_headers
 from manifests.digest import ALGORITHM, HEX_LENGTH
 
 log = logging.getLogger(__name__)
@@ -292,7 +294,9 @@ class WorkerServer:
         if self._session is not None:
             await self._session.close()
 
-    def _open_complete(self, hex_: str) -> tuple[BinaryIO, int] | None:
+    hooks_last_byte = True  # the flock is dropped before the last byte
+
+    def open_hit(self, hex_: str) -> OpenObject | None:
         """The complete object's file, opened and pinned (a shared ``flock``, see
         :mod:`cache.disk`), and its size; None if it is not here for us to serve."""
         try:
@@ -310,7 +314,27 @@ class WorkerServer:
         if st.st_nlink == 0:  # evicted between the open and the lock
             f.close()
             return None
-        return f, st.st_size
+        return OpenObject(f, st.st_size)
+
+    def hit_started(self, obj: OpenObject, hex_: str, nbytes: int) -> None:
+        # Counted before the first byte: /metrics asked after the response is complete
+        # includes it (the owner collects notes first, see cache.workers).
+        self.notes.hit(hex_, nbytes)
+
+    def before_last_byte(self, obj: OpenObject) -> None:
+        # Unpinned before the last byte: a client that has it all and makes the owner
+        # evict next finds the object free (the bytes stay readable here).
+        fcntl.flock(obj.file.fileno(), fcntl.LOCK_UN)
+
+    def hit_ended(self, obj: OpenObject, nbytes: int, whole: bool) -> None:
+        obj.file.close()
+        if not whole:
+            self.notes.bytes -= nbytes
+
+    def fast_path(self) -> FastPath:
+        """This worker's fast path for hits, in front of :meth:`make_app`'s app."""
+        return FastPath(self, self.sender.stopping, lambda digest: object_headers(
+            digest, OCTET_STREAM, "hit", self._worker))
 
     async def handle_object(self, request: web.Request) -> web.StreamResponse:
         text = request.match_info["digest"]
@@ -318,35 +342,11 @@ class WorkerServer:
         if m is None:
             return await self.forward(request)  # the owner words the 400
         hex_ = m.group(1)
-        opened = self._open_complete(hex_)
-        if opened is None:
+        obj = self.open_hit(hex_)
+        if obj is None:
             return await self.forward(request)  # absent, filling or being evicted
-        f, size = opened
-        fd = f.fileno()
-        try:
-            headers = object_headers(text, OCTET_STREAM, "hit", self._worker)
-            if request.headers.get("If-None-Match") == headers["ETag"]:
-                self.notes.hit(hex_, 0)
-                return web.Response(status=304, headers=headers)
-            prep = prepare_range(request, text, size, headers)
-            if isinstance(prep, web.Response):
-                self.notes.hit(hex_, 0)
-                return prep
-            status, start, end = prep
-            nbytes = 0 if request.method == "HEAD" else end - start
-            # Counted before the first byte: /metrics asked after the response is
-            # complete includes it (the owner collects notes first, see cache.workers).
-            self.notes.hit(hex_, nbytes)
-            resp, whole = await send_file_response(
-                request, self.sender, f, status, start, end, headers,
-                # Unpinned before the last byte: a client that has it all and makes the
-                # owner evict next finds the object free (the bytes stay readable here).
-                before_last_byte=lambda: fcntl.flock(fd, fcntl.LOCK_UN))
-            if not whole:
-                self.notes.bytes -= nbytes
-            return resp
-        finally:
-            f.close()
+        headers = object_headers(text, OCTET_STREAM, "hit", self._worker)
+        return await answer_hit(request, self, self.sender, obj, hex_, headers)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Send the request to the owner and stream its answer back."""
@@ -430,17 +430,23 @@ async def run(options: WorkerOptions) -> None:
     runner = web.AppRunner(server.make_app(), handle_signals=False, access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
+    assert runner.server is not None
+    fast = server.fast_path()  # hits without aiohttp; all else goes to the app
+    public: asyncio.Server | None = None
     try:
-        site: web.BaseSite
         if options.listen_fd >= 0:
-            site = web.SockSite(runner, socket.socket(fileno=options.listen_fd))
+            public = await fast.listen(runner.server,
+                                       sock=socket.socket(fileno=options.listen_fd))
         else:
-            site = web.TCPSite(runner, options.host, options.port, reuse_address=True,
-                               reuse_port=True)
-        await site.start()
+            public = await fast.listen(runner.server, host=options.host, port=options.port,
+                                       reuse_port=True)
         link.send(f"R {os.getpid()}\n")
         await stop.wait()
     finally:
+        if public is not None:
+            public.close()
+        server.sender.stop()  # as aiohttp's shutdown does: stalled sends end soon
+        await fast.shutdown(SHUTDOWN_TIMEOUT_S)
         await runner.cleanup()
         link.close()
 

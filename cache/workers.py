@@ -1,7 +1,8 @@
 """``bdn cache-server --workers N``: one cache folder served by several processes.
 
-Why: a warm hit costs the server 0.2–0.5 ms of Python per request (aiohttp and ours)
-besides the kernel's ``sendfile`` work, and one Python process runs that on one core, so
+Why: a warm hit costs the server some Python per request (tens of µs on the fast path,
+:mod:`cache.fastpath`) besides the kernel's ``sendfile`` work, and one Python process
+runs all of it on one core, so
 a pod with more cores than one event loop can keep busy needs more processes (nginx runs
 a worker per core). The server the operator starts — the *owner* — starts N − 1 hit
 workers (:mod:`cache.worker`) that listen on the same port with ``SO_REUSEPORT`` beside
@@ -281,6 +282,9 @@ def serve(options: CacheServerOptions, listen: ListenAddress) -> int:
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
+        assert runner.server is not None
+        fast = server.fast_path()  # hits without aiohttp; all else goes to the app
+        public: asyncio.Server | None = None
         pool: WorkerPool | None = None
         shared = options.workers > 1
         try:
@@ -289,16 +293,13 @@ def serve(options: CacheServerOptions, listen: ListenAddress) -> int:
                     os.unlink(listen.path)
                 usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 usock.bind(listen.path)
-                await web.SockSite(runner, usock).start()
+                public = await fast.listen(runner.server, sock=usock)
                 url = f"unix:{listen.path}"
                 host, port, listen_fd = "", 0, usock.fileno()  # workers share this socket
             else:
-                site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True,
-                                   reuse_port=shared or None)
-                await site.start()
-                tcp = site._server  # aiohttp exposes no public accessor for the port
-                assert tcp is not None and tcp.sockets
-                host, port, listen_fd = listen.host, tcp.sockets[0].getsockname()[1], -1
+                public = await fast.listen(runner.server, host=listen.host,
+                                           port=listen.port, reuse_port=shared)
+                host, port, listen_fd = listen.host, public.sockets[0].getsockname()[1], -1
                 shown = host if ":" not in host else f"[{host}]"
                 url = f"http://{shown}:{port}"
             if shared:
@@ -313,6 +314,10 @@ def serve(options: CacheServerOptions, listen: ListenAddress) -> int:
         finally:
             if pool is not None:
                 pool.stop()
+            if public is not None:
+                public.close()
+            server.sender.stop()  # as aiohttp's shutdown does: stalled sends end soon
+            await fast.shutdown(SHUTDOWN_TIMEOUT_S)
             await runner.cleanup()
             if pool is not None:
                 await pool.wait()

@@ -1,0 +1,547 @@
+"""Cache hits answered without aiohttp; every other request handed to aiohttp as is.
+
+Why: a warm hit is one ``sendfile``, yet through aiohttp each request also costs a
+``Request``, routing, a ``StreamResponse``, its header machinery, a task and the send's
+futures and timers. On the 2-core loopback benchmark (``bench/cache.py``: 8 clients,
+256 ranges of 8 MiB) the server spent 0.32–0.42 CPU-s per run where nginx spent
+0.12–0.16, on the cores the clients also needed: that was the gap to nginx.
+
+How: :class:`FastPathProtocol` is the listening socket's protocol. It reads each request
+head itself and answers it here only when the answer is fully decided here — ``GET`` or
+``HEAD`` over HTTP/1.1, no body, the path ``/v1/objects/b3:<hex>``, at most one
+``Range`` and one ``If-None-Match``, nothing unusual in the head, and the object
+complete on disk (:class:`HitSource` opens and pins it). The answer is a small state
+machine on the loop's callbacks — no task, future or thread per request: the head and
+the body under ``TCP_CORK`` (full segments, as nginx's ``tcp_nopush``), the body by
+``sendfile`` in chunks of ``SENDFILE_MAX_CHUNK_BYTES`` with the other connections served
+between chunks. Then it reads the next request on the connection.
+
+Anything else — a miss, a manifest, ``/metrics``, a malformed or merely uncommon
+request — and the connection, with every byte read so far, goes to aiohttp's own
+protocol, which keeps it to its end. aiohttp thus stays the reference for every case
+(misses and their single-flight fills, errors, 400s), and the fast path answers with
+the same status, headers, body and ``Range`` rules (:mod:`cache.send`), which
+``tests/cache/test_cache_fastpath.py`` compares request by request. A response that
+cannot be sent whole aborts the connection (never a short body that looks complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from aiohttp import web
+
+from cache.errors import RangeNotSatisfiableError
+from cache.send import (
+    SEND_POLL_SLICE_S,
+    SEND_STALL_TIMEOUT_S,
+    Sender,
+    parse_range,
+    prepare_range,
+    range_refusal_body,
+    send_file_response,
+)
+from manifests.digest import ALGORITHM, HEX_LENGTH
+
+# A request head longer than this goes to aiohttp (which enforces its own limits).
+MAX_HEAD_BYTES = 8192
+# Pipelined bytes buffered while a response is sent, before reading is paused.
+MAX_BUFFERED_BYTES = 64 * 1024
+SERVER_HEADER = "bdn-cache"
+LISTEN_BACKLOG = 1024
+# Bytes per sendfile call before the loop serves others (nginx's sendfile_max_chunk).
+SENDFILE_MAX_CHUNK_BYTES = 2 * 1024 * 1024
+_OBJECT_TARGET_RE = re.compile(rb"/v1/objects/(" + ALGORITHM.encode() +
+                               rb":([0-9a-f]{" + str(HEX_LENGTH).encode() + rb"}))")
+# Control characters (other than tab) anywhere in a head line: let aiohttp word the 400.
+_CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Headers that mean a request is not a plain bodiless GET/HEAD.
+_NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified",
+            416: "Range Not Satisfiable"}
+
+
+@dataclass(frozen=True, slots=True)
+class FastRequest:
+    """A request the fast path may answer: ``digest`` as ``b3:<hex>``."""
+
+    head_only: bool
+    digest: str
+    hex: str
+    range: str | None
+    if_none_match: str | None
+    close: bool
+
+
+def parse_head(head: bytes) -> FastRequest | None:
+    """The request in ``head`` (its bytes up to, not including, the blank line), or
+    None when it is not one the fast path answers."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD"):
+        return None
+    m = _OBJECT_TARGET_RE.fullmatch(parts[1])
+    if m is None or _CONTROL_RE.search(head.replace(b"\r\n", b"")):
+        return None
+    rng: bytes | None = None
+    inm: bytes | None = None
+    close = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        # Folded lines and spaces before the colon are errors aiohttp words.
+        if not sep or not name or name[0] in b" \t" or name[-1] in b" \t":
+            return None
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name == b"range":
+            if rng is not None:
+                return None
+            rng = value
+        elif name == b"if-none-match":
+            if inm is not None:
+                return None
+            inm = value
+        elif name == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            if b"upgrade" in tokens:
+                return None
+            close = close or b"close" in tokens
+        elif name == b"content-length":
+            if value != b"0":
+                return None
+        elif name in _NOT_PLAIN:
+            return None
+    return FastRequest(head_only=parts[0] == b"HEAD", digest=m.group(1).decode(),
+                       hex=m.group(2).decode(),
+                       range=None if rng is None else rng.decode("latin-1"),
+                       if_none_match=None if inm is None else inm.decode("latin-1"),
+                       close=close)
+
+
+@dataclass(slots=True)
+class OpenObject:
+    """A complete object, opened (and pinned) for one response by a :class:`HitSource`;
+    ``key``: whatever the source needs to release it."""
+
+    file: BinaryIO
+    size: int
+    key: object = None
+
+
+class HitSource(Protocol):
+    """Where the fast path finds complete objects, and what it tells of each hit: the
+    owner (:class:`cache.server.CacheServer`: index, pins, metrics) or a hit worker
+    (:class:`cache.worker.WorkerServer`: object files, ``flock``, notes).
+
+    ``hooks_last_byte``: whether :meth:`before_last_byte` does anything (if not, the
+    body goes out in one piece rather than all but its last byte, then that byte).
+    """
+
+    hooks_last_byte: bool
+
+    def open_hit(self, hex_: str) -> OpenObject | None:
+        """The object opened and pinned, or None (absent, filling, being evicted)."""
+
+    def hit_started(self, obj: OpenObject, hex_: str, nbytes: int) -> None:
+        """Before the response's first byte; ``nbytes``: the body it will carry."""
+
+    def before_last_byte(self, obj: OpenObject) -> None:
+        """All of the body but its last byte is out (or, with no body, before it)."""
+
+    def hit_ended(self, obj: OpenObject, nbytes: int, whole: bool) -> None:
+        """The response went out (``whole``) or broke off: release the object."""
+
+
+async def answer_hit(request: web.Request, source: HitSource, sender: Sender,
+                     obj: OpenObject, hex_: str, headers: dict[str, str]
+                     ) -> web.StreamResponse:
+    """The same answer through aiohttp, for a hit the fast path did not take (a
+    connection already handed off, a unix socket without one, an HTTP/1.0 client)."""
+    nbytes = 0
+    whole = False
+    digest = f"{ALGORITHM}:{hex_}"
+    try:
+        if request.headers.get("If-None-Match") == headers["ETag"]:
+            source.hit_started(obj, hex_, 0)
+            whole = True
+            return web.Response(status=304, headers=headers)
+        prep = prepare_range(request, digest, obj.size, headers)
+        if isinstance(prep, web.Response):
+            source.hit_started(obj, hex_, 0)
+            whole = True
+            return prep
+        status, start, end = prep
+        nbytes = 0 if request.method == "HEAD" else end - start
+        source.hit_started(obj, hex_, nbytes)
+        resp, whole = await send_file_response(
+            request, sender, obj.file, status, start, end, headers,
+            before_last_byte=(lambda: source.before_last_byte(obj))
+            if source.hooks_last_byte else None)
+        return resp
+    finally:
+        source.hit_ended(obj, nbytes, whole)
+
+
+class FastPath:
+    """One process's fast path: its settings, its open fast connections (so shutdown
+    can close them) and one timer that ends sends which make no progress."""
+
+    def __init__(self, source: HitSource, stopping: threading.Event,
+                 headers_for: Callable[[str], dict[str, str]]) -> None:
+        self.source = source
+        self.stopping_event = stopping
+        self.headers_for = headers_for
+        self.connections: set[FastPathProtocol] = set()
+        self._closed: asyncio.Event | None = None
+        self._shutting_down = False
+        self._sweep: asyncio.TimerHandle | None = None
+        self._date_s = -1
+        self._date = ""
+
+    def factory(self, aiohttp_factory: Callable[[], asyncio.Protocol]
+                ) -> Callable[[], asyncio.Protocol]:
+        """The protocol factory for a listening socket; ``aiohttp_factory`` is the
+        aiohttp runner's ``server``."""
+        return lambda: FastPathProtocol(self, aiohttp_factory)
+
+    async def listen(self, aiohttp_factory: Callable[[], asyncio.Protocol], *,
+                     host: str = "", port: int = 0, sock: socket.socket | None = None,
+                     reuse_port: bool = False, backlog: int = LISTEN_BACKLOG
+                     ) -> asyncio.Server:
+        """Listen on ``sock``, or on ``host``:``port``, with this fast path in front of
+        ``aiohttp_factory`` (an aiohttp runner's ``server``). To stop: close the
+        server, :meth:`shutdown`, then clean the runner up."""
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            return await loop.create_server(self.factory(aiohttp_factory), sock=sock,
+                                            backlog=backlog)
+        return await loop.create_server(self.factory(aiohttp_factory), host, port,
+                                        reuse_address=True, reuse_port=reuse_port or None,
+                                        backlog=backlog)
+
+    def date(self) -> str:
+        now = int(time.time())
+        if now != self._date_s:
+            self._date_s, self._date = now, email.utils.formatdate(now, usegmt=True)
+        return self._date
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    def forget(self, conn: FastPathProtocol) -> None:
+        self.connections.discard(conn)
+        if self._closed is not None and not self.connections:
+            self._closed.set()
+
+    def watch(self) -> None:
+        """A send started: make sure the stall sweep runs."""
+        if self._sweep is None:
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_later(SEND_POLL_SLICE_S, self._check_sends)
+
+    def _check_sends(self) -> None:
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        busy = False
+        for conn in list(self.connections):
+            if not conn.sending:
+                continue
+            if self.stopping_event.is_set() or now - conn.progress_at >= SEND_STALL_TIMEOUT_S:
+                conn.abort()  # a stalled client, or a server that must stop
+            else:
+                busy = True
+        if busy:
+            self._sweep = loop.call_later(SEND_POLL_SLICE_S, self._check_sends)
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Close idle connections now, busy ones after their response; abort whatever
+        is left after ``timeout_s``. Call once the listening socket is closed."""
+        self._shutting_down = True
+        self._closed = asyncio.Event()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), timeout_s)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+
+class FastPathProtocol(asyncio.Protocol):
+    """One connection (see the module docstring): a small state machine driven by the
+    loop's callbacks — no task, future or thread per request, which is most of what a
+    request cost in Python."""
+
+    def __init__(self, fast: FastPath, aiohttp_factory: Callable[[], asyncio.Protocol]
+                 ) -> None:
+        self._fast = fast
+        self._aiohttp_factory = aiohttp_factory
+        self._transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None
+        self._tcp = False
+        self._buf = bytearray()
+        self._paused = False
+        self._close_when_idle = False
+        self._driving = False
+        # The response being sent: the head still to send, then file bytes [pos, stop);
+        # stop < end while the last byte waits for HitSource.before_last_byte.
+        self.sending = False
+        self.progress_at = 0.0
+        self._req: FastRequest | None = None
+        self._obj: OpenObject | None = None
+        self._nbytes = 0
+        self._pending = b""
+        self._pos = self._stop = self._end = 0
+        self._writer = False
+        self._corked = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._fast.shutting_down:
+            transport.close()
+            return
+        tsock = transport.get_extra_info("socket")
+        if tsock is None:  # no socket to send files to: aiohttp serves it all
+            self._hand_off()
+            return
+        # Our own descriptor for the connection: the transport has its fd registered
+        # with the loop, and waiting for writability needs one of our own.
+        self._sock = socket.socket(fileno=os.dup(tsock.fileno()))
+        self._sock.setblocking(False)
+        self._tcp = self._sock.family in (socket.AF_INET, socket.AF_INET6)
+        if self._tcp:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._fast.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if not self.sending:
+            self._next()
+        elif len(self._buf) > MAX_BUFFERED_BYTES and not self._paused:
+            assert self._transport is not None
+            self._transport.pause_reading()
+            self._paused = True
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes; a response in flight ends with it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.sending:
+            self._end_response(whole=False)
+        self._close_sock()
+        self._fast.forget(self)
+
+    # -- driving -------------------------------------------------------------------
+
+    def close_when_idle(self) -> None:
+        self._close_when_idle = True
+        if not self.sending and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _next(self) -> None:
+        """Answer buffered requests while each completes at once; then wait for more
+        bytes or for the socket; hand off what the fast path does not answer."""
+        if self._driving:
+            return  # called back from inside the loop below: it goes on by itself
+        self._driving = True
+        try:
+            while not self.sending and self._sock is not None:
+                end = self._buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buf) > MAX_HEAD_BYTES:
+                        self._hand_off()
+                    return
+                req = parse_head(bytes(self._buf[:end]))
+                obj = None if req is None else self._fast.source.open_hit(req.hex)
+                if req is None or obj is None:
+                    self._hand_off()
+                    return
+                del self._buf[:end + 4]
+                self._start(req, obj)
+        finally:
+            self._driving = False
+
+    def _hand_off(self) -> None:
+        """aiohttp takes the connection, with what was read of it, to its end."""
+        transport = self._transport
+        assert transport is not None
+        self._fast.forget(self)
+        self._close_sock()
+        if transport.is_closing():
+            return
+        proto = self._aiohttp_factory()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if self._buf:
+            data, self._buf = bytes(self._buf), bytearray()
+            proto.data_received(data)
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+
+    def _close_sock(self) -> None:
+        if self._sock is not None:
+            if self._writer:
+                asyncio.get_running_loop().remove_writer(self._sock.fileno())
+                self._writer = False
+            self._sock.close()
+            self._sock = None
+
+    def _start(self, req: FastRequest, obj: OpenObject) -> None:
+        source = self._fast.source
+        status, start, end, body, headers = self._plan(req, obj)
+        nbytes = end - start if status in (200, 206) and not req.head_only else 0
+        self._req, self._obj, self._nbytes = req, obj, nbytes
+        self.sending = True
+        self.progress_at = asyncio.get_running_loop().time()
+        source.hit_started(obj, req.hex, nbytes)
+        head = self._head(status, headers, end - start if status != 304 else None,
+                          req.close)
+        if nbytes:
+            self._pending = head
+            self._pos, self._end = start, end
+            self._stop = end - 1 if source.hooks_last_byte else end
+            if self._tcp:
+                # Head and body leave in full segments (as nginx's tcp_nopush): fewer,
+                # larger segments for the client to take; uncorked after the last byte.
+                try:
+                    self._sock.setsockopt(  # type: ignore[union-attr]
+                        socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    self._corked = True
+                except OSError:
+                    pass
+        else:
+            source.before_last_byte(obj)
+            self._pending = head + body
+            self._pos = self._stop = self._end = 0
+        self._fast.watch()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send what the socket takes now; at most ``SENDFILE_MAX_CHUNK_BYTES`` per
+        call, then back to the loop (level-triggered: writable sockets are called
+        again), so one fast client never holds up the others' next requests."""
+        sock, obj = self._sock, self._obj
+        if sock is None or obj is None:
+            return
+        try:
+            if self._pending:
+                n = sock.send(self._pending)
+                self._pending = self._pending[n:]
+                if self._pending:
+                    self._wait_writable()
+                    return
+            while self._pos < self._end:
+                if self._pos == self._stop:  # only the last byte is left
+                    self._fast.source.before_last_byte(obj)
+                    self._stop = self._end
+                n = os.sendfile(sock.fileno(), obj.file.fileno(), self._pos,
+                                min(self._stop - self._pos, SENDFILE_MAX_CHUNK_BYTES))
+                if n == 0:
+                    raise ConnectionResetError("file ended before the response did")
+                self._pos += n
+                loop = asyncio.get_running_loop()
+                self.progress_at = loop.time()
+                if self._pos < self._end:
+                    # Likely still writable (a client's receive buffer takes a lot):
+                    # come back after the others rather than through the selector.
+                    loop.call_soon(self._pump)
+                    return
+        except BlockingIOError:
+            self._wait_writable()
+            return
+        except OSError:
+            self._end_response(whole=False)
+            return
+        self._end_response(whole=True)
+
+    def _wait_writable(self) -> None:
+        if not self._writer and self._sock is not None:
+            asyncio.get_running_loop().add_writer(self._sock.fileno(), self._pump)
+            self._writer = True
+
+    def _end_response(self, *, whole: bool) -> None:
+        obj, req = self._obj, self._req
+        assert obj is not None and req is not None
+        self._obj = self._req = None
+        self._pending = b""
+        self.sending = False
+        if self._writer and self._sock is not None:
+            asyncio.get_running_loop().remove_writer(self._sock.fileno())
+            self._writer = False
+        if self._corked:
+            self._corked = False
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        self._fast.source.hit_ended(obj, self._nbytes, whole)
+        transport = self._transport
+        assert transport is not None
+        if not whole:
+            transport.abort()  # never a short body that looks complete
+            self._close_sock()
+        elif req.close or self._close_when_idle:
+            transport.close()
+            self._close_sock()
+        else:
+            if self._paused:
+                self._paused = False
+                transport.resume_reading()
+            self._next()
+
+    def _plan(self, req: FastRequest, obj: OpenObject
+              ) -> tuple[int, int, int, bytes, dict[str, str]]:
+        """(status, start, end, body of a non-200/206 answer, headers)."""
+        headers = self._fast.headers_for(req.digest)
+        if req.if_none_match is not None and req.if_none_match == headers["ETag"]:
+            return 304, 0, 0, b"", headers
+        try:
+            rng = parse_range(req.range, obj.size)
+        except RangeNotSatisfiableError as e:
+            headers["Content-Range"] = f"bytes */{obj.size}"
+            headers["Content-Type"] = "application/json; charset=utf-8"  # as aiohttp's
+            body = range_refusal_body(e, req.digest).encode()
+            return 416, 0, len(body), body, headers
+        if rng is None:
+            return 200, 0, obj.size, b"", headers
+        headers["Content-Range"] = f"bytes {rng[0]}-{rng[1] - 1}/{obj.size}"
+        return 206, rng[0], rng[1], b"", headers
+
+    def _head(self, status: int, headers: dict[str, str], length: int | None,
+              close: bool) -> bytes:
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        lines.append(f"Date: {self._fast.date()}")
+        lines.append(f"Server: {SERVER_HEADER}")
+        if close:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+__all__ = ["FastPath", "FastPathProtocol", "FastRequest", "HitSource", "OpenObject",
+           "answer_hit", "parse_head"]
