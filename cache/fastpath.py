@@ -32,6 +32,7 @@ import contextlib
 import email.utils
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -205,6 +206,12 @@ class FastPath:
         self._closed: asyncio.Event | None = None
         self._shutting_down = False
         self._sweep: asyncio.TimerHandle | None = None
+        # Our own edge-triggered epoll for "writable again": each connection is
+        # registered once, and waiting costs no epoll_ctl per response (the loop's
+        # level-triggered add_writer/remove_writer did, twice). Its fd is one reader of
+        # the loop.
+        self._ep: select.epoll | None = None
+        self._by_fd: dict[int, FastPathProtocol] = {}
         self._date_s = -1
         self._date = ""
 
@@ -228,6 +235,27 @@ class FastPath:
         return await loop.create_server(self.factory(aiohttp_factory), host, port,
                                         reuse_address=True, reuse_port=reuse_port or None,
                                         backlog=backlog)
+
+    def register(self, conn: FastPathProtocol, fd: int) -> None:
+        """Tell ``conn`` (:meth:`FastPathProtocol.writable`) when ``fd`` takes bytes
+        again after a send that would have blocked."""
+        if self._ep is None:
+            self._ep = select.epoll()
+            asyncio.get_running_loop().add_reader(self._ep.fileno(), self._dispatch)
+        self._ep.register(fd, select.EPOLLOUT | select.EPOLLET)
+        self._by_fd[fd] = conn
+
+    def unregister(self, fd: int) -> None:
+        if self._by_fd.pop(fd, None) is not None and self._ep is not None:
+            with contextlib.suppress(OSError):
+                self._ep.unregister(fd)
+
+    def _dispatch(self) -> None:
+        assert self._ep is not None
+        for fd, _ in self._ep.poll(0):
+            conn = self._by_fd.get(fd)
+            if conn is not None:
+                conn.writable()
 
     def date(self) -> str:
         now = int(time.time())
@@ -280,6 +308,10 @@ class FastPath:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
+        if self._ep is not None:
+            asyncio.get_running_loop().remove_reader(self._ep.fileno())
+            self._ep.close()
+            self._ep = None
 
 
 class FastPathProtocol(asyncio.Protocol):
@@ -307,7 +339,7 @@ class FastPathProtocol(asyncio.Protocol):
         self._nbytes = 0
         self._pending = b""
         self._pos = self._stop = self._end = 0
-        self._writer = False
+        self._waiting = False
         self._corked = False
 
     # -- asyncio.Protocol ----------------------------------------------------------
@@ -331,6 +363,7 @@ class FastPathProtocol(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._fast.connections.add(self)
+        self._fast.register(self, self._sock.fileno())
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -404,9 +437,7 @@ class FastPathProtocol(asyncio.Protocol):
 
     def _close_sock(self) -> None:
         if self._sock is not None:
-            if self._writer:
-                asyncio.get_running_loop().remove_writer(self._sock.fileno())
-                self._writer = False
+            self._fast.unregister(self._sock.fileno())
             self._sock.close()
             self._sock = None
 
@@ -442,18 +473,15 @@ class FastPathProtocol(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Send what the socket takes now; at most ``SENDFILE_MAX_CHUNK_BYTES`` per
-        call, then back to the loop (level-triggered: writable sockets are called
-        again), so one fast client never holds up the others' next requests."""
+        call, then back to the loop, so one fast client never holds up the others'
+        next requests. A send that would block waits for :meth:`writable`."""
         sock, obj = self._sock, self._obj
         if sock is None or obj is None:
             return
         try:
-            if self._pending:
+            while self._pending:
                 n = sock.send(self._pending)
                 self._pending = self._pending[n:]
-                if self._pending:
-                    self._wait_writable()
-                    return
             while self._pos < self._end:
                 if self._pos == self._stop:  # only the last byte is left
                     self._fast.source.before_last_byte(obj)
@@ -471,17 +499,19 @@ class FastPathProtocol(asyncio.Protocol):
                     loop.call_soon(self._pump)
                     return
         except BlockingIOError:
-            self._wait_writable()
+            # Edge-triggered: the socket is full now, so its next "writable" is an edge.
+            self._waiting = True
             return
         except OSError:
             self._end_response(whole=False)
             return
         self._end_response(whole=True)
 
-    def _wait_writable(self) -> None:
-        if not self._writer and self._sock is not None:
-            asyncio.get_running_loop().add_writer(self._sock.fileno(), self._pump)
-            self._writer = True
+    def writable(self) -> None:
+        """The socket took bytes again (or failed): go on if a send was waiting."""
+        if self._waiting:
+            self._waiting = False
+            self._pump()
 
     def _end_response(self, *, whole: bool) -> None:
         obj, req = self._obj, self._req
@@ -489,9 +519,7 @@ class FastPathProtocol(asyncio.Protocol):
         self._obj = self._req = None
         self._pending = b""
         self.sending = False
-        if self._writer and self._sock is not None:
-            asyncio.get_running_loop().remove_writer(self._sock.fileno())
-            self._writer = False
+        self._waiting = False
         if self._corked:
             self._corked = False
             if self._sock is not None:
