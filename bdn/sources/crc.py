@@ -85,9 +85,22 @@ def _readonly(data: bytes | memoryview) -> bytes:
     return bytes(data)
 
 
+@functools.cache
 def crc32c() -> CrcKind | None:
-    """CRC32C through the hardware-accelerated ``google_crc32c``, if it is installed
-    (its pure-Python fallback is far slower than MD5: not worth using)."""
+    """CRC32C, hardware-accelerated, or None where no fast implementation is installed
+    (a pure-Python CRC is far slower than MD5: not worth using).
+
+    ``crc32c`` (ICRAR) first: it takes any buffer and releases the GIL on large ones, so
+    the threads checking chunks run beside the event loop that reads the network.
+    ``google_crc32c`` holds the GIL and takes only read-only bytes (a copy of every
+    block received into a bytearray)."""
+    try:
+        import crc32c as icrar
+    except ImportError:
+        icrar = None
+    if icrar is not None and getattr(icrar, "hardware_based", False):
+        fast = icrar.crc32c
+        return CrcKind("crc32c", 0x82F63B78, lambda crc, data: int(fast(data, crc)))
     try:
         import google_crc32c
     except ImportError:
