@@ -166,8 +166,9 @@ class HitSource(Protocol):
 async def answer_hit(request: web.Request, source: HitSource, sender: Sender,
                      obj: OpenObject, hex_: str, headers: dict[str, str]
                      ) -> web.StreamResponse:
-    """The same answer through aiohttp, for a hit the fast path did not take (a
-    connection already handed off, a unix socket without one, an HTTP/1.0 client)."""
+    """The same answer through aiohttp, for a hit the fast path did not take: one on a
+    connection already handed off, or a request it leaves to aiohttp (HTTP/1.0, an
+    uncommon header, a percent-encoded path)."""
     nbytes = 0
     whole = False
     digest = f"{ALGORITHM}:{hex_}"
