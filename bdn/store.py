@@ -51,6 +51,9 @@ from manifests.refs import Ref
 
 log = logging.getLogger(__name__)
 
+# HTTP statuses that mean "no such object" (any other failure means the store is down).
+NOT_FOUND_STATUSES = (404, 410)
+
 OBJECTS_PREFIX = "objects/b3"
 MANIFESTS_PREFIX = "manifests"
 REFS_PREFIX = "refs"
@@ -310,6 +313,7 @@ class FsspecBackend:
         else:
             self.fs, root = fsspec.core.url_to_fs(self.url, **opts)
         self.root = root.rstrip("/")
+        self._http = scheme in ("http", "https")
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -317,7 +321,15 @@ class FsspecBackend:
     def size(self, key: str) -> int | None:
         try:
             info = self.fs.info(self._path(key))
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            # fsspec's HTTP filesystem reports *any* failure (connection refused, a 503)
+            # as FileNotFoundError; a store that is down must not look like a missing
+            # object (a cache would answer 404, a mirror would upload again).
+            cause = e.__cause__
+            if (self._http and cause is not None
+                    and getattr(cause, "status", None) not in NOT_FOUND_STATUSES):
+                raise StoreError(f"store {self.url} unreachable: {type(cause).__name__}: "
+                                 f"{cause}", url=self.url, key=key) from e
             return None
         return int(info.get("size") or 0) if info.get("type") != "directory" else None
 

@@ -93,7 +93,6 @@ RETRY_AFTER_S = 1
 VERIFY_BLOCK_BYTES = 4 * 1024 * 1024
 SHUTDOWN_FILL_WAIT_S = 5.0
 ZSTD_HEADER_PEEK_BYTES = 18
-NOT_FOUND_STATUSES = (404, 410)
 FILL_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -205,21 +204,7 @@ class CountingBackend:
                 self.object_reads += 1
 
     def size(self, key: str) -> int | None:
-        fs = getattr(self.inner, "fs", None)
-        if fs is None or not hasattr(self.inner, "_path"):
-            return self.inner.size(key)
-        # fsspec's HTTP filesystem reports *any* failure (connection refused, 503) as
-        # FileNotFoundError; a store that is down must not look like a missing object.
-        try:
-            info = fs.info(self.inner._path(key))
-        except FileNotFoundError as e:
-            cause = e.__cause__
-            status = getattr(cause, "status", None)
-            if cause is not None and status not in NOT_FOUND_STATUSES:
-                raise OSError(f"blob store {self.url} unreachable: "
-                              f"{type(cause).__name__}: {cause}") from e
-            return None
-        return int(info.get("size") or 0) if info.get("type") != "directory" else None
+        return self.inner.size(key)
 
     def put(self, key: str, data: bytes | memoryview, *, fsync: bool = False) -> bool:
         return self.inner.put(key, data, fsync=fsync)

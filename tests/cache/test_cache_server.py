@@ -17,7 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bdn.store import BlobStore, object_key
+from bdn.errors import StoreError
+from bdn.store import BlobStore, FsspecBackend, object_key
 from cache.server import parse_metrics
 from manifests.digest import Digest, Hasher
 from manifests.manifest import Chunk, FileEntry, build_manifest
@@ -385,3 +386,19 @@ def test_sigterm_stops_promptly_with_a_stalled_reader(store: BlobStore,
         # Graceful stop must not wait on a client that stopped reading (aiohttp alone
         # would wait its 10 s shutdown timeout, then longer for the send thread).
         assert cache.stop(timeout_s=8) == 0
+
+
+def test_http_store_down_is_an_error_not_a_missing_object(
+        tmp_path: Path, store: BlobStore, start_store_http) -> None:  # type: ignore[no-untyped-def]
+    """fsspec's HTTP filesystem says FileNotFoundError for any failure; the backend
+    tells "no such object" (404) from "store unreachable" (any other failure)."""
+    data = os.urandom(1000)
+    digest = put_object(store, data)
+    origin = start_store_http(store.url)
+    backend = FsspecBackend(origin.url)
+    assert backend.size(object_key(digest)) == len(data)
+    assert backend.size(object_key(Digest.of(b"absent"))) is None
+    origin.stop()
+    with pytest.raises(StoreError) as e:
+        backend.size(object_key(digest))
+    assert origin.url in str(e.value) and "unreachable" in str(e.value)
