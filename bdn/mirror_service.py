@@ -88,6 +88,21 @@ def new_api_key() -> str:
     return "bdn_" + pysecrets.token_urlsafe(32)
 
 
+def sweep_spool(spool_dir: Path, *, now: float) -> int:
+    """Remove spool files left by jobs that will not resume — untouched for
+    ``STALE_SPOOL_S`` — with the temporaries of their resume records (``.bdn-spool-…``,
+    see :func:`bdn.fsutil.temp_name`); how many went."""
+    cutoff = now - STALE_SPOOL_S
+    gone = 0
+    for pattern in (f"{SPOOL_PREFIX}*", f".{SPOOL_PREFIX}*"):
+        for p in spool_dir.glob(pattern):
+            with contextlib.suppress(OSError):
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    gone += 1
+    return gone
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
@@ -317,11 +332,7 @@ class MirrorService:
         self.jobs.close()
 
     def _sweep_spool(self) -> None:
-        cutoff = time.time() - STALE_SPOOL_S
-        for p in self.spool_dir.glob(f"{SPOOL_PREFIX}*"):
-            with contextlib.suppress(OSError):
-                if p.stat().st_mtime < cutoff:
-                    p.unlink()
+        sweep_spool(self.spool_dir, now=time.time())
 
     async def _persist_loop(self) -> None:
         while True:

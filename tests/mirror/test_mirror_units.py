@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from bdn.config import parse_weights
 from bdn.errors import AuthError, SourceError
 from bdn.mirror_key import mirror_key, mirror_ref
+from bdn.mirror_service import STALE_SPOOL_S, sweep_spool
 from bdn.retry import RetryPolicy
 from bdn.secrets import (
     ScrubFilter,
@@ -26,7 +28,13 @@ from bdn.secrets import (
     store_storage_options,
 )
 from bdn.sources.base import FetchCounters, SourceFile
-from bdn.sources.ranged import Checksum, DownloadOptions, spool_file, spool_paths
+from bdn.sources.ranged import (
+    SPOOL_PREFIX,
+    Checksum,
+    DownloadOptions,
+    spool_file,
+    spool_paths,
+)
 
 # -- secrets -----------------------------------------------------------------------------
 
@@ -185,3 +193,18 @@ def test_mirror_spool_short_reads_are_retried(tmp_path: Path) -> None:
                                               retry=RetryPolicy(attempts=3, base_delay_s=0)),
                       counters=FetchCounters(), counter_lock=threading.Lock())
     assert path.read_bytes() == data and calls["n"] == 2
+
+
+def test_spool_sweep_takes_stale_spool_files_and_their_temporaries(tmp_path: Path) -> None:
+    now = 1_000_000_000.0
+    old = now - STALE_SPOOL_S - 1
+    stale = [tmp_path / f"{SPOOL_PREFIX}abc", tmp_path / f"{SPOOL_PREFIX}abc.state",
+             tmp_path / f".{SPOOL_PREFIX}abc.state.bdn-tmp-123-beef"]
+    kept = [tmp_path / f"{SPOOL_PREFIX}fresh", tmp_path / "other-file",
+            tmp_path / ".other.bdn-tmp-1-ab"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+        os.utime(p, (old, old))
+    os.utime(kept[0], (now, now))
+    assert sweep_spool(tmp_path, now=now) == len(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in kept)
