@@ -444,7 +444,12 @@ class FastPathProtocol(asyncio.Protocol):
 
     def _start(self, req: FastRequest, obj: OpenObject) -> None:
         source = self._fast.source
-        status, start, end, body, headers = self._plan(req, obj)
+        try:
+            status, start, end, body, headers = self._plan(req, obj)
+        except BaseException:
+            source.hit_ended(obj, 0, False)  # never leave it open and pinned
+            raise
+        # From here a failure ends in connection_lost, which ends the response.
         nbytes = end - start if status in (200, 206) and not req.head_only else 0
         self._req, self._obj, self._nbytes = req, obj, nbytes
         self.sending = True
