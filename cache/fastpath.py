@@ -34,7 +34,6 @@ import os
 import re
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,9 +43,11 @@ from aiohttp import web
 
 from cache.errors import RangeNotSatisfiableError
 from cache.send import (
+    OCTET_STREAM,
     SEND_POLL_SLICE_S,
     SEND_STALL_TIMEOUT_S,
     Sender,
+    object_headers,
     parse_range,
     prepare_range,
     range_refusal_body,
@@ -198,11 +199,12 @@ class FastPath:
     """One process's fast path: its settings, its open fast connections (so shutdown
     can close them) and one timer that ends sends which make no progress."""
 
-    def __init__(self, source: HitSource, stopping: threading.Event,
-                 headers_for: Callable[[str], dict[str, str]]) -> None:
+    def __init__(self, source: HitSource, sender: Sender, worker: str) -> None:
+        """``worker``: the process's index as ``X-Bdn-Worker`` names it; ``sender``'s
+        stop (:meth:`Sender.stop`) also ends this path's sends."""
         self.source = source
-        self.stopping_event = stopping
-        self.headers_for = headers_for
+        self.sender = sender
+        self.worker = worker
         self.connections: set[FastPathProtocol] = set()
         self._closed: asyncio.Event | None = None
         self._shutting_down = False
@@ -227,8 +229,7 @@ class FastPath:
                      reuse_port: bool = False, backlog: int = LISTEN_BACKLOG
                      ) -> asyncio.Server:
         """Listen on ``sock``, or on ``host``:``port``, with this fast path in front of
-        ``aiohttp_factory`` (an aiohttp runner's ``server``). To stop: close the
-        server, :meth:`shutdown`, then clean the runner up."""
+        ``aiohttp_factory`` (an aiohttp runner's ``server``). To stop: :meth:`shutdown`."""
         loop = asyncio.get_running_loop()
         if sock is not None:
             return await loop.create_server(self.factory(aiohttp_factory), sock=sock,
@@ -287,16 +288,21 @@ class FastPath:
         for conn in list(self.connections):
             if not conn.sending:
                 continue
-            if self.stopping_event.is_set() or now - conn.progress_at >= SEND_STALL_TIMEOUT_S:
+            if self.sender.stopping.is_set() or now - conn.progress_at >= SEND_STALL_TIMEOUT_S:
                 conn.abort()  # a stalled client, or a server that must stop
             else:
                 busy = True
         if busy:
             self._sweep = loop.call_later(SEND_POLL_SLICE_S, self._check_sends)
 
-    async def shutdown(self, timeout_s: float) -> None:
-        """Close idle connections now, busy ones after their response; abort whatever
-        is left after ``timeout_s``. Call once the listening socket is closed."""
+    async def shutdown(self, public: asyncio.Server | None, timeout_s: float) -> None:
+        """Stop listening on ``public`` (from :meth:`listen`); close idle connections
+        now, busy ones after their response (sends to stalled clients end within
+        ``SEND_POLL_SLICE_S``, as aiohttp's shutdown has them do); abort whatever is
+        left after ``timeout_s``. Then clean the aiohttp runner up."""
+        if public is not None:
+            public.close()
+        self.sender.stop()
         self._shutting_down = True
         self._closed = asyncio.Event()
         for conn in list(self.connections):
@@ -549,7 +555,7 @@ class FastPathProtocol(asyncio.Protocol):
     def _plan(self, req: FastRequest, obj: OpenObject
               ) -> tuple[int, int, int, bytes, dict[str, str]]:
         """(status, start, end, body of a non-200/206 answer, headers)."""
-        headers = self._fast.headers_for(req.digest)
+        headers = object_headers(req.digest, OCTET_STREAM, "hit", self._fast.worker)
         if req.if_none_match is not None and req.if_none_match == headers["ETag"]:
             return 304, 0, 0, b"", headers
         try:

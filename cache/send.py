@@ -36,6 +36,7 @@ SEND_POLL_SLICE_S = 1.0
 SPLICE_PIPE_BYTES = 1024 * 1024
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 IMMUTABLE = "public, max-age=31536000, immutable"
+OCTET_STREAM = "application/octet-stream"
 # Which process served a response (see cache.workers); the owner is worker 0.
 WORKER_HEADER = "X-Bdn-Worker"
 OWNER_WORKER = 0
@@ -448,6 +449,6 @@ async def send_file_response(request: web.Request, sender: Sender, f: BinaryIO,
     return resp, True
 
 
-__all__ = ["IMMUTABLE", "OWNER_WORKER", "WORKER_HEADER", "Sender", "abort", "cork",
-           "object_headers", "parse_range", "prepare_range", "range_refusal_body",
+__all__ = ["IMMUTABLE", "OCTET_STREAM", "OWNER_WORKER", "WORKER_HEADER", "Sender", "abort",
+           "cork", "object_headers", "parse_range", "prepare_range", "range_refusal_body",
            "send_file_response", "sendfile_blocking", "uncork"]

@@ -64,6 +64,7 @@ from cache.errors import (
 from cache.fastpath import FastPath, OpenObject, answer_hit
 from cache.fill import FILL_BLOCK_BYTES, Fill, FillAborted, RateLimiter, produce
 from cache.send import (
+    OCTET_STREAM,
     OWNER_WORKER,
     Sender,
     abort,
@@ -472,7 +473,7 @@ class CacheServer:
     # -- object serving ------------------------------------------------------------
 
     async def handle_object(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, "application/octet-stream")
+        return await self._serve(request, OCTET_STREAM)
 
     async def handle_manifest(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "application/json")
@@ -515,8 +516,7 @@ class CacheServer:
 
     def fast_path(self) -> FastPath:
         """This process's fast path for hits, in front of :meth:`make_app`'s app."""
-        return FastPath(self, self.sender.stopping, lambda digest: object_headers(
-            digest, "application/octet-stream", "hit", str(OWNER_WORKER)))
+        return FastPath(self, self.sender, str(OWNER_WORKER))
 
     # The owner's pins are its own bookkeeping, released when the response ends.
     hooks_last_byte = False

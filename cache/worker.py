@@ -60,7 +60,7 @@ from yarl import URL
 from bdn.service import SHUTDOWN_TIMEOUT_S
 from cache.disk import object_relpath
 from cache.fastpath import FastPath, OpenObject, answer_hit
-from cache.send import Sender, abort, object_headers
+from cache.send import OCTET_STREAM, Sender, abort, object_headers
 from manifests.digest import ALGORITHM, HEX_LENGTH
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,6 @@ FORWARD_READ_BUFFER_BYTES = 1024 * 1024
 # Forwarded bodies this large are relayed with splice (cache.send) rather than copied.
 SPLICE_MIN_BYTES = 256 * 1024
 RETRY_AFTER_S = 1
-OCTET_STREAM = "application/octet-stream"
 # On a forwarded response: the worker that took the request (the owner answered it).
 VIA_HEADER = "X-Bdn-Via"
 _DIGEST_RE = re.compile(rf"^{ALGORITHM}:([0-9a-f]{{{HEX_LENGTH}}})$")
@@ -333,8 +332,7 @@ class WorkerServer:
 
     def fast_path(self) -> FastPath:
         """This worker's fast path for hits, in front of :meth:`make_app`'s app."""
-        return FastPath(self, self.sender.stopping, lambda digest: object_headers(
-            digest, OCTET_STREAM, "hit", self._worker))
+        return FastPath(self, self.sender, self._worker)
 
     async def handle_object(self, request: web.Request) -> web.StreamResponse:
         text = request.match_info["digest"]
@@ -443,10 +441,7 @@ async def run(options: WorkerOptions) -> None:
         link.send(f"R {os.getpid()}\n")
         await stop.wait()
     finally:
-        if public is not None:
-            public.close()
-        server.sender.stop()  # as aiohttp's shutdown does: stalled sends end soon
-        await fast.shutdown(SHUTDOWN_TIMEOUT_S)
+        await fast.shutdown(public, SHUTDOWN_TIMEOUT_S)
         await runner.cleanup()
         link.close()
 

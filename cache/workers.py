@@ -314,10 +314,7 @@ def serve(options: CacheServerOptions, listen: ListenAddress) -> int:
         finally:
             if pool is not None:
                 pool.stop()
-            if public is not None:
-                public.close()
-            server.sender.stop()  # as aiohttp's shutdown does: stalled sends end soon
-            await fast.shutdown(SHUTDOWN_TIMEOUT_S)
+            await fast.shutdown(public, SHUTDOWN_TIMEOUT_S)
             await runner.cleanup()
             if pool is not None:
                 await pool.wait()
