@@ -496,13 +496,14 @@ class CacheServer:
             digest = self._parse_digest(request.match_info["digest"])
         except DigestError as e:
             return _error(400, str(e))
-        if self.disk.lookup(digest) is not None:
-            obj = self.open_hit(digest.hex)
-            if obj is None:
-                self.metrics.hits += 1
-                self.disk.drop(digest)
-                return _error(503, f"object {digest} vanished from the cache disk; retry",
-                              str(digest), {"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            obj = self._open(digest)
+        except FileNotFoundError:
+            self.metrics.hits += 1
+            self.disk.drop(digest)
+            return _error(503, f"object {digest} vanished from the cache disk; retry",
+                          str(digest), {"Retry-After": str(RETRY_AFTER_S)})
+        if obj is not None:
             headers = self._headers(digest, content_type, "hit")
             return await answer_hit(request, self, self.sender, obj, digest.hex, headers)
         fill, state = self._join(digest)
@@ -522,7 +523,14 @@ class CacheServer:
     hooks_last_byte = False
 
     def open_hit(self, hex_: str) -> OpenObject | None:
-        digest = self._parse_digest(f"{ALGORITHM}:{hex_}")
+        try:
+            return self._open(self._parse_digest(f"{ALGORITHM}:{hex_}"))
+        except FileNotFoundError:
+            return None  # aiohttp's path drops the entry and words the 503
+
+    def _open(self, digest: Digest) -> OpenObject | None:
+        """The complete object opened and pinned; None if it is not complete here.
+        :class:`FileNotFoundError` if the index has it but its file is gone."""
         path = self.disk.lookup(digest)
         size = self.disk.size_of(digest)
         if path is None or size is None:
@@ -530,11 +538,10 @@ class CacheServer:
         self.disk.pin(digest)
         try:
             # Opened while pinned: eviction cannot choose it until this reader is done.
-            f = open(path, "rb")
+            return OpenObject(open(path, "rb"), size, digest)
         except FileNotFoundError:
             self.disk.unpin(digest)
-            return None  # aiohttp's path drops the entry and words the 503
-        return OpenObject(f, size, digest)
+            raise
 
     def hit_started(self, obj: OpenObject, hex_: str, nbytes: int) -> None:
         assert isinstance(obj.key, Digest)
