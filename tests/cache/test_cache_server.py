@@ -402,3 +402,17 @@ def test_http_store_down_is_an_error_not_a_missing_object(
     with pytest.raises(StoreError) as e:
         backend.size(object_key(digest))
     assert origin.url in str(e.value) and "unreachable" in str(e.value)
+
+
+def test_cached_file_gone_from_disk_is_503_then_filled_again(
+        tmp_path: Path, store: BlobStore, start_cache: StartCache) -> None:
+    data = os.urandom(100_000)
+    digest = put_object(store, data)
+    cache = start_cache(store.url, tmp_path / "cachedir")
+    assert http_get(f"{cache.url}/v1/objects/{digest}")[0] == 200
+    (path,) = (p for p in (tmp_path / "cachedir" / "objects").rglob("*") if p.is_file())
+    path.unlink()  # an operator's rm, a disk error: the index still lists it
+    status, headers, body = http_get(f"{cache.url}/v1/objects/{digest}")
+    assert status == 503 and headers.get("Retry-After") and b"vanished" in body
+    status, headers, body = http_get(f"{cache.url}/v1/objects/{digest}")
+    assert (status, body, headers["X-Bdn-Cache"]) == (200, data, "miss")
