@@ -6,7 +6,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from tests.support.procs import ServiceProcess, bdn_command
 # http_get's status for a transfer that broke off (never a clean end).
 BROKEN = -1
 STORE_HTTP = str(Path(__file__).with_name("store_http.py"))
+SLOW_READER_BUFFER_BYTES = 64 * 1024
 
 
 def put_object(store: BlobStore, data: bytes) -> Digest:
@@ -39,6 +42,22 @@ def http_get(url: str, headers: dict[str, str] | None = None,
         return e.code, dict(e.headers), e.read()
     except (http.client.IncompleteRead, ConnectionError):
         return BROKEN, {}, b""
+
+
+def slow_reader(url: str, path: str, read_bytes: int = 0
+                ) -> tuple[socket.socket, bytearray]:
+    """A client that asks for ``path`` with a small receive buffer, reads the head and
+    at least ``read_bytes`` bytes, then stops reading: the server stays mid-send. The
+    socket, and what it read so far (head included)."""
+    u = urllib.parse.urlsplit(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_READER_BUFFER_BYTES)
+    sock.connect((u.hostname, u.port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    got = bytearray()
+    while b"\r\n\r\n" not in got or len(got) < read_bytes:
+        got += sock.recv(SLOW_READER_BUFFER_BYTES)
+    return sock, got
 
 
 def metrics(url: str) -> dict[str, float]:

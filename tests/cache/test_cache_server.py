@@ -30,6 +30,7 @@ from tests.cache.conftest import (
     metrics,
     post_json,
     put_object,
+    slow_reader,
 )
 from tests.support.procs import free_port
 
@@ -264,14 +265,7 @@ def test_object_being_read_is_not_evicted_under_its_reader(tmp_path: Path, store
     assert http_get(f"{cache.url}/v1/objects/{d_big}")[0] == 200  # cached, and LRU-oldest
 
     # A slow reader: a small receive buffer, and it stops reading after 64 KiB.
-    u = urllib.parse.urlsplit(cache.url)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.connect((u.hostname, u.port))
-    sock.sendall(f"GET /v1/objects/{d_big} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    got = bytearray()
-    while b"\r\n\r\n" not in got or len(got) < 64 * 1024:
-        got += sock.recv(64 * 1024)
+    sock, got = slow_reader(cache.url, f"/v1/objects/{d_big}", 64 * 1024)
     try:
         for d, data in zip(d_others, others, strict=True):  # each needs room: evictions
             assert http_get(f"{cache.url}/v1/objects/{d}")[2] == data

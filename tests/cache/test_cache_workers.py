@@ -25,7 +25,14 @@ import pytest
 from bdn.store import BlobStore, object_key
 from cache.server import CacheServerOptions, parse_metrics
 from manifests.digest import Digest, Hasher
-from tests.cache.conftest import StartCache, http_get, metrics, post_json, put_object
+from tests.cache.conftest import (
+    StartCache,
+    http_get,
+    metrics,
+    post_json,
+    put_object,
+    slow_reader,
+)
 from tests.cache.test_cache_ranges import SATISFIABLE, UNSATISFIABLE, N
 
 MIB = 1024 * 1024
@@ -295,17 +302,10 @@ def test_sigterm_to_the_owner_stops_its_workers(store: BlobStore,
     assert wait_exited(pids["1"]) and not running(pids["1"])
 
 
-def stalled_reader(url: str, path: str) -> tuple[socket.socket, str]:
-    """A connection that asked for ``path`` (a cached object), read the headers and
-    then nothing more; and the process serving it."""
-    u = urllib.parse.urlsplit(url)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.connect((u.hostname, u.port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    got = bytearray()
-    while b"\r\n\r\n" not in got:
-        got += sock.recv(64 * 1024)
+def stalled_reader(url: str, path: str, read_bytes: int = 0) -> tuple[socket.socket, str]:
+    """A connection that asked for ``path`` (a cached object), read the headers (and
+    ``read_bytes``) and then nothing more; and the process serving it."""
+    sock, got = slow_reader(url, path, read_bytes)
     head = got.partition(b"\r\n\r\n")[0].decode()
     assert head.startswith("HTTP/1.1 200"), head
     worker = head.partition("X-Bdn-Worker: ")[2].partition("\r\n")[0]
@@ -354,16 +354,9 @@ def test_a_worker_pins_what_it_sends_and_a_dead_workers_pins_are_released(
     worker_pid = processes(cache.url)["1"]
 
     # A slow reader on worker 1: a small receive buffer, and it stops after 64 KiB.
-    u = urllib.parse.urlsplit(cache.url)
     for _ in range(MAX_CONNECT_TRIES):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.connect((u.hostname, u.port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        got = bytearray()
-        while b"\r\n\r\n" not in got or len(got) < 64 * 1024:
-            got += sock.recv(64 * 1024)
-        if b"\r\nX-Bdn-Worker: 1\r\n" in got.partition(b"\r\n\r\n")[0]:
+        sock, worker = stalled_reader(cache.url, path, 64 * 1024)
+        if worker == "1":
             break
         sock.close()
     else:
