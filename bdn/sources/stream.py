@@ -89,17 +89,27 @@ class Part:
 
 def plan_parts(spans: Sequence[tuple[int, int]], have: int, part_bytes: int,
                landed: Container[int] = frozenset()) -> list[Part]:
-    """Runs of whole chunks of at least ``part_bytes`` (a chunk larger than that alone)
-    covering ``[have, size)``, except the chunks in ``landed``; ``spans`` tile the file."""
+    """Runs of whole chunks of about ``part_bytes`` covering ``[have, size)``, except the
+    chunks in ``landed``; ``spans`` tile the file. A run ends once it reaches
+    ``part_bytes``, or before a chunk that would take it past ``part_bytes`` when it
+    already holds half of that; a chunk larger than ``part_bytes`` is a part alone.
+
+    Why not simply "at least ``part_bytes``": the first run starts inside a chunk whose
+    head the header probe fetched, falls just short, and swallowed the next chunk whole.
+    With 16 MiB tensor pieces and 32 MiB parts that made a file's parts 48 + 16 MiB,
+    and where each connection is capped the longest part sets the file's time."""
     parts: list[Part] = []
     run: list[int] = []
+    run_bytes = 0
 
     def close() -> None:
+        nonlocal run_bytes
         if run:
             last = spans[run[-1]]
             parts.append(Part(max(have, spans[run[0]][0]), last[0] + last[1], run[0],
                               run[-1] + 1))
             run.clear()
+            run_bytes = 0
 
     for i, (off, length) in enumerate(spans):
         if off + length <= have:
@@ -107,8 +117,12 @@ def plan_parts(spans: Sequence[tuple[int, int]], have: int, part_bytes: int,
         if i in landed:
             close()
             continue
+        length = off + length - max(have, off)
+        if run and run_bytes + length > part_bytes and 2 * run_bytes >= part_bytes:
+            close()
         run.append(i)
-        if off + length - max(have, spans[run[0]][0]) >= part_bytes:
+        run_bytes += length
+        if run_bytes >= part_bytes:
             close()
     close()
     return parts

@@ -87,6 +87,22 @@ def test_plan_parts_cuts_runs_of_whole_chunks() -> None:
     assert plan_parts(SPANS, len(DATA), 1) == []
 
 
+def test_plan_parts_keeps_parts_near_part_bytes_after_a_probe() -> None:
+    even = [(0, 100), (100, 100), (200, 100), (300, 100)]
+    # The probe fetched 10 bytes: the first run falls 10 short of 200 and stops there
+    # rather than taking a third chunk (290 + 100 would leave one long part).
+    assert plan_parts(even, 10, 200) == [Part(10, 200, 0, 2), Part(200, 400, 2, 4)]
+    assert plan_parts(even, 0, 200) == [Part(0, 200, 0, 2), Part(200, 400, 2, 4)]
+    # Under half of part_bytes still takes the next chunk, however large.
+    assert plan_parts([(0, 10), (10, 500), (510, 90)], 0, 200) == [
+        Part(0, 510, 0, 2), Part(510, 600, 2, 3)]
+    # Landed chunks split runs; a chunk past part_bytes is a part alone.
+    assert plan_parts(even, 0, 200, landed={1}) == [
+        Part(0, 100, 0, 1), Part(200, 400, 2, 4)]
+    assert plan_parts([(0, 300), (300, 50)], 0, 200) == [Part(0, 300, 0, 1),
+                                                          Part(300, 350, 1, 2)]
+
+
 def test_crc_of_pieces_combines_to_the_crc_of_the_whole() -> None:
     kinds = [CRC32] + ([crc32c()] if crc32c() else [])  # type: ignore[list-item]
     for kind in kinds:
