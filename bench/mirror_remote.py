@@ -88,6 +88,13 @@ def make_files(root: Path, n: int, size: int) -> dict[str, int]:
     return out
 
 
+def settle(dest: Path) -> None:
+    """Remove a run's output and flush the disk, outside the timing: otherwise one side's
+    writeback lands in the next side's run (they alternate)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.sync()
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
@@ -107,7 +114,7 @@ class Bench:
             start = time.perf_counter()
             fn(dest)
             times.append(time.perf_counter() - start)
-            shutil.rmtree(dest, ignore_errors=True)
+            settle(dest)
         return times
 
     def mirror(self, uri: str, dest: Path, **opts: Any) -> Any:
@@ -133,7 +140,7 @@ class Bench:
                 src.close()
             took = time.perf_counter() - start
         assert r.stats.bytes_from_origin < 1024, r.stats  # only config.json differs
-        shutil.rmtree(dest, ignore_errors=True)
+        settle(dest)
         return took
 
     # -- sources -----------------------------------------------------------------------
@@ -293,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=4, help="weight files (plus a config)")
     p.add_argument("--file-mib", type=int, default=64, help="size of each file, MiB")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=8, help="ranged requests per file")
-    p.add_argument("--part-mib", type=int, default=8, help="size of one ranged request")
+    # The defaults are bdn's own (DownloadOptions): what `bdn mirror` does out of the box.
+    p.add_argument("--concurrency", type=int, default=DownloadOptions().concurrency,
+                   help="ranged requests in flight per source, across its files")
+    p.add_argument("--part-mib", type=int, default=DownloadOptions().part_bytes // MiB,
+                   help="size of one ranged request")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bdn-bench-remote-", dir=os.environ.get("BDN_BENCH_DIR")))
