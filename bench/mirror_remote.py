@@ -107,15 +107,12 @@ class Bench:
         for p in self.procs:
             p.stop()
 
-    def time_it(self, fn: Callable[[Path], Any], label: str) -> list[float]:
-        times = []
-        for i in range(self.args.repeat):
-            dest = self.work / f"{label}-{i}"
-            start = time.perf_counter()
-            fn(dest)
-            times.append(time.perf_counter() - start)
-            settle(dest)
-        return times
+    def time_once(self, fn: Callable[[Path], Any], dest: Path) -> float:
+        start = time.perf_counter()
+        fn(dest)
+        took = time.perf_counter() - start
+        settle(dest)
+        return took
 
     def mirror(self, uri: str, dest: Path, **opts: Any) -> Any:
         store = BlobStore(str(dest / "store"))
@@ -270,9 +267,9 @@ class Bench:
         # Interleave so drift (page cache, thermal) hits both sides alike.
         t_ours: list[float] = []
         t_theirs: list[float] = []
-        for _ in range(self.args.repeat):
-            t_theirs += self.time_it(theirs, f"{name}-theirs")[:1]
-            t_ours += self.time_it(ours, f"{name}-ours")[:1]
+        for i in range(self.args.repeat):
+            t_theirs.append(self.time_once(theirs, self.work / f"{name}-theirs-{i}"))
+            t_ours.append(self.time_once(ours, self.work / f"{name}-ours-{i}"))
         t_known = [known(self.work / f"{name}-known-{i}") for i in range(self.args.repeat)]
         med_o, med_t = statistics.median(t_ours), statistics.median(t_theirs)
         med_k = statistics.median(t_known)
