@@ -4,10 +4,10 @@ Listing gives each object's size, MD5 (base64) and generation. The fingerprint i
 ``gcs-md5:<bucket>:<md5 b64>:<size>`` — scoped to the bucket for the same reason as S3
 ETags (MD5 resists accidents, not adversaries). Composite objects carry only a CRC32C,
 which identifies nothing, so they get no fingerprint and are always fetched. Downloads
-are parallel ranged reads, each response streamed the way gcsfs's own ``get_file``
-streams (its session and auth headers; public ranged reads if those internals ever
-change), verified against the object's CRC32C (hardware accelerated; MD5 when no fast
-CRC32C is installed).
+are parallel ranged reads of the media URL gcsfs's own ``get_file`` reads, with its auth
+headers, on blocking sockets (:mod:`bdn.sources.http_range`; public ranged reads if those
+internals ever change), verified against the object's CRC32C (hardware accelerated; MD5
+when no fast CRC32C is installed).
 
 Two settings matter against emulators and S3-style endpoints: the *core*
 ``gcsfs.core.GCSFileSystem`` is used when ``endpoint_url`` is set, because the default
@@ -25,7 +25,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 from bdn.config import Auth, SourceURI
 from bdn.errors import AuthError
@@ -33,15 +35,8 @@ from bdn.secrets import SecretResolver, gcs_service_account
 from bdn.sources.base import SourceFile
 from bdn.sources.bucket import BucketSource
 from bdn.sources.crc import crc32c
-from bdn.sources.ranged import (
-    AiohttpBody,
-    AsyncBody,
-    Checksum,
-    DownloadOptions,
-    Fetch,
-    fsspec_fetcher,
-    loop_stream_fetcher,
-)
+from bdn.sources.http_range import USER_AGENT, RangeClient, status_error
+from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, fsspec_fetcher
 
 # Only for a gcsfs whose internals differ from what ``fetcher`` streams through.
 BLOCK_BYTES = 8 * 1024 * 1024
@@ -114,6 +109,7 @@ class GCSSource(BucketSource):
                                  timeout_s=self.download.read_timeout_s)
         self._md5: dict[str, str] = {}
         self._crc32c: dict[str, str] = {}
+        self._http = RangeClient(self.download, user_agent=USER_AGENT)
 
     def _describe(self, rel: str, info: dict[str, Any]) -> SourceFile:
         size = int(info.get("size") or 0)
@@ -136,31 +132,24 @@ class GCSSource(BucketSource):
         return Checksum("md5", md5, _B64Md5) if md5 else None
 
     def fetcher(self, file: SourceFile) -> Fetch:
-        def classify(e: BaseException) -> BaseException:
-            return self._classify(e, f"reading {file.path}", file.path)
-
         fs = self.fs
-        if not all(hasattr(fs, a) for a in ("_set_session", "_get_headers", "_get_params",
-                                             "requests_timeout")):
+        if not all(hasattr(fs, a) for a in ("url", "_get_headers", "_get_params")):
             # An unfamiliar gcsfs: ranged reads through its public API, one per block.
             return fsspec_fetcher(fs, self._key(file.path), file.path, BLOCK_BYTES,
-                                  lambda e, _where, _path: classify(e))
-        from gcsfs.retry import validate_response
-
+                                  lambda e, where, path: self._classify(e, where, path))
+        # The media URL and auth headers gcsfs's own get_file uses, read on blocking
+        # sockets by the part's thread (bdn.sources.http_range).
         url = fs.url(self._key(file.path))
+        params = fs._get_params({})
+        if params:
+            url += "&" + urlencode(params)
 
-        async def open_body(start: int, end: int) -> AsyncBody:
-            # What gcsfs's own get_file does, with a Range header, kept open as a stream.
-            await fs._set_session()
-            r = await fs.session.get(url=url, params=fs._get_params({}),
-                                     headers=fs._get_headers({"Range": f"bytes={start}-"
-                                                                       f"{end - 1}"}),
-                                     timeout=fs.requests_timeout)
-            if r.status >= 400:
-                try:
-                    validate_response(r.status, await r.read(), url)
-                finally:
-                    r.release()
-            return AiohttpBody(r, want=end - start)
+        def refuse(status: int, headers: Mapping[str, str], body: str) -> BaseException:
+            return status_error(status, headers, body, uri=self.uri, path=file.path,
+                                service=self.SERVICE)
 
-        return loop_stream_fetcher(fs.loop, open_body, classify)
+        return self._http.fetcher(url, refuse=refuse, headers=lambda: fs._get_headers({}))
+
+    def close(self) -> None:
+        super().close()
+        self._http.close()

@@ -13,31 +13,23 @@ files kept in git. Both are collision-resistant enough to share across repositor
 
 Bytes come from ``{endpoint}/{repo}/resolve/{commit}/{path}`` by parallel ranged GETs,
 following the Hub's redirect to its CDN; the token is sent to the Hub only (the HTTP
-client strips it on a cross-origin redirect). The responses are read by aiohttp on
-fsspec's event loop and handed to the mirror's threads in 1 MiB blocks
-(``bdn.sources.ranged.loop_stream_fetcher``, as for S3 and GCS): a synchronous client
-parsing every 64 KiB socket read in Python, on eight threads sharing the GIL, cost more
-CPU than the hashing. Every download is
-verified against the LFS sha256 or git blob sha1. ``HF_ENDPOINT`` (or the ``endpoint``
-option) selects the Hub, which is how tests point it at a loopback fixture.
+client strips it on a cross-origin redirect). Each response is read on a blocking
+socket by the mirror's thread that hashes and writes it, in 1 MiB blocks
+(:mod:`bdn.sources.http_range`, as for GCS). Every download is verified against the
+LFS sha256 or git blob sha1. ``HF_ENDPOINT`` (or the ``endpoint`` option) selects the
+Hub, which is how tests point it at a loopback fixture.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import logging
-import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import aiohttp
 import httpx2
-from fsspec.asyn import get_loop as fsspec_loop
-from fsspec.asyn import sync
 from huggingface_hub import HfApi
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
@@ -48,25 +40,22 @@ from huggingface_hub.errors import (
 )
 
 from bdn.config import Auth, SourceURI
-from bdn.errors import AuthError, BdnError, SourceError
+from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, is_retryable_status, parse_retry_after
 from bdn.secrets import SecretResolver, hf_token, scrub
 from bdn.sources.base import SourceFile
+from bdn.sources.http_range import USER_AGENT, RangeClient, status_error
 from bdn.sources.ranged import (
-    AiohttpBody,
-    AsyncBody,
     Checksum,
     DownloadOptions,
     Fetch,
     RemoteSource,
-    loop_stream_fetcher,
     retry_or_fail,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-USER_AGENT = "bdn-mirror/0.1"
 
 
 class _GitBlobSha1:
@@ -80,13 +69,6 @@ class _GitBlobSha1:
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One TLS context per process: building one loads the CA bundle (about 0.1 s of CPU),
-    which every source would otherwise pay again."""
-    return httpx2.create_ssl_context()
 
 
 class HFSource(RemoteSource):
@@ -112,8 +94,7 @@ class HFSource(RemoteSource):
         self._commit: str | None = None
         self._files: list[SourceFile] | None = None
         self._checksums: dict[str, Checksum] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._loop = fsspec_loop()
+        self._http = RangeClient(self.download, user_agent=USER_AGENT)
 
     # -- metadata ------------------------------------------------------------------
 
@@ -212,62 +193,27 @@ class HFSource(RemoteSource):
         self._load()
         return self._checksums.get(file.path)
 
-    async def _http(self) -> aiohttp.ClientSession:
-        # Made on the loop that uses it, once; closed with the source.
-        if self._session is None:
-            d = self.download
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=max(d.concurrency * 2, 8),
-                                               ssl=_tls_context()),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=d.connect_timeout_s,
-                                              sock_read=d.read_timeout_s),
-                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-                auto_decompress=False)
-        return self._session
-
     def fetcher(self, file: SourceFile) -> Fetch:
         url = self.file_url(file)
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-        async def open_body(start: int, end: int) -> AsyncBody:
-            session = await self._http()
-            # Redirects (to the CDN) are followed; aiohttp drops the token when one leaves
-            # the Hub's origin, as the Hub's own client does.
-            r = await session.get(url, headers=dict(headers, Range=f"bytes={start}-{end - 1}"))
-            try:
-                status = r.status
-                if status in (401, 403):
-                    raise AuthError(self._auth_message("refused the credentials") +
-                                    f" while downloading {file.path}", source=self.uri,
-                                    file=file.path, status=status)
-                if status == 404:
-                    raise SourceError(f"{file.path} from {self.uri}: not found at commit "
-                                      f"{self.commit}", source=self.uri, file=file.path,
-                                      status=404)
-                if is_retryable_status(status):
-                    raise RetryableError(
-                        f"HTTP {status}", status=status,
-                        retry_after_s=parse_retry_after(r.headers.get("Retry-After")))
-                if status not in (200, 206):
-                    raise SourceError(f"{file.path} from {self.uri}: unexpected HTTP "
-                                      f"{status}", source=self.uri, file=file.path,
-                                      status=status)
-            except BaseException:
-                r.release()
-                raise
-            # 200: the origin ignored Range; what precedes ``start`` is dropped.
-            return AiohttpBody(r, want=end - start, skip=start if status == 200 else 0)
+        def refuse(status: int, response_headers: Mapping[str, str], body: str
+                   ) -> BaseException:
+            if status in (401, 403):
+                return AuthError(self._auth_message("refused the credentials") +
+                                 f" while downloading {file.path}", source=self.uri,
+                                 file=file.path, status=status)
+            if status == 404:
+                return SourceError(f"{file.path} from {self.uri}: not found at commit "
+                                   f"{self.commit}", source=self.uri, file=file.path,
+                                   status=404)
+            return status_error(status, response_headers, body, uri=self.uri,
+                                path=file.path, service="the Hugging Face Hub")
 
-        def classify(e: BaseException) -> BaseException:
-            if isinstance(e, (BdnError, RetryableError)):
-                return e
-            return RetryableError(f"{type(e).__name__}: {scrub(str(e))}")
-
-        return loop_stream_fetcher(self._loop, open_body, classify)
+        # Redirects (to the CDN) are followed; the token is dropped when one leaves the
+        # Hub's origin, as the Hub's own client does.
+        return self._http.fetcher(url, refuse=refuse, headers=lambda: headers)
 
     def close(self) -> None:
         super().close()
-        session, self._session = self._session, None
-        if session is not None:
-            with contextlib.suppress(Exception):
-                sync(self._loop, session.close)
+        self._http.close()
