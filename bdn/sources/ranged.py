@@ -21,9 +21,10 @@ so the hard parts live here once:
   a resumed one is refetched once from scratch (it may predate a change at the origin).
 * A global semaphore (shared by all jobs of a mirror service) caps requests in flight
   across jobs; ``concurrency`` caps them per source, across its files.
-* Bytes from S3, GCS and the Hub are read by :func:`loop_stream_fetcher`: one streamed
-  response per range on fsspec's event loop, read ahead and handed to the calling
-  thread in blocks.
+* Bytes from GCS and the Hub are read on blocking sockets by the thread that consumes
+  them (:mod:`bdn.sources.http_range`); from S3 by :func:`loop_stream_fetcher`, one
+  streamed response per range on fsspec's event loop (aiobotocore signs each request),
+  read ahead and handed to the calling thread in blocks.
 
 Fetchers are plain callables ``fetch(start, end) -> Iterator[bytes]`` that raise
 :class:`~bdn.retry.RetryableError` for transient failures and
@@ -579,7 +580,7 @@ STREAM_BLOCK_BYTES = 1024 * 1024
 
 
 class AsyncBody(Protocol):
-    """A response body read on an event loop (aiobotocore's StreamingBody, an aiohttp
+    """A response body read on an event loop (aiobotocore's StreamingBody, or any
     response adapted): ``read(n)`` returns at most ``n`` bytes, ``b""`` at the end."""
 
     async def read(self, n: int) -> bytes: ...
@@ -646,41 +647,13 @@ class _Handoff:
             self.loop.call_soon_threadsafe(wake.set)
 
 
-class AiohttpBody:
-    """An aiohttp response as an :class:`AsyncBody`, cut to the range asked for: ``skip``
-    bytes dropped first (an origin that ignored ``Range`` and sent the whole object), at
-    most ``want`` bytes handed on."""
-
-    def __init__(self, response: Any, *, want: int, skip: int = 0) -> None:
-        self.response = response
-        self.want = want
-        self.skip = skip
-
-    async def read(self, n: int) -> bytes:
-        while self.want > 0:
-            data: bytes = await self.response.content.read(n if self.skip
-                                                           else min(n, self.want))
-            if not data:
-                return b""
-            if self.skip:
-                cut = min(self.skip, len(data))
-                data, self.skip = data[cut:], self.skip - cut
-                if not data:
-                    continue
-            data = data[:self.want]
-            self.want -= len(data)
-            return data
-        return b""
-
-    def close(self) -> None:
-        self.response.release()
-
-
 def loop_stream_fetcher(loop: Any, open_body: Callable[[int, int], Awaitable[AsyncBody]],
                         classify: Callable[[BaseException], BaseException],
                         block_bytes: int = STREAM_BLOCK_BYTES) -> Fetch:
     """A :data:`Fetch` streaming one ranged response per call from an fsspec filesystem's
-    event loop (s3fs, gcsfs), in blocks of about ``block_bytes``.
+    event loop (s3fs: aiobotocore signs and sends the request), in blocks of about
+    ``block_bytes``. Sources that can send a plain HTTP request read on blocking sockets
+    instead (:mod:`bdn.sources.http_range`), which costs less CPU per byte.
 
     One request per range, read as a stream: not one request per block (object stores
     bill and throttle per request, and some compatible servers read the whole object for
