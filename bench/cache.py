@@ -5,7 +5,9 @@ object set of ``--size-gib`` in ``--range-mib`` byte ranges, from ``bdn cache-se
 (``--workers`` processes, default the server's: 1) and from nginx (``sendfile on``,
 ``--nginx-workers`` processes, default one per CPU) whose root is the cache's own object
 folder — the same files, same run, alternating, ``--runs`` times; medians and the ratio
-ours ÷ nginx.
+ours ÷ nginx. A bare aiohttp ``FileResponse`` server (``bench/aiohttp_files.py``) on the
+same folder takes its turn too: the issue's reference for what the cache's own
+bookkeeping may cost.
 
 Cold: a fresh cache (empty folder) is filled from a local blob store by the same
 clients requesting whole objects, against reading the store's files directly with
@@ -269,23 +271,32 @@ def main() -> int:
             nginx_url = f"http://127.0.0.1:{port}"
             wait_http(nginx_url)
 
+            aio_port = free_port()
+            aio = ServiceProcess([sys.executable, str(ROOT / "bench/aiohttp_files.py"),
+                                  str(cache_dir / "objects"), str(aio_port)],
+                                 ready_prefix=None)
+            procs.append(aio)
+            aio_url = f"http://127.0.0.1:{aio_port}"
+            wait_http(aio_url, proc=aio)
+
             ours_paths = [f"v1/objects/{d}" for d in digests]
-            nginx_paths = [f"{d.hex[:2]}/{d.hex[2:4]}/{d.hex}" for d in digests]
-            ours_jobs = ranged_jobs(cache.url, ours_paths, object_bytes,
-                                    args.range_mib * MIB, args.clients)
-            nginx_jobs = ranged_jobs(nginx_url, nginx_paths, object_bytes,
-                                     args.range_mib * MIB, args.clients)
-            results: dict[str, list[float]] = {"ours": [], "nginx": []}
+            file_paths = [f"{d.hex[:2]}/{d.hex[2:4]}/{d.hex}" for d in digests]
+            jobs_of = {name: ranged_jobs(url, paths, object_bytes, args.range_mib * MIB,
+                                         args.clients)
+                       for name, url, paths in (("ours", cache.url, ours_paths),
+                                                ("nginx", nginx_url, file_paths),
+                                                ("aiohttp", aio_url, file_paths))}
+            results: dict[str, list[float]] = {name: [] for name in jobs_of}
+            names = list(jobs_of)
             for r in range(args.runs):
-                order = [("ours", ours_jobs), ("nginx", nginx_jobs)]
-                if r % 2:
-                    order.reverse()
-                for name, jobs in order:
-                    secs, got = run_clients(jobs, tmp)
+                # Each run takes the three in turn, starting one further along each time.
+                for name in names[r % 3:] + names[:r % 3]:
+                    secs, got = run_clients(jobs_of[name], tmp)
                     assert got == total_bytes, (name, got, total_bytes)
                     results[name].append(gbps(got, secs))
                 print(f"run {r + 1}: ours {results['ours'][-1]:.2f} GB/s   "
-                      f"nginx {results['nginx'][-1]:.2f} GB/s")
+                      f"nginx {results['nginx'][-1]:.2f} GB/s   "
+                      f"bare aiohttp {results['aiohttp'][-1]:.2f} GB/s")
             ours = statistics.median(results["ours"])
             theirs = statistics.median(results["nginx"])
             # Each run measures both back to back, so the per-run ratio cancels load that
@@ -295,6 +306,12 @@ def main() -> int:
             print(f"warm, median of {args.runs}: ours {ours:.2f} GB/s   nginx {theirs:.2f} GB/s"
                   f"   ratio of medians {ours / theirs:.2f}   median per-run ratio "
                   f"ours/nginx {paired:.2f} (goal ≥ 1.0)")
+            aio = statistics.median(results["aiohttp"])
+            paired_aio = statistics.median(o / a for o, a in zip(results["ours"],
+                                                                 results["aiohttp"],
+                                                                 strict=True))
+            print(f"  bare aiohttp FileResponse (no bookkeeping): {aio:.2f} GB/s   median "
+                  f"per-run ratio ours/aiohttp {paired_aio:.2f}")
         finally:
             if nginx is not None:
                 os.killpg(nginx.pid, signal.SIGTERM)
