@@ -176,6 +176,9 @@ class RangeClient:
                 return conn, conn.getresponse()
             except _STALE:
                 conn.close()  # closed by the server while idle: once more, fresh
+            except BaseException:
+                conn.close()
+                raise
         conn = self._connect(origin)
         try:
             conn.request("GET", path, headers=dict(headers))
