@@ -27,6 +27,17 @@ LOADED_PREFIX = "BDN_READY"
 SHUTDOWN_TIMEOUT_S = 10.0
 
 
+
+def settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    """End ``fut`` with ``error`` (or a result when None), unless it already ended: the
+    first outcome of a transfer or a load is the one that counts."""
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
 @dataclass(frozen=True)
 class ListenAddress:
     """Where a service listens: TCP ``host``/``port`` or a unix socket ``path``."""

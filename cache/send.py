@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from bdn.service import settle
 from cache.errors import RangeNotSatisfiableError
 
 # A client that accepts no byte for this long is dropped (frees its send thread).
@@ -274,16 +275,16 @@ class Sender:
             except BlockingIOError:
                 return
             except OSError as e:
-                _settle(done, ConnectionResetError(f"client went away: {e}"))
+                settle(done, ConnectionResetError(f"client went away: {e}"))
                 return
             if n == 0:
-                _settle(done, ConnectionResetError("file ended before the response did"))
+                settle(done, ConnectionResetError("file ended before the response did"))
                 return
             pos += n
             left -= n
             watch.progressed()
             if left <= 0:
-                _settle(done, None)
+                settle(done, None)
 
         loop.add_writer(fd, on_writable)
         try:
@@ -344,7 +345,7 @@ class Sender:
                     if in_pipe == 0:
                         n = os.splice(src, w, left, flags=_SPLICE_FLAGS)
                         if n == 0:
-                            _settle(done, ConnectionResetError(
+                            settle(done, ConnectionResetError(
                                 f"the body ended {left} bytes short"))
                             return
                         in_pipe = n
@@ -354,13 +355,13 @@ class Sender:
                         left -= n
                         watch.progressed()
                         if left <= 0:
-                            _settle(done, None)
+                            settle(done, None)
                             return
                 except BlockingIOError:
                     wait_for(src if in_pipe == 0 else dst)
                     return
                 except OSError as e:
-                    _settle(done, ConnectionResetError(f"relay broke off: {e}"))
+                    settle(done, ConnectionResetError(f"relay broke off: {e}"))
                     return
 
         try:
@@ -371,15 +372,6 @@ class Sender:
             wait_for(None)
             for fd in (src, dst, r, w):
                 os.close(fd)
-
-
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.done():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
 
 
 class _StallWatch:
@@ -402,9 +394,9 @@ class _StallWatch:
         if self._done.done():
             return
         if self._stopping.is_set():
-            _settle(self._done, ConnectionResetError("server stopping"))
+            settle(self._done, ConnectionResetError("server stopping"))
         elif self._loop.time() - self._progress_at >= SEND_STALL_TIMEOUT_S:
-            _settle(self._done, ConnectionResetError(
+            settle(self._done, ConnectionResetError(
                 f"client read nothing for {SEND_STALL_TIMEOUT_S:.0f} s"))
         else:
             self._timer = self._loop.call_later(SEND_POLL_SLICE_S, self._check)

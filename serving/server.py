@@ -38,7 +38,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-from bdn.service import LOADED_PREFIX, ListenAddress, announce, start_site
+from bdn.service import LOADED_PREFIX, ListenAddress, announce, settle, start_site
 from serving.errors import ModelLoadError
 from serving.runtime import ModelRuntime, model_traceback
 
@@ -231,21 +231,13 @@ def build_app(rt: ModelRuntime) -> web.Application:
 
 def _load_in_thread(rt: ModelRuntime, loop: asyncio.AbstractEventLoop,
                     fut: asyncio.Future[None]) -> None:
-    def settle(exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(exc)
-
     try:
         rt.load()
         err: BaseException | None = None
     except BaseException as e:
         err = e
     with contextlib.suppress(RuntimeError):  # the loop may be gone after a SIGTERM
-        loop.call_soon_threadsafe(settle, err)
+        loop.call_soon_threadsafe(settle, fut, err)
 
 
 def run_server(rt: ModelRuntime, listen: ListenAddress) -> int:
