@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 from typing import Any
 
 from aiohttp import web
@@ -44,7 +43,7 @@ from agent.engine import Engine, parse_request
 from agent.errors import IdempotencyConflict, RequestError
 from agent.options import AgentOptions
 from bdn.errors import BdnError, PathError
-from bdn.service import ListenAddress, announce
+from bdn.service import ListenAddress, announce, signal_stop
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +211,7 @@ def run_daemon(options: AgentOptions, socket_path: str | None,
                 server = site._server  # aiohttp has no public accessor for the port
                 assert server is not None and server.sockets
                 announce(f"http://{addr.host}:{server.sockets[0].getsockname()[1]}")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await signal_stop().wait()
         finally:
             await runner.cleanup()
             if socket_path:

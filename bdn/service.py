@@ -27,7 +27,6 @@ LOADED_PREFIX = "BDN_READY"
 SHUTDOWN_TIMEOUT_S = 10.0
 
 
-
 def settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
     """End ``fut`` with ``error`` (or a result when None), unless it already ended: the
     first outcome of a transfer or a load is the one that counts."""
@@ -37,6 +36,7 @@ def settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(error)
+
 
 @dataclass(frozen=True)
 class ListenAddress:
@@ -84,12 +84,18 @@ def announce(url: str) -> None:
     sys.stdout.flush()
 
 
-async def announce_and_wait(url: str) -> None:
-    """Announce ``url`` (the daemon is ready), then wait for SIGTERM or SIGINT."""
+def signal_stop() -> asyncio.Event:
+    """An event the running loop sets on SIGTERM or SIGINT: a daemon's "stop now"."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def announce_and_wait(url: str) -> None:
+    """Announce ``url`` (the daemon is ready), then wait for SIGTERM or SIGINT."""
+    stop = signal_stop()
     announce(url)
     await stop.wait()
 

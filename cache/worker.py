@@ -57,7 +57,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from bdn.service import SHUTDOWN_TIMEOUT_S
+from bdn.service import SHUTDOWN_TIMEOUT_S, signal_stop
 from cache.disk import object_relpath
 from cache.fastpath import FastPath, OpenObject, answer_hit
 from cache.send import OCTET_STREAM, Sender, abort, object_headers
@@ -417,9 +417,7 @@ class WorkerServer:
 
 async def run(options: WorkerOptions) -> None:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = signal_stop()
     server = WorkerServer(options)
     control = socket.socket(fileno=options.control_fd)
     _, link = await loop.connect_accepted_socket(

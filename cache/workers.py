@@ -289,8 +289,7 @@ def serve(options: CacheServerOptions, listen: ListenAddress) -> int:
         shared = options.workers > 1
         try:
             if listen.path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(listen.path)
+                remove_socket_file(listen)  # a stale one from a killed server
                 usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 usock.bind(listen.path)
                 public = await fast.listen(runner.server, sock=usock)

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -38,7 +37,14 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-from bdn.service import LOADED_PREFIX, ListenAddress, announce, settle, start_site
+from bdn.service import (
+    LOADED_PREFIX,
+    ListenAddress,
+    announce,
+    settle,
+    signal_stop,
+    start_site,
+)
 from serving.errors import ModelLoadError
 from serving.runtime import ModelRuntime, model_traceback
 
@@ -247,9 +253,7 @@ def run_server(rt: ModelRuntime, listen: ListenAddress) -> int:
         app = build_app(rt)
         runner, url = await start_site(app, listen)
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = signal_stop()
         announce(url)
         loaded: asyncio.Future[None] = loop.create_future()
         threading.Thread(target=_load_in_thread, args=(rt, loop, loaded), daemon=True,
