@@ -285,15 +285,15 @@ class Mirror:
                   "digest": str(entry.digest)})
         return entry
 
-    def _tensor_plan(self, sf: SourceFile, size: int, head: bytes,
-                     read: Callable[[int, int], bytes]) -> tuple[list[tuple[int, int]] | None,
-                                                                 bytes]:
-        """Tensor-aligned spans of a safetensors file from ``head``, its first bytes
-        (``read(start, end)`` fetches the rest of a longer header), and the bytes from
-        offset 0 now at hand. ``None`` when the file is not safetensors or its header is
-        bad: it is then chunked as an opaque file."""
+    def _tensor_plan(self, sf: SourceFile, size: int, read: Callable[[int, int], bytes]
+                     ) -> tuple[list[tuple[int, int]] | None, bytes]:
+        """Tensor-aligned spans of a safetensors file whose bytes ``read(start, end)``
+        gives (its first ``HEADER_PROBE_BYTES`` in one read, then the rest of a longer
+        header), and the bytes from offset 0 now at hand. ``None`` when the file is not
+        safetensors or its header is bad: it is then chunked as an opaque file."""
         if not (sf.path.endswith(SAFETENSORS_SUFFIX) and size >= PREFIX_BYTES):
-            return None, head
+            return None, b""
+        head = read(0, min(size, HEADER_PROBE_BYTES))
         try:
             n = PREFIX_BYTES + header_length(head[:PREFIX_BYTES], size, path=sf.path)
             if n > len(head):
@@ -308,10 +308,7 @@ class Mirror:
                      pool: ThreadPoolExecutor, run: _Run) -> FileEntry:
         if sf.size == 0:
             return FileEntry.from_chunks(sf.path, (), mode=sf.mode)
-        probe = b""
-        if sf.path.endswith(SAFETENSORS_SUFFIX) and sf.size >= PREFIX_BYTES:
-            probe = source.read_range(sf, 0, min(sf.size, HEADER_PROBE_BYTES))
-        spans, prefix = self._tensor_plan(sf, sf.size, probe,
+        spans, prefix = self._tensor_plan(sf, sf.size,
                                           lambda start, end: source.read_range(sf, start, end))
         if spans is not None:
             return self._stream_file(source, sf, spans, prefix, spool, run)
@@ -350,8 +347,7 @@ class Mirror:
     def _plan(self, view: memoryview, size: int, sf: SourceFile) -> list[tuple[int, int]]:
         # Copies (≤ 100 MB by the bound): an exception's traceback must not pin views of
         # the map, or the map could not be closed.
-        spans, _ = self._tensor_plan(sf, size, bytes(view[:PREFIX_BYTES]),
-                                     lambda start, end: bytes(view[start:end]))
+        spans, _ = self._tensor_plan(sf, size, lambda start, end: bytes(view[start:end]))
         return spans if spans is not None else plan_cdc(view, self.options.chunking)
 
     def _chunk_file(self, local: Path, sf: SourceFile, pool: ThreadPoolExecutor,
