@@ -429,13 +429,6 @@ def retry_cancellable(fn: Callable[[], T], policy: RetryPolicy,
     return retry_sync(fn, policy, on_retry=on_retry, sleep=sleep)
 
 
-def is_transport_error(exc: BaseException) -> bool:
-    """Connection-level failures worth retrying, independent of the HTTP library."""
-    return isinstance(exc, (ConnectionError, TimeoutError)) or \
-        type(exc).__name__ in ("ServerDisconnectedError", "ClientPayloadError",
-                               "IncompleteRead", "ProtocolError", "ReadTimeoutError")
-
-
 _deleter_pool: ThreadPoolExecutor | None = None
 _deleter_lock = threading.Lock()
 
