@@ -33,7 +33,7 @@ from urllib.parse import urljoin, urlsplit
 from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, is_retryable_status, parse_retry_after
 from bdn.secrets import scrub
-from bdn.sources.ranged import STREAM_BLOCK_BYTES, DownloadOptions, Fetch
+from bdn.sources.ranged import STREAM_BLOCK_BYTES, DownloadOptions, Fetch, transport_error
 
 USER_AGENT = "bdn-mirror/0.1"
 MAX_REDIRECTS = 5
@@ -57,12 +57,6 @@ def tls_context() -> ssl.SSLContext:
     import httpx2
 
     return httpx2.create_ssl_context()
-
-
-def transport_error(e: BaseException, where: str) -> RetryableError:
-    """A failure of the connection itself (refused, reset, timed out, cut short): worth
-    another attempt, which resumes where this one stopped."""
-    return RetryableError(f"{where}: {type(e).__name__}: {scrub(str(e))}")
 
 
 class RangeClient:

@@ -545,7 +545,13 @@ def classify_fs_error(exc: BaseException, where: str, uri: str, path: str = "", 
                            status=404)
     if isinstance(exc, (ValueError, TypeError)):
         return SourceError(f"source {uri}: {where}: {text}", source=uri, file=path)
-    return RetryableError(f"{where}: {type(exc).__name__}: {text}")
+    return transport_error(exc, where)
+
+
+def transport_error(exc: BaseException, where: str) -> RetryableError:
+    """A failure worth another attempt (refused, reset, timed out, cut short, a 5xx),
+    which resumes where this one stopped; the message is scrubbed of secrets."""
+    return RetryableError(f"{where}: {type(exc).__name__}: {scrub(str(exc))}")
 
 
 def fsspec_fetcher(fs: Any, key: str, path: str, block_bytes: int,
