@@ -165,7 +165,10 @@ class DiskStore:
 
     def object_file(self, digest: Digest) -> str:
         """The object's file name as a string (the hot path: no ``Path`` objects)."""
-        return f"{self._objects_str}/{object_relpath(digest.hex)}"
+        return self._object_file(digest.hex)
+
+    def _object_file(self, hex_: str) -> str:
+        return f"{self._objects_str}/{object_relpath(hex_)}"
 
     # -- recovery ------------------------------------------------------------------
 
@@ -372,7 +375,7 @@ class DiskStore:
         fds: list[int] = []
         for k in victims:
             try:
-                fd = os.open(f"{self._objects_str}/{object_relpath(k)}", os.O_RDONLY)
+                fd = os.open(self._object_file(k), os.O_RDONLY)
             except FileNotFoundError:
                 continue
             try:
