@@ -130,7 +130,6 @@ class NodeCache:
         # Bytes promised to running pulls but not yet allocated on disk.
         self._reserved: dict[str, int] = {}
 
-
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Any]:
         """A write transaction on the index. The index grows on the same disk as the
