@@ -650,7 +650,7 @@ class CacheServer:
 
     def worker_access(self, hex_: str, at: float) -> None:
         """A worker process read object ``hex_`` at ``at`` (unix seconds): the LRU."""
-        self.disk.note_access(self._parse_digest(f"b3:{hex_}"), at)
+        self.disk.note_access(self._parse_digest(f"{ALGORITHM}:{hex_}"), at)
 
     # -- invalidate ----------------------------------------------------------------
 
