@@ -88,7 +88,7 @@ def make_files(root: Path, n: int, size: int) -> dict[str, int]:
     return out
 
 
-def settle(dest: Path) -> None:
+def remove_and_flush(dest: Path) -> None:
     """Remove a run's output and flush the disk, outside the timing: otherwise one side's
     writeback lands in the next side's run (they alternate)."""
     shutil.rmtree(dest, ignore_errors=True)
@@ -111,7 +111,7 @@ class Bench:
         start = time.perf_counter()
         fn(dest)
         took = time.perf_counter() - start
-        settle(dest)
+        remove_and_flush(dest)
         return took
 
     def mirror(self, uri: str, dest: Path, **opts: Any) -> Any:
@@ -124,20 +124,14 @@ class Bench:
             src.close()
 
     def known(self, uri_a: str, uri_b: str, dest: Path, **opts: Any) -> float:
-        """Mirror ``uri_a``, then time mirroring ``uri_b`` (same files but the config)."""
-        store = BlobStore(str(dest / "store"))
-        m = Mirror(store, MirrorOptions(write_workers=8, spool_dir=str(dest / "spool")))
-        took = 0.0
-        for uri in (uri_a, uri_b):
-            start = time.perf_counter()
-            src = open_source(uri, download=self.download, **opts)
-            try:
-                r = m.run(src)
-            finally:
-                src.close()
-            took = time.perf_counter() - start
+        """Mirror ``uri_a``, then time mirroring ``uri_b`` (same files but the config)
+        into the same store."""
+        self.mirror(uri_a, dest, **opts)
+        start = time.perf_counter()
+        r, _ = self.mirror(uri_b, dest, **opts)
+        took = time.perf_counter() - start
         assert r.stats.bytes_from_origin < 1024, r.stats  # only config.json differs
-        settle(dest)
+        remove_and_flush(dest)
         return took
 
     # -- sources -----------------------------------------------------------------------
