@@ -10,19 +10,21 @@ import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.cli import run_standalone
+from agent.cli import build_request, run_standalone
+from agent.engine import parse_request
 from agent.errors import PullError
 from agent.options import AgentOptions
+from bdn.errors import PathError
 from bdn.store import BlobStore, object_key
 from cache.node import NodeCache
 from manifests.digest import Digest
 from manifests.manifest import Chunk, canonical_json, file_digest
-from tests.agent.agent_support import Model, assert_mount_matches
+from tests.agent.agent_support import Agent, Model, assert_mount_matches, plant_broken_model
 
 
 def _options(tmp_path: Path, store: Path, budget: int = 1 << 30,
@@ -183,3 +185,118 @@ def test_verify_files_rereads_every_chunk_before_publishing(
                         store_url=str(store), verify_files=True)
     run_standalone(opts, {"ref": base.ref, "mount": str(tmp_path / "verified")})
     assert_mount_matches(base.src, tmp_path / "verified")
+
+
+# -- never touch what bdn did not create -------------------------------------------------
+
+def _user_folder(root: Path) -> None:
+    """A folder a user already has: files, a directory the model also needs (nested/),
+    an empty directory, each with a mode of its own."""
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    (root / "nested").mkdir()
+    (root / "nested" / "keep.txt").write_text("also mine")
+    (root / "empty").mkdir()
+    os.chmod(root / "empty", 0o700)
+    os.chmod(root / "nested", 0o710)
+    os.chmod(root, 0o750)
+
+
+def _snapshot(root: Path, only: Iterable[str] | None = None
+              ) -> dict[str, tuple[int, int, bytes]]:
+    """Mode, inode and bytes of the folder and everything under it (or of ``only``)."""
+    out = {}
+    keep = None if only is None else set(only)
+    for p in [root, *root.rglob("*")]:
+        rel = p.relative_to(root).as_posix()
+        if keep is not None and rel not in keep:
+            continue
+        st = p.lstat()
+        out[rel] = (st.st_mode, st.st_ino, p.read_bytes() if p.is_file() else b"")
+    return out
+
+
+def _model_files(model: Model) -> set[str]:
+    return {f.path for f in model.manifest.files}
+
+
+def test_pull_to_a_folder_with_user_files_leaves_them_and_their_modes(
+        tmp_path: Path, base: Model, store: Path) -> None:
+    folder = tmp_path / "work"
+    _user_folder(folder)
+    before = _snapshot(folder)
+    run_standalone(_options(tmp_path, store), build_request(base.ref, str(folder)))
+    for rel in _model_files(base):
+        assert (folder / rel).read_bytes() == (base.src / rel).read_bytes(), rel
+    assert _snapshot(folder, only=before) == before, (
+        "no existing file or directory changed (mode, inode, bytes)")
+
+
+def test_failed_pull_to_a_folder_with_user_files_leaves_them_and_their_modes(
+        tmp_path: Path, base: Model, store: Path) -> None:
+    plant_broken_model(store, base, "test/broken:v1")
+    folder = tmp_path / "work"
+    _user_folder(folder)
+    before = _snapshot(folder)
+    with pytest.raises(PullError):
+        run_standalone(_options(tmp_path, store), build_request("test/broken:v1",
+                                                                str(folder)))
+    assert _snapshot(folder) == before, "the failure cleanup removed only what bdn made"
+
+
+def test_release_of_a_pull_into_a_folder_with_user_files_leaves_them(
+        tmp_path: Path, base: Model, store: Path, agents: list[Agent]) -> None:
+    agent = Agent(tmp_path, store=store)
+    agents.append(agent)
+    folder = tmp_path / "work"
+    _user_folder(folder)
+    before = _snapshot(folder)
+    started = agent.client.start_pull(ref=base.ref, mount=str(folder))
+    agent.client.wait(started["id"])
+    assert (folder / "config.json").is_file()
+    agent.client.release(started["id"])
+    assert _snapshot(folder) == before, "release removed only what bdn made"
+
+
+@pytest.mark.parametrize("same_bytes", [False, True])
+def test_a_user_file_where_the_model_needs_one_is_refused_before_any_write(
+        tmp_path: Path, base: Model, store: Path, same_bytes: bool) -> None:
+    folder = tmp_path / "work"
+    _user_folder(folder)
+    theirs = folder / "nested" / "config-copy.json"
+    theirs.write_bytes((base.src / "config.json").read_bytes() if same_bytes else b"{}")
+    before = _snapshot(folder)
+    with pytest.raises(PullError) as err:
+        run_standalone(_options(tmp_path, store), build_request(base.ref, str(folder)))
+    assert str(theirs) in str(err.value) and "not placed by bdn" in str(err.value)
+    assert _snapshot(folder) == before
+    _node_is_empty_and_consistent(tmp_path / "node")
+
+
+# The ref names nothing in the store: code that failed to refuse these would stop at
+# resolving it, before writing into a system folder.
+ABSENT_REF = "test/absent:v1"
+
+
+@pytest.mark.parametrize("mount", ["/", "/etc/bdn-test-mount", "/usr/local/models/x",
+                                   "/proc/bdn-x", "/dev/shm/bdn-x", "/boot", "/lib/bdn-x"])
+def test_mounts_at_or_under_system_folders_are_refused(
+        tmp_path: Path, store: Path, mount: str) -> None:
+    existed = os.path.lexists(mount)
+    with pytest.raises(PathError) as err:
+        run_standalone(_options(tmp_path, store), {"ref": ABSENT_REF, "mount": mount})
+    assert err.value.field == "mount"
+    assert os.path.lexists(mount) == existed
+    with pytest.raises(PathError) as err:
+        parse_request({"weights": [{"source": "hf://org/m@main", "mount_location": "/m"}],
+                       "mount_root": mount})
+    assert err.value.field == "mount_root"
+
+
+def test_a_symlink_into_a_system_folder_is_refused(tmp_path: Path, store: Path) -> None:
+    os.symlink("/etc", tmp_path / "sneaky")
+    with pytest.raises(PathError, match="system folder /etc") as err:
+        run_standalone(_options(tmp_path, store),
+                       {"ref": ABSENT_REF, "mount": str(tmp_path / "sneaky" / "bdn-x")})
+    assert err.value.field == "mount"
+    assert not os.path.lexists("/etc/bdn-x")
