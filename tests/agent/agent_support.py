@@ -120,9 +120,10 @@ class Agent:
 
     def __init__(self, tmp_path: Path, *, peers: tuple[str, ...] = (),
                  store: Path | None = None, budget: str = "1G", name: str = "node",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), socket: str | None = None,
+                 umask: int | None = None) -> None:
         self.cache_dir = tmp_path / name
-        self.socket = str(tmp_path / f"{name}.sock")
+        self.socket = socket or str(tmp_path / f"{name}.sock")
         args = ["agent", "--cache-dir", str(self.cache_dir), "--budget-bytes", budget,
                 "--socket", self.socket]
         if peers:
@@ -130,6 +131,8 @@ class Agent:
         if store is not None:
             args += ["--store", str(store)]
         self.argv = bdn_command(*args, *extra)
+        if umask is not None:  # the agent starts under this umask (set by a shell)
+            self.argv = ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *self.argv]
         self.proc = ServiceProcess(self.argv)
         self.client = AgentClient(self.socket)
 

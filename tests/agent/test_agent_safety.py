@@ -7,15 +7,22 @@ daemon runs) against a real blob store: no service is needed to refuse a pull.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
+import shutil
+import stat
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.cli import build_request, run_standalone
+from agent.client import AgentClient
 from agent.engine import parse_request
 from agent.errors import PullError
 from agent.options import AgentOptions
@@ -254,7 +261,7 @@ def test_release_of_a_pull_into_a_folder_with_user_files_leaves_them(
     started = agent.client.start_pull(ref=base.ref, mount=str(folder))
     agent.client.wait(started["id"])
     assert (folder / "config.json").is_file()
-    agent.client.release(started["id"])
+    agent.client.release(started["id"], started["token"])
     assert _snapshot(folder) == before, "release removed only what bdn made"
 
 
@@ -300,3 +307,135 @@ def test_a_symlink_into_a_system_folder_is_refused(tmp_path: Path, store: Path) 
                        {"ref": ABSENT_REF, "mount": str(tmp_path / "sneaky" / "bdn-x")})
     assert err.value.field == "mount"
     assert not os.path.lexists("/etc/bdn-x")
+
+
+# -- the agent socket ---------------------------------------------------------------------
+
+def _other_group() -> grp.struct_group:
+    """A group other than root's, for --socket-group."""
+    if os.geteuid() != 0:
+        return grp.getgrgid(os.getgid())
+    for g in sorted(grp.getgrall(), key=lambda g: g.gr_gid):
+        if g.gr_gid != 0:
+            return g
+    pytest.skip("no group other than root on this machine")
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_agent_socket_is_0660_whatever_the_umask(
+        tmp_path: Path, store: Path, agents: list[Agent], umask: int) -> None:
+    group = _other_group()
+    agent = Agent(tmp_path, store=store, umask=umask,
+                  extra=("--socket-group", group.gr_name))
+    agents.append(agent)
+    st = os.lstat(agent.socket)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert st.st_gid == group.gr_gid
+    assert agent.client.healthy()
+
+
+# A client run as another user: it starts as root (to reach the interpreter), imports
+# what it needs, then drops to the given uid/gid before connecting.
+AS_USER = r"""
+import http.client, json, os, socket, sys
+sock_path, uid, gid, method, path, headers, body = sys.argv[1:]
+os.setgroups([int(gid)]); os.setgid(int(gid)); os.setuid(int(uid))
+class Conn(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(sock_path)
+conn = Conn("localhost", timeout=30)
+conn.request(method, path, body=body.encode() or None,
+             headers={"Content-Type": "application/json", **json.loads(headers)})
+resp = conn.getresponse()
+print(json.dumps({"status": resp.status, "doc": json.loads(resp.read() or b"null")}))
+"""
+NOBODY_UID = 65534
+
+
+def _as_user(sock: str, gid: int, method: str, path: str, *,
+             headers: dict[str, str] | None = None, body: Any = None) -> tuple[int, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", AS_USER, sock, str(NOBODY_UID), str(gid), method, path,
+         json.dumps(headers or {}), "" if body is None else json.dumps(body)],
+        capture_output=True, text=True, check=True, timeout=60)
+    out = json.loads(proc.stdout)
+    return out["status"], out["doc"]
+
+
+@pytest.fixture
+def shared_socket_dir() -> Iterator[Path]:
+    """A folder another user can reach a socket in (pytest's tmp folders are 0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    where = Path(tempfile.mkdtemp(prefix="bdn-sock-"))
+    os.chmod(where, 0o711)
+    try:
+        yield where
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def test_release_needs_the_token_of_the_pull(
+        tmp_path: Path, base: Model, store: Path, agents: list[Agent],
+        shared_socket_dir: Path) -> None:
+    group = _other_group()
+    agent = Agent(tmp_path, store=store, socket=str(shared_socket_dir / "a.sock"),
+                  extra=("--socket-group", str(group.gr_gid)))
+    agents.append(agent)
+    mount = tmp_path / "m"
+    started = agent.client.start_pull(ref=base.ref, mount=str(mount))
+    token = started["token"]
+    agent.client.wait(started["id"])
+    path = f"/v1/pulls/{started['id']}"
+    # Another model's process, without the token or with a wrong one: refused.
+    for headers in ({}, {"X-Bdn-Pull-Token": "0" * 64}, {"X-Bdn-Pull-Token": token[:-1]}):
+        status, doc = _as_user(agent.socket, group.gr_gid, "DELETE", path, headers=headers)
+        assert status == 403 and "token" in doc["error"], (headers, doc)
+    assert_mount_matches(base.src, mount)
+    assert agent.client.status(started["id"])["state"] == "done"
+    # With the token: released.
+    status, doc = _as_user(agent.socket, group.gr_gid, "DELETE", path,
+                           headers={"X-Bdn-Pull-Token": token})
+    assert status == 200 and doc["state"] == "released"
+    assert not mount.exists()
+    # Root may release without a token.
+    other = agent.client.start_pull(ref=base.ref, mount=str(mount))
+    agent.client.wait(other["id"])
+    released = AgentClient(agent.socket).release(other["id"])  # a client without it
+    assert released["state"] == "released"
+    # The client keeps the token of each pull it started, for its own release().
+    assert agent.client._tokens[other["id"]] == other["token"]
+
+
+def test_a_reposted_pull_returns_its_token_to_the_same_caller_only(
+        tmp_path: Path, base: Model, store: Path, agents: list[Agent],
+        shared_socket_dir: Path) -> None:
+    group = _other_group()
+    agent = Agent(tmp_path, store=store, socket=str(shared_socket_dir / "a.sock"),
+                  extra=("--socket-group", str(group.gr_gid)))
+    agents.append(agent)
+    body = {"ref": base.ref, "mount": str(tmp_path / "m")}
+    key = {"Idempotency-Key": "deploy-1"}
+    # Created by another user: that user gets the token back on a re-post; root may too.
+    status, first = _as_user(agent.socket, group.gr_gid, "POST", "/v1/pulls",
+                             headers=key, body=body)
+    assert status == 202 and first["created"] and first["token"]
+    status, again = _as_user(agent.socket, group.gr_gid, "POST", "/v1/pulls",
+                             headers=key, body=body)
+    assert status == 200 and again["id"] == first["id"] and again["token"] == first["token"]
+    by_root = agent.client.start_pull(**body, idempotency_key="deploy-1")
+    assert by_root["token"] == first["token"]
+    # Created by root: another user re-posting the (guessable) key gets no token, and
+    # cannot release the pull.
+    mine = agent.client.start_pull(ref=base.ref, mount=str(tmp_path / "r"),
+                                   idempotency_key="deploy-2")
+    agent.client.wait(mine["id"])
+    status, theirs = _as_user(agent.socket, group.gr_gid, "POST", "/v1/pulls",
+                              headers={"Idempotency-Key": "deploy-2"},
+                              body={"ref": base.ref, "mount": str(tmp_path / "r")})
+    assert status == 200 and theirs["id"] == mine["id"] and "token" not in theirs
+    status, _ = _as_user(agent.socket, group.gr_gid, "DELETE", f"/v1/pulls/{mine['id']}")
+    assert status == 403
+    assert_mount_matches(base.src, tmp_path / "r")
