@@ -16,6 +16,13 @@ late misses nothing). Pull records are persisted in the node cache's LMDB, so a
 restarted agent resumes unfinished pulls by itself, and a client re-posting with the
 same ``Idempotency-Key`` gets the same pull.
 
+Mounts are shared: replicas of one deployment name the same mount. Every live pull
+(queued, running or done) holds a reference on each path it names there — the pull
+records *are* the reference counts, so they survive a restart — and each mount has a
+persisted ledger of what this agent created in it (``agent.mounts.MountLedger``).
+Releasing or failing a pull removes only ledger entries no other live pull names;
+linking, sealing and removing in one mount run under that mount's lock.
+
 Events (newline-delimited JSON on ``/v1/pulls/{id}/events``), in this order per file::
 
     {"event": "plan", "files": [{"path", "mount", "size", "digest"}], "bytes": N, ...}
