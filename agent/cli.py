@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"unix socket of the local API (default ${'{'}BDN_AGENT_SOCKET{'}'} or "
                         f"{default_socket()})")
     p.add_argument("--listen", default=None, help="also listen on loopback HOST:PORT")
+    p.add_argument("--socket-group", default=None, metavar="GROUP",
+                   help="group (name or gid) that may use the socket; it is created 0660 "
+                        "(default: the agent's own group)")
     p.set_defaults(handler=cmd_agent)
     asub = p.add_subparsers(dest="agent_cmd", metavar="SUBCOMMAND")
     st = asub.add_parser("status", help="node cache usage and pulls of the running agent")
@@ -120,7 +123,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     socket_path = args.socket or (None if args.listen else default_socket())
     if socket_path:
         Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
-    return run_daemon(options, socket_path, args.listen)
+    return run_daemon(options, socket_path, args.listen, socket_group=args.socket_group)
 
 
 def cmd_agent_status(args: argparse.Namespace) -> int:

@@ -8,6 +8,10 @@ serving loader already reads the event stream from a thread. Addresses are
 The readiness source of the serving runtime wants an events URL:
 :meth:`AgentClient.events_url` gives ``http+unix://<percent-encoded socket>/...`` for a
 unix socket, the form ``serving.readiness.EventStreamReadiness`` accepts.
+
+Releasing a pull needs the token the agent returned when the pull was created (see
+``agent.daemon``): :meth:`AgentClient.start_pull` keeps it, so the same client releases
+its own pulls with a plain :meth:`AgentClient.release`; another process passes it.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from agent.errors import AgentUnavailable, PullError, RequestError
+from agent.errors import AccessDenied, AgentUnavailable, PullError, RequestError
 
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
 DEFAULT_SOCKET_ENV = "BDN_AGENT_SOCKET"
 DEFAULT_SOCKET = "/run/bdn/agent.sock"
 MAX_EVENT_LINE_BYTES = 1 << 20
+TOKEN_HEADER = "X-Bdn-Pull-Token"
 
 
 def default_socket() -> str:
@@ -56,6 +61,7 @@ class AgentClient:
         self.address = address
         self.timeout_s = timeout_s
         self._unix = not address.startswith(("http://", "https://"))
+        self._tokens: dict[str, str] = {}  # release tokens of the pulls this client started
 
     def _conn(self, timeout: float | None = None) -> http.client.HTTPConnection:
         t = self.timeout_s if timeout is None else timeout
@@ -91,6 +97,8 @@ class AgentClient:
         msg = doc.get("error") if isinstance(doc, dict) else str(doc)
         if status in (400, 409):
             raise RequestError(f"the agent refused the request: {msg}")
+        if status == 403:
+            raise AccessDenied(f"the agent refused access: {msg}")
         raise PullError(f"the agent answered HTTP {status}: {msg}")
 
     # -- API -----------------------------------------------------------------------------
@@ -106,7 +114,8 @@ class AgentClient:
                    weights: list[dict[str, Any]] | None = None, mount_root: str | None = None,
                    prewarm: bool = False, order: str | None = None,
                    idempotency_key: str | None = None) -> dict[str, Any]:
-        """Start a pull; returns ``{"id", "state", "created", "events"}``."""
+        """Start a pull; returns ``{"id", "state", "created", "events"}`` and ``"token"``
+        (needed to release it) when the agent hands it to this caller."""
         body: dict[str, Any] = {}
         if ref is not None:
             body["ref"] = ref
@@ -124,6 +133,8 @@ class AgentClient:
         status, doc = self._request("POST", "/v1/pulls", body, headers)
         if status not in (200, 202):
             self._raise(status, doc)
+        if doc.get("token"):
+            self._tokens[doc["id"]] = doc["token"]
         return doc  # type: ignore[no-any-return]
 
     def status(self, pull_id: str) -> dict[str, Any]:
@@ -144,8 +155,12 @@ class AgentClient:
             self._raise(status, doc)
         return doc  # type: ignore[no-any-return]
 
-    def release(self, pull_id: str) -> dict[str, Any]:
-        status, doc = self._request("DELETE", f"/v1/pulls/{pull_id}")
+    def release(self, pull_id: str, token: str | None = None) -> dict[str, Any]:
+        """Release a pull with ``token`` (default: the one this client got when it
+        started the pull); :class:`AccessDenied` without the right one."""
+        token = token or self._tokens.get(pull_id)
+        headers = {TOKEN_HEADER: token} if token else None
+        status, doc = self._request("DELETE", f"/v1/pulls/{pull_id}", headers=headers)
         if status != 200:
             self._raise(status, doc)
         return doc  # type: ignore[no-any-return]

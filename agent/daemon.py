@@ -2,13 +2,14 @@
 
 Routes (JSON unless said otherwise)::
 
-    POST   /v1/pulls               start a pull → 202 {"id", "state", "created"}
+    POST   /v1/pulls               start a pull → 202 {"id", "state", "created", "token"}
                                    (Idempotency-Key header: same key + same body → same
                                    pull, 200; same key + other body → 409)
     GET    /v1/pulls               every pull's status
     GET    /v1/pulls/{id}          state, files done, bytes by tier, throughput, ETA, error
     GET    /v1/pulls/{id}/events   newline-delimited JSON events, replayed from the first
-    DELETE /v1/pulls/{id}          release the pull's mounts and pins
+    DELETE /v1/pulls/{id}          release the pull's mounts and pins; needs the pull's
+                                   token in the X-Bdn-Pull-Token header (403 otherwise)
     GET    /v1/status              node cache usage, peers, store, pulls
     GET    /healthz                "ok"
     GET    /metrics                Prometheus text
@@ -26,20 +27,41 @@ otherwise the entry resolves by ``agent.resolve.entry_target``)::
 ``mount_root`` prefixes every ``mount_location`` (tests and hosts that map pod paths);
 ``"prewarm": true`` fills the node cache without mounting; ``"order": "path"`` turns off
 loader ordering.
+
+Who may do what. The unix socket is created ``0660`` (owner and ``--socket-group``):
+it is bound under a umask that leaves it ``0600``, then chowned and widened, so it is
+never wider than asked, whatever the caller's umask. Anyone who can connect may start
+and watch pulls, but releasing one (which removes a model's files) needs its *release
+token*: ``HMAC-SHA256(key, pull id)``, with the key in ``<cache>/release-tokens.key``
+(``0600``), so no token is stored and every pull, restored ones too, has one. The token
+is returned when a pull is created. A re-post with the same ``Idempotency-Key`` returns
+it again only to the same caller — the same uid (``SO_PEERCRED`` on the unix socket) as
+the creator, or root — because keys are often guessable ("deploy-1") and the token must
+not leak to another model's process. Over TCP the peer is unknown, so a re-post gets no
+token there. Root (peer uid 0) may release without a token. Tokens are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
+import socket
+import stat
+import struct
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from agent.engine import Engine, parse_request
+from agent.client import TOKEN_HEADER
+from agent.engine import Engine, Pull, parse_request
 from agent.errors import IdempotencyConflict, RequestError
 from agent.options import AgentOptions
 from bdn.errors import BdnError, PathError
@@ -48,6 +70,13 @@ from bdn.service import ListenAddress, announce, signal_stop
 log = logging.getLogger(__name__)
 
 ENGINE_KEY: web.AppKey[Engine] = web.AppKey("engine", Engine)
+TOKENS_KEY: web.AppKey[ReleaseTokens] = web.AppKey("release_tokens")
+SOCKET_MODE = 0o660
+# Bound under this umask the socket starts as 0600: narrower than SOCKET_MODE until the
+# chown and chmod that follow, never wider.
+BIND_UMASK = 0o177
+TOKEN_KEY_FILE = "release-tokens.key"
+TOKEN_KEY_BYTES = 32
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # Open event streams are ended on shutdown; a handler still busy after this is cut off.
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -61,21 +90,86 @@ def _error(status: int, message: str, kind: str) -> web.Response:
     return _json({"error": message, "kind": kind}, status=status)
 
 
+class ReleaseTokens:
+    """Release tokens derived from a per-node key (see the module docstring)."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.key = _load_or_create_key(Path(cache_dir) / TOKEN_KEY_FILE)
+
+    def token(self, pull_id: str) -> str:
+        return hmac.new(self.key, pull_id.encode(), hashlib.sha256).hexdigest()
+
+    def check(self, pull_id: str, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(self.token(pull_id), str(token))
+
+
+def _load_or_create_key(path: Path) -> bytes:
+    with contextlib.suppress(FileNotFoundError):
+        return _read_key(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secrets.token_bytes(TOKEN_KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # never replaces a key another agent wrote meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != TOKEN_KEY_BYTES:
+        raise PathError(f"{path} holds {len(key)} bytes, not a {TOKEN_KEY_BYTES}-byte key; "
+                        "remove it to make a new one (outstanding release tokens then "
+                        "stop working)", field="cache_dir")
+    return key
+
+
+def peer_uid(request: web.Request) -> int | None:
+    """The uid of the process at the other end of a unix socket; None over TCP."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+def _may_see_token(pull: Pull, uid: int | None, created: bool) -> bool:
+    if created:
+        return True
+    return uid is not None and (uid == 0 or uid == pull.owner_uid)
+
+
 async def post_pull(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _error(400, "the request body is not JSON", "RequestError")
+    uid = peer_uid(request)
     try:
         pull_request = parse_request(body)
-        pull, created = await engine.submit(pull_request, request.headers.get("Idempotency-Key"))
+        pull, created = await engine.submit(pull_request, request.headers.get("Idempotency-Key"),
+                                            owner_uid=uid)
     except IdempotencyConflict as e:
         return _error(409, str(e), type(e).__name__)
     except (RequestError, PathError) as e:
         return _error(400, str(e), type(e).__name__)
-    return _json({"id": pull.id, "state": pull.state, "created": created,
-                  "events": f"/v1/pulls/{pull.id}/events"}, status=202 if created else 200)
+    doc = {"id": pull.id, "state": pull.state, "created": created,
+           "events": f"/v1/pulls/{pull.id}/events"}
+    if _may_see_token(pull, uid, created):
+        doc["token"] = request.app[TOKENS_KEY].token(pull.id)
+    return _json(doc, status=202 if created else 200)
 
 
 def _pull(request: web.Request) -> Any:
@@ -121,6 +215,10 @@ async def pull_events(request: web.Request) -> web.StreamResponse:
 async def delete_pull(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     pull = _pull(request)
+    if peer_uid(request) != 0 and not request.app[TOKENS_KEY].check(
+            pull.id, request.headers.get(TOKEN_HEADER)):
+        return _error(403, f"releasing pull {pull.id} needs the token returned when it was "
+                      f"created, in the {TOKEN_HEADER} header", "AccessDenied")
     await engine.release(pull.id)
     return _json(pull.status())
 
@@ -162,6 +260,7 @@ async def make_app(options: AgentOptions) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware])
     engine = Engine(options)
     app[ENGINE_KEY] = engine
+    app[TOKENS_KEY] = ReleaseTokens(options.cache_dir)
     resumed = engine.restore()
     if resumed:
         log.info("resuming %d unfinished pull(s)", len(resumed))
@@ -184,14 +283,64 @@ async def make_app(options: AgentOptions) -> web.Application:
     return app
 
 
+def resolve_group(group: str | None) -> int | None:
+    """A group name or number (``--socket-group``) as a gid; None keeps the default."""
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise RequestError(f"--socket-group {group!r}: no such group") from None
+
+
+def bind_unix_socket(path: str, gid: int | None = None) -> socket.socket:
+    """Bind the API socket at ``path`` with mode 0660 (group ``gid``), whatever the umask.
+
+    Called before the event loop and its threads start: the umask is process-wide, and
+    nothing else creates files while it is narrowed. A stale socket at ``path`` is
+    replaced; anything else there is refused, never deleted.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise PathError(f"--socket {path} exists and is not a socket; refusing to "
+                            "replace it", field="socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(BIND_UMASK)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, SOCKET_MODE)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    return sock
+
+
 def run_daemon(options: AgentOptions, socket_path: str | None,
-               listen: str | None = None) -> int:
+               listen: str | None = None, *, socket_group: str | None = None) -> int:
     """Serve on the unix socket and/or a loopback TCP address until SIGTERM/SIGINT.
 
     Prints ``BDN_LISTENING <url>`` once per bound address (the unix socket first).
+    ``socket_group``: group name or gid that may use the socket (mode 0660).
     """
     if socket_path is None and listen is None:
         raise RequestError("the agent needs --socket PATH or --listen HOST:PORT")
+    unix_sock = (bind_unix_socket(socket_path, resolve_group(socket_group))
+                 if socket_path else None)
+    unix_ident = _ident(socket_path) if socket_path else None
 
     async def main() -> None:
         app = await make_app(options)
@@ -199,10 +348,8 @@ def run_daemon(options: AgentOptions, socket_path: str | None,
                                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         try:
-            if socket_path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(socket_path)
-                await web.UnixSite(runner, socket_path).start()
+            if unix_sock is not None:
+                await web.SockSite(runner, unix_sock).start()
                 announce(f"unix:{socket_path}")
             if listen:
                 addr = ListenAddress.parse(listen)
@@ -214,9 +361,21 @@ def run_daemon(options: AgentOptions, socket_path: str | None,
             await signal_stop().wait()
         finally:
             await runner.cleanup()
-            if socket_path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(socket_path)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if unix_sock is not None:
+            unix_sock.close()
+        # Only our own socket: another agent may have taken the path over since.
+        if socket_path and unix_ident is not None and _ident(socket_path) == unix_ident:
+            os.unlink(socket_path)
     return 0
+
+
+def _ident(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

@@ -16,6 +16,13 @@ late misses nothing). Pull records are persisted in the node cache's LMDB, so a
 restarted agent resumes unfinished pulls by itself, and a client re-posting with the
 same ``Idempotency-Key`` gets the same pull.
 
+Mounts are shared: replicas of one deployment name the same mount. Every live pull
+(queued, running or done) holds a reference on each path it names there — the pull
+records *are* the reference counts, so they survive a restart — and each mount has a
+persisted ledger of what this agent created in it (``agent.mounts.MountLedger``).
+Releasing or failing a pull removes only ledger entries no other live pull names;
+linking, sealing and removing in one mount run under that mount's lock.
+
 Events (newline-delimited JSON on ``/v1/pulls/{id}/events``), in this order per file::
 
     {"event": "plan", "files": [{"path", "mount", "size", "digest"}], "bytes": N, ...}
@@ -74,6 +81,9 @@ TERMINAL_STATES = ("done", "failed", "released")
 LOCAL_IO_THREADS = 4
 PULL_KEY_PREFIX = "pull/"
 IDEM_KEY_PREFIX = "idem/"
+MOUNT_KEY_PREFIX = "mount/"
+# States in which a pull holds its mounts (a reference on every path it names).
+LIVE_STATES = ("queued", "running", "done")
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 PEER_REFRESH_S = 5.0
 
@@ -133,7 +143,7 @@ def parse_request(doc: Any) -> PullRequest:
             raise RequestError(str(e)) from None
         mount = doc.get("mount")
         if mount is not None:
-            mount = str(mountlib.check_mount_path(mount))
+            mount = str(mountlib.check_mount_path(mount, field="mount"))
         return PullRequest((TargetSpec(name, None if prewarm else mount),), order=order)
     items = doc["weights"]
     if not isinstance(items, list) or not items:
@@ -155,9 +165,9 @@ def parse_request(doc: Any) -> PullRequest:
         raise RequestError(str(e)) from None
     root = doc.get("mount_root")
     if root is not None:
-        root = str(mountlib.check_mount_path(root))
+        root = str(mountlib.check_mount_path(root, field="mount_root"))
     targets = []
-    for entry, ref in zip(entries, explicit, strict=True):
+    for i, (entry, ref) in enumerate(zip(entries, explicit, strict=True)):
         try:
             name = entry_target(entry, ref)
         except BdnError as e:
@@ -165,6 +175,9 @@ def parse_request(doc: Any) -> PullRequest:
         mount = None if prewarm else (
             os.path.join(root, entry.mount_location.lstrip("/")) if root
             else entry.mount_location)
+        if mount is not None:
+            mount = str(mountlib.check_mount_path(
+                mount, field=f"weights[{i}].mount_location"))
         targets.append(TargetSpec(name, mount, entry.allow_patterns, entry.ignore_patterns))
     return PullRequest(tuple(targets), order=order)
 
@@ -189,6 +202,7 @@ class Pull:
     manifests: list[str] = field(default_factory=list)
     mounts: dict[str, list[str]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)  # file digests pinned by this pull
+    owner_uid: int | None = None  # who created it (unix socket peer), when known
     task: asyncio.Task[None] | None = None
     closed: bool = False  # the agent is shutting down: followers stop
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -232,7 +246,7 @@ class Pull:
     def record(self) -> dict[str, Any]:
         return {"id": self.id, "key": self.key, "request": self.request.canonical(),
                 "state": self.state, "error": self.error, "mounts": self.mounts,
-                "files": self.files}
+                "files": self.files, "owner_uid": self.owner_uid}
 
 
 ChunkListener = Callable[[Chunk, str], None]
@@ -403,6 +417,8 @@ class Engine:
             "chunks_copied_locally": 0, "integrity_failures": 0, "bad_reports": 0,
             "pulls_started": 0, "pulls_done": 0, "pulls_failed": 0}
         self._lock = asyncio.Lock()
+        # One lock per mount: linking, sealing and removing in a mount never interleave.
+        self._mount_locks: dict[str, asyncio.Lock] = {}
         self._dns_task: asyncio.Task[None] | None = None
         if self.ring is not None and options.peers_dns:
             self._dns_task = asyncio.create_task(self._refresh_peers())
@@ -545,7 +561,8 @@ class Engine:
         for _, rec in self.node.meta_items(PULL_KEY_PREFIX):
             pull = Pull(id=rec["id"], request=PullRequest.from_canonical(rec["request"]),
                         key=rec.get("key"), state=rec["state"], error=rec.get("error"),
-                        mounts=rec.get("mounts", {}), files=rec.get("files", []))
+                        mounts=rec.get("mounts", {}), files=rec.get("files", []),
+                        owner_uid=rec.get("owner_uid"))
             self.pulls[pull.id] = pull
             if pull.state in ("queued", "running"):
                 self._start(pull)
@@ -561,8 +578,13 @@ class Engine:
                 pull.emit({"event": "error", "message": pull.error or "failed"})
         return resumed
 
-    async def submit(self, request: PullRequest, key: str | None = None) -> tuple[Pull, bool]:
-        """Start a pull (or return the one started with ``key``); returns (pull, created)."""
+    async def submit(self, request: PullRequest, key: str | None = None, *,
+                     owner_uid: int | None = None) -> tuple[Pull, bool]:
+        """Start a pull (or return the one started with ``key``); returns (pull, created).
+
+        ``owner_uid``: the caller's uid when the API knows it (recorded on a new pull, so
+        the daemon hands a re-posting caller the release token only if it is the owner).
+        """
         if key is not None and (not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS):
             raise RequestError(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} chars")
         async with self._lock:
@@ -577,7 +599,8 @@ class Engine:
                     if pull.state == "failed":
                         self._start(pull)  # retrying a failed pull is the point of re-posting
                     return pull, False
-            pull = Pull(id=uuid.uuid4().hex[:16], request=request, key=key)
+            pull = Pull(id=uuid.uuid4().hex[:16], request=request, key=key,
+                        owner_uid=owner_uid)
             self.pulls[pull.id] = pull
             if key is not None:
                 self.node.meta_put(IDEM_KEY_PREFIX + key,
@@ -645,9 +668,7 @@ class Engine:
                                 f"ignore={list(spec.ignore)}", pull_id=pull.id)
             targets.append(PullTarget(spec.mount, files))
         # 2. Every mount path is checked before anything is written anywhere.
-        for t in targets:
-            if t.mount is not None:
-                mountlib.check_mount_paths(t.mount, [f.path for f in t.files])
+        await self._check_mounts(targets)
         # 3. Plan against what the node has.
         digests = {content_key(f) for t in targets for f in t.files}
         chunk_digests = {c.digest for t in targets for f in t.files for c in f.chunks}
@@ -694,7 +715,7 @@ class Engine:
             await asyncio.gather(*waits, return_exceptions=True)
             raise
         for mount in pull.mounts:
-            await self.io(mountlib.seal, Path(mount))
+            await self._mount_io(mount, self._seal_locked, mount)
 
     def _plan_event(self, plan: PullPlan, targets: list[PullTarget]) -> dict[str, Any]:
         by = plan.bytes_by_source()
@@ -733,17 +754,102 @@ class Engine:
     async def _publish_in_mount(self, pull: Pull, mount: str | None, f: FileEntry,
                                 src: Path, *, count_bytes: bool = True) -> None:
         if mount is not None:
-            await self.io(mountlib.link_file, Path(mount), f.path, src)
+            await self._mount_io(mount, self._link_locked, mount, f.path, src)
         pull.files_done += 1
         if count_bytes:
             pull.bytes_done += f.size
         pull.emit({"event": "file", "path": f.path, "mount": mount, "digest": str(f.digest),
                    "size": f.size})
 
+    # -- mounts --------------------------------------------------------------------------
+    #
+    # A mount is shared by every live pull naming it: the references are the pull records
+    # (``Pull.mounts``, persisted), what the agent created there is the mount's ledger
+    # (``agent.mounts.MountLedger``, persisted under MOUNT_KEY_PREFIX). A path is removed
+    # only when no other live pull names it, and only if the agent created it.
+
+    def _mount_lock(self, mount: str) -> asyncio.Lock:
+        lock = self._mount_locks.get(mount)
+        if lock is None:
+            lock = self._mount_locks[mount] = asyncio.Lock()
+        return lock
+
+    async def _mount_io(self, mount: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the I/O pool holding the mount's lock. A cancelled caller still
+        waits for the thread to finish, so the lock never frees while it writes."""
+        async with self._mount_lock(mount):
+            fut = asyncio.ensure_future(self.io(fn, *args))
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                await asyncio.wait([fut])
+                raise
+
+    def _ledger(self, mount: str) -> mountlib.MountLedger:
+        return mountlib.MountLedger.from_doc(mount, self.node.meta_get(MOUNT_KEY_PREFIX + mount))
+
+    def _save_ledger(self, ledger: mountlib.MountLedger) -> None:
+        if ledger.empty:
+            self.node.meta_delete(MOUNT_KEY_PREFIX + ledger.mount)
+        else:
+            self.node.meta_put(MOUNT_KEY_PREFIX + ledger.mount, ledger.to_doc())
+
+    def _mount_users(self, mount: str, exclude: str) -> list[list[str]]:
+        """The paths each other live pull names in ``mount``, from this agent's pulls and
+        from records it did not load (a standalone ``bdn pull`` on the same node cache)."""
+        users = [p.mounts[mount] for p in self.pulls.values()
+                 if p.id != exclude and p.state in LIVE_STATES and mount in p.mounts]
+        for _, rec in self.node.meta_items(PULL_KEY_PREFIX):
+            if (rec["id"] != exclude and rec["id"] not in self.pulls
+                    and rec.get("state") in LIVE_STATES and mount in rec.get("mounts", {})):
+                users.append(list(rec["mounts"][mount]))
+        return users
+
+    async def _check_mounts(self, targets: list[PullTarget]) -> None:
+        for t in targets:
+            if t.mount is None:
+                continue
+            digests = {f.path: content_key(f) for f in t.files}
+            have = self.node.complete_files(set(digests.values()))
+            expected = {rel: self.node.file_path(d) for rel, d in digests.items() if d in have}
+            await self._mount_io(t.mount, lambda m=t.mount, fs=t.files, e=expected:
+                                 mountlib.check_mount_paths(m, [f.path for f in fs],
+                                                            ledger=self._ledger(m),
+                                                            expected=e))
+
+    def _link_locked(self, mount: str, rel: str, src: Path) -> None:
+        mountlib.link_file(Path(mount), rel, src, self._ledger(mount), self._save_ledger)
+
+    def _seal_locked(self, mount: str) -> None:
+        mountlib.seal(Path(mount), self._ledger(mount))
+
+    def _release_locked(self, mount: str, rels: list[str], users: list[list[str]]) -> None:
+        kept = {rel for paths in users for rel in paths}
+        keep_dirs = {d for rel in kept for d in mountlib.parent_dirs(rel)}
+        ledger = self._ledger(mount)
+        try:
+            mountlib.release(Path(mount), ledger, [r for r in rels if r not in kept],
+                             keep_dirs)
+        finally:
+            self._save_ledger(ledger)
+        if users:
+            mountlib.seal(Path(mount), ledger)
+
     async def _undo_mounts(self, pull: Pull) -> None:
         for mount, rels in pull.mounts.items():
-            with contextlib.suppress(OSError):
-                await self.io(mountlib.release, Path(mount), rels)
+            async with self._mount_lock(mount):
+                # Users are counted under the lock: a pull that linked anything here
+                # registered its paths before, so it is counted.
+                users = self._mount_users(mount, exclude=pull.id)
+                fut = asyncio.ensure_future(self.io(self._release_locked, mount,
+                                                    list(rels), users))
+                try:
+                    await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    await asyncio.wait([fut])
+                    raise
+                except OSError as e:
+                    log.warning("releasing mount %s of pull %s: %s", mount, pull.id, e)
 
     async def release(self, pull_id: str) -> Pull:
         """Release a pull's mounts and pins (``DELETE /v1/pulls/{id}``)."""

@@ -59,3 +59,10 @@ class MountError(AgentError):
 
 class AgentUnavailable(AgentError):
     """The agent's local API did not answer (no daemon on that socket)."""
+
+
+class AccessDenied(AgentError):
+    """The agent refused a call for want of the right release token; HTTP 403."""
+
+
+__all__ += ["AccessDenied"]

@@ -33,11 +33,13 @@ def refuse_unless_dir(st: os.stat_result, path: Path, label: str, *, field: str,
         raise PathError(f"{label} {path} exists and is not a directory", field=field)
 
 
-def safe_target(root: Path, rel: str) -> Path:
+def safe_target(root: Path, rel: str, *, created: list[Path] | None = None) -> Path:
     """Create the parents of ``root/rel`` (refusing symlinks) and return the path.
 
     Raises :class:`PathError` if ``rel`` is unsafe, if any component under ``root`` is a
     symlink or a non-directory, or if the target itself is a symlink or a directory.
+    ``created`` receives each directory this call made (outermost first), so a caller
+    that must later remove only what it created can record them.
     """
     check_relative_path(rel)
     parts = rel.split("/")
@@ -47,8 +49,12 @@ def safe_target(root: Path, rel: str) -> Path:
         try:
             st = os.lstat(cur)
         except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.mkdir(cur, 0o755)
+                if created is not None:
+                    created.append(cur)
+            except FileExistsError:
+                pass
             st = os.lstat(cur)
         refuse_unless_dir(st, cur, f"{rel!r}:", field="path")
     target = cur / parts[-1]

@@ -22,10 +22,10 @@ import pytest
 from agent.client import AgentClient
 from bdn.mirror import Mirror, MirrorOptions
 from bdn.sources import open_source
-from bdn.store import BlobStore
+from bdn.store import BlobStore, object_key
 from manifests.chunking import ChunkingOptions
 from manifests.digest import Digest
-from manifests.manifest import Manifest
+from manifests.manifest import Chunk, FileEntry, Manifest, canonical_json
 from manifests.refs import Ref
 from tests.support.models import write_model_dir
 from tests.support.procs import ServiceProcess, bdn_command
@@ -60,6 +60,24 @@ def make_model(root: Path, *, changed: tuple[str, ...] = ()) -> Path:
     # A duplicate file: the mount must hold it as a hardlink of the first.
     shutil.copyfile(root / "config.json", root / "nested" / "config-copy.json")
     return root
+
+
+def plant_broken_model(store: Path, base: Model, ref: str) -> None:
+    """A manifest sharing ``config.json`` with ``base`` plus a file whose only object is
+    missing from the store: a pull of it links config.json, then fails."""
+    data = b"this object is never stored"
+    chunk = Chunk(Digest.of(data), 0, len(data))
+    missing = FileEntry.from_chunks("weights-missing.bin", [chunk])
+    doc = {"version": 1, "source": {},
+           "files": [base.manifest.file("config.json").to_dict(), missing.to_dict()]}
+    raw = canonical_json(doc)
+    md = Digest.of(raw)
+    bs = BlobStore(str(store))
+    bs.backend.put(object_key(md), raw)
+    bs.backend.put(f"manifests/{md.hex}", b"")
+    ns, rest = ref.split("/")
+    model, tag = rest.split(":")
+    bs.backend.put(f"refs/{ns}/{model}/{tag}", f"{md}\n".encode())
 
 
 @pytest.fixture
@@ -102,9 +120,10 @@ class Agent:
 
     def __init__(self, tmp_path: Path, *, peers: tuple[str, ...] = (),
                  store: Path | None = None, budget: str = "1G", name: str = "node",
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), socket: str | None = None,
+                 umask: int | None = None) -> None:
         self.cache_dir = tmp_path / name
-        self.socket = str(tmp_path / f"{name}.sock")
+        self.socket = socket or str(tmp_path / f"{name}.sock")
         args = ["agent", "--cache-dir", str(self.cache_dir), "--budget-bytes", budget,
                 "--socket", self.socket]
         if peers:
@@ -112,6 +131,8 @@ class Agent:
         if store is not None:
             args += ["--store", str(store)]
         self.argv = bdn_command(*args, *extra)
+        if umask is not None:  # the agent starts under this umask (set by a shell)
+            self.argv = ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *self.argv]
         self.proc = ServiceProcess(self.argv)
         self.client = AgentClient(self.socket)
 
