@@ -547,6 +547,9 @@ class Engine:
                         key=rec.get("key"), state=rec["state"], error=rec.get("error"),
                         mounts=rec.get("mounts", {}), files=rec.get("files", []))
             self.pulls[pull.id] = pull
+            for mount, rels in pull.mounts.items():
+                # A cross-device copy killed mid-way may have left a temporary name.
+                mountlib.sweep_copy_leftovers(Path(mount), rels)
             if pull.state in ("queued", "running"):
                 self._start(pull)
                 resumed.append(pull)
