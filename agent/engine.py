@@ -50,6 +50,7 @@ from typing import Any
 
 from agent import mounts as mountlib
 from agent.errors import (
+    DiskFullError,
     IdempotencyConflict,
     PullError,
     RequestError,
@@ -622,6 +623,10 @@ class Engine:
             await self._undo_mounts(pull)
             self.node.unpin(pull.id, [Digest(h) for h in pull.files])
             self.node.release_reservation(pull.id)
+            if isinstance(e, DiskFullError):
+                # Partial files of a pull the disk could not hold only hold the disk.
+                self.node.reclaim_partials(Digest(h) for h in pull.files
+                                           if Digest(h) not in self.jobs)
             self._persist(pull)
             pull.emit({"event": "error", "message": msg, "error": type(e).__name__})
             return

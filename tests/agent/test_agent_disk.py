@@ -9,10 +9,8 @@ sleep.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,12 +19,14 @@ import pytest
 
 from agent.errors import PullError
 from bdn.fsutil import TEMP_MARKER, sweep_temps
-from cache.node import INDEX_HEADROOM_BYTES
+from cache.node import INDEX_HEADROOM_BYTES, NodeCache, content_key
+from cache.node_errors import DiskFullError
+from manifests.digest import Digest
+from manifests.manifest import Chunk, FileEntry
 from tests.agent.agent_support import (
     Agent,
     Model,
     assert_mount_matches,
-    make_model,
     mirror,
     start_proxy,
 )
@@ -119,3 +119,122 @@ def test_sweep_takes_only_dead_temporaries_of_the_named_files(tmp_path: Path) ->
     assert sweep_temps(tmp_path, ["a.bin"]) == 1
     assert not dead.exists()
     assert live.exists() and other_file.exists() and all(p.exists() for p in not_ours)
+
+
+# -- full disks --------------------------------------------------------------------------
+
+def _model_only(model: Model, other: Model) -> dict[str, int]:
+    """File keys (hex) of ``model`` that ``other`` lacks → their sizes."""
+    theirs = {content_key(f).hex for f in other.manifest.files}
+    return {content_key(f).hex: f.size for f in model.manifest.files
+            if content_key(f).hex not in theirs}
+
+
+def _small_model(tmp_path: Path, store: Path) -> Model:
+    src = tmp_path / "src-small"
+    src.mkdir()
+    (src / "small.bin").write_bytes(random.Random(3).randbytes(4096))
+    return mirror(store, src, "test/small:v1")
+
+
+def _assert_clear_disk_full(message: str, path: Path) -> None:
+    assert "no space on the node's disk" in message, message
+    assert str(path) in message and "bytes" in message, message
+    assert "mdb_" not in message and "Input/output" not in message, message
+
+
+def test_full_disk_evicts_unpinned_files_then_fails_clearly_and_serves_a_small_pull(
+        tmp_path: Path, other_fs: Path, store: Path, agents: list[Agent]) -> None:
+    # Two models of about 15 MB that share no tensor (a shared config file or two).
+    for name, seed in (("one", 0), ("two", 7)):
+        write_model_dir(tmp_path / f"src-{name}", layers=2, hidden=512, shards=2, seed=seed)
+    base = mirror(store, tmp_path / "src-one", "test/one:v1")
+    other = mirror(store, tmp_path / "src-two", "test/two:v1")
+    small = _small_model(tmp_path, store)
+    # The node cache on the 64 MiB tmpfs; a budget far above what that disk holds.
+    agent = Agent(other_fs, store=store, budget="1G")
+    agents.append(agent)
+    files_dir = agent.cache_dir / "files"
+    agent.client.wait(agent.client.start_pull(ref=base.ref, prewarm=True)["id"])
+    base_only, other_only = _model_only(base, other), _model_only(other, base)
+    assert all((files_dir / h[:2] / h).exists() for h in base_only)
+
+    # 1. The other model does not fit on the disk until base's unpinned files go.
+    filler = other_fs / "filler"  # the test's file, not bdn's
+    fill(filler, leave_bytes=sum(other_only.values()) - sum(base_only.values()) // 4)
+    assert sum(base_only.values()) // 4 > INDEX_HEADROOM_BYTES
+    st = agent.client.wait(agent.client.start_pull(ref=other.ref,
+                                                   mount=str(tmp_path / "m-other"))["id"])
+    assert st["state"] == "done"
+    assert_mount_matches(other.src, tmp_path / "m-other")
+    evicted = [h for h in base_only if not (files_dir / h[:2] / h).exists()]
+    assert evicted, "unpinned files of the first model were evicted to make room"
+
+    # 2. Nothing left to evict (the other model is pinned by its mount): a clear error.
+    filler.unlink()
+    needed = sum(base_only[h] for h in evicted)
+    fill(filler, leave_bytes=INDEX_HEADROOM_BYTES + needed // 2)
+    failed = agent.client.start_pull(ref=base.ref, mount=str(tmp_path / "m-base"))["id"]
+    with pytest.raises(PullError) as exc:
+        agent.client.wait(failed)
+    _assert_clear_disk_full(str(exc.value), agent.cache_dir)
+    assert f"{needed:,d} more bytes" in str(exc.value), "names the bytes needed"
+    partials = {p.name for p in (agent.cache_dir / "partial").iterdir()}
+    assert not partials & set(evicted), "the failed pull's partial files are reclaimed"
+    assert not (tmp_path / "m-base").exists() or not any(
+        p.is_file() for p in (tmp_path / "m-base").rglob("*"))
+
+    # 3. The agent still serves what fits.
+    st = agent.client.wait(agent.client.start_pull(ref=small.ref,
+                                                   mount=str(tmp_path / "m-small"))["id"])
+    assert st["state"] == "done"
+    assert_mount_matches(small.src, tmp_path / "m-small")
+
+
+def test_index_on_a_full_disk_gives_the_clear_message_and_recovers(
+        tmp_path: Path, other_fs: Path, store: Path, base: Model,
+        agents: list[Agent]) -> None:
+    small = _small_model(tmp_path, store)
+    agent = Agent(other_fs, store=store, budget="1G")
+    agents.append(agent)
+    filler = other_fs / "filler"
+    fill(filler)  # every byte: the index cannot grow by a page
+    assert free_bytes(other_fs) < 64 * 1024
+    with pytest.raises(PullError) as exc:
+        agent.client.wait(agent.client.start_pull(ref=small.ref,
+                                                  mount=str(tmp_path / "m1"))["id"])
+    _assert_clear_disk_full(str(exc.value), agent.cache_dir)
+    filler.unlink()
+    st = agent.client.wait(agent.client.start_pull(ref=small.ref,
+                                                   mount=str(tmp_path / "m2"))["id"])
+    assert st["state"] == "done"
+    assert_mount_matches(small.src, tmp_path / "m2")
+
+
+def _entry(path: str, size: int, seed: int) -> FileEntry:
+    data = random.Random(seed).randbytes(size)
+    chunk = Chunk(digest=Digest(blake3.blake3(data).hexdigest()), offset=0, length=size)
+    return FileEntry.from_chunks(path, [chunk])
+
+
+def test_disk_full_mid_pull_names_bytes_and_path_and_partials_are_reclaimed(
+        other_fs: Path) -> None:
+    node = NodeCache(other_fs / "node", 1 << 30)
+    try:
+        first, second = _entry("a.bin", 4 * MiB, 1), _entry("b.bin", 8 * MiB, 2)
+        fd, _ = node.open_partial(first, now=1.0)
+        os.close(fd)
+        node.pin("pull-1", [content_key(first), content_key(second)])
+        fill(other_fs / "filler", leave_bytes=4 * MiB)  # someone else filled the disk
+        with pytest.raises(DiskFullError) as exc:
+            node.open_partial(second, now=1.0)
+        assert exc.value.needed == 8 * MiB and f"{8 * MiB:,d} bytes" in str(exc.value)
+        assert exc.value.path == str(node.partial_path(content_key(second)))
+        # Pinned by the pull: kept. Once the failed pull lets go: reclaimed.
+        assert node.reclaim_partials([content_key(first), content_key(second)]) == 0
+        node.unpin("pull-1", [content_key(first), content_key(second)])
+        assert node.reclaim_partials([content_key(first), content_key(second)]) == 1
+        assert not node.partial_path(content_key(first)).exists()
+        assert node.partial_record(content_key(first)) is None
+    finally:
+        node.close()
