@@ -238,3 +238,22 @@ def test_disk_full_mid_pull_names_bytes_and_path_and_partials_are_reclaimed(
         assert node.partial_record(content_key(first)) is None
     finally:
         node.close()
+
+
+def test_a_full_file_system_under_the_mount_names_bytes_and_path(
+        tmp_path: Path, base: Model, agents: list[Agent]) -> None:
+    agent = Agent(tmp_path, store=tmp_path / "store")
+    agents.append(agent)
+    with mounted_tmpfs(tmp_path / "tiny", 1 * MiB) as tiny:
+        mount = tiny / "llama"
+        with pytest.raises(PullError) as exc:
+            agent.client.wait(agent.client.start_pull(ref=base.ref, mount=str(mount))["id"])
+        message = str(exc.value)
+        assert "no space to copy" in message and str(mount) in message, message
+        assert "bytes" in message and "Errno" not in message, message
+        assert not mount.exists() or not [p for p in mount.rglob("*") if p.is_file()], (
+            "nothing partial (nor whole) stays in the mount of a failed pull")
+    st = agent.client.wait(agent.client.start_pull(ref=base.ref,
+                                                   mount=str(tmp_path / "m"))["id"])
+    assert st["state"] == "done"
+    assert_mount_matches(base.src, tmp_path / "m")
