@@ -124,26 +124,31 @@ def sweep_temps(folder: Path, targets: Iterable[str] | None = None) -> int:
     A sealed (read-only) folder is opened for the removal and sealed again.
     """
     wanted = None if targets is None else set(targets)
+    # Best effort (a start must not fail over a folder it cannot read or change): what
+    # stays is tried again at the next start.
     try:
         names = [e.name for e in os.scandir(folder)
                  if e.is_file(follow_symlinks=False) and dead_temp(e.name, wanted)]
-    except (FileNotFoundError, NotADirectoryError):
+        if not names:
+            return 0
+        mode = stat.S_IMODE(os.lstat(folder).st_mode)
+        reopen = not mode & stat.S_IWUSR
+        if reopen:
+            os.chmod(folder, mode | stat.S_IWUSR)
+    except OSError:
         return 0
-    if not names:
-        return 0
-    mode = stat.S_IMODE(os.lstat(folder).st_mode)
-    reopen = not mode & stat.S_IWUSR
-    if reopen:
-        os.chmod(folder, mode | stat.S_IWUSR)
     removed = 0
     try:
         for name in names:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(folder / name)
-                removed += 1
+            except OSError:
+                continue
+            removed += 1
     finally:
         if reopen:
-            os.chmod(folder, mode)
+            with contextlib.suppress(OSError):
+                os.chmod(folder, mode)
     return removed
 
 

@@ -290,21 +290,24 @@ class LocalBackend:
     def sweep_temps(self, now: float, stale_s: float = STALE_INCOMING_S) -> int:
         """Remove the temporaries of dead writers: of this host's processes that are
         gone, and of any writer untouched for ``stale_s``; returns how many."""
+        # Best effort: a store this process may only read (or not yet made) is fine.
         removed = 0
         try:
             tops = [e.path for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
+        except OSError:
             return 0
         for top in tops:
             try:
                 entries = list(os.scandir(os.path.join(top, TMP_DIR)))
-            except (FileNotFoundError, NotADirectoryError):
+            except OSError:
                 continue
             for entry in entries:
                 if _dead_temp(entry, now, stale_s):
-                    with contextlib.suppress(FileNotFoundError):
+                    try:
                         os.unlink(entry.path)
-                        removed += 1
+                    except OSError:
+                        continue
+                    removed += 1
         return removed
 
     def _make_dir(self, folder: str) -> None:
