@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ def sweep_temps(folder: Path, targets: Iterable[str] | None = None) -> int:
     return removed
 
 
-def _load_linkat() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _load_linkat() -> Callable[..., int] | None:
     # Python's os.link cannot follow /proc/self/fd/N (it ignores follow_symlinks on
     # Linux before 3.14): linkat(AT_SYMLINK_FOLLOW) names an O_TMPFILE inode.
     try:
@@ -189,16 +189,20 @@ def copy_file_atomic(src: Path, target: Path, mode: int) -> None:
         try:
             fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o600)
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
     if fd >= 0:
         try:
             _copy_into(src, fd)
             os.fchmod(fd, mode)
             _name_tmpfile(fd, target)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOENT or not target.parent.is_dir():
+                raise
+            # No /proc to name the inode by: copy again under a temporary name.
         finally:
             os.close(fd)
-        return
     tmp = temp_name(target)
     try:
         with open(tmp, "xb") as out:
@@ -224,7 +228,6 @@ def _copy_into(src: Path, fd: int) -> None:
             if n == 0:
                 raise OSError(errno.EIO, f"{src} ended {size - done} bytes early", str(src))
             done += n
-
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:
