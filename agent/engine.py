@@ -57,6 +57,7 @@ from typing import Any
 
 from agent import mounts as mountlib
 from agent.errors import (
+    DiskFullError,
     IdempotencyConflict,
     PullError,
     RequestError,
@@ -564,6 +565,9 @@ class Engine:
                         mounts=rec.get("mounts", {}), files=rec.get("files", []),
                         owner_uid=rec.get("owner_uid"))
             self.pulls[pull.id] = pull
+            for mount, rels in pull.mounts.items():
+                # A cross-device copy killed mid-way may have left a temporary name.
+                mountlib.sweep_copy_leftovers(Path(mount), rels)
             if pull.state in ("queued", "running"):
                 self._start(pull)
                 resumed.append(pull)
@@ -642,6 +646,10 @@ class Engine:
             await self._undo_mounts(pull)
             self.node.unpin(pull.id, [Digest(h) for h in pull.files])
             self.node.release_reservation(pull.id)
+            if isinstance(e, DiskFullError):
+                # Partial files of a pull the disk could not hold only hold the disk.
+                self.node.reclaim_partials(Digest(h) for h in pull.files
+                                           if Digest(h) not in self.jobs)
             self._persist(pull)
             pull.emit({"event": "error", "message": msg, "error": type(e).__name__})
             return

@@ -26,7 +26,10 @@ agent did not place, and that is not the node cache's very inode, is refused by 
 :func:`link_file` re-checks while creating (``bdn.fsutil.safe_target``), because the
 tree could change between check and write. A file appears in a mount whole or not at
 all: ``link(2)`` creates the name atomically for an already complete inode; the
-cross-device fallback copies to a temporary name and links that into place.
+cross-device fallback (a mount on another file system than the node cache) copies into
+an unnamed ``O_TMPFILE`` inode and names it when complete (:func:`copy_across`); where a
+file system lacks ``O_TMPFILE``, a temporary name a killed agent leaves behind is removed
+at the next start (:func:`sweep_copy_leftovers`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +45,8 @@ from typing import Any
 
 from agent.errors import MountError
 from bdn.errors import PathError
-from bdn.fsutil import refuse_unless_dir, safe_target, temp_name
+from bdn.fsutil import copy_file_atomic, refuse_unless_dir, safe_target, sweep_temps
+from cache.node_errors import DiskFullError
 from manifests.paths import check_relative_path
 
 SEALED_DIR_MODE = 0o555
@@ -187,9 +190,15 @@ def link_file(mount: Path, rel: str, src: Path, ledger: MountLedger, save: Save)
         st = os.lstat(target)
         if _ident(st) == _ident(src_st):
             return target
-        if (ledger.files.get(rel) == _ident(st) and st.st_size == src_st.st_size
+        ours = ledger.files.get(rel)
+        if (ours in (_ident(st), _ident(src_st)) and st.st_size == src_st.st_size
                 and _same_bytes(target, src)):
-            return target  # a cross-device copy made earlier
+            # A cross-device copy made earlier — possibly named just before a crash that
+            # kept its inode out of the ledger, which still holds the write-ahead entry.
+            if ours != _ident(st):
+                ledger.files[rel] = _ident(st)
+                save(ledger)
+            return target
         raise MountError(f"{target} already exists with other content; refusing to replace "
                          "it", path=str(target))
     ledger.files[rel] = _ident(src_st)
@@ -200,7 +209,9 @@ def link_file(mount: Path, rel: str, src: Path, ledger: MountLedger, save: Save)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
-            _copy_into_place(src, src_st, target, rel, ledger, save)
+            copy_across(src, target, src_st)
+            ledger.files[rel] = _ident(os.lstat(target))
+            save(ledger)
     except FileExistsError:
         _forget(ledger, rel, save)
         raise MountError(f"{target} appeared while linking; refusing to replace it",
@@ -209,20 +220,6 @@ def link_file(mount: Path, rel: str, src: Path, ledger: MountLedger, save: Save)
         _forget(ledger, rel, save)
         raise
     return target
-
-
-def _copy_into_place(src: Path, src_st: os.stat_result, target: Path, rel: str,
-                     ledger: MountLedger, save: Save) -> None:
-    tmp = temp_name(target)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, stat.S_IMODE(src_st.st_mode))
-        ledger.files[rel] = _ident(os.lstat(tmp))
-        save(ledger)
-        os.link(tmp, target)  # unlike rename, never replaces a name that appeared
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def _forget(ledger: MountLedger, rel: str, save: Save) -> None:
@@ -245,6 +242,56 @@ def _make_root(mount: Path, ledger: MountLedger, save: Save) -> None:
             save(ledger)
         st = os.lstat(mount)
     refuse_unless_dir(st, mount, "mount", field="mount")
+
+
+def copy_across(src: Path, target: Path, src_st: os.stat_result) -> None:
+    """The cross-device fallback of :func:`link_file`: a copy that gets its name only
+    when complete (``bdn.fsutil.copy_file_atomic``), so nothing partial is ever visible
+    in the mount, even after ``kill -9``. A full file system under the mount is the
+    node's clear "disk full" (bytes needed, path), not a bare ``OSError``."""
+    try:
+        copy_file_atomic(src, target, stat.S_IMODE(src_st.st_mode))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"no space to copy {src_st.st_size:,d} bytes into the mount at {target} "
+                f"(another file system than the node cache); free space there",
+                path=str(target), needed=src_st.st_size) from None
+        raise
+
+
+def sweep_copy_leftovers(mount: Path, rels: Iterable[str]) -> int:
+    """Remove what an interrupted cross-device copy left for these files of ``mount``
+    (temporary names of a dead process, ``bdn.fsutil.temp_name``); run at agent start.
+    Nothing else is touched. Returns how many went."""
+    by_dir: dict[Path, set[str]] = {}
+    for rel in rels:
+        try:
+            check_relative_path(rel)
+        except PathError:
+            continue
+        target = mount / rel
+        by_dir.setdefault(target.parent, set()).add(target.name)
+    if not os.path.isdir(mount) or os.path.islink(mount):
+        return 0
+    removed = 0
+    for folder, names in by_dir.items():
+        if _real_dir_under(mount, folder):
+            removed += sweep_temps(folder, names)
+    return removed
+
+
+def _real_dir_under(mount: Path, folder: Path) -> bool:
+    """Every component from ``mount`` to ``folder`` is a directory, none a symlink."""
+    cur = mount
+    try:
+        for seg in folder.relative_to(mount).parts:
+            cur = cur / seg
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "SafetensorsError",
     "SourceError",
     "StoreError",
+    "StoreFullError",
 ]
 
 
@@ -51,6 +52,17 @@ class StoreError(BdnError):
         super().__init__(message)
         self.url = url
         self.key = key
+
+
+class StoreFullError(StoreError):
+    """The store's file system refused space (ENOSPC / EDQUOT): the store is full.
+    ``path`` is the file being written, ``needed`` the bytes it was to hold."""
+
+    def __init__(self, message: str, *, url: str = "", key: str = "", path: str = "",
+                 needed: int = 0) -> None:
+        super().__init__(message, url=url, key=key)
+        self.path = path
+        self.needed = needed
 
 
 class NotFoundError(StoreError, KeyError):

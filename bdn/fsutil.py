@@ -5,15 +5,26 @@ checked (relative, normalised) and every directory between the root and the file
 created or checked with ``lstat`` so that a symlink planted anywhere under the root is
 refused *before* anything is written — a path can never be steered outside the root.
 Small records (resume state) are replaced whole with :func:`write_json_atomic`.
+
+Temporary names (:func:`temp_name`) carry ``.bdn-tmp-<pid>-`` so that the leftovers of a
+process killed mid-write are recognisable as bdn's and as dead (:func:`sweep_temps`), and
+nothing else is ever taken for one. A whole-file copy onto another file system
+(:func:`copy_file_atomic`, where ``link(2)`` or ``copy_file_range`` say ``EXDEV``) is
+written into an anonymous ``O_TMPFILE`` inode and given its name only when complete, so
+a reader never sees it partial and a ``kill -9`` leaves nothing behind at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import secrets
 import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +88,152 @@ def check_root(root: Path) -> Path:
     return root
 
 
+TEMP_MARKER = ".bdn-tmp-"
+# ``.<name>.bdn-tmp-<pid>-<8 hex>``: what temp_name makes, and all sweep_temps removes.
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.bdn-tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+COPY_BLOCK_BYTES = 4 * 1024 * 1024
+
+
 def temp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.bdn-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return target.with_name(f".{target.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a temp name's owner)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def dead_temp(name: str, targets: Iterable[str] | None = None) -> bool:
+    """Whether ``name`` is a :func:`temp_name` whose process is gone (and, given
+    ``targets``, the temporary of one of those file names)."""
+    m = _TEMP_RE.match(name)
+    if m is None or (targets is not None and m["name"] not in set(targets)):
+        return False
+    pid = int(m["pid"])
+    return pid != os.getpid() and not pid_alive(pid)
+
+
+def sweep_temps(folder: Path, targets: Iterable[str] | None = None) -> int:
+    """Remove the temporaries dead processes left in ``folder`` (only names
+    :func:`temp_name` makes, optionally only for ``targets``); returns how many.
+
+    A sealed (read-only) folder is opened for the removal and sealed again.
+    """
+    wanted = None if targets is None else set(targets)
+    # Best effort (a start must not fail over a folder it cannot read or change): what
+    # stays is tried again at the next start.
+    try:
+        names = [e.name for e in os.scandir(folder)
+                 if e.is_file(follow_symlinks=False) and dead_temp(e.name, wanted)]
+        if not names:
+            return 0
+        mode = stat.S_IMODE(os.lstat(folder).st_mode)
+        reopen = not mode & stat.S_IWUSR
+        if reopen:
+            os.chmod(folder, mode | stat.S_IWUSR)
+    except OSError:
+        return 0
+    removed = 0
+    try:
+        for name in names:
+            try:
+                os.unlink(folder / name)
+            except OSError:
+                continue
+            removed += 1
+    finally:
+        if reopen:
+            with contextlib.suppress(OSError):
+                os.chmod(folder, mode)
+    return removed
+
+
+def _load_linkat() -> Callable[..., int] | None:
+    # Python's os.link cannot follow /proc/self/fd/N (it ignores follow_symlinks on
+    # Linux before 3.14): linkat(AT_SYMLINK_FOLLOW) names an O_TMPFILE inode.
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).linkat
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_linkat = _load_linkat()
+
+
+def _name_tmpfile(fd: int, target: Path) -> None:
+    assert _linkat is not None
+    if _linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(target),
+               _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(target))
+
+
+def copy_file_atomic(src: Path, target: Path, mode: int) -> None:
+    """Copy ``src`` to the absent ``target`` (another file system is fine): complete with
+    ``mode`` before it has its name. Raises ``FileExistsError`` if ``target`` appeared.
+
+    First choice: an ``O_TMPFILE`` inode in ``target``'s folder, named by ``linkat`` once
+    written — invisible until then, and freed by the kernel if the process dies. Where
+    the file system has no ``O_TMPFILE``: a :func:`temp_name` beside the target, renamed
+    (a killed copy leaves it for :func:`sweep_temps`).
+    """
+    fd = -1
+    if _linkat is not None and hasattr(os, "O_TMPFILE"):
+        try:
+            fd = os.open(target.parent, os.O_TMPFILE | os.O_WRONLY, 0o600)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+    if fd >= 0:
+        try:
+            _copy_into(src, fd)
+            os.fchmod(fd, mode)
+            _name_tmpfile(fd, target)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOENT or not target.parent.is_dir():
+                raise
+            # No /proc to name the inode by: copy again under a temporary name.
+        finally:
+            os.close(fd)
+    tmp = temp_name(target)
+    try:
+        with open(tmp, "xb") as out:
+            _copy_into(src, out.fileno())
+            os.fchmod(out.fileno(), mode)
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "exists", str(target))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _copy_into(src: Path, fd: int) -> None:
+    # sendfile copies in the kernel between any two file systems (copy_file_range
+    # refuses most pairs with EXDEV).
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        done = 0
+        while done < size:
+            n = os.sendfile(fd, f.fileno(), done, min(COPY_BLOCK_BYTES, size - done))
+            if n == 0:
+                raise OSError(errno.EIO, f"{src} ended {size - done} bytes early", str(src))
+            done += n
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:

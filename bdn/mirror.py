@@ -26,7 +26,9 @@ Crash safety comes from ordering, not from locks: objects are written atomically
 idempotently; a fingerprint entry is written only after its file's objects; the manifest
 only after every object it names (the store checks); the ref only after the manifest.
 Killing the mirror at any point therefore leaves nothing that points at a missing object,
-and running it again skips what already landed.
+and running it again skips what already landed (and sweeps the temporaries the killed
+run left). A store that runs out of space fails the run with the store's
+:class:`~bdn.errors.StoreFullError`, never as a source that could not be read.
 """
 
 from __future__ import annotations
@@ -166,6 +168,9 @@ class Mirror:
             raise MirrorError(f"source {source.uri} has no files matching allow={list(allow)} "
                               f"ignore={list(ignore)}")
         emit({"event": "listed", "files": len(files), "bytes": sum(f.size for f in files)})
+        # Temporaries a killed mirror left (chunks it was receiving or copying) would
+        # otherwise stay in the store.
+        self.store.sweep_incoming(now=time.time())
         stop = threading.Event()
         run = _Run(stats, emit, stop, AnyOf(stop, cancel) if cancel is not None else stop)
         spool = Path(self.options.spool_dir or tempfile.gettempdir())
@@ -193,9 +198,6 @@ class Mirror:
                       pool: ThreadPoolExecutor, run: _Run) -> list[FileEntry]:
         """Several files at once; the entries in listing order. The first real failure
         stops the others (they end as cancelled) and is what the caller sees."""
-        # Chunks a killed mirror was receiving would otherwise stay in the store.
-        self.store.sweep_incoming(now=time.time())
-
         def one(sf: SourceFile) -> FileEntry:
             try:
                 if run.cancelled.is_set():

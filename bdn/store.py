@@ -17,15 +17,30 @@ find it with one listing-free probe and the manifest records what was stored.
 The local backend uses ``os`` calls directly: it is the default and the hot path of
 ``bdn mirror``, and fsspec's local filesystem adds overhead per call that shows at
 thousands of objects. Remote roots go through fsspec with the same interface.
+
+Its temporary files live in one folder per top-level prefix (``objects/.tmp/``,
+``refs/.tmp/``, …), named ``<name>.tmp-<host>-<pid>-<random>``: an object is renamed from
+there into its fan-out folder only when complete, so no store path ever shows part of
+one, even after ``kill -9``. The few ``.tmp`` folders are cheap to scan, so opening a
+store (and every mirror run) sweeps what dead processes of this host left; a temporary
+of another host (a store on a shared file system) goes only once stale. A source on
+another file system (``copy_file_range`` → ``EXDEV``) is copied with ``sendfile``; a
+prefix mounted from another file system than its ``.tmp`` folder (``rename`` → ``EXDEV``)
+is copied beside the object, then renamed. A full file system is :class:`StoreFullError`
+(bytes, path): the store is full, not the source unreadable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import secrets
+import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +49,8 @@ from typing import Any, BinaryIO, Protocol
 import blake3
 import zstandard
 
-from bdn.errors import NotFoundError, StoreError
+from bdn.errors import NotFoundError, StoreError, StoreFullError
+from bdn.fsutil import pid_alive
 from manifests.digest import Digest
 from manifests.errors import IntegrityError
 from manifests.manifest import (
@@ -60,6 +76,13 @@ REFS_PREFIX = "refs"
 FINGERPRINTS_PREFIX = "fingerprints"
 ZSTD_SUFFIX = ".zst"
 TMP_MARKER = ".tmp-"
+TMP_DIR = ".tmp"
+# Who wrote a temporary: a store on a shared file system has writers on several hosts,
+# and a pid means something only on its own.
+HOST_TAG = blake3.blake3(socket.gethostname().encode()).hexdigest()[:8]
+# Errors of copy_file_range meaning "not between these two files": copy otherwise.
+NO_KERNEL_COPY_ERRNOS = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS)
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 INCOMING_NAME = "incoming"
 # A chunk being received is written to at least every read timeout (60 s); one untouched
 # for this long belongs to a mirror that died.
@@ -198,41 +221,94 @@ class LocalBackend:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-        return self._atomic(key, write, fsync)
+        return self._atomic(key, write, fsync, len(data))
 
     def put_from_fd(self, key: str, src_fd: int, offset: int, length: int, *,
                     fsync: bool = False) -> bool:
-        """Store ``length`` bytes of an open file from ``offset`` without a user copy."""
+        """Store ``length`` bytes of an open file from ``offset`` without a user copy:
+        ``copy_file_range``, or ``sendfile`` where the kernel will not copy between the
+        two file systems (``EXDEV``)."""
         def write(fd: int) -> None:
             done = 0
+            kernel_copy = True
             while done < length:
-                n = os.copy_file_range(src_fd, fd, length - done, offset + done)
+                if kernel_copy:
+                    try:
+                        n = os.copy_file_range(src_fd, fd, length - done, offset + done)
+                    except OSError as e:
+                        if e.errno not in NO_KERNEL_COPY_ERRNOS:
+                            raise
+                        kernel_copy = False
+                        continue
+                else:
+                    n = os.sendfile(fd, src_fd, offset + done, length - done)
                 if n == 0:
                     raise StoreError(f"source file ended {length - done} bytes early",
                                      url=self.url, key=key)
                 done += n
-        return self._atomic(key, write, fsync)
+        return self._atomic(key, write, fsync, length)
 
-    def _atomic(self, key: str, write: Any, fsync: bool) -> bool:
+    def _atomic(self, key: str, write: Any, fsync: bool, length: int) -> bool:
         tmp = self.temp_path(key)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise self.full_error(e, key, length, tmp) from None
         try:
             write(fd)
             self.adopt(tmp, key, fd, fsync=fsync)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+                raise self.full_error(e, key, length, tmp) from None
             raise
         finally:
             os.close(fd)
         return True
 
+    def full_error(self, e: OSError, key: str, length: int, path: str) -> Exception:
+        """:class:`StoreFullError` for a write refused for space; ``e`` itself if not."""
+        if e.errno not in FULL_ERRNOS:
+            return e
+        return StoreFullError(
+            f"the store {self.url} is full: no space for {length:,d} bytes of {key} "
+            f"(writing {path}); free space there or use another store",
+            url=self.url, key=key, path=path, needed=length)
+
     def temp_path(self, near_key: str) -> str:
-        """A fresh temporary name in ``near_key``'s folder (made if missing), so that
-        :meth:`adopt` is a rename within one file system. Listings skip it."""
-        path = self._path(near_key)
-        self._make_dir(str(path.parent))
-        return f"{path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+        """A fresh temporary name in the ``.tmp`` folder of ``near_key``'s top-level
+        prefix (made if missing), so that :meth:`adopt` is a rename within one file
+        system and :meth:`sweep_temps` finds it. Listings skip it."""
+        top, _, rest = near_key.partition("/")
+        folder = self.root / top / TMP_DIR
+        self._make_dir(str(folder))
+        name = (rest or top).rsplit("/", 1)[-1]
+        return (f"{folder}/{name}{TMP_MARKER}{HOST_TAG}-{os.getpid()}-"
+                f"{secrets.token_hex(4)}")
+
+    def sweep_temps(self, now: float, stale_s: float = STALE_INCOMING_S) -> int:
+        """Remove the temporaries of dead writers: of this host's processes that are
+        gone, and of any writer untouched for ``stale_s``; returns how many."""
+        # Best effort: a store this process may only read (or not yet made) is fine.
+        removed = 0
+        try:
+            tops = [e.path for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return 0
+        for top in tops:
+            try:
+                entries = list(os.scandir(os.path.join(top, TMP_DIR)))
+            except OSError:
+                continue
+            for entry in entries:
+                if _dead_temp(entry, now, stale_s):
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        continue
+                    removed += 1
+        return removed
 
     def _make_dir(self, folder: str) -> None:
         # Objects fan out over 65,536 folders; each is made once per process, not per write.
@@ -248,13 +324,26 @@ class LocalBackend:
         path = self._path(key)
         parent = str(path.parent)
         self._make_dir(parent)
-        os.replace(tmp, path)
-        if fsync:
-            dfd = os.open(parent, os.O_RDONLY)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            # ``key``'s folder is another file system than the .tmp folder: copy beside
+            # it (a name listings skip), then rename there.
+            near = f"{path}{TMP_MARKER}{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+                shutil.copyfile(tmp, near)
+                if fsync:
+                    _fsync_path(near)
+                os.replace(near, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(near)
+                raise
+            os.unlink(tmp)
+        if fsync:
+            _fsync_path(parent)
 
     def get(self, key: str) -> bytes:
         try:
@@ -295,6 +384,30 @@ class LocalBackend:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
+
+
+def _dead_temp(entry: os.DirEntry[str], now: float, stale_s: float) -> bool:
+    """Whether a file in a ``.tmp`` folder is a temporary nobody will finish."""
+    _, marker, owner = entry.name.rpartition(TMP_MARKER)
+    if not marker or not entry.is_file(follow_symlinks=False):
+        return False  # not a name this module makes: not ours to remove
+    host, _, rest = owner.partition("-")
+    pid = rest.partition("-")[0]
+    if host == HOST_TAG and pid.isdigit() and int(pid) != os.getpid() \
+            and not pid_alive(int(pid)):
+        return True
+    try:
+        return now - entry.stat(follow_symlinks=False).st_mtime >= stale_s
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FsspecBackend:
@@ -388,6 +501,9 @@ class BlobStore:
         self.backend = backend or open_backend(url or default_store_url(),
                                                options.storage_options)
         self.url = self.backend.url
+        if isinstance(self.backend, LocalBackend):
+            # What a killed writer (a mirror, a cache fill) left is swept at open.
+            self.backend.sweep_temps(now=time.time())
 
     def __repr__(self) -> str:
         return f"BlobStore({self.url!r})"
@@ -439,15 +555,18 @@ class BlobStore:
         return _MemoryIncoming(self, length)
 
     def sweep_incoming(self, now: float, stale_s: float = STALE_INCOMING_S) -> int:
-        """Delete chunks a dead mirror was receiving (:meth:`incoming` files untouched for
-        ``stale_s``); returns how many. Only a local store has them."""
+        """Delete the temporaries dead writers left (chunks a killed mirror was
+        receiving, objects a killed writer was copying): of this host's processes that
+        are gone, and any untouched for ``stale_s``; returns how many. Only a local
+        store has them."""
         if not isinstance(self.backend, LocalBackend):
             return 0
-        removed = 0
+        removed = self.backend.sweep_temps(now, stale_s)
+        # Where chunks were received before temporaries had their own folder.
         try:
             entries = list(os.scandir(self.backend.root / OBJECTS_PREFIX))
         except FileNotFoundError:
-            return 0
+            return removed
         for entry in entries:
             if not entry.name.startswith(INCOMING_NAME + TMP_MARKER):
                 continue
@@ -679,8 +798,13 @@ class _FileIncoming(_IncomingBase):
         self._count(len(data))
         self._hasher.update(data)
         view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            assert self.tmp is not None
+            raise self.backend.full_error(e, f"{OBJECTS_PREFIX}/{INCOMING_NAME}",
+                                          self.length, self.tmp) from None
 
     def commit(self) -> PutResult:
         digest = self._check_complete()

@@ -14,6 +14,11 @@ Rules:
 - If room cannot be made (the object is larger than the budget, or too much is pinned),
   evict nothing and say so: evicting part of what is needed would lose cached objects
   and still not fit. The caller then serves the object without keeping it.
+
+The budget is what the operator allows; the disk may hold less (it is shared, or
+smaller than the budget says). :func:`disk_capacity` is the bytes the cache can really
+hold — what it has on disk plus what the file system has free, less headroom — and the
+caller plans against the smaller of the two, so a full disk evicts instead of failing.
 """
 
 from __future__ import annotations
@@ -63,3 +68,13 @@ def plan_eviction(candidates: Iterable[Candidate], *, used_bytes: int, incoming_
     if freed < need:
         return EvictionPlan((), 0, False)
     return EvictionPlan(tuple(victims), freed, True)
+
+
+def disk_capacity(budget_bytes: int, *, cached_bytes: int, disk_free_bytes: int,
+                  headroom_bytes: int = 0) -> int:
+    """The bytes a cache may hold: its budget, or less when the file system under it
+    cannot hold that much (``cached_bytes`` are on it already and freed by eviction;
+    ``headroom_bytes`` stay free for whatever else the cache writes there)."""
+    if min(budget_bytes, cached_bytes, disk_free_bytes, headroom_bytes) < 0:
+        raise ValueError("disk_capacity: byte counts must be ≥ 0")
+    return max(0, min(budget_bytes, cached_bytes + disk_free_bytes - headroom_bytes))

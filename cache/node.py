@@ -47,8 +47,8 @@ from typing import Any
 
 import lmdb
 
-from cache.eviction import Candidate, plan_eviction
-from cache.node_errors import BudgetError, DiskFullError
+from cache.eviction import Candidate, disk_capacity, plan_eviction
+from cache.node_errors import BudgetError, DiskFullError, NodeCacheError
 from manifests.digest import Digest
 from manifests.manifest import FileEntry, file_digest
 
@@ -61,6 +61,11 @@ INDEX_DIR = "index"
 # millions of chunks and costs nothing until used (LMDB maps it lazily).
 INDEX_MAP_BYTES = 4 * 1024 * 1024 * 1024
 INDEX_MAX_DBS = 8
+# Disk space a pull leaves free for the index to grow into: a reservation that would eat
+# into it evicts first or fails with a clear "disk full", instead of LMDB failing a
+# commit half-way through a pull. Rows are ~200 bytes a chunk and LMDB reuses freed
+# pages, so this holds the journal of a pull of about ten thousand chunks.
+INDEX_HEADROOM_BYTES = 2 * 1024 * 1024
 READ_ONLY_MASK = ~0o222 & 0o777
 
 
@@ -133,13 +138,34 @@ class NodeCache:
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Any]:
         """A write transaction on the index. The index grows on the same disk as the
-        files: a commit refused for space is the same clear "disk full" as a file's."""
+        files: a commit refused for space is the same clear "disk full" as a file's
+        (bytes, path), never LMDB's bare ``mdb_txn_commit: ...`` (a short write on a
+        full disk even reads "Input/output error" there)."""
         try:
             with self.env.begin(write=True) as txn:
                 yield txn
-        except lmdb.DiskError as e:  # ENOSPC (a full map is a budget matter, not this)
-            raise DiskFullError(f"no space on the node's disk for the cache index under "
-                                f"{self.root} ({e})", path=str(self.root)) from None
+        except lmdb.MapFullError:
+            index = self.root / INDEX_DIR
+            raise DiskFullError(
+                f"the node cache index {index} is full: it reached its map size of "
+                f"{INDEX_MAP_BYTES:,d} bytes; evict or remove the cache directory",
+                path=str(index), needed=INDEX_HEADROOM_BYTES) from None
+        except lmdb.Error as e:
+            index = self.root / INDEX_DIR
+            free = self.disk_free_bytes()
+            if free < INDEX_HEADROOM_BYTES or "No space" in str(e):
+                raise DiskFullError(
+                    f"no space on the node's disk for the cache index {index}: it needs up "
+                    f"to {INDEX_HEADROOM_BYTES:,d} bytes to grow and {free:,d} are free; "
+                    "free space on that disk or lower --budget-bytes",
+                    path=str(index), needed=INDEX_HEADROOM_BYTES) from None
+            raise NodeCacheError(f"the node cache index {index} could not be written "
+                                 f"({e})") from None
+
+    def disk_free_bytes(self) -> int:
+        """Bytes the file system under the cache has free for this process."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
 
     def close(self) -> None:
         self.env.sync(True)
@@ -353,6 +379,18 @@ class NodeCache:
             txn.delete(digest.hex.encode(), db=self._partials)
             self._clear_journal_txn(txn, digest)
 
+    def reclaim_partials(self, digests: Iterable[Digest]) -> int:
+        """Drop the partial files of ``digests`` that no holder pins (a failed pull's,
+        once it unpinned them): their space goes back to the disk now, not at the next
+        eviction. Returns how many were dropped."""
+        pinned = self.pinned()
+        dropped = 0
+        for d in digests:
+            if d.hex not in pinned and self.partial_record(d) is not None:
+                self.drop_partial(d)
+                dropped += 1
+        return dropped
+
     # -- pins ----------------------------------------------------------------------
 
     def pin(self, holder: str, digests: Iterable[Digest]) -> None:
@@ -397,22 +435,36 @@ class NodeCache:
         ``files`` maps each file digest the holder needs to its size. Files already
         complete or partial count as used already; the rest are reserved until the
         holder calls :meth:`release_reservation`. Evicts least recently used unpinned
-        files as needed. Raises :class:`BudgetError` (and pins nothing) when the budget
-        cannot hold them even after evicting everything unpinned.
+        files as needed — to stay under the budget, and to fit on the disk when it has
+        less room than the budget says. Raises :class:`BudgetError` (and pins nothing)
+        when the budget cannot hold them even after evicting everything unpinned, and
+        :class:`DiskFullError` (bytes needed, path) when the disk cannot.
         """
         with self._lock:
             self.pin(holder, files)
             entries = self.entries()
             present = {e.key for e in entries}
             need = sum(size for d, size in files.items() if d.hex not in present)
-            used = sum(e.size for e in entries) + sum(
-                v for k, v in self._reserved.items() if k != holder)
+            cached = sum(e.size for e in entries)
+            used = cached + sum(v for k, v in self._reserved.items() if k != holder)
+            free = self.disk_free_bytes()
+            # Whatever the budget says, the disk may hold less: plan against both.
+            capacity = disk_capacity(self.budget_bytes, cached_bytes=cached,
+                                     disk_free_bytes=free, headroom_bytes=INDEX_HEADROOM_BYTES)
             plan = plan_eviction(
                 [Candidate(e.key, e.size, e.last_use, e.pinned) for e in entries],
-                used_bytes=used, incoming_bytes=need, budget_bytes=self.budget_bytes, now=now)
+                used_bytes=used, incoming_bytes=need, budget_bytes=capacity, now=now)
             if not plan.fits:
                 self.unpin(holder, files)
                 pinned = sum(e.size for e in entries if e.pinned)
+                if capacity < self.budget_bytes:
+                    raise DiskFullError(
+                        f"no space on the node's disk for {need:,d} more bytes under "
+                        f"{self.root}: {free:,d} bytes are free there (the index keeps "
+                        f"{INDEX_HEADROOM_BYTES:,d}), {pinned:,d} bytes of the cache are "
+                        "pinned by live mounts or pulls and nothing else can be evicted; "
+                        "free space on that disk or release mounts",
+                        path=str(self.root), needed=need)
                 raise BudgetError(
                     f"the node cache budget of {self.budget_bytes:,d} bytes cannot hold "
                     f"{need:,d} more bytes: {pinned:,d} bytes are pinned by live mounts or "

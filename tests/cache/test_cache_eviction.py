@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.eviction import Candidate, plan_eviction
+from cache.eviction import Candidate, disk_capacity, plan_eviction
 
 
 def test_nothing_evicted_when_it_fits() -> None:
@@ -71,3 +72,14 @@ def test_plan_properties(entries: list[tuple[int, float, bool]], incoming: int,
         assert plan.victims == ()
         unpinned = sum(c.size for c in cands if not c.pinned)
         assert incoming > budget or used - unpinned + incoming > budget
+
+
+def test_disk_capacity_is_the_budget_or_what_the_disk_holds() -> None:
+    # A roomy disk: the budget decides.
+    assert disk_capacity(100, cached_bytes=40, disk_free_bytes=1000, headroom_bytes=10) == 100
+    # A small disk: what is cached (evictable) plus what is free, less headroom.
+    assert disk_capacity(100, cached_bytes=40, disk_free_bytes=30, headroom_bytes=10) == 60
+    # A disk fuller than the headroom: nothing more fits.
+    assert disk_capacity(100, cached_bytes=0, disk_free_bytes=5, headroom_bytes=10) == 0
+    with pytest.raises(ValueError):
+        disk_capacity(100, cached_bytes=-1, disk_free_bytes=0)
