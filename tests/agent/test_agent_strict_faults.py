@@ -5,8 +5,10 @@ of it corrupting, truncating or refusing (503 + ``Retry-After``) object answers,
 ``bdn agent`` pulling through it. What must hold:
 
 * strict mode with one peer rides out a corrupt or truncated answer (reported to the
-  cache, the chunk asked again) and a few seconds of 503s; it fails only when the
-  per-chunk budget is spent, naming the chunk, the peer and what it answered;
+  cache, the chunk asked again) and a few seconds of 503s — from the proxy, and from a
+  real cache server whose blob store (served over HTTP) is down for a moment; it fails
+  only when the per-chunk budget is spent, naming the chunk, the peer and what it
+  answered;
 * without strict mode a corrupt answer is asked again of the next cache peer before the
   blob store (counted at the store, which is served over HTTP behind a counting proxy);
 * the retry policy is a pure function of the answers so far and ``now``;
@@ -17,6 +19,7 @@ of it corrupting, truncating or refusing (503 + ``Retry-After``) object answers,
 from __future__ import annotations
 
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,7 +51,7 @@ from tests.agent.agent_support import (
     start_cache_server,
     start_proxy,
 )
-from tests.support.procs import ServiceProcess
+from tests.support.procs import ServiceProcess, bdn_command, free_port
 
 MiB = 1024 * 1024
 STORE_HTTP = str(Path(__file__).parents[1] / "cache" / "store_http.py")
@@ -167,6 +170,41 @@ def test_strict_one_peer_permanent_corruption_fails_naming_chunk_peer_and_answer
         assert not mount.exists() or not any(p.is_file() for p in mount.rglob("*"))
     finally:
         proxy.stop()
+
+
+def test_strict_pull_survives_the_cache_losing_its_blob_store_for_a_moment(
+        tmp_path: Path, base: Model, agents: list[Agent]) -> None:
+    """No proxy: the real cache server answers 503 + Retry-After while its store (served
+    over HTTP) is down, and the strict pull goes on once the store is back."""
+    store_dir = base.src.parent / "store"
+    port = free_port()
+    origin_cmd = [sys.executable, STORE_HTTP, str(store_dir), "--listen",
+                  f"127.0.0.1:{port}"]
+    origin = ServiceProcess(origin_cmd)
+    cache = ServiceProcess(bdn_command(
+        "cache-server", "--store", origin.url, "--dir", str(tmp_path / "cache"),
+        "--budget-bytes", "1G", "--listen", "127.0.0.1:0"))
+    try:
+        # The manifest is cached while the store is up; its chunks are not.
+        for state in ("miss", "hit"):
+            with urllib.request.urlopen(f"{cache.url}/v1/manifests/{base.digest}",
+                                        timeout=30) as r:
+                assert r.headers["X-Bdn-Cache"] == state, r.headers
+        origin.stop()
+        agent = Agent(tmp_path, peers=(cache.url,), extra=("--strict",))
+        agents.append(agent)
+        pull = agent.client.start_pull(ref=str(base.digest), mount=str(tmp_path / "m"))
+        agent.proc.wait_line("answered busy", timeout_s=60)
+        origin = ServiceProcess(origin_cmd)  # the store is back on the same address
+        st = agent.client.wait(pull["id"])
+        assert st["state"] == "done" and st["bytes_by_tier"]["store"] == 0
+        assert_mount_matches(base.src, tmp_path / "m")
+        text = agent.client.metrics()
+        assert _metric(text, "bdn_agent_busy_answers") > 0
+        assert _metric(text, "bdn_agent_chunks_failed") == 0
+    finally:
+        cache.stop()
+        origin.stop()
 
 
 # -- not strict, two peers: the next peer before the store -----------------------------------
