@@ -3,6 +3,7 @@ a GPU node, fetched in parallel through the cluster cache, verified chunk by chu
 shared node-wide through the node cache (``cache/node.py``), resumable after a crash.
 
 Modules: ``planner`` (pure pull plans), ``fetch`` (tiers: cache peers, blob store),
+``fetchpolicy`` (pure: which source to ask next for a chunk, and when),
 ``writer`` (partial files, journal, publish), ``mounts`` (hardlink trees), ``engine``
 (pulls, events, single-flight), ``daemon`` (local HTTP API), ``client``, ``cli``.
 """

@@ -18,7 +18,13 @@ from typing import Any
 
 from agent.client import AgentClient, default_socket
 from agent.errors import PullError, RequestError
-from agent.options import MAX_BYTES_IN_FLIGHT, MAX_CONNECTIONS, AgentOptions
+from agent.options import (
+    CHUNK_RETRY_WAIT_MAX_S,
+    CHUNK_TRIES_PER_SOURCE,
+    MAX_BYTES_IN_FLIGHT,
+    MAX_CONNECTIONS,
+    AgentOptions,
+)
 from bdn.progress import human_bytes
 
 DEFAULT_CACHE_DIR = str(Path.home() / ".bdn" / "node")
@@ -56,6 +62,12 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help=f"connections (fetch threads) to cache peers (default "
                         f"{MAX_CONNECTIONS})")
+    p.add_argument("--chunk-tries-per-source", type=int, default=CHUNK_TRIES_PER_SOURCE,
+                   help="corrupt, truncated or failed answers one source may give for a "
+                        f"chunk before it is passed over (default {CHUNK_TRIES_PER_SOURCE})")
+    p.add_argument("--chunk-retry-wait-max-s", type=float, default=CHUNK_RETRY_WAIT_MAX_S,
+                   help="most seconds one chunk may wait between tries, Retry-After "
+                        f"included (default {CHUNK_RETRY_WAIT_MAX_S:g})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -111,7 +123,9 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
             peers=peers, peers_dns=dns, peers_dns_port=dns_port, store_url=store,
             strict=args.strict,
             max_bytes_in_flight=args.max_bytes_in_flight,
-            max_connections=args.max_connections)
+            max_connections=args.max_connections,
+            chunk_tries_per_source=args.chunk_tries_per_source,
+            chunk_retry_wait_max_s=args.chunk_retry_wait_max_s)
     except ValueError as e:
         raise RequestError(str(e)) from None
 

@@ -58,11 +58,13 @@ from typing import Any
 from agent import mounts as mountlib
 from agent.errors import (
     DiskFullError,
+    FetchError,
     IdempotencyConflict,
     PullError,
     RequestError,
 )
 from agent.fetch import BufferPool, Fetcher, FetchResult
+from agent.fetchpolicy import BAD_BYTES, BUSY, CORRUPT, ERROR, MISSING, STORE, TRUNCATED, Answer
 from agent.options import AgentOptions
 from agent.planner import ChunkTask, FilePlan, PlanOptions, PullPlan, PullTarget, plan_pull
 from agent.resolve import entry_target, select_files
@@ -87,6 +89,12 @@ MOUNT_KEY_PREFIX = "mount/"
 LIVE_STATES = ("queued", "running", "done")
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 PEER_REFRESH_S = 5.0
+# A fetch thread waits this long for its report of a peer's bad bytes to be answered
+# before asking again (so the cache drops its bad copy first); past it, it asks anyway.
+REPORT_WAIT_S = 5.0
+# The agent counter each kind of failed answer is counted in (bdn_agent_<name>).
+ANSWER_COUNTERS = {CORRUPT: "integrity_failures", TRUNCATED: "truncated_answers",
+                   BUSY: "busy_answers", ERROR: "error_answers", MISSING: "missing_answers"}
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -404,18 +412,21 @@ class Engine:
             BlobStore(options.store_url) if options.store_url else None)
         self.ring: Any = _make_ring_client(options, self.store)
         owners = self.ring.owners if self.ring is not None else None
-        self.fetcher = Fetcher(options, self.store, owners=owners)
+        self._loop = asyncio.get_running_loop()
+        self.fetcher = Fetcher(options, self.store, owners=owners,
+                               on_answer=self._answered)
         self.net_pool = ThreadPoolExecutor(options.max_connections,
                                            thread_name_prefix="bdn-fetch")
         self.io_pool = ThreadPoolExecutor(LOCAL_IO_THREADS, thread_name_prefix="bdn-io")
-        self.buffers = BufferPool()
+        self.buffers = BufferPool(options.max_bytes_in_flight)
         self.bytes_in_flight = ByteSemaphore(options.max_bytes_in_flight)
         self.jobs: dict[Digest, FileJob] = {}
         self.inflight: dict[Digest, asyncio.Future[ChunkLocation]] = {}
         self.pulls: dict[str, Pull] = {}
         self.counters: dict[str, int] = {
             **{f"bytes_{t}": 0 for t in TIERS}, "chunks_fetched": 0,
-            "chunks_copied_locally": 0, "integrity_failures": 0, "bad_reports": 0,
+            "chunks_copied_locally": 0, "bad_reports": 0, "chunk_retries": 0,
+            "chunks_failed": 0, **dict.fromkeys(ANSWER_COUNTERS.values(), 0),
             "pulls_started": 0, "pulls_done": 0, "pulls_failed": 0}
         self._lock = asyncio.Lock()
         # One lock per mount: linking, sealing and removing in a mount never interleave.
@@ -447,6 +458,7 @@ class Engine:
                 pull.task.cancel()
                 with contextlib.suppress(BaseException):
                     await pull.task
+        self.fetcher.close()  # chunks waiting out a backoff give up now
         if self.ring is not None:
             with contextlib.suppress(Exception):
                 await self.ring.close()
@@ -495,6 +507,8 @@ class Engine:
                 result: FetchResult = await loop.run_in_executor(
                     self.net_pool, self._fetch_and_write, writer, chunk)
             except BaseException as e:
+                if isinstance(e, FetchError):
+                    self.counters["chunks_failed"] += 1
                 fut.set_exception(e if isinstance(e, Exception) else PullError("cancelled"))
                 fut.exception()  # retrieved: waiters fall back on their own
                 raise
@@ -504,9 +518,6 @@ class Engine:
             fut.set_result(ChunkLocation(writer.key.hex, chunk.offset, chunk.length,
                                          partial=True))
             self.counters["chunks_fetched"] += 1
-            for peer in result.bad_peers:
-                self.counters["integrity_failures"] += 1
-                await self.report_bad(chunk.digest, peer)
             return result.tier
         finally:
             release()
@@ -523,6 +534,33 @@ class Engine:
         finally:
             view.release()
             self.buffers.put(buf)
+
+    def _answered(self, chunk: Chunk, answer: Answer, retry: bool) -> None:
+        """On a fetch thread, after every answer for a chunk, strict or not.
+
+        Counts it (on the loop: counters are not shared with threads), and reports a
+        peer's corrupt or truncated bytes to that peer, waiting (bounded) for the report
+        to be answered so the cache has dropped its bad copy before the chunk is asked
+        again — of this peer or the next.
+        """
+        try:
+            self._loop.call_soon_threadsafe(self._count_answer, answer, retry)
+            if answer.outcome in BAD_BYTES and answer.source != STORE:
+                report = asyncio.run_coroutine_threadsafe(
+                    self.report_bad(chunk.digest, answer.source), self._loop)
+                # A slow or failed report must not hold the chunk up past the wait,
+                # nor an agent that is stopping (its loop may be blocked in close()).
+                with contextlib.suppress(Exception):
+                    report.result(timeout=0 if self.fetcher.closing else REPORT_WAIT_S)
+        except RuntimeError:
+            pass  # the loop is closed: the agent is stopping and the chunk is abandoned
+
+    def _count_answer(self, answer: Answer, retry: bool) -> None:
+        if retry:
+            self.counters["chunk_retries"] += 1
+        name = ANSWER_COUNTERS.get(answer.outcome)
+        if name is not None:
+            self.counters[name] += 1
 
     async def report_bad(self, digest: Digest, peer: str) -> None:
         """Tell the cluster cache that ``peer`` served bytes that did not verify."""
@@ -891,6 +929,10 @@ class Engine:
         for name, value in sorted(self.counters.items()):
             lines.append(f"# TYPE bdn_agent_{name} counter")
             lines.append(f"bdn_agent_{name} {value}")
+        lines.append("# TYPE bdn_agent_buffer_pool_bytes gauge")
+        lines.append(f"bdn_agent_buffer_pool_bytes {self.buffers.total_bytes}")
+        lines.append("# TYPE bdn_agent_buffer_pool_max_bytes gauge")
+        lines.append(f"bdn_agent_buffer_pool_max_bytes {self.buffers.max_bytes}")
         stats = self.node.stats()
         for name, value in sorted(stats.items()):
             lines.append(f"# TYPE bdn_node_cache_{name} gauge")

@@ -1,9 +1,14 @@
 """Fetching one chunk's verified bytes into memory: cache peers, then the blob store.
 
-Tier order for a chunk: the peers in ring order for its digest (the owner first, so
-the cluster cache fills each object on one pod), then — unless strict — the blob store.
-A round tries each tier once; rounds are spaced by the retry policy's backoff. A peer
-whose bytes do not verify is reported bad and skipped for the rest of that chunk.
+Sources for a chunk: the peers in ring order for its digest (the owner first, so the
+cluster cache fills each object on one pod), then — unless strict — the blob store.
+Which source to ask next, and when, is decided by the pure policy in
+``agent/fetchpolicy.py`` from the answers so far: a corrupt or truncated answer is
+reported to the peer that sent it (through ``on_answer``, before the chunk is asked
+again, so the cache can drop its bad copy first) and the chunk is asked of the next
+peer, then the store, then the same peer again, up to a bounded number of tries; a
+``503`` with ``Retry-After`` is waited out within a bounded total wait. When the budget
+is spent the error names the chunk, every source asked and what each answered.
 
 Why blocking threads and ``http.client`` rather than asyncio: on this path Python's
 per-byte cost decides throughput. ``HTTPResponse.readinto`` receives straight into a
@@ -11,7 +16,8 @@ reusable buffer (``recv_into``: no intermediate ``bytes``), and ``os.pwrite`` an
 release the GIL, so a few worker threads overlap network, hashing and page-cache writes
 on all cores. The asyncio daemon submits chunk jobs to a pool of ``max_connections``
 threads, so the thread count *is* the connection cap; bytes in flight are capped by
-the caller (``agent/engine.py``) before a job is submitted.
+the caller (``agent/engine.py``) before a job is submitted, and the receive buffers'
+pool keeps at most that many bytes (:class:`BufferPool`).
 """
 
 from __future__ import annotations
@@ -31,12 +37,25 @@ import xxhash
 import zstandard
 
 from agent.errors import FetchError, StrictOriginError
+from agent.fetchpolicy import (
+    BUSY,
+    CORRUPT,
+    ERROR,
+    MISSING,
+    OK,
+    STORE,
+    TRUNCATED,
+    Answer,
+    next_source,
+    summarize,
+)
 from agent.options import AgentOptions
-from bdn.errors import NotFoundError
+from bdn.errors import BdnError, NotFoundError
+from bdn.retry import is_retryable_status, parse_retry_after
 from bdn.store import BlobStore, object_key
 from manifests.digest import Digest
 from manifests.errors import IntegrityError
-from manifests.manifest import ENCODING_RAW, Chunk
+from manifests.manifest import ENCODING_RAW, MAX_CHUNK_BYTES, Chunk
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +63,12 @@ OBJECTS_PATH = "/v1/objects/"
 BUFFER_GRAIN_BYTES = 1024 * 1024
 # A pool keeps this many idle buffers of one size class; beyond, they are freed.
 MAX_IDLE_BUFFERS_PER_SIZE = 32
+MISSING_STATUSES = (404, 410)
 
 OwnersFn = Callable[[Digest], Sequence[str]]
+# Called on the fetch thread after every answer (the engine counts it, and reports a
+# peer's bad bytes before the chunk is asked again); ``retry`` is True past the first.
+AnswerFn = Callable[[Chunk, Answer, bool], None]
 
 
 def verify_chunk_bytes(chunk: Chunk, view: memoryview, where: str) -> None:
@@ -62,56 +85,120 @@ def rendezvous_order(peers: Sequence[str], digest: Digest) -> list[str]:
     Used only when the cluster cache's own ring client (``cache/client.py``) is absent;
     with it, its ``owners`` decides, so agent and cache agree on placement.
     """
-    return sorted(peers, key=lambda p: xxhash.xxh3_64_intdigest(f"{p}|{digest.hex}"),
+    return sorted(peers, key=lambda p: xxhash.xxh3_64_intdigest(f"{p}|{digest.hex}".encode()),
                   reverse=True)
 
 
-class BufferPool:
-    """Reusable receive buffers: fresh pages cost a fault each, reused ones do not."""
+def buffer_size(n: int) -> int:
+    """The size class a request for ``n`` bytes is served from (whole grains)."""
+    return max(BUFFER_GRAIN_BYTES, -(-n // BUFFER_GRAIN_BYTES) * BUFFER_GRAIN_BYTES)
 
-    def __init__(self) -> None:
+
+class BufferPool:
+    """Reusable receive buffers: fresh pages cost a fault each, reused ones do not.
+
+    Bounded: the bytes it holds — buffers lent out plus idle ones — stay under
+    ``max_bytes`` (the agent passes its bytes-in-flight cap). Chunks of many distinct
+    sizes would otherwise leave idle buffers of every size class behind; on a miss, idle
+    buffers of other sizes are freed (largest first) to make room, and a returned buffer
+    is kept only while it fits. Lent bytes are bounded by the caller (the engine takes a
+    buffer only after the bytes-in-flight cap admitted the chunk), so a request is never
+    refused; at most it is not kept.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < BUFFER_GRAIN_BYTES:
+            raise ValueError(f"BufferPool.max_bytes must be ≥ {BUFFER_GRAIN_BYTES}")
+        self.max_bytes = max_bytes
+        self.idle_bytes = 0
+        self.live_bytes = 0
         self._free: dict[int, list[bytearray]] = {}
         self._lock = threading.Lock()
 
+    @property
+    def total_bytes(self) -> int:
+        return self.idle_bytes + self.live_bytes
+
     def get(self, n: int) -> bytearray:
-        size = max(BUFFER_GRAIN_BYTES, -(-n // BUFFER_GRAIN_BYTES) * BUFFER_GRAIN_BYTES)
+        size = buffer_size(n)
         with self._lock:
+            self.live_bytes += size
             free = self._free.get(size)
             if free:
-                return free.pop()
+                self.idle_bytes -= size
+                buf = free.pop()
+                if not free:
+                    del self._free[size]
+                return buf
+            self._trim(self.max_bytes - self.live_bytes)
         return bytearray(size)
 
     def put(self, buf: bytearray) -> None:
+        size = len(buf)
         with self._lock:
-            free = self._free.setdefault(len(buf), [])
-            if len(free) < MAX_IDLE_BUFFERS_PER_SIZE:
+            self.live_bytes = max(0, self.live_bytes - size)
+            free = self._free.setdefault(size, [])
+            if (self.total_bytes + size <= self.max_bytes
+                    and len(free) < MAX_IDLE_BUFFERS_PER_SIZE):
                 free.append(buf)
+                self.idle_bytes += size
+            elif not free:
+                del self._free[size]
+
+    def _trim(self, keep_idle_bytes: int) -> None:
+        """Free idle buffers, largest first, until at most ``keep_idle_bytes`` remain."""
+        for size in sorted(self._free, reverse=True):
+            free = self._free[size]
+            while free and self.idle_bytes > max(0, keep_idle_bytes):
+                free.pop()
+                self.idle_bytes -= size
+            if not free:
+                del self._free[size]
 
 
 @dataclass
 class FetchResult:
     tier: str                       # "cluster" or "store"
     peer: str | None
-    bad_peers: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+
+    @property
+    def bad_peers(self) -> list[str]:
+        return [a.source for a in self.answers if a.outcome in (CORRUPT, TRUNCATED)
+                and a.source != STORE]
 
 
-class _HTTPStatus(Exception):
-    def __init__(self, status: int, peer: str) -> None:
-        super().__init__(f"{peer} answered HTTP {status}")
-        self.status = status
+class _Answered(Exception):
+    """One try ended without verified bytes; ``outcome`` classifies it for the policy."""
+
+    def __init__(self, outcome: str, detail: str, retry_after_s: float | None = None
+                 ) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.retry_after_s = retry_after_s
 
 
 class Fetcher:
     """Fetches chunks into buffers and verifies them. Safe to call from many threads."""
 
     def __init__(self, options: AgentOptions, store: BlobStore | None,
-                 owners: OwnersFn | None = None) -> None:
+                 owners: OwnersFn | None = None, on_answer: AnswerFn | None = None
+                 ) -> None:
         self.options = options
         self.store = store
         self._owners = owners or (lambda d: rendezvous_order(options.peers, d))
+        self._on_answer = on_answer
         self._local = threading.local()
         self._rng = random.Random()
+        # Set when the agent stops: a chunk waiting out a backoff gives up at once.
+        self._closing = threading.Event()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
 
     # -- connections -----------------------------------------------------------------
 
@@ -140,50 +227,78 @@ class Fetcher:
 
     # -- one chunk -------------------------------------------------------------------
 
+    def sources(self, chunk: Chunk) -> list[str]:
+        out = list(self._owners(chunk.digest))
+        if self.store is not None and not self.options.strict:
+            out.append(STORE)
+        return out
+
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:
         """Fill ``buf[:chunk.length]`` with the chunk's verified bytes (blocking)."""
         view = buf[:chunk.length]
-        result = FetchResult(tier="", peer=None)
-        bad: set[str] = set()
-        policy = self.options.retry
-        for attempt in range(1, policy.attempts + 1):
-            for peer in self._owners(chunk.digest):
-                if peer in bad:
-                    continue
-                try:
-                    self._from_peer(peer, chunk, view)
-                    verify_chunk_bytes(chunk, view, f"chunk from cache peer {peer}")
-                except IntegrityError as e:
-                    bad.add(peer)
-                    result.bad_peers.append(peer)
-                    result.failures.append(str(e))
-                    log.warning("%s", e)
-                    continue
-                except (OSError, http.client.HTTPException, _HTTPStatus, ValueError) as e:
-                    self._drop(peer)
-                    result.failures.append(f"{peer}: {type(e).__name__}: {e}")
-                    continue
-                result.tier, result.peer = "cluster", peer
-                return result
-            if self.store is not None and not self.options.strict:
-                try:
-                    self._from_store(chunk, view)
-                    verify_chunk_bytes(chunk, view, f"chunk from blob store {self.store.url}")
-                    result.tier = "store"
-                    return result
-                except (OSError, NotFoundError, IntegrityError, ValueError) as e:
-                    result.failures.append(f"store: {type(e).__name__}: {e}")
-            if attempt < policy.attempts:
-                time.sleep(policy.delay_s(attempt, draw=self._rng.random()))
-        tried = "; ".join(result.failures[-6:]) or "no tier configured"
+        sources = self.sources(chunk)
+        budget = self.options.chunk_budget
+        history: list[Answer] = []
+        while True:
+            now = time.monotonic()
+            step = next_source(history, sources, budget, now_s=now,
+                               draw=self._rng.random())
+            if step.source is None:
+                raise self._give_up(chunk, sources, history, step.reason)
+            if self.closing or (step.at_s > now and self._closing.wait(step.at_s - now)):
+                raise self._give_up(chunk, sources, history, "the agent is stopping")
+            answer = self._ask(step.source, chunk, view)
+            history.append(answer)
+            if answer.outcome != OK:
+                log.warning("chunk %s: %s answered %s: %s", chunk.digest, answer.source,
+                            answer.outcome, answer.detail)
+            if self._on_answer is not None:
+                self._on_answer(chunk, answer, len(history) > 1)
+            if answer.outcome == OK:
+                if answer.source == STORE:
+                    return FetchResult(tier="store", peer=None, answers=history)
+                return FetchResult(tier="cluster", peer=answer.source, answers=history)
+
+    def _give_up(self, chunk: Chunk, sources: Sequence[str], history: Sequence[Answer],
+                 reason: str) -> FetchError:
+        unasked = [s for s in sources if all(a.source != s for a in history)]
+        what = (f"chunk {chunk.digest} ({chunk.length} bytes): {reason}. "
+                f"Answers: {summarize(history)}"
+                + (f"; not asked: {', '.join(unasked)}" if unasked else ""))
+        attempts = tuple(f"{a.source}: {a.outcome}: {a.detail}" for a in history)
         if self.options.strict:
-            raise StrictOriginError(
-                f"strict mode: no cache peer delivered chunk {chunk.digest} after "
-                f"{policy.attempts} rounds and the blob store may not be used ({tried})",
-                digest=str(chunk.digest), attempts=tuple(result.failures))
-        raise FetchError(f"no tier delivered chunk {chunk.digest} after {policy.attempts} "
-                         f"rounds ({tried})", digest=str(chunk.digest),
-                         attempts=tuple(result.failures))
+            return StrictOriginError(
+                f"strict mode, the blob store may not be used: no cache peer delivered "
+                f"{what}", digest=str(chunk.digest), attempts=attempts)
+        return FetchError(f"no tier delivered {what}", digest=str(chunk.digest),
+                          attempts=attempts)
+
+    def _ask(self, source: str, chunk: Chunk, view: memoryview) -> Answer:
+        started = time.monotonic()
+        try:
+            if source == STORE:
+                self._from_store(chunk, view)
+                where = f"chunk from blob store {self.store.url if self.store else ''}"
+            else:
+                self._from_peer(source, chunk, view)
+                where = f"chunk from cache peer {source}"
+            verify_chunk_bytes(chunk, view, where)
+        except IntegrityError as e:
+            return Answer(source, CORRUPT, started, time.monotonic(), str(e))
+        except zstandard.ZstdError as e:
+            return Answer(source, CORRUPT, started, time.monotonic(),
+                          f"zstd object does not decode: {e}")
+        except _Answered as e:
+            return Answer(source, e.outcome, started, time.monotonic(), str(e),
+                          retry_after_s=e.retry_after_s)
+        except NotFoundError as e:
+            return Answer(source, MISSING, started, time.monotonic(), str(e))
+        except (OSError, http.client.HTTPException, BdnError, ValueError) as e:
+            if source != STORE:
+                self._drop(source)
+            return Answer(source, ERROR, started, time.monotonic(),
+                          f"{type(e).__name__}: {e}")
+        return Answer(source, OK, started, time.monotonic())
 
     def _from_peer(self, peer: str, chunk: Chunk, view: memoryview) -> None:
         conn = self._conn(peer)
@@ -197,27 +312,52 @@ class Fetcher:
             resp.read(64 * 1024)
             if resp.will_close:
                 self._drop(peer)
-            raise _HTTPStatus(resp.status, peer)
+            retry_after = parse_retry_after(resp.getheader("Retry-After"))
+            if resp.status in MISSING_STATUSES:
+                raise _Answered(MISSING, f"HTTP {resp.status}")
+            if is_retryable_status(resp.status) and retry_after is not None:
+                raise _Answered(BUSY, f"HTTP {resp.status}, Retry-After {retry_after:g} s",
+                                retry_after_s=retry_after)
+            raise _Answered(ERROR, f"HTTP {resp.status}")
         encoding = (resp.getheader("Content-Encoding") or "").lower()
         if encoding in ("zstd", "zst"):
-            data = zstandard.ZstdDecompressor().decompress(resp.read(),
-                                                           max_output_size=chunk.length)
+            # Bounded: a peer cannot make us buffer more than the largest chunk.
+            data_in = resp.read(MAX_CHUNK_BYTES + 1)
+            if len(data_in) > MAX_CHUNK_BYTES:
+                self._drop(peer)
+                raise _Answered(CORRUPT, f"zstd body above {MAX_CHUNK_BYTES} bytes")
+            try:
+                data = zstandard.ZstdDecompressor().decompress(
+                    data_in, max_output_size=chunk.length)
+            except zstandard.ZstdError as e:
+                raise _Answered(CORRUPT, f"zstd body does not decode: {e}") from None
             if len(data) != chunk.length:
-                raise ValueError(f"decoded {len(data)} bytes, want {chunk.length}")
+                raise _Answered(TRUNCATED if len(data) < chunk.length else CORRUPT,
+                                f"decoded {len(data)} bytes, want {chunk.length}")
             view[:] = data
             return
         length = resp.getheader("Content-Length")
         if length is not None and int(length) != chunk.length:
             resp.close()
             self._drop(peer)
-            raise ValueError(f"{peer} sent {length} bytes for a chunk of {chunk.length}")
+            raise _Answered(TRUNCATED if int(length) < chunk.length else CORRUPT,
+                            f"sent {length} bytes for a chunk of {chunk.length}")
         got = 0
-        while got < chunk.length:
-            n = resp.readinto(view[got:])
-            if not n:
-                self._drop(peer)
-                raise ValueError(f"{peer} ended the body after {got} of {chunk.length} bytes")
-            got += n
+        try:
+            while got < chunk.length:
+                n = resp.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(peer)
+            if not got:
+                raise
+            raise _Answered(TRUNCATED, f"the body broke off after {got} of {chunk.length} "
+                                       f"bytes: {type(e).__name__}: {e}") from None
+        if got < chunk.length:
+            self._drop(peer)
+            raise _Answered(TRUNCATED, f"the body ended after {got} of {chunk.length} bytes")
         # Consume the (empty) rest so the connection can be reused.
         with contextlib.suppress(Exception):
             resp.read()
@@ -242,5 +382,5 @@ class Fetcher:
                 view[got:end] = block[:end - got]
                 got = end
         if got != chunk.length:
-            raise ValueError(f"store object {chunk.digest} holds {got} bytes, want "
-                             f"{chunk.length}")
+            raise _Answered(TRUNCATED, f"store object {chunk.digest} holds {got} bytes, "
+                                       f"want {chunk.length}")

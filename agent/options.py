@@ -11,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.fetchpolicy import (
+    DEFAULT_BACKOFF,
+    DEFAULT_TRIES_PER_SOURCE,
+    DEFAULT_WAIT_MAX_S,
+    ChunkRetryBudget,
+)
 from bdn.retry import RetryPolicy
 
 GiB = 1024 * 1024 * 1024
@@ -18,9 +24,17 @@ MAX_BYTES_IN_FLIGHT = 1 * GiB
 MAX_CONNECTIONS = 16
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
-# Retries are per chunk across all tiers: a round tries every peer (and the store unless
-# strict); rounds are spaced by the policy's backoff.
-DEFAULT_RETRY = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=2.0)
+# The backoff between tries of one chunk (and the ring client's rounds for manifests);
+# how many tries and how much waiting a chunk gets are the chunk_* options below, applied
+# by ``agent/fetchpolicy.py``.
+DEFAULT_RETRY = DEFAULT_BACKOFF
+# A peer may give this many corrupt, truncated or failed answers for one chunk before it
+# is passed over for that chunk; busy answers (503 + Retry-After) do not count.
+CHUNK_TRIES_PER_SOURCE = DEFAULT_TRIES_PER_SOURCE
+# The most one chunk may wait between tries (backoff and Retry-After together): long
+# enough to ride out a store blip of a few seconds behind the cache, short enough that
+# a pull against a dead store fails in well under a minute.
+CHUNK_RETRY_WAIT_MAX_S = DEFAULT_WAIT_MAX_S
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,8 @@ class AgentOptions:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
     retry: RetryPolicy = field(default_factory=lambda: DEFAULT_RETRY)
+    chunk_tries_per_source: int = CHUNK_TRIES_PER_SOURCE
+    chunk_retry_wait_max_s: float = CHUNK_RETRY_WAIT_MAX_S
     # Also re-read every chunk of a file from disk and verify it again before publishing.
     # Off by default: every chunk is verified as it lands, and the file digest is the
     # hash of the chunk list (checked when the manifest is parsed), so a published file
@@ -58,6 +74,12 @@ class AgentOptions:
             raise ValueError("AgentOptions.max_connections must be in [1, 1024]")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise ValueError("AgentOptions timeouts must be > 0")
+        if not 1 <= self.chunk_tries_per_source <= 100:
+            raise ValueError("AgentOptions.chunk_tries_per_source must be in [1, 100], got "
+                             f"{self.chunk_tries_per_source}")
+        if not 0 <= self.chunk_retry_wait_max_s <= 3600:
+            raise ValueError("AgentOptions.chunk_retry_wait_max_s must be in [0, 3600] "
+                             f"seconds, got {self.chunk_retry_wait_max_s}")
         for p in self.peers:
             if not p.startswith(("http://", "https://")):
                 raise ValueError(f"peer {p!r} must be an http:// or https:// URL")
@@ -68,3 +90,9 @@ class AgentOptions:
             raise ValueError("strict mode needs at least one cache peer (--peers)")
         if not has_peers and not self.store_url:
             raise ValueError("the agent needs cache peers (--peers) or a blob store (--store)")
+
+    @property
+    def chunk_budget(self) -> ChunkRetryBudget:
+        """The per-chunk retry budget these options give ``agent/fetchpolicy.py``."""
+        return ChunkRetryBudget(tries_per_source=self.chunk_tries_per_source,
+                                wait_max_s=self.chunk_retry_wait_max_s, backoff=self.retry)

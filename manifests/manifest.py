@@ -9,9 +9,9 @@ chunk.
 
 :func:`parse_manifest` validates everything before a caller can act on it: a known
 version; safe, unique, non-conflicting paths; chunks contiguous from offset 0 that add
-up to the file size; a file digest that matches the chunk list; known encodings;
-consistent stored lengths. Errors name the record (``files[3].chunks[2]``) and field.
-Nothing here touches a disk.
+up to the file size, none longer than ``MAX_CHUNK_BYTES``; a file digest that matches
+the chunk list; known encodings; consistent stored lengths. Errors name the record
+(``files[3].chunks[2]``) and field. Nothing here touches a disk.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ DEFAULT_FILE_MODE = 0o644
 FILE_DIGEST_DOMAIN = b"bdn-file-v1\n"
 # A manifest past this size is refused before parsing (about 500k chunks).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+# No chunk may be longer than this (bdn's own planner never makes one above 16 MiB).
+# Readers hold a whole chunk in memory to verify it before writing, so a manifest that
+# could name a chunk of any length could size their memory; it is refused at parse time.
+MAX_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +233,7 @@ def manifest_from_dict(doc: Any) -> Manifest:
         digest = _digest(fd["digest"], rec, "digest")
         if not isinstance(fd["chunks"], list):
             raise ManifestError("must be a list", record=rec, field="chunks")
-        chunks = tuple(_chunks(fd["chunks"], size, rec))
+        chunks = tuple(_chunks(fd["chunks"], size, rec, path))
         if digest != file_digest(chunks):
             raise ManifestError(f"file digest {digest} does not match its chunk list",
                                 record=rec, field="digest")
@@ -241,7 +245,7 @@ def manifest_from_dict(doc: Any) -> Manifest:
     return Manifest(files=tuple(files), source=dict(source), version=version)
 
 
-def _chunks(items: list[Any], size: int, rec: str) -> Iterator[Chunk]:
+def _chunks(items: list[Any], size: int, rec: str, path: str) -> Iterator[Chunk]:
     pos = 0
     for j, cd in enumerate(items):
         crec = f"{rec}.chunks[{j}]"
@@ -250,6 +254,10 @@ def _chunks(items: list[Any], size: int, rec: str) -> Iterator[Chunk]:
         _keys(cd, {"digest", "offset", "length", "encoding", "stored_length"}, crec)
         offset = _int(cd["offset"], crec, "offset")
         length = _int(cd["length"], crec, "length", minimum=1)
+        if length > MAX_CHUNK_BYTES:
+            raise ManifestError(f"chunk of {path!r} at offset {offset} is {length} bytes, "
+                                f"above the maximum of {MAX_CHUNK_BYTES // (1024 * 1024)} MiB "
+                                f"({MAX_CHUNK_BYTES} bytes)", record=crec, field="length")
         if offset != pos:
             kind = "gap" if offset > pos else "overlap"
             raise ManifestError(f"{kind}: chunk starts at {offset} but the previous one ends "
@@ -259,6 +267,10 @@ def _chunks(items: list[Any], size: int, rec: str) -> Iterator[Chunk]:
             raise ManifestError(f"unknown encoding {encoding!r}; known: {ENCODINGS}",
                                 record=crec, field="encoding")
         stored = _int(cd["stored_length"], crec, "stored_length", minimum=1)
+        if stored > MAX_CHUNK_BYTES:
+            raise ManifestError(f"chunk of {path!r} at offset {offset} is stored in {stored} "
+                                f"bytes, above the maximum of {MAX_CHUNK_BYTES} bytes",
+                                record=crec, field="stored_length")
         if encoding == ENCODING_RAW and stored != length:
             raise ManifestError(f"raw chunk stored_length {stored} differs from length "
                                 f"{length}", record=crec, field="stored_length")

@@ -149,7 +149,7 @@ def test_strict_mode_gives_a_clear_error_when_no_peer_can_serve(
                 proxy.kill9()
             last = ev
         assert last is not None and last["event"] == "error"
-        assert "strict mode" in last["message"] and "3 rounds" in last["message"]
+        assert "strict mode" in last["message"] and "3 tries" in last["message"]
         st = agent.client.status(started["id"])
         assert st["state"] == "failed" and "strict" in st["error"]
         with pytest.raises(PullError):

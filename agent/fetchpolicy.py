@@ -1,0 +1,154 @@
+"""Which source to ask next for one chunk, and when: a pure policy over the answers so far.
+
+A chunk is asked of its sources in order — the cache peers in ring order for its digest
+(the owner first), then the blob store unless the agent is strict — and each answer is
+recorded as an :class:`Answer`. :func:`next_source` looks only at those answers, the
+budget and an explicit ``now``, so every retry decision is tested without clocks or
+sockets (``agent/fetch.py`` does the I/O and the sleeping). The rules:
+
+* A source that has answered less is asked first, so a corrupt peer is replaced by the
+  next peer before the blob store, and the store is asked before a peer is asked twice.
+* A corrupt, truncated or failed answer counts against ``tries_per_source``: past it the
+  source is passed over for this chunk (bounded, but not "skip this peer forever" — one
+  bad copy reported to the cache is usually gone by the next try). A missing object
+  (404) is final for that source: cache peers read the same store.
+* A busy answer (429/503 with ``Retry-After``) does not use up tries: the source is asked
+  again once the server's ``Retry-After`` has passed (capped by the backoff policy), and
+  only the total waiting bounds it — ``wait_max_s`` over the whole chunk — so a store blip
+  of a few seconds behind the cache does not fail a pull, and a dead store still does.
+* Other answers are spaced by the backoff policy's capped, jittered delay
+  (``bdn.retry.RetryPolicy``); the random ``draw`` is an input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+from bdn.retry import RetryPolicy
+
+STORE = "store"  # the blob store, as a source name beside the peers' URLs
+
+OK = "ok"
+CORRUPT = "corrupt"      # bytes arrived whole but did not hash to the digest
+TRUNCATED = "truncated"  # the body ended (or the connection dropped) before its end
+BUSY = "busy"            # 429/503 with Retry-After: ask again later, not a fault
+ERROR = "error"          # transport failure or another HTTP status
+MISSING = "missing"      # 404/410: the source does not have the object
+OUTCOMES = (OK, CORRUPT, TRUNCATED, BUSY, ERROR, MISSING)
+# Answers that use up one of a source's tries.
+FAULTS = (CORRUPT, TRUNCATED, ERROR)
+# Answers that say the source served bad bytes: reported to the cache that sent them.
+BAD_BYTES = (CORRUPT, TRUNCATED)
+# A busy server that sends ``Retry-After: 0`` (or none we can read) is still not asked
+# again sooner than this, so busy answers cannot spin.
+MIN_BUSY_DELAY_S = 0.05
+DEFAULT_TRIES_PER_SOURCE = 3
+DEFAULT_WAIT_MAX_S = 30.0
+DEFAULT_BACKOFF = RetryPolicy(attempts=DEFAULT_TRIES_PER_SOURCE, base_delay_s=0.1,
+                              max_delay_s=2.0)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one source answered for one chunk, and when (monotonic seconds)."""
+
+    source: str
+    outcome: str
+    started_s: float
+    ended_s: float
+    detail: str = ""
+    retry_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"Answer.outcome must be one of {OUTCOMES}, got "
+                             f"{self.outcome!r}")
+
+
+@dataclass(frozen=True)
+class ChunkRetryBudget:
+    """How hard to try for one chunk: tries per source, total waiting, backoff shape."""
+
+    tries_per_source: int = DEFAULT_TRIES_PER_SOURCE
+    wait_max_s: float = DEFAULT_WAIT_MAX_S
+    backoff: RetryPolicy = field(default_factory=lambda: DEFAULT_BACKOFF)
+
+    def __post_init__(self) -> None:
+        if self.tries_per_source < 1:
+            raise ValueError("ChunkRetryBudget.tries_per_source must be ≥ 1")
+        if self.wait_max_s < 0:
+            raise ValueError("ChunkRetryBudget.wait_max_s must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class Step:
+    """Ask ``source`` at ``at_s`` (≥ now); ``source`` None: give up, ``reason`` says why."""
+
+    source: str | None
+    at_s: float
+    reason: str = ""
+
+
+def waited_s(history: Sequence[Answer]) -> float:
+    """Seconds spent between answers (backoff, Retry-After, reporting), not in transfers."""
+    return sum(max(0.0, b.started_s - a.ended_s) for a, b in pairwise(history))
+
+
+def _ready_at(mine: Sequence[Answer], budget: ChunkRetryBudget, draw: float) -> float:
+    last = mine[-1]
+    if last.outcome == BUSY:
+        busy = sum(1 for a in mine if a.outcome == BUSY)
+        delay = max(MIN_BUSY_DELAY_S, budget.backoff.delay_s(
+            busy, retry_after_s=last.retry_after_s, draw=draw))
+    else:
+        delay = budget.backoff.delay_s(len(mine), draw=draw)
+    return last.ended_s + delay
+
+
+def next_source(history: Sequence[Answer], sources: Sequence[str],
+                budget: ChunkRetryBudget, *, now_s: float, draw: float) -> Step:
+    """The next source to ask for a chunk and when, or give up (``source`` None).
+
+    ``history``: every answer so far for this chunk, oldest first; ``sources``: in
+    preference order (peers in ring order, then :data:`STORE` when it may be used);
+    ``draw``: a random number in [0, 1] for the backoff's jitter.
+    """
+    candidates: list[tuple[int, float, int, str]] = []
+    for rank, source in enumerate(sources):
+        mine = [a for a in history if a.source == source]
+        if any(a.outcome == MISSING for a in mine):
+            continue
+        if sum(1 for a in mine if a.outcome in FAULTS) >= budget.tries_per_source:
+            continue
+        at = max(now_s, _ready_at(mine, budget, draw)) if mine else now_s
+        candidates.append((len(mine), at, rank, source))
+    if not candidates:
+        return Step(None, now_s, f"no source left to ask (up to "
+                                 f"{budget.tries_per_source} tries per source; a missing "
+                                 f"object is final)")
+    spent = waited_s(history)
+    last_end = history[-1].ended_s if history else now_s
+    for _, at, _, source in sorted(candidates):
+        if spent + max(0.0, at - last_end) <= budget.wait_max_s:
+            return Step(source, at)
+    return Step(None, now_s, f"the next try would pass the wait budget of "
+                             f"{budget.wait_max_s:g} s (waited {spent:.1f} s)")
+
+
+def summarize(history: Sequence[Answer]) -> str:
+    """What each source answered, e.g. ``http://p:8401 answered 3× corrupt (last: …)``."""
+    by_source: dict[str, list[Answer]] = {}
+    for a in history:
+        by_source.setdefault(a.source, []).append(a)
+    parts = []
+    for source, answers in by_source.items():
+        counts: dict[str, int] = {}
+        for a in answers:
+            counts[a.outcome] = counts.get(a.outcome, 0) + 1
+        said = ", ".join(f"{n}× {outcome}" for outcome, n in counts.items())
+        name = "the blob store" if source == STORE else source
+        last = answers[-1].detail
+        parts.append(f"{name} answered {said}" + (f" (last: {last})" if last else ""))
+    return "; ".join(parts) or "no source was asked"
