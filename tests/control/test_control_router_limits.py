@@ -169,3 +169,25 @@ def test_a_refused_connection_is_retried_with_a_body_beyond_the_hold(
     assert r.status == 200, r.body[:300]
     assert r.json()["input"] == {"pad": pad} and r.json()["replica"] != first["id"]
     assert srv.deployment(model_id, dep_id)["replicas"][0]["pid"] != first["pid"]
+
+
+def test_a_replica_refusing_a_streamed_body_early_is_relayed(tmp_path: Path, make_model: Any,
+                                                            start_server: Any) -> None:
+    """``bdn serve`` answers 413 before reading an oversized body; the router, still
+    streaming it, relays that answer (not a 502) and the replica goes on serving."""
+    import shlex
+    import sys
+
+    command = shlex.join([sys.executable, "-m", "bdn.cli", "serve",
+                          "--max-body-bytes", "100000"])
+    srv = start_server(tmp_path / "state", "--replica-command", command)
+    model_id, dep_id = srv.push(make_model("small"), name="small", settings={"min_replica": 1})
+    srv.wait_for("a ready replica", lambda: srv.deployment(
+        model_id, dep_id)["active_replica_count"] == 1, timeout_s=120)
+    path = predict_path(model_id, dep_id)
+    big = srv.call("POST", path, {"pad": "z" * (4 << 20)})
+    assert big.status == 413 and b"100000 bytes" in big.body, big.body[:300]
+    assert srv.ok("POST", path, {"n": 1})["input"] == {"n": 1}
+    srv.wait_for("nothing waiting or in flight", lambda: (
+        srv.metric("bdn_waiting_requests", dep_id),
+        srv.metric("bdn_concurrent_requests", dep_id)) == (0, 0))
