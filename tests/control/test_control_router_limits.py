@@ -85,6 +85,7 @@ def test_slow_uploads_stream_wait_bounded_and_are_not_load(tmp_path: Path, make_
     # Slow uploads are not load: nothing in flight, so no scale-up.
     assert srv.metric("bdn_concurrent_requests", dep_id) == 0
     assert srv.metric("bdn_desired_replicas", dep_id) == 1
+    assert srv.deployment(model_id, dep_id)["waiting_requests"] == 3
     # The wait is bounded although a replica is ready.
     full = srv.call("POST", path, {"n": 100})
     assert full.status == 429 and "3 requests waiting" in full.json()["error"]
