@@ -151,6 +151,7 @@ class ManagementApi:
             "stopping_replica_count": len(rt.draining) if rt else 0,
             "in_flight_requests": rt.in_flight if rt else 0,
             "queued_requests": rt.queued if rt else 0,
+            "waiting_requests": rt.waiting if rt else 0,
             "cold_start_seconds": [round(s, 3) for s in rt.cold_starts_s[-10:]] if rt else [],
             "last_error": rt.last_error if rt else None,
             "replicas": [{"id": r.id, "url": r.url, "pid": r.pid, "in_flight": r.in_flight,

@@ -58,9 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="run autoscaling time this many times faster than wall time "
                    "(tests and demos only; default 1)")
     p.add_argument("--queue-timeout-s", type=float, default=600.0,
-                   help="how long a request waits for a ready replica (default 600)")
+                   help="how long a request may wait for its body to arrive and for a "
+                        "ready replica (default 600)")
     p.add_argument("--max-queue", type=int, default=1000,
-                   help="requests that may wait per deployment (default 1000)")
+                   help="requests that may wait per deployment, for their body to arrive "
+                        "or for a ready replica; the next gets 429 with Retry-After "
+                        "(default 1000)")
     p.add_argument("--ready-timeout-s", type=float, default=600.0,
                    help="how long a replica may take to become ready (default 600)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0,

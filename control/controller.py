@@ -7,8 +7,9 @@ request queue, the autoscaler's samples and memory. Every ``tick_interval_s`` it
 each deployment's in-flight count, asks the pure policy (``control.autoscaler.decide``)
 for a replica count, and reconciles the backend towards it. The router calls
 :meth:`Controller.acquire` for a replica; when none is ready the request waits, bounded
-in number and time, and the deployment is evaluated at once so a scaled-to-zero
-deployment starts a replica without waiting for the next tick.
+in time here and in number by the router (``max_queue``), and the deployment is
+evaluated at once so a scaled-to-zero deployment starts a replica without waiting for
+the next tick.
 
 Time: the policy runs on a clock of ``time.monotonic() * time_scale``. In production
 ``time_scale`` is 1; tests and demos raise it so a documented minimum (an autoscaling
@@ -91,6 +92,9 @@ class Runtime:
     draining: set[asyncio.Task[None]] = field(default_factory=set)
     in_flight: int = 0
     queued: int = 0
+    # Requests the router holds that are not in flight yet (body still arriving, or no
+    # replica taken); bounded by ``max_queue``, counted by the router.
+    waiting: int = 0
     samples: deque[Sample] = field(default_factory=deque)
     scaler: ScalerState = field(default_factory=ScalerState)
     last_decision: Decision | None = None
@@ -331,11 +335,7 @@ class Controller:
                     replica.in_flight += 1
                     return replica, time.monotonic() - waited_from
                 if not queued:
-                    if rt.queued >= self.options.max_queue:
-                        raise UnavailableError(
-                            f"deployment {rt.record.id} has no ready replica and its queue is "
-                            f"full ({self.options.max_queue} requests waiting); retry later",
-                            deployment_id=rt.record.id)
+                    # The bound (max_queue) is the router's, on every request it holds.
                     queued = True
                     rt.queued += 1
                 remaining = deadline - time.monotonic()
@@ -574,6 +574,9 @@ class Controller:
              [(rt.labels(), len(rt.starting)) for rt in rts]),
             ("bdn_queue_depth", "Requests waiting for a ready replica per deployment.",
              [(rt.labels(), rt.queued) for rt in rts]),
+            ("bdn_waiting_requests", "Requests the router holds that are not in flight "
+             "yet (body still arriving, or no ready replica) per deployment; at most "
+             "--max-queue.", [(rt.labels(), rt.waiting) for rt in rts]),
         ]
 
 

@@ -90,3 +90,23 @@ class ClientError(ControlError):
         super().__init__(message)
         self.status = status
         self.url = url
+
+
+class QueueFullError(UnavailableError):
+    """A deployment already holds ``max_queue`` waiting requests; retry after a while."""
+
+    status = 429
+
+    def __init__(self, message: str, *, deployment_id: str, retry_after_s: int) -> None:
+        super().__init__(message, deployment_id=deployment_id)
+        self.retry_after_s = retry_after_s
+
+
+class RequestBodyError(ControlError):
+    """A request body did not arrive whole (408: too slow; 400: the client broke it off
+    or sent malformed framing); names the deployment it was for."""
+
+    def __init__(self, message: str, *, status: int, deployment_id: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.deployment_id = deployment_id

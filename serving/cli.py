@@ -39,6 +39,16 @@ def register(subparsers: Any) -> None:
                    help="node agent event stream of the weights pull "
                         "(http://HOST:PORT/v1/pulls/ID/events or "
                         "http+unix://<quoted socket path>/v1/pulls/ID/events)")
+    p.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                   help="refuse request bodies larger than N bytes with 413 "
+                        "(default 64 MiB)")
+    p.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="requests that may wait (reading their body, parsed, or queued "
+                        "for a predict slot) before the next gets 429 with Retry-After "
+                        "(default 16 x predict_concurrency)")
+    p.add_argument("--body-timeout-s", type=float, default=None, metavar="S",
+                   help="answer 408 when a request body has not fully arrived within S "
+                        "seconds (default 60)")
     p.set_defaults(handler=serve)
 
 
@@ -46,8 +56,12 @@ def serve(args: argparse.Namespace) -> int:
     from bdn.service import ListenAddress
     from serving.readiness import EventStreamReadiness, ReadinessSource
     from serving.runtime import ModelRuntime
+    from serving.server import ServeLimits
 
     listen = ListenAddress.parse(args.listen)
+    given = {"max_body_bytes": args.max_body_bytes, "max_queue": args.max_queue,
+             "body_timeout_s": args.body_timeout_s}
+    limits = ServeLimits(**{k: v for k, v in given.items() if v is not None})
     # The folder and its config are checked before torch is imported (seconds), so a
     # broken model folder fails fast.
     rt = ModelRuntime(args.model_dir, device="cpu", weights_dir=args.weights_dir)
@@ -70,7 +84,7 @@ def serve(args: argparse.Namespace) -> int:
         readiness = EventStreamReadiness(args.pull_events, str(mounts[0].path))
         rt.use_readiness(readiness)
     try:
-        return run_server(rt, listen)
+        return run_server(rt, listen, limits)
     finally:
         if readiness is not None:
             readiness.close()

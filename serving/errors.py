@@ -16,6 +16,7 @@ __all__ = [
     "ModelLoadError",
     "ReadinessTimeout",
     "SafetensorsError",
+    "ServeOptionsError",
     "ServingError",
     "WeightsFileError",
     "WeightsUnavailableError",
@@ -69,3 +70,11 @@ class ModelLoadError(ServingError):
     def __init__(self, message: str, *, traceback: str = "") -> None:
         super().__init__(message)
         self.traceback = traceback
+
+
+class ServeOptionsError(ServingError, ValueError):
+    """A ``bdn serve`` limit is out of range; ``field`` names the option."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field

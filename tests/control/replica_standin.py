@@ -6,9 +6,11 @@
 ``POST /predict`` runs ``Model.predict`` on the JSON body (at most
 ``predict_concurrency`` at a time) and streams the result when it is a generator. It
 prints no ``BDN_READY`` line, so the backend's ``/health/ready`` probe is what finds it
-ready. The control tests use it where a real replica's start-up time (torch) buys
-nothing, and for streaming, which ``bdn serve`` does not do. It is a test double of
-another package, not of anything in ``control/``.
+ready. A request with an ``X-Body-Log: PATH`` header has its body read as it comes, and
+the bytes received so far appended to PATH after each chunk, so a test can see that the
+router streams a body rather than buffering it. The control tests use it where a real
+replica's start-up time (torch) buys nothing, and for streaming, which ``bdn serve`` does
+not do. It is a test double of another package, not of anything in ``control/``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,17 @@ async def main(model_dir: Path, listen: ListenAddress) -> None:
     async def predict(request: web.Request) -> web.Response:
         if not ready.is_set():
             return web.json_response({"error": "not ready"}, status=503)
-        body = await request.json()
+        log_path = request.headers.get("X-Body-Log")
+        if log_path:
+            # The test watches the body arrive here: one line per chunk, bytes so far.
+            raw = bytearray()
+            while chunk := await request.content.readany():
+                raw += chunk
+                with open(log_path, "a") as f:
+                    f.write(f"{len(raw)}\n")
+            body = json.loads(raw)
+        else:
+            body = await request.json()
         async with limit:
             result = await asyncio.to_thread(model.predict, body)
             if inspect.isgenerator(result):

@@ -239,7 +239,8 @@ def test_queue_is_bounded_and_times_out_with_a_clear_503(tmp_path: Path, make_mo
         waiting = [pool.submit(srv.call, "POST", path, {}) for _ in range(2)]
         srv.wait_for("two queued", lambda: srv.metric("bdn_queue_depth", dep_id) == 2)
         full = srv.call("POST", path, {})
-        assert full.status == 503 and "queue is full" in full.json()["error"]
+        # Beyond --max-queue: 429 (retry later), not 503 (see test_control_router_limits).
+        assert full.status == 429 and "2 requests waiting" in full.json()["error"]
         timed_out = [w.result() for w in waiting]
     for r in timed_out:
         assert r.status == 503
