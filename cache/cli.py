@@ -21,13 +21,13 @@ from cache.server import (
 from cache.workers import serve
 
 DEFAULT_LISTEN = "127.0.0.1:8401"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_bytes(text: str) -> int:
     """``1073741824``, ``512M``, ``10GiB``, ``1.5T`` → bytes (binary units)."""
-    m = _SIZE_RE.match(text)
+    m = _SIZE_RE.fullmatch(text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 10G, 512MiB)")
     unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")

@@ -77,7 +77,7 @@ SPLICE_MIN_BYTES = 256 * 1024
 RETRY_AFTER_S = 1
 # On a forwarded response: the worker that took the request (the owner answered it).
 VIA_HEADER = "X-Bdn-Via"
-_DIGEST_RE = re.compile(rf"^{ALGORITHM}:([0-9a-f]{{{HEX_LENGTH}}})$")
+_DIGEST_RE = re.compile(rf"{ALGORITHM}:([0-9a-f]{{{HEX_LENGTH}}})")
 # Not forwarded either way (RFC 9110 §7.6.1), plus what the client library sets itself.
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                          b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
@@ -336,7 +336,7 @@ class WorkerServer:
 
     async def handle_object(self, request: web.Request) -> web.StreamResponse:
         text = request.match_info["digest"]
-        m = _DIGEST_RE.match(text)
+        m = _DIGEST_RE.fullmatch(text)
         if m is None:
             return await self.forward(request)  # the owner words the 400
         hex_ = m.group(1)
