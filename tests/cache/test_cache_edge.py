@@ -9,6 +9,7 @@ loopback sockets; the pure parts (validators, the negative cache policy) directl
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -21,7 +22,7 @@ from control.store import check_name
 from manifests.digest import Digest
 from manifests.errors import DigestError, RefError
 from manifests.refs import Ref
-from tests.cache.conftest import StartCache, post_json
+from tests.cache.conftest import StartCache, http_get, post_json, put_object
 from tests.cache.test_cache_fastpath import RawConnection
 
 # -- item 7: validators match the whole string ----------------------------------------
@@ -74,3 +75,133 @@ def test_trailing_newline_is_400_at_the_cache_and_writes_no_ref(
     refs = os.path.join(store.url.removeprefix("file://"), "refs")
     assert not os.path.exists(refs) or not any(
         "\n" in name for _, dirs, files in os.walk(refs) for name in dirs + files)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _address(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
+def _status_line(url: str, pieces: list[bytes], *, via_aiohttp: bool) -> bytes:
+    """The status line the cache answers ``pieces`` (one request, sent piece by piece)
+    with, on a fresh connection: first on the fast path, or (``via_aiohttp``) on one
+    aiohttp already owns."""
+    sock = socket.create_connection(_address(url), timeout=30)
+    try:
+        got = b""
+        if via_aiohttp:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            conn = RawConnection.__new__(RawConnection)
+            conn.sock, conn.buf = sock, b""
+            assert conn.read_response()[0] == 200
+            got = conn.buf
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in pieces:
+            sock.sendall(piece)
+        while b"\r\n" not in got:
+            more = sock.recv(65536)
+            if not more:
+                break
+            got += more
+        return got.partition(b"\r\n")[0]
+    finally:
+        sock.close()
+
+
+def _head(target: str, *fields: str, line_end: bytes = b"\r\n") -> bytes:
+    lines = [f"GET {target} HTTP/1.1", *fields]
+    return line_end.join(x.encode("utf-8") for x in lines) + line_end + line_end
+
+
+@pytest.fixture
+def cached(store: BlobStore, start_cache: StartCache) -> tuple[str, str, bytes]:
+    """(cache URL, digest, bytes) of an object already in the cache."""
+    data = os.urandom(10_000)
+    digest = str(put_object(store, data))
+    cache = start_cache(store.url)
+    status, _, body = http_get(f"{cache.url}/v1/objects/{digest}")
+    assert status == 200 and body == data
+    return cache.url, digest, data
+
+
+# -- items 6 and 8: both paths answer hostile and conditional requests alike -------------
+
+
+def _cases(digest: str) -> dict[str, list[bytes]]:
+    t = f"/v1/objects/{digest}"
+    etag = f'"{digest}"'
+    many = [f"X-{i}: {i}" for i in range(100)]
+    wide = [f"X-{i}: {'a' * 1000}" for i in range(9)]
+    trickled = _head(t, "Host: x", *wide)
+    return {
+        "no Host": [_head(t)],
+        "two Hosts": [_head(t, "Host: a", "Host: b")],
+        "100 fields": [_head(t, "Host: x", *many[:99])],
+        "101 fields": [_head(t, "Host: x", *many)],
+        "a 9000-byte field": [_head(t, "Host: x", "X-Big: " + "a" * 9000)],
+        "a 9 KiB head": [_head(t, "Host: x", *wide)],
+        "a 9 KiB head, trickled": [trickled[i:i + 100] for i in range(0, len(trickled), 100)],
+        "bare LF": [_head(t, "Host: x", line_end=b"\n")],
+        "bare LF inside": [f"GET {t} HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n".encode()],
+        "Range ²": [_head(t, "Host: x", "Range: bytes=²-")],
+        "Range ٣": [_head(t, "Host: x", "Range: bytes=٣-٤")],
+        "Range long start": [_head(t, "Host: x", "Range: bytes=" + "9" * 5000 + "-")],
+        "Range long end": [_head(t, "Host: x", "Range: bytes=1-" + "9" * 5000)],
+        "Range long suffix": [_head(t, "Host: x", "Range: bytes=-" + "9" * 5000)],
+        "Range zeros": [_head(t, "Host: x", "Range: bytes=" + "0" * 40 + "1-2")],
+        "INM strong": [_head(t, "Host: x", f"If-None-Match: {etag}")],
+        "INM weak": [_head(t, "Host: x", f"If-None-Match: W/{etag}")],
+        "INM list": [_head(t, "Host: x", f'If-None-Match: "a", W/"b", {etag}')],
+        "INM star": [_head(t, "Host: x", "If-None-Match: *")],
+        "INM other": [_head(t, "Host: x", 'If-None-Match: "b3:other", W/"x"')],
+        "If-Range same": [_head(t, "Host: x", "Range: bytes=0-9", f"If-Range: {etag}")],
+        "If-Range weak": [_head(t, "Host: x", "Range: bytes=0-9", f"If-Range: W/{etag}")],
+        "If-Range other": [_head(t, "Host: x", "Range: bytes=0-9", 'If-Range: "b3:x"')],
+        "If-Range date": [_head(t, "Host: x", "Range: bytes=0-9",
+                                "If-Range: Wed, 21 Oct 2015 07:28:00 GMT")],
+    }
+
+
+EXPECTED = {
+    "no Host": 400, "two Hosts": 400, "100 fields": 200, "101 fields": 400,
+    "a 9000-byte field": 400, "a 9 KiB head": 431, "a 9 KiB head, trickled": 431,
+    "bare LF": 400, "bare LF inside": 400, "Range ²": 416, "Range ٣": 416,
+    "Range long start": 416, "Range long end": 206, "Range long suffix": 206,
+    "Range zeros": 206, "INM strong": 304, "INM weak": 304, "INM list": 304,
+    "INM star": 304, "INM other": 200, "If-Range same": 206, "If-Range weak": 200,
+    "If-Range other": 200, "If-Range date": 200,
+}
+
+
+def test_both_paths_answer_hostile_and_conditional_requests_alike(
+        cached: tuple[str, str, bytes]) -> None:
+    url, digest, _ = cached
+    for name, pieces in _cases(digest).items():
+        fast = _status_line(url, pieces, via_aiohttp=False)
+        slow = _status_line(url, pieces, via_aiohttp=True)
+        assert fast == slow, (name, fast, slow)
+        assert int(fast.split(b" ")[1]) == EXPECTED[name], (name, fast)
+
+
+def test_conditional_requests_on_misses(store: BlobStore, start_cache: StartCache) -> None:
+    """A miss is filled, then answered as a hit would be: 304 for a matching
+    If-None-Match, the whole object for an If-Range that does not match."""
+    cache = start_cache(store.url)
+    for inm in ('"{d}"', 'W/"{d}"', '"other", "{d}"', "*"):
+        data = os.urandom(5000)
+        digest = str(put_object(store, data))
+        status, headers, body = http_get(f"{cache.url}/v1/objects/{digest}",
+                                         {"If-None-Match": inm.format(d=digest)})
+        assert (status, body, headers["ETag"]) == (304, b"", f'"{digest}"'), inm
+        status, headers, body = http_get(f"{cache.url}/v1/objects/{digest}")
+        assert (status, body, headers["X-Bdn-Cache"]) == (200, data, "hit"), inm
+    data = os.urandom(5000)
+    digest = str(put_object(store, data))
+    status, _, body = http_get(f"{cache.url}/v1/objects/{digest}",
+                               {"Range": "bytes=0-9", "If-Range": '"b3:other"'})
+    assert (status, body) == (200, data)
+    unknown = "b3:" + "cd" * 32
+    assert http_get(f"{cache.url}/v1/objects/{unknown}", {"If-None-Match": "*"})[0] == 404
