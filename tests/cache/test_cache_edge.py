@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -17,12 +19,13 @@ from bdn.config import parse_auth
 from bdn.errors import ConfigError
 from bdn.store import BlobStore
 from cache.cli import parse_bytes
+from cache.edge import VERIFY_INTERVAL_S, NegativeCache, PerKeyRateLimit
 from control.errors import RequestError
 from control.store import check_name
 from manifests.digest import Digest
 from manifests.errors import DigestError, RefError
 from manifests.refs import Ref
-from tests.cache.conftest import StartCache, http_get, post_json, put_object
+from tests.cache.conftest import StartCache, http_get, metrics, post_json, put_object
 from tests.cache.test_cache_fastpath import RawConnection
 
 # -- item 7: validators match the whole string ----------------------------------------
@@ -205,3 +208,74 @@ def test_conditional_requests_on_misses(store: BlobStore, start_cache: StartCach
     assert (status, body) == (200, data)
     unknown = "b3:" + "cd" * 32
     assert http_get(f"{cache.url}/v1/objects/{unknown}", {"If-None-Match": "*"})[0] == 404
+
+
+# -- item 9: unauthenticated routes stay cheap --------------------------------------------
+
+
+def test_negative_cache_policy() -> None:
+    neg = NegativeCache(ttl_s=2.0, max_entries=2)
+    assert not neg.absent("a", now=0.0)
+    neg.add("a", now=10.0)
+    assert neg.absent("a", now=11.9) and not neg.absent("a", now=12.0)
+    assert len(neg) == 0  # expired entries are dropped when asked
+    for key in ("a", "b", "c"):
+        neg.add(key, now=20.0)
+    assert len(neg) == 2 and not neg.absent("a", now=20.0)  # the oldest went first
+    neg.discard("b")
+    assert not neg.absent("b", now=20.0) and neg.absent("c", now=20.0)
+
+
+def test_per_key_rate_limit_policy() -> None:
+    limit = PerKeyRateLimit(interval_s=10.0, max_entries=2)
+    assert limit.retry_after_s("a", now=100.0) == 0
+    assert limit.retry_after_s("a", now=104.0) == pytest.approx(6.0)
+    assert limit.retry_after_s("b", now=104.0) == 0
+    assert limit.retry_after_s("a", now=110.0) == 0
+    for key in ("c", "d"):
+        assert limit.retry_after_s(key, now=111.0) == 0
+    assert limit.retry_after_s("a", now=111.0) == 0  # forgotten: at most 2 keys held
+
+
+def test_unknown_digests_are_remembered_briefly(store: BlobStore,
+                                                start_cache: StartCache) -> None:
+    cache = start_cache(store.url)
+    unknown = "b3:" + "ef" * 32
+    for _ in range(5):
+        status, _, body = http_get(f"{cache.url}/v1/objects/{unknown}")
+        assert status == 404 and unknown.encode() in body
+    m = metrics(cache.url)
+    assert m['bdn_cache_fill_failures_total{reason="not_found"}'] == 1
+    assert m["bdn_cache_misses_total"] == 1
+
+
+def test_prefetch_validates_its_body(store: BlobStore, start_cache: StartCache) -> None:
+    cache = start_cache(store.url)
+    manifest = "b3:" + "12" * 32  # not in the store: a valid body gets 404
+    me = "http://10.0.0.1:8401"
+    too_many = [f"http://10.0.{i // 250}.{i % 250}:8401" for i in range(2000)] + [me]
+    for peers, self_ in (({me: 1}, me), ("abc" + me, "a"), ([None], "None"),
+                         ([me, 5], me), (too_many, me), ([me, "ftp://x"], me),
+                         ([me], 7), ([me + "\r\nX: 1"], me)):
+        status, body = post_json(f"{cache.url}/v1/prefetch",
+                                 {"manifest": manifest, "peers": peers, "self": self_})
+        assert status == 400 and "bad prefetch request" in str(body["error"]), peers
+    status, _ = post_json(f"{cache.url}/v1/prefetch",
+                          {"manifest": manifest, "peers": [me + "/"], "self": me})
+    assert status == 404
+
+
+def test_verify_is_rate_limited_per_object(store: BlobStore,
+                                           start_cache: StartCache) -> None:
+    cache = start_cache(store.url)
+    a, b = (str(put_object(store, os.urandom(1000))) for _ in range(2))
+    for d in (a, b):
+        assert http_get(f"{cache.url}/v1/objects/{d}")[0] == 200
+    assert post_json(f"{cache.url}/v1/objects/{a}/verify")[1]["status"] == "ok"
+    req = urllib.request.Request(f"{cache.url}/v1/objects/{a}/verify", data=b"",
+                                 method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 429
+    assert 1 <= int(info.value.headers["Retry-After"]) <= VERIFY_INTERVAL_S
+    assert post_json(f"{cache.url}/v1/objects/{b}/verify")[1]["status"] == "ok"
