@@ -258,6 +258,7 @@ class FastPath:
         self._accept_tasks: set[asyncio.Task[object]] = set()
         self._aiohttp_connections: Callable[[], int] = lambda: 0
         self._accept_factory: Callable[[], asyncio.Protocol] | None = None
+        self._paused_at_cap = False
         self._closed: asyncio.Event | None = None
         self._shutting_down = False
         self._sweep: asyncio.TimerHandle | None = None
@@ -311,8 +312,10 @@ class FastPath:
         return server
 
     def open_connections(self) -> int:
-        """Connections open in this process: on the fast path and handed to aiohttp."""
-        return len(self.connections) + self._aiohttp_connections()
+        """Connections open in this process: accepted and being set up, on the fast
+        path, and handed to aiohttp."""
+        return (len(self._accept_tasks) + len(self.connections)
+                + self._aiohttp_connections())
 
     def _accept(self, lsock: socket.socket,
                 factory: Callable[[], asyncio.Protocol]) -> None:
@@ -322,7 +325,7 @@ class FastPath:
                 self._pause_accepting(f"{self.open_connections()} connections open, the "
                                       f"most this process answers "
                                       f"({self.max_connections}, from its descriptor "
-                                      "limit)")
+                                      "limit)", at_cap=True)
                 return
             try:
                 conn, _ = lsock.accept()
@@ -344,9 +347,11 @@ class FastPath:
         if not task.cancelled() and task.exception() is not None:
             self._log_refusal(f"a connection could not be set up: {task.exception()}")
 
-    def _pause_accepting(self, why: str) -> None:
-        """Stop accepting for ``ACCEPT_BACKOFF_S``: clients wait in the backlog (or are
-        refused by the kernel) while the ones connected are still answered."""
+    def _pause_accepting(self, why: str, *, at_cap: bool = False) -> None:
+        """Stop accepting for ``ACCEPT_BACKOFF_S`` (``at_cap``: or until a connection
+        closes): clients wait in the backlog (or are refused by the kernel) while the
+        ones connected are still answered."""
+        self._paused_at_cap = at_cap
         if self._accepting:
             self._accepting = False
             loop = asyncio.get_running_loop()
@@ -356,7 +361,9 @@ class FastPath:
         self._log_refusal(f"{why}; not accepting for {ACCEPT_BACKOFF_S:.0f} s")
 
     def _resume_accepting(self) -> None:
-        self._resume = None
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         if self._accepting or self._shutting_down:
             return
         loop = asyncio.get_running_loop()
@@ -429,6 +436,9 @@ class FastPath:
         self.connections.discard(conn)
         if self._closed is not None and not self.connections:
             self._closed.set()
+        if (self._paused_at_cap and not self._accepting and not self._shutting_down
+                and self.open_connections() < self.max_connections):
+            self._resume_accepting()  # a descriptor came free: no need to wait
 
     def _check_idle(self) -> None:
         """Close connections past their idle or head timeout (one timer for them all,
@@ -445,9 +455,9 @@ class FastPath:
                     conn.close_idle()
             elif now - conn.head_at >= edge.header_timeout_s:
                 conn.close_idle()
-        if (not self._accepting and self._resume is None and not self._shutting_down
+        if (self._paused_at_cap and not self._accepting and not self._shutting_down
                 and self.open_connections() < self.max_connections):
-            self._resume_accepting()
+            self._resume_accepting()  # aiohttp's connections closed (no callback here)
         if self.connections:
             self._idle_sweep = loop.call_later(edge.sweep_interval_s, self._check_idle)
 

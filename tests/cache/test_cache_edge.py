@@ -9,9 +9,14 @@ loopback sockets; the pure parts (validators, the negative cache policy) directl
 from __future__ import annotations
 
 import os
+import selectors
 import socket
+import sys
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +24,7 @@ from bdn.config import parse_auth
 from bdn.errors import ConfigError
 from bdn.store import BlobStore
 from cache.cli import parse_bytes
-from cache.edge import VERIFY_INTERVAL_S, NegativeCache, PerKeyRateLimit
+from cache.edge import ACCEPT_BACKOFF_S, VERIFY_INTERVAL_S, NegativeCache, PerKeyRateLimit
 from control.errors import RequestError
 from control.store import check_name
 from manifests.digest import Digest
@@ -27,6 +32,7 @@ from manifests.errors import DigestError, RefError
 from manifests.refs import Ref
 from tests.cache.conftest import StartCache, http_get, metrics, post_json, put_object
 from tests.cache.test_cache_fastpath import RawConnection
+from tests.support.procs import ServiceProcess
 
 # -- item 7: validators match the whole string ----------------------------------------
 
@@ -279,3 +285,145 @@ def test_verify_is_rate_limited_per_object(store: BlobStore,
     assert info.value.code == 429
     assert 1 <= int(info.value.headers["Retry-After"]) <= VERIFY_INTERVAL_S
     assert post_json(f"{cache.url}/v1/objects/{b}/verify")[1]["status"] == "ok"
+
+
+# -- item 5: timeouts and descriptor exhaustion ----------------------------------------
+
+SOAK_TIMEOUT_S = 1.0
+# Generous: the machine is shared, and the bound is "closed by a timeout", not its speed.
+CLOSE_SLACK_S = 20.0
+
+
+def _wait_closed(socks: list[socket.socket], deadline: float) -> list[socket.socket]:
+    """Wait (select, no sleeps) until the server closed each socket or ``deadline``
+    (monotonic) passed; the sockets still open."""
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        left = len(socks)
+        while left and time.monotonic() < deadline:
+            for key, _ in sel.select(deadline - time.monotonic()):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except ConnectionError:
+                    data = b""
+                if not data:
+                    sel.unregister(sock)
+                    left -= 1
+        return [key.fileobj for key in sel.get_map().values()]  # type: ignore[misc]
+
+
+def test_soak_half_open_connections_beside_normal_clients(
+        store: BlobStore, start_cache: StartCache) -> None:
+    """300 half-open connections (silent; an unfinished head; idle after a request
+    aiohttp answered; an unfinished head after that) and 100 normal clients: every
+    normal request is answered, every half-open connection closed within the timeouts."""
+    data = os.urandom(50_000)
+    digest = str(put_object(store, data))
+    cache = start_cache(store.url, idle_timeout=SOAK_TIMEOUT_S,
+                        header_timeout=SOAK_TIMEOUT_S, body_timeout=SOAK_TIMEOUT_S)
+    assert http_get(f"{cache.url}/v1/objects/{digest}")[0] == 200
+    addr = _address(cache.url)
+    half_open: list[socket.socket] = []
+    try:
+        started = time.monotonic()
+        for i in range(300):
+            s = socket.create_connection(addr, timeout=30)
+            half_open.append(s)
+            kind = i % 4
+            if kind in (2, 3):  # aiohttp owns it from its first request
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                got = b""
+                while b'"ok"' not in got:
+                    got += s.recv(65536)
+            if kind in (1, 3):
+                s.sendall(f"GET /v1/objects/{digest} HTTP/1.1\r\nHost: x\r\nX-".encode())
+
+        def client(_: int) -> tuple[int, bytes]:
+            status, _, body = http_get(f"{cache.url}/v1/objects/{digest}")
+            return status, body
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(client, range(100)))
+        assert answers == [(200, data)] * 100
+        # aiohttp's one timer covers idle and head time: their sum, from its request.
+        bound = started + 2 * SOAK_TIMEOUT_S + CLOSE_SLACK_S
+        left = _wait_closed(half_open, bound)
+        assert not left, f"{len(left)} of 300 half-open connections still open"
+        assert time.monotonic() - started >= SOAK_TIMEOUT_S  # closed by the timeout
+        assert http_get(f"{cache.url}/v1/objects/{digest}")[0] == 200
+    finally:
+        for s in half_open:
+            s.close()
+
+
+def test_a_request_body_that_stops_gets_408(store: BlobStore,
+                                            start_cache: StartCache) -> None:
+    cache = start_cache(store.url, body_timeout=SOAK_TIMEOUT_S)
+    s = socket.create_connection(_address(cache.url), timeout=30)
+    try:
+        s.sendall(b"POST /v1/prefetch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: 100\r\n\r\n{\"manifest\": ")
+        started = time.monotonic()
+        got = b""
+        while b"\r\n" not in got:
+            more = s.recv(65536)
+            if not more:
+                break
+            got += more
+        assert got.startswith(b"HTTP/1.1 408 "), got[:100]
+        assert time.monotonic() - started < SOAK_TIMEOUT_S + CLOSE_SLACK_S
+    finally:
+        s.close()
+
+
+FD_LIMIT = 96
+_LIMITED = ("import resource, runpy, sys; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, ({n}, {n})); "
+            "sys.argv[0] = 'bdn'; runpy.run_module('bdn.cli', run_name='__main__')")
+REFUSAL_LINES = ("cache port:", "out of system resource")
+
+
+def test_descriptor_exhaustion_backs_off_accept_and_keeps_answering(
+        store: BlobStore, procs: list[ServiceProcess], tmp_path: Path) -> None:
+    """With RLIMIT_NOFILE lowered in the server process, a flood of connections never
+    takes the descriptors its existing clients need: they are answered throughout,
+    accepting pauses, and the pause is logged once per interval, not per connection."""
+    data = os.urandom(20_000)
+    digest = str(put_object(store, data))
+    cache = ServiceProcess([
+        sys.executable, "-c", _LIMITED.format(n=FD_LIMIT), "cache-server", "--store",
+        store.url, "--dir", str(tmp_path / "cache"), "--budget-bytes", str(1 << 30),
+        "--listen", "127.0.0.1:0"])
+    procs.append(cache)
+    assert cache.url is not None
+    target = f"/v1/objects/{digest}"
+    fast, slow = RawConnection(cache.url), RawConnection(cache.url)
+    flood: list[socket.socket] = []
+    try:
+        assert fast.request(target)[2] == data  # fills it; the fast path keeps it
+        assert slow.request("/healthz")[0] == 200  # aiohttp owns this one
+        started = time.monotonic()
+        for _ in range(300):
+            flood.append(socket.create_connection(_address(cache.url), timeout=30))
+        cache.wait_line("cache port:")  # the server stopped accepting, and said so
+        for i in range(20):
+            status, _, body = fast.request(target, {"Range": f"bytes={i}-{i + 99}"})
+            assert (status, body) == (206, data[i:i + 100])
+            status, _, body = slow.request(target)
+            assert (status, body) == (200, data)
+        for s in flood:
+            s.close()
+        flood.clear()
+        # Accepting resumes once the flood is gone: a new client is answered.
+        assert http_get(f"{cache.url}{target}")[2] == data
+        elapsed = time.monotonic() - started
+        refusals = [x for x in cache.lines if any(n in x for n in REFUSAL_LINES)]
+        assert len(refusals) <= elapsed / ACCEPT_BACKOFF_S + 2, refusals[:5]
+    finally:
+        fast.close()
+        slow.close()
+        for s in flood:
+            s.close()
