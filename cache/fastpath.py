@@ -23,6 +23,12 @@ protocol, which keeps it to its end. aiohttp thus stays the reference for every 
 the same status, headers, body and ``Range`` rules (:mod:`cache.send`), which
 ``tests/cache/test_cache_fastpath.py`` compares request by request. A response that
 cannot be sent whole aborts the connection (never a short body that looks complete).
+
+The edge is bounded as aiohttp's is (:mod:`cache.edge`): a head that is too long, has
+too many fields, a bare LF, or not exactly one ``Host`` goes to aiohttp, which refuses
+it; one sweep per process closes connections past the idle or head timeout; and the
+listening sockets are accepted from here, under a connection cap sized from the
+descriptor limit, pausing (one log line per interval) at the cap or on ``EMFILE``.
 """
 
 from __future__ import annotations

@@ -6,16 +6,22 @@ HTTP API (all digests ``b3:<hex>``):
   object starts its fill and answers once the size is known). ``Range: bytes=a-b``,
   ``a-`` and ``-n`` give 206 with ``Content-Range``; a range past the end gives 416 with
   ``Content-Range: bytes */size``; several ranges are answered with the whole object
-  (200). ``ETag`` is the quoted digest, ``Cache-Control: immutable``. A cached object is
+  (200). ``ETag`` is the quoted digest, ``Cache-Control: immutable``; ``If-None-Match``
+  (weak comparison, lists, ``*``) gives 304, on a miss after its fill; ``If-Range`` with
+  another validator or a date gives the whole object. A digest the store lacks is
+  answered 404 from memory for ``NEGATIVE_TTL_S`` after it was looked up. A cached object is
   sent with ``sendfile``; a miss starts (or joins) the object's one fill and streams from
   it as bytes arrive. ``X-Bdn-Cache`` says ``hit``, ``miss`` or ``coalesced``.
 - ``GET /v1/manifests/{digest}`` — a manifest's bytes (manifests are objects).
 - ``GET /v1/refs/{namespace}/{model}/{tag}`` — ``{"ref", "digest"}``, cached for
   ``ref_ttl_s`` (refs move; a short TTL bounds how stale a scale-up can be).
-- ``POST /v1/objects/{digest}/verify`` — re-hash the cached copy; drop it if bad.
+- ``POST /v1/objects/{digest}/verify`` — re-hash the cached copy; drop it if bad (at
+  most once per object per ``verify_interval_s``; sooner: 429 with ``Retry-After``).
 - ``POST /v1/prefetch`` ``{"manifest": "b3:..."}`` or ``{"ref": "ns/m:t"}`` (optionally
   ``"peers"`` and ``"self"`` to keep only the objects this peer owns on the ring) —
-  queue background fills of the manifest's objects, rate limited (202).
+  queue background fills of the manifest's objects, rate limited (202). ``peers``: at
+  most ``MAX_PREFETCH_PEERS`` http(s) URLs (else 400); the body must arrive within
+  ``body_timeout_s`` (else 408).
 - ``GET /metrics`` (Prometheus text), ``GET /healthz``.
 
 Errors are JSON ``{"error": sentence, "digest": ...}``: 404 when the store has no such
