@@ -246,6 +246,11 @@ def test_parse_head_takes_plain_hits(head: str) -> None:
     f"GET /v1/objects/{GOOD} HTTP/1.1\r\nX-A: a\x00b",             # a control byte
     f"GET /v1/objects/{GOOD} HTTP/1.1\r\nConnection: Upgrade",
     f"GET  /v1/objects/{GOOD} HTTP/1.1",                           # two spaces
+    f"GET /v1/objects/{GOOD} HTTP/1.1\r\nRange: bytes=0-1",         # no Host
+    f"GET /v1/objects/{GOOD} HTTP/1.1\r\nHost: a\r\nhost: b",       # two Hosts
+    f"GET /v1/objects/{GOOD} HTTP/1.1\r\nHost: a\r\nIf-Range: \"x\"\r\nIf-Range: \"y\"",
+    f"GET /v1/objects/{GOOD} HTTP/1.1\r\nHost: a" + "".join(f"\r\nX-{i}: 1"
+                                                            for i in range(100)),
 ])
 def test_parse_head_leaves_the_rest_to_aiohttp(head: str) -> None:
     assert parse_head(head.encode()) is None
