@@ -125,12 +125,14 @@ def _head(target: str, *fields: str, line_end: bytes = b"\r\n") -> bytes:
     return line_end.join(x.encode("utf-8") for x in lines) + line_end + line_end
 
 
-@pytest.fixture
-def cached(store: BlobStore, start_cache: StartCache) -> tuple[str, str, bytes]:
-    """(cache URL, digest, bytes) of an object already in the cache."""
+@pytest.fixture(params=[1, 2], ids=["owner", "workers"])
+def cached(request: pytest.FixtureRequest, store: BlobStore,
+           start_cache: StartCache) -> tuple[str, str, bytes]:
+    """(cache URL, digest, bytes) of an object already in the cache, served by one
+    process or by the owner and a hit worker."""
     data = os.urandom(10_000)
     digest = str(put_object(store, data))
-    cache = start_cache(store.url)
+    cache = start_cache(store.url, workers=request.param)
     status, _, body = http_get(f"{cache.url}/v1/objects/{digest}")
     assert status == 200 and body == data
     return cache.url, digest, data
