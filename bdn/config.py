@@ -39,9 +39,9 @@ AUTH_REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 AUTH_FIELDS = frozenset(f for fs in AUTH_REQUIRED_FIELDS.values() for f in fs) | {"auth_method"}
 ENTRY_FIELDS = frozenset({"source", "mount_location", "allow_patterns", "ignore_patterns",
                           "auth", "auth_secret_name"})
-_HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
-_SECRET_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,253}$")
+_HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
+_SECRET_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}")
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,10 @@ def parse_source(value: Any, *, index: int | None = None) -> SourceURI:
     if scheme == "hf":
         if "@" in rest:
             rest, revision = rest.rsplit("@", 1)
-            if not _REVISION_RE.match(revision) or ".." in revision:
+            if not _REVISION_RE.fullmatch(revision) or ".." in revision:
                 raise ConfigError(f"Source '{text}' has an empty or invalid revision after @",
                                   index=index, field=fld)
-        if not _HF_REPO_RE.match(rest):
+        if not _HF_REPO_RE.fullmatch(rest):
             raise ConfigError(f"Source '{text}' is not a Hugging Face repository: expected "
                               "hf://owner/repo[@revision]", index=index, field=fld)
     elif "@" in rest and scheme in ("s3", "gs", "r2", "azure", "file"):
@@ -181,7 +181,7 @@ def _patterns(entry: dict[str, Any], name: str, index: int) -> tuple[str, ...]:
 
 
 def _secret_name(value: Any, index: int, fld: str) -> str:
-    if not isinstance(value, str) or not _SECRET_NAME_RE.match(value):
+    if not isinstance(value, str) or not _SECRET_NAME_RE.fullmatch(value):
         raise ConfigError(f"{fld.rsplit('.', 1)[-1]} must be a secret name of letters, digits, "
                           f"'_', '-' or '.', got {value!r}", index=index, field=fld)
     return value

@@ -8,6 +8,12 @@ import re
 from bdn.errors import ConfigError
 from bdn.service import ListenAddress
 from bdn.store import default_store_url
+from cache.edge import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    VERIFY_INTERVAL_S,
+)
 from cache.server import (
     DEFAULT_FILL_THREADS,
     DEFAULT_PREFETCH_CONCURRENCY,
@@ -21,13 +27,13 @@ from cache.server import (
 from cache.workers import serve
 
 DEFAULT_LISTEN = "127.0.0.1:8401"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_bytes(text: str) -> int:
     """``1073741824``, ``512M``, ``10GiB``, ``1.5T`` → bytes (binary units)."""
-    m = _SIZE_RE.match(text)
+    m = _SIZE_RE.fullmatch(text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 10G, 512MiB)")
     unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
@@ -61,6 +67,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    f"(default 1; this machine's usable CPUs: {default_workers()})")
     p.add_argument("--ref-ttl", type=float, default=REF_TTL_S, metavar="SECONDS",
                    help="how long a resolved ref is reused (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                   metavar="SECONDS", help="close a connection that sends no request for "
+                   "this long (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                   metavar="SECONDS", help="close a connection whose request head is not "
+                   "complete this long after its first byte (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   metavar="SECONDS", help="answer 408 when a request body has not "
+                   "arrived within this (default %(default)s)")
+    p.add_argument("--verify-interval", type=float, default=VERIFY_INTERVAL_S,
+                   metavar="SECONDS", help="least time between two re-hashes of one "
+                   "object by POST .../verify; sooner gets 429 (0: no limit; default "
+                   "%(default)s)")
     p.add_argument("--fsync", action="store_true",
                    help="sync every completed object to disk (survives power loss)")
     p.set_defaults(handler=cmd_cache_server)
@@ -74,6 +93,8 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
             prefetch_concurrency=args.prefetch_concurrency, fill_threads=args.fill_threads,
             send_threads=args.send_threads,
             ref_ttl_s=args.ref_ttl, fsync=args.fsync,
+            idle_timeout_s=args.idle_timeout, header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout, verify_interval_s=args.verify_interval,
             **({} if args.workers is None else {"workers": args.workers}))
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -23,6 +23,12 @@ protocol, which keeps it to its end. aiohttp thus stays the reference for every 
 the same status, headers, body and ``Range`` rules (:mod:`cache.send`), which
 ``tests/cache/test_cache_fastpath.py`` compares request by request. A response that
 cannot be sent whole aborts the connection (never a short body that looks complete).
+
+The edge is bounded as aiohttp's is (:mod:`cache.edge`): a head that is too long, has
+too many fields, a bare LF, or not exactly one ``Host`` goes to aiohttp, which refuses
+it; one sweep per process closes connections past the idle or head timeout; and the
+listening sockets are accepted from here, under a connection cap sized from the
+descriptor limit, pausing (one log line per interval) at the cap or on ``EMFILE``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import errno
+import logging
 import os
 import re
 import select
@@ -37,40 +45,57 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import BinaryIO, Protocol
 
 from aiohttp import web
 
+from cache.edge import (
+    ACCEPT_BACKOFF_S,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    EdgeOptions,
+    max_connections,
+)
 from cache.errors import RangeNotSatisfiableError
 from cache.send import (
     OCTET_STREAM,
     SEND_POLL_SLICE_S,
     SEND_STALL_TIMEOUT_S,
     Sender,
+    not_modified,
     object_headers,
     parse_range,
     prepare_range,
+    range_if,
     range_refusal_body,
     send_file_response,
 )
 from manifests.digest import ALGORITHM, HEX_LENGTH
 
-# A request head longer than this goes to aiohttp (which enforces its own limits).
-MAX_HEAD_BYTES = 8192
+log = logging.getLogger(__name__)
+
+# A request head longer than MAX_HEAD_BYTES, or with more than MAX_HEADERS fields, goes
+# to aiohttp, which refuses it (cache.edge) — so both paths give the same answer.
 # Pipelined bytes buffered while a response is sent, before reading is paused.
 MAX_BUFFERED_BYTES = 64 * 1024
 SERVER_HEADER = "bdn-cache"
 LISTEN_BACKLOG = 1024
 # Bytes per sendfile call before the loop serves others (nginx's sendfile_max_chunk).
 SENDFILE_MAX_CHUNK_BYTES = 2 * 1024 * 1024
+# Connections accepted per readable event of a listening socket (asyncio's: backlog).
+ACCEPT_BATCH = 64
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _OBJECT_TARGET_RE = re.compile(rb"/v1/objects/(" + ALGORITHM.encode() +
                                rb":([0-9a-f]{" + str(HEX_LENGTH).encode() + rb"}))")
 # Control characters (other than tab) anywhere in a head line: let aiohttp word the 400.
 _CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Header values decoded as aiohttp decodes them (so error bodies quote them alike).
+_AS_AIOHTTP = ("utf-8", "surrogateescape")
 # Headers that mean a request is not a plain bodiless GET/HEAD.
 _NOT_PLAIN = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-_REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified",
-            416: "Range Not Satisfiable"}
+# Reason phrases as aiohttp words them (http.HTTPStatus): identical status lines.
+_REASONS = {s: HTTPStatus(s).phrase for s in (200, 206, 304, 416)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +108,7 @@ class FastRequest:
     range: str | None
     if_none_match: str | None
     close: bool
+    if_range: str | None = None
 
 
 def parse_head(head: bytes) -> FastRequest | None:
@@ -95,8 +121,12 @@ def parse_head(head: bytes) -> FastRequest | None:
     m = _OBJECT_TARGET_RE.fullmatch(parts[1])
     if m is None or _CONTROL_RE.search(head.replace(b"\r\n", b"")):
         return None
+    if len(lines) - 1 > MAX_HEADERS:
+        return None  # aiohttp words the 400
     rng: bytes | None = None
     inm: bytes | None = None
+    if_range: bytes | None = None
+    hosts = 0
     close = False
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
@@ -113,6 +143,12 @@ def parse_head(head: bytes) -> FastRequest | None:
             if inm is not None:
                 return None
             inm = value
+        elif name == b"if-range":
+            if if_range is not None:
+                return None
+            if_range = value
+        elif name == b"host":
+            hosts += 1
         elif name == b"connection":
             tokens = {t.strip().lower() for t in value.split(b",")}
             if b"upgrade" in tokens:
@@ -123,11 +159,14 @@ def parse_head(head: bytes) -> FastRequest | None:
                 return None
         elif name in _NOT_PLAIN:
             return None
+    if hosts != 1:
+        return None  # HTTP/1.1 needs exactly one Host: aiohttp words the 400
     return FastRequest(head_only=parts[0] == b"HEAD", digest=m.group(1).decode(),
                        hex=m.group(2).decode(),
-                       range=None if rng is None else rng.decode("latin-1"),
-                       if_none_match=None if inm is None else inm.decode("latin-1"),
-                       close=close)
+                       range=None if rng is None else rng.decode(*_AS_AIOHTTP),
+                       if_none_match=None if inm is None else inm.decode(*_AS_AIOHTTP),
+                       close=close,
+                       if_range=None if if_range is None else if_range.decode(*_AS_AIOHTTP))
 
 
 @dataclass(slots=True)
@@ -164,6 +203,12 @@ class HitSource(Protocol):
         """The response went out (``whole``) or broke off: release the object."""
 
 
+def if_none_match(request: web.Request) -> str | None:
+    """The request's ``If-None-Match`` list, its several fields joined (RFC 9110 §5.3)."""
+    values = request.headers.getall("If-None-Match", [])
+    return ", ".join(values) if values else None
+
+
 async def answer_hit(request: web.Request, source: HitSource, sender: Sender,
                      obj: OpenObject, hex_: str, headers: dict[str, str]
                      ) -> web.StreamResponse:
@@ -174,7 +219,7 @@ async def answer_hit(request: web.Request, source: HitSource, sender: Sender,
     whole = False
     digest = f"{ALGORITHM}:{hex_}"
     try:
-        if request.headers.get("If-None-Match") == headers["ETag"]:
+        if not_modified(if_none_match(request), headers["ETag"]):
             source.hit_started(obj, hex_, 0)
             whole = True
             return web.Response(status=304, headers=headers)
@@ -199,13 +244,27 @@ class FastPath:
     """One process's fast path: its settings, its open fast connections (so shutdown
     can close them) and one timer that ends sends which make no progress."""
 
-    def __init__(self, source: HitSource, sender: Sender, worker: str) -> None:
+    def __init__(self, source: HitSource, sender: Sender, worker: str,
+                 edge: EdgeOptions | None = None) -> None:
         """``worker``: the process's index as ``X-Bdn-Worker`` names it; ``sender``'s
-        stop (:meth:`Sender.stop`) also ends this path's sends."""
+        stop (:meth:`Sender.stop`) also ends this path's sends; ``edge``: timeouts."""
         self.source = source
         self.sender = sender
         self.worker = worker
+        self.edge = edge or EdgeOptions()
         self.connections: set[FastPathProtocol] = set()
+        self.max_connections = max_connections()
+        self._idle_sweep: asyncio.TimerHandle | None = None
+        # Listening sockets accepted from here (see _accept), and their state.
+        self._listening: list[socket.socket] = []
+        self._accepting = False
+        self._resume: asyncio.TimerHandle | None = None
+        self._logged_at = -ACCEPT_BACKOFF_S
+        self._refused = 0
+        self._accept_tasks: set[asyncio.Task[object]] = set()
+        self._aiohttp_connections: Callable[[], int] = lambda: 0
+        self._accept_factory: Callable[[], asyncio.Protocol] | None = None
+        self._paused_at_cap = False
         self._closed: asyncio.Event | None = None
         self._shutting_down = False
         self._sweep: asyncio.TimerHandle | None = None
@@ -229,14 +288,118 @@ class FastPath:
                      reuse_port: bool = False, backlog: int = LISTEN_BACKLOG
                      ) -> asyncio.Server:
         """Listen on ``sock``, or on ``host``:``port``, with this fast path in front of
-        ``aiohttp_factory`` (an aiohttp runner's ``server``). To stop: :meth:`shutdown`."""
+        ``aiohttp_factory`` (an aiohttp runner's ``server``). To stop: :meth:`shutdown`.
+
+        asyncio makes the listening sockets (every address family of ``host``), but
+        accepting is done here (:meth:`_accept`): under the connection cap, and with one
+        pause and one log line per interval when descriptors run out."""
         loop = asyncio.get_running_loop()
+        factory = self.factory(aiohttp_factory)
         if sock is not None:
-            return await loop.create_server(self.factory(aiohttp_factory), sock=sock,
-                                            backlog=backlog)
-        return await loop.create_server(self.factory(aiohttp_factory), host, port,
-                                        reuse_address=True, reuse_port=reuse_port or None,
-                                        backlog=backlog)
+            server = await loop.create_server(factory, sock=sock, backlog=backlog,
+                                              start_serving=False)
+        else:
+            server = await loop.create_server(factory, host, port, reuse_address=True,
+                                              reuse_port=reuse_port or None,
+                                              backlog=backlog, start_serving=False)
+        self._accept_factory = factory
+        connections = getattr(aiohttp_factory, "connections", None)
+        if connections is not None:  # aiohttp's web.Server: the connections handed off
+            self._aiohttp_connections = lambda: len(connections)
+        for tsock in server.sockets:
+            # A dup: asyncio's TransportSocket offers no accept(); ours is closed by
+            # _stop_accepting, the original by the server's close().
+            lsock = socket.socket(tsock.family, tsock.type, fileno=os.dup(tsock.fileno()))
+            lsock.setblocking(False)
+            lsock.listen(backlog)
+            self._listening.append(lsock)
+            loop.add_reader(lsock.fileno(), self._accept, lsock, factory)
+        self._accepting = True
+        return server
+
+    def open_connections(self) -> int:
+        """Connections open in this process: accepted and being set up, on the fast
+        path, and handed to aiohttp."""
+        return (len(self._accept_tasks) + len(self.connections)
+                + self._aiohttp_connections())
+
+    def _accept(self, lsock: socket.socket,
+                factory: Callable[[], asyncio.Protocol]) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            if self.open_connections() >= self.max_connections:
+                self._pause_accepting(f"{self.open_connections()} connections open, the "
+                                      f"most this process answers "
+                                      f"({self.max_connections}, from its descriptor "
+                                      "limit)", at_cap=True)
+                return
+            try:
+                conn, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                if e.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting(f"accept() failed: {os.strerror(e.errno)}")
+                else:
+                    self._log_refusal(f"accept() failed: {e}")
+                return
+            conn.setblocking(False)
+            task = loop.create_task(loop.connect_accepted_socket(factory, conn))
+            self._accept_tasks.add(task)
+            task.add_done_callback(self._accepted)
+
+    def _accepted(self, task: asyncio.Task[object]) -> None:
+        self._accept_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log_refusal(f"a connection could not be set up: {task.exception()}")
+
+    def _pause_accepting(self, why: str, *, at_cap: bool = False) -> None:
+        """Stop accepting for ``ACCEPT_BACKOFF_S`` (``at_cap``: or until a connection
+        closes): clients wait in the backlog (or are refused by the kernel) while the
+        ones connected are still answered."""
+        self._paused_at_cap = at_cap
+        if self._accepting:
+            self._accepting = False
+            loop = asyncio.get_running_loop()
+            for lsock in self._listening:
+                loop.remove_reader(lsock.fileno())
+            self._resume = loop.call_later(ACCEPT_BACKOFF_S, self._resume_accepting)
+        self._log_refusal(f"{why}; not accepting for {ACCEPT_BACKOFF_S:.0f} s")
+
+    def _resume_accepting(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._accepting or self._shutting_down:
+            return
+        loop = asyncio.get_running_loop()
+        for lsock in self._listening:
+            loop.add_reader(lsock.fileno(), self._accept, lsock, self._accept_factory)
+        self._accepting = True
+
+    def _log_refusal(self, message: str) -> None:
+        """At most one line per ``ACCEPT_BACKOFF_S``, with how many were held back."""
+        now = time.monotonic()
+        if now - self._logged_at < ACCEPT_BACKOFF_S:
+            self._refused += 1
+            return
+        more = f" ({self._refused} more since the last line)" if self._refused else ""
+        log.warning("cache port: %s%s", message, more)
+        self._logged_at = now
+        self._refused = 0
+
+    def _stop_accepting(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._accepting:
+            for lsock in self._listening:
+                loop.remove_reader(lsock.fileno())
+        self._accepting = False
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        for lsock in self._listening:
+            lsock.close()
+        self._listening = []
 
     def register(self, conn: FastPathProtocol, fd: int) -> None:
         """Tell ``conn`` (:meth:`FastPathProtocol.writable`) when ``fd`` takes bytes
@@ -269,10 +432,40 @@ class FastPath:
     def shutting_down(self) -> bool:
         return self._shutting_down
 
+    def add(self, conn: FastPathProtocol) -> None:
+        self.connections.add(conn)
+        if self._idle_sweep is None:
+            self._idle_sweep = asyncio.get_running_loop().call_later(
+                self.edge.sweep_interval_s, self._check_idle)
+
     def forget(self, conn: FastPathProtocol) -> None:
         self.connections.discard(conn)
         if self._closed is not None and not self.connections:
             self._closed.set()
+        if (self._paused_at_cap and not self._accepting and not self._shutting_down
+                and self.open_connections() < self.max_connections):
+            self._resume_accepting()  # a descriptor came free: no need to wait
+
+    def _check_idle(self) -> None:
+        """Close connections past their idle or head timeout (one timer for them all,
+        not one per request); resume accepting once under the cap again."""
+        self._idle_sweep = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        edge = self.edge
+        for conn in list(self.connections):
+            if conn.sending:
+                continue  # the send stall watch (_check_sends) bounds a send
+            if conn.head_at is None:
+                if now - conn.idle_at >= edge.idle_timeout_s:
+                    conn.close_idle()
+            elif now - conn.head_at >= edge.header_timeout_s:
+                conn.close_idle()
+        if (self._paused_at_cap and not self._accepting and not self._shutting_down
+                and self.open_connections() < self.max_connections):
+            self._resume_accepting()  # aiohttp's connections closed (no callback here)
+        if self.connections:
+            self._idle_sweep = loop.call_later(edge.sweep_interval_s, self._check_idle)
 
     def watch(self) -> None:
         """A send started: make sure the stall sweep runs."""
@@ -300,6 +493,7 @@ class FastPath:
         now, busy ones after their response (sends to stalled clients end within
         ``SEND_POLL_SLICE_S``, as aiohttp's shutdown has them do); abort whatever is
         left after ``timeout_s``. Then clean the aiohttp runner up."""
+        self._stop_accepting()
         if public is not None:
             public.close()
         self.sender.stop()
@@ -312,9 +506,10 @@ class FastPath:
                 await asyncio.wait_for(self._closed.wait(), timeout_s)
         for conn in list(self.connections):
             conn.abort()
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
+        for handle in (self._sweep, self._idle_sweep):
+            if handle is not None:
+                handle.cancel()
+        self._sweep = self._idle_sweep = None
         if self._ep is not None:
             asyncio.get_running_loop().remove_reader(self._ep.fileno())
             self._ep.close()
@@ -348,6 +543,10 @@ class FastPathProtocol(asyncio.Protocol):
         self._pos = self._stop = self._end = 0
         self._waiting = False
         self._corked = False
+        # Loop time since which the connection waits for a request (idle timeout), and
+        # when the first byte of an incomplete head arrived (head timeout; None: none).
+        self.idle_at = 0.0
+        self.head_at: float | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -363,16 +562,24 @@ class FastPathProtocol(asyncio.Protocol):
             return
         # Our own descriptor for the connection: the transport has its fd registered
         # with the loop, and waiting for writability needs one of our own.
-        self._sock = socket.socket(fileno=os.dup(tsock.fileno()))
+        try:
+            fd = os.dup(tsock.fileno())
+        except OSError:  # out of descriptors: aiohttp needs none of its own
+            self._hand_off()
+            return
+        self._sock = socket.socket(fileno=fd)
         self._sock.setblocking(False)
         self._tcp = self._sock.family in (socket.AF_INET, socket.AF_INET6)
         if self._tcp:
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._fast.connections.add(self)
+        self.idle_at = asyncio.get_running_loop().time()
+        self._fast.add(self)
         self._fast.register(self, self._sock.fileno())
 
     def data_received(self, data: bytes) -> None:
+        if not self._buf and not self.sending:
+            self.head_at = asyncio.get_running_loop().time()
         self._buf += data
         if not self.sending:
             self._next()
@@ -401,6 +608,12 @@ class FastPathProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def close_idle(self) -> None:
+        """A timeout passed with no request (or an incomplete head): close, as aiohttp's
+        keep-alive timer does — no answer, the client may retry on a new connection."""
+        if self._transport is not None:
+            self._transport.close()
+
     def _next(self) -> None:
         """Answer buffered requests while each completes at once; then wait for more
         bytes or for the socket; hand off what the fast path does not answer."""
@@ -410,10 +623,17 @@ class FastPathProtocol(asyncio.Protocol):
         try:
             while not self.sending and self._sock is not None:
                 end = self._buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._buf) > MAX_HEAD_BYTES:
-                        self._hand_off()
+                head_len = len(self._buf) if end < 0 else end
+                # A head too long, whenever its end arrives, or with a bare LF (which
+                # would never end in CRLF CRLF): aiohttp refuses it (and bounds it).
+                if head_len > MAX_HEAD_BYTES or (
+                        self._buf.count(b"\n", 0, head_len)
+                        != self._buf.count(b"\r\n", 0, head_len + 1)):
+                    self._hand_off()
                     return
+                if end < 0:
+                    return
+                self.head_at = None
                 req = parse_head(bytes(self._buf[:end]))
                 obj = None if req is None else self._fast.source.open_hit(req.hex)
                 if req is None or obj is None:
@@ -550,16 +770,19 @@ class FastPathProtocol(asyncio.Protocol):
             if self._paused:
                 self._paused = False
                 transport.resume_reading()
+            now = asyncio.get_running_loop().time()
+            self.idle_at = now
+            self.head_at = now if self._buf else None
             self._next()
 
     def _plan(self, req: FastRequest, obj: OpenObject
               ) -> tuple[int, int, int, bytes, dict[str, str]]:
         """(status, start, end, body of a non-200/206 answer, headers)."""
         headers = object_headers(req.digest, OCTET_STREAM, "hit", self._fast.worker)
-        if req.if_none_match is not None and req.if_none_match == headers["ETag"]:
+        if not_modified(req.if_none_match, headers["ETag"]):
             return 304, 0, 0, b"", headers
         try:
-            rng = parse_range(req.range, obj.size)
+            rng = parse_range(range_if(req.range, req.if_range, headers["ETag"]), obj.size)
         except RangeNotSatisfiableError as e:
             headers["Content-Range"] = f"bytes */{obj.size}"
             headers["Content-Type"] = "application/json; charset=utf-8"  # as aiohttp's

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import select
 import socket
 import threading
@@ -41,6 +42,12 @@ OCTET_STREAM = "application/octet-stream"
 # Which process served a response (see cache.workers); the owner is worker 0.
 WORKER_HEADER = "X-Bdn-Worker"
 OWNER_WORKER = 0
+# Digits of a Range offset past which it is "beyond any object" (10^18 B = 1 EB).
+MAX_RANGE_DIGITS = 18
+_PAST_ANY_END = 10 ** MAX_RANGE_DIGITS
+_RANGE_SPEC_RE = re.compile(r"([0-9]*)[ \t]*-[ \t]*([0-9]*)", re.ASCII)
+# One entity-tag of an If-None-Match list: (W/)"opaque".
+_ETAG_RE = re.compile(r'(W/)?"([^"]*)"')
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -50,6 +57,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     ranges (RFC 9110 lets a server ignore those). Raises
     :class:`RangeNotSatisfiableError` for a malformed bytes range or one that selects no
     byte (first byte at or past the end; a zero suffix; any range of an empty object).
+    Only ASCII digits count (``str.isdigit`` also takes ``²`` and ``٣``, which ``int``
+    refuses or reads), and a number too long to be a byte offset is read as "past any
+    end", never parsed: a hostile header gets a 416 or a 200, never a 500.
     """
     if header is None:
         return None
@@ -59,19 +69,49 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     spec = spec.strip()
     if "," in spec:
         return None
-    first, dash, last = (p.strip() for p in spec.partition("-"))
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+    m = _RANGE_SPEC_RE.fullmatch(spec)
+    if m is None:
         raise _unsatisfiable(header, size)
+    first, last = m.group(1), m.group(2)
     if not first:
-        if not last or int(last) == 0 or size == 0:
+        if not last or _offset(last) == 0 or size == 0:
             raise _unsatisfiable(header, size)
-        return max(0, size - int(last)), size
-    start = int(first)
-    if start >= size or (last and int(last) < start):
+        return max(0, size - _offset(last)), size
+    start = _offset(first)
+    if start >= size or (last and _offset(last) < start):
         raise _unsatisfiable(header, size)
     if not last:
         return start, size
-    return start, min(int(last) + 1, size)
+    return start, min(_offset(last) + 1, size)
+
+
+def _offset(digits: str) -> int:
+    """A byte offset of ASCII digits; longer than ``MAX_RANGE_DIGITS`` (leading zeros
+    aside): past the end of any object."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= MAX_RANGE_DIGITS else _PAST_ANY_END
+
+
+def not_modified(if_none_match: str | None, etag: str) -> bool:
+    """Whether ``If-None-Match`` (RFC 9110 §13.1.2) matches an object whose strong
+    ``etag`` is this: ``*``, or any entity-tag of the list by weak comparison (``W/``
+    ignored on either side). A malformed list matches nothing (the object is sent)."""
+    if if_none_match is None:
+        return False
+    value = if_none_match.strip()
+    if value == "*":
+        return True
+    opaque = etag.removeprefix("W/")
+    return any(f'"{m.group(2)}"' == opaque for m in _ETAG_RE.finditer(value))
+
+
+def range_if(range_header: str | None, if_range: str | None, etag: str) -> str | None:
+    """The ``Range`` to apply given ``If-Range`` (RFC 9110 §13.1.5): the range only if
+    ``If-Range`` is absent or strongly matches ``etag``; a date or another validator
+    means "send it all" (None). Objects have no ``Last-Modified``, so no date matches."""
+    if range_header is None or if_range is None:
+        return range_header
+    return range_header if if_range.strip() == etag else None
 
 
 def _unsatisfiable(header: str, size: int) -> RangeNotSatisfiableError:
@@ -98,7 +138,8 @@ def prepare_range(request: web.Request, digest: str, size: int,
     Adds ``Content-Range`` to ``headers`` for a 206.
     """
     try:
-        rng = parse_range(request.headers.get("Range"), size)
+        rng = parse_range(range_if(request.headers.get("Range"),
+                                   request.headers.get("If-Range"), headers["ETag"]), size)
     except RangeNotSatisfiableError as e:
         headers["Content-Range"] = f"bytes */{size}"
         headers["Content-Type"] = "application/json"
@@ -442,5 +483,5 @@ async def send_file_response(request: web.Request, sender: Sender, f: BinaryIO,
 
 
 __all__ = ["IMMUTABLE", "OCTET_STREAM", "OWNER_WORKER", "WORKER_HEADER", "Sender", "abort",
-           "cork", "object_headers", "parse_range", "prepare_range", "range_refusal_body",
-           "send_file_response", "sendfile_blocking", "uncork"]
+           "cork", "not_modified", "object_headers", "parse_range", "prepare_range",
+           "range_if", "range_refusal_body", "send_file_response", "sendfile_blocking", "uncork"]

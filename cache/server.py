@@ -6,16 +6,22 @@ HTTP API (all digests ``b3:<hex>``):
   object starts its fill and answers once the size is known). ``Range: bytes=a-b``,
   ``a-`` and ``-n`` give 206 with ``Content-Range``; a range past the end gives 416 with
   ``Content-Range: bytes */size``; several ranges are answered with the whole object
-  (200). ``ETag`` is the quoted digest, ``Cache-Control: immutable``. A cached object is
+  (200). ``ETag`` is the quoted digest, ``Cache-Control: immutable``; ``If-None-Match``
+  (weak comparison, lists, ``*``) gives 304, on a miss after its fill; ``If-Range`` with
+  another validator or a date gives the whole object. A digest the store lacks is
+  answered 404 from memory for ``NEGATIVE_TTL_S`` after it was looked up. A cached object is
   sent with ``sendfile``; a miss starts (or joins) the object's one fill and streams from
   it as bytes arrive. ``X-Bdn-Cache`` says ``hit``, ``miss`` or ``coalesced``.
 - ``GET /v1/manifests/{digest}`` — a manifest's bytes (manifests are objects).
 - ``GET /v1/refs/{namespace}/{model}/{tag}`` — ``{"ref", "digest"}``, cached for
   ``ref_ttl_s`` (refs move; a short TTL bounds how stale a scale-up can be).
-- ``POST /v1/objects/{digest}/verify`` — re-hash the cached copy; drop it if bad.
+- ``POST /v1/objects/{digest}/verify`` — re-hash the cached copy; drop it if bad (at
+  most once per object per ``verify_interval_s``; sooner: 429 with ``Retry-After``).
 - ``POST /v1/prefetch`` ``{"manifest": "b3:..."}`` or ``{"ref": "ns/m:t"}`` (optionally
   ``"peers"`` and ``"self"`` to keep only the objects this peer owns on the ring) —
-  queue background fills of the manifest's objects, rate limited (202).
+  queue background fills of the manifest's objects, rate limited (202). ``peers``: at
+  most ``MAX_PREFETCH_PEERS`` http(s) URLs (else 400); the body must arrive within
+  ``body_timeout_s`` (else 408).
 - ``GET /metrics`` (Prometheus text), ``GET /healthz``.
 
 Errors are JSON ``{"error": sentence, "digest": ...}``: 404 when the store has no such
@@ -54,6 +60,17 @@ from bdn.errors import NotFoundError
 from bdn.store import OBJECTS_PREFIX, Backend, BlobStore, object_key, open_backend
 from cache.client import rendezvous_order
 from cache.disk import ACCESS_FLUSH_S, DiskOptions, DiskStore
+from cache.edge import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    VERIFY_INTERVAL_S,
+    EdgeOptions,
+    NegativeCache,
+    PerKeyRateLimit,
+    check_peers,
+    head_limit_middleware,
+)
 from cache.errors import (
     CacheError,
     CacheNotFoundError,
@@ -61,13 +78,14 @@ from cache.errors import (
     FillIntegrityError,
     StoreUnavailableError,
 )
-from cache.fastpath import FastPath, OpenObject, answer_hit
+from cache.fastpath import FastPath, OpenObject, answer_hit, if_none_match
 from cache.fill import FILL_BLOCK_BYTES, Fill, FillAborted, RateLimiter, produce
 from cache.send import (
     OCTET_STREAM,
     OWNER_WORKER,
     Sender,
     abort,
+    not_modified,
     object_headers,
     parse_range,
     prepare_range,
@@ -143,7 +161,10 @@ class CacheServerOptions:
     ``ref_ttl_s`` how long a resolved ref is reused; ``fsync`` makes completed fills
     survive power loss; ``workers`` how many processes serve the port (the owner and
     ``workers`` − 1 hit workers, see :mod:`cache.workers`; default 1; ``default_workers()``
-    gives the CPUs the process may use).
+    gives the CPUs the process may use). ``idle_timeout_s``, ``header_timeout_s`` and
+    ``body_timeout_s`` bound every connection of the port (see :mod:`cache.edge`);
+    ``verify_interval_s``: the least time between two re-hashes of one object by
+    ``/verify`` (0: no limit).
     """
 
     store_url: str
@@ -158,6 +179,14 @@ class CacheServerOptions:
     # One by default: a miss taken by a worker is relayed through it, which costs the cold
     # fill CPU; several pay on nodes whose cores outrun one Python process's sendfile loop.
     workers: int = 1
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    verify_interval_s: float = VERIFY_INTERVAL_S
+
+    @property
+    def edge(self) -> EdgeOptions:
+        return EdgeOptions(self.idle_timeout_s, self.header_timeout_s, self.body_timeout_s)
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -177,6 +206,12 @@ class CacheServerOptions:
             raise ValueError("CacheServerOptions.ref_ttl_s must be ≥ 0")
         if self.workers < 1:
             raise ValueError("CacheServerOptions.workers must be ≥ 1")
+        if not self.verify_interval_s >= 0:
+            raise ValueError("CacheServerOptions.verify_interval_s must be ≥ 0")
+        try:
+            self.edge  # noqa: B018 (validates the timeouts)
+        except ValueError as e:
+            raise ValueError(str(e).replace("EdgeOptions.", "CacheServerOptions.")) from None
         if self.send_threads == SEND_THREADS_AUTO:
             object.__setattr__(self, "send_threads",
                                0 if self.workers > 1 else DEFAULT_SEND_THREADS)
@@ -297,6 +332,10 @@ class CacheServer:
         self._prefetch_workers: list[asyncio.Task[None]] = []
         self._refs: dict[Ref, tuple[Digest, float]] = {}
         self._digests: dict[str, Digest] = {}
+        # Unauthenticated routes stay cheap: misses of digests the store lacks are
+        # answered from memory for a while; /verify re-hashes an object rarely.
+        self.negative = NegativeCache()
+        self._verify_limit = PerKeyRateLimit(options.verify_interval_s)
         self._flush_task: asyncio.Task[None] | None = None
         # Serving processes that listen now, index → pid (0: this one; cache.workers),
         # and how to collect their pending notes before /metrics is answered.
@@ -306,7 +345,8 @@ class CacheServer:
     # -- lifecycle -----------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024,
+                              middlewares=[head_limit_middleware])
         app.router.add_route("GET", "/v1/objects/{digest}", self.handle_object)
         app.router.add_route("HEAD", "/v1/objects/{digest}", self.handle_object)
         app.router.add_post("/v1/objects/{digest}/verify", self.handle_verify)
@@ -426,7 +466,9 @@ class CacheServer:
                       "not_found" if isinstance(e, NotFoundError) else
                       "store" if isinstance(e, StoreUnavailableError) else "other")
             self.metrics.fail(reason)
-            if reason != "not_found":
+            if reason == "not_found":
+                self.negative.add(digest, time.monotonic())
+            else:
                 log.warning("fill of %s failed: %s", digest, e)
             fill.finish(e if isinstance(e, Exception) else FillError(
                 f"fill of {digest} stopped", digest=str(digest)))
@@ -503,9 +545,15 @@ class CacheServer:
             self.disk.drop(digest)
             return _error(503, f"object {digest} vanished from the cache disk; retry",
                           str(digest), {"Retry-After": str(RETRY_AFTER_S)})
+        except OSError as e:  # EMFILE and the like: this process is out of something
+            return _error(503, f"cannot open object {digest} now ({e.strerror}); retry",
+                          str(digest), {"Retry-After": str(RETRY_AFTER_S)})
         if obj is not None:
             headers = self._headers(digest, content_type, "hit")
             return await answer_hit(request, self, self.sender, obj, digest.hex, headers)
+        if digest not in self.fills and self.negative.absent(digest, time.monotonic()):
+            return _error(404, f"object {digest} not found in blob store {self.store.url} "
+                          f"(looked up less than {self.negative.ttl_s:g} s ago)", str(digest))
         fill, state = self._join(digest)
         return await self._serve_fill(request, fill, content_type, state)
 
@@ -517,7 +565,7 @@ class CacheServer:
 
     def fast_path(self) -> FastPath:
         """This process's fast path for hits, in front of :meth:`make_app`'s app."""
-        return FastPath(self, self.sender, str(OWNER_WORKER))
+        return FastPath(self, self.sender, str(OWNER_WORKER), self.options.edge)
 
     # The owner's pins are its own bookkeeping, released when the response ends.
     hooks_last_byte = False
@@ -525,8 +573,8 @@ class CacheServer:
     def open_hit(self, hex_: str) -> OpenObject | None:
         try:
             return self._open(self._parse_digest(f"{ALGORITHM}:{hex_}"))
-        except FileNotFoundError:
-            return None  # aiohttp's path drops the entry and words the 503
+        except OSError:
+            return None  # aiohttp's path drops a vanished entry and words the 503
 
     def _open(self, digest: Digest) -> OpenObject | None:
         """The complete object opened and pinned; None if it is not complete here.
@@ -572,6 +620,8 @@ class CacheServer:
             size = fill.size
             assert size is not None
             headers = self._headers(digest, content_type, state)
+            if not_modified(if_none_match(request), headers["ETag"]):
+                return web.Response(status=304, headers=headers)
             prep = self._prepare_range(request, digest, size, headers)
             if isinstance(prep, web.Response):
                 return prep
@@ -664,6 +714,12 @@ class CacheServer:
         path = self.disk.lookup(digest)
         if path is None:
             return web.json_response({"digest": str(digest), "status": "absent"})
+        # Only re-hashes count: they are what costs (a whole object read and hashed).
+        wait_s = self._verify_limit.retry_after_s(digest, time.monotonic())
+        if wait_s > 0:
+            return _error(429, f"object {digest} was verified less than "
+                          f"{self._verify_limit.interval_s:g} s ago", str(digest),
+                          {"Retry-After": str(math.ceil(wait_s))})
         self.disk.pin(digest)
         try:
             got = await asyncio.get_running_loop().run_in_executor(
@@ -712,7 +768,13 @@ class CacheServer:
 
     async def handle_prefetch(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
+            try:
+                async with asyncio.timeout(self.options.body_timeout_s):
+                    body = await request.json()
+            except TimeoutError:
+                return _error(408, f"prefetch body not received within "
+                              f"{self.options.body_timeout_s:g} s",
+                              headers={"Connection": "close"})
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
             if "manifest" in body:
@@ -723,8 +785,11 @@ class CacheServer:
                     self._executor, self.store.get_ref, ref)
             else:
                 raise ValueError('want {"manifest": "b3:..."} or {"ref": "ns/model:tag"}')
-            peers = [str(p).rstrip("/") for p in body.get("peers") or []]
-            me = str(body.get("self") or "").rstrip("/")
+            peers = check_peers(body.get("peers"))
+            me = body.get("self") or ""
+            if not isinstance(me, str):
+                raise ValueError('"self" must be a URL string')
+            me = me.rstrip("/")
             if peers and me not in peers:
                 raise ValueError('"self" must be one of "peers"')
         except NotFoundError as e:

@@ -59,6 +59,7 @@ from yarl import URL
 
 from bdn.service import SHUTDOWN_TIMEOUT_S, signal_stop
 from cache.disk import object_relpath
+from cache.edge import EdgeOptions, head_limit_middleware
 from cache.fastpath import FastPath, OpenObject, answer_hit
 from cache.send import OCTET_STREAM, Sender, abort, object_headers
 from manifests.digest import ALGORITHM, HEX_LENGTH
@@ -75,9 +76,10 @@ FORWARD_READ_BUFFER_BYTES = 1024 * 1024
 # Forwarded bodies this large are relayed with splice (cache.send) rather than copied.
 SPLICE_MIN_BYTES = 256 * 1024
 RETRY_AFTER_S = 1
+_DEFAULT_EDGE = EdgeOptions()  # frozen: one shared default
 # On a forwarded response: the worker that took the request (the owner answered it).
 VIA_HEADER = "X-Bdn-Via"
-_DIGEST_RE = re.compile(rf"^{ALGORITHM}:([0-9a-f]{{{HEX_LENGTH}}})$")
+_DIGEST_RE = re.compile(rf"{ALGORITHM}:([0-9a-f]{{{HEX_LENGTH}}})")
 # Not forwarded either way (RFC 9110 §7.6.1), plus what the client library sets itself.
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
                          b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
@@ -92,10 +94,10 @@ class WorkerOptions:
     ``/metrics``; ``owner_pid`` is the process it must die with; ``control_fd`` its
     inherited end of the control socket; ``forward_socket`` the owner's private
     abstract unix socket name (without the leading NUL); ``objects_dir`` the disk
-    store's ``objects/`` folder; ``send_threads`` as for the owner; ``log_level`` the
-    owner's. It listens either on ``host``:``port`` (``SO_REUSEPORT``, beside the owner)
-    or on the inherited listening socket ``listen_fd`` (a unix socket shared with the
-    owner).
+    store's ``objects/`` folder; ``send_threads`` as for the owner; ``edge`` the owner's
+    connection timeouts; ``log_level`` the owner's. It listens either on
+    ``host``:``port`` (``SO_REUSEPORT``, beside the owner) or on the inherited listening
+    socket ``listen_fd`` (a unix socket shared with the owner).
     """
 
     index: int
@@ -104,6 +106,7 @@ class WorkerOptions:
     forward_socket: str
     objects_dir: str
     send_threads: int
+    edge: EdgeOptions = _DEFAULT_EDGE
     host: str = ""
     port: int = 0
     listen_fd: int = -1
@@ -125,7 +128,7 @@ class WorkerOptions:
         out = ["--index", str(self.index), "--owner-pid", str(self.owner_pid),
                "--control-fd", str(self.control_fd), "--forward-socket", self.forward_socket,
                "--objects-dir", self.objects_dir, "--send-threads", str(self.send_threads),
-               "--log-level", str(self.log_level)]
+               "--log-level", str(self.log_level), *self.edge.argv()]
         if self.listen_fd >= 0:
             return [*out, "--listen-fd", str(self.listen_fd)]
         return [*out, "--host", self.host, "--port", str(self.port)]
@@ -143,10 +146,16 @@ class WorkerOptions:
         ap.add_argument("--port", type=int, default=0)
         ap.add_argument("--listen-fd", type=int, default=-1)
         ap.add_argument("--log-level", type=int, default=logging.WARNING)
+        edge = EdgeOptions()
+        ap.add_argument("--idle-timeout", type=float, default=edge.idle_timeout_s)
+        ap.add_argument("--header-timeout", type=float, default=edge.header_timeout_s)
+        ap.add_argument("--body-timeout", type=float, default=edge.body_timeout_s)
         a = ap.parse_args(list(argv))
         return cls(index=a.index, owner_pid=a.owner_pid, control_fd=a.control_fd,
                    forward_socket=a.forward_socket, objects_dir=a.objects_dir,
-                   send_threads=a.send_threads, host=a.host, port=a.port,
+                   send_threads=a.send_threads,
+                   edge=EdgeOptions(a.idle_timeout, a.header_timeout, a.body_timeout),
+                   host=a.host, port=a.port,
                    listen_fd=a.listen_fd, log_level=a.log_level)
 
 
@@ -253,7 +262,8 @@ class WorkerServer:
         self._notes_task: asyncio.Task[None] | None = None
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=FORWARD_MAX_BODY_BYTES)
+        app = web.Application(client_max_size=FORWARD_MAX_BODY_BYTES,
+                              middlewares=[head_limit_middleware])
         app.router.add_route("GET", "/v1/objects/{digest}", self.handle_object)
         app.router.add_route("HEAD", "/v1/objects/{digest}", self.handle_object)
         app.router.add_route("*", "/{tail:.*}", self.forward)
@@ -332,11 +342,11 @@ class WorkerServer:
 
     def fast_path(self) -> FastPath:
         """This worker's fast path for hits, in front of :meth:`make_app`'s app."""
-        return FastPath(self, self.sender, self._worker)
+        return FastPath(self, self.sender, self._worker, self.options.edge)
 
     async def handle_object(self, request: web.Request) -> web.StreamResponse:
         text = request.match_info["digest"]
-        m = _DIGEST_RE.match(text)
+        m = _DIGEST_RE.fullmatch(text)
         if m is None:
             return await self.forward(request)  # the owner words the 400
         hex_ = m.group(1)
@@ -352,7 +362,14 @@ class WorkerServer:
         # Raw headers: names keep their case (the parsed ones are normalised).
         headers = [(k.decode("latin-1"), v.decode("latin-1"))
                    for k, v in request.raw_headers if k.lower() not in _HOP_BY_HOP]
-        body = await request.read() if request.body_exists else None
+        try:
+            async with asyncio.timeout(self.options.edge.body_timeout_s):
+                body = await request.read() if request.body_exists else None
+        except TimeoutError:
+            return web.json_response(
+                {"error": f"request body not received within "
+                          f"{self.options.edge.body_timeout_s:g} s"},
+                status=408, headers={"Connection": "close"})
         url = URL("http://bdn-cache-owner" + request.raw_path, encoded=True)
         try:
             upstream = await self._session.request(request.method, url, headers=headers,
@@ -424,7 +441,8 @@ async def run(options: WorkerOptions) -> None:
         lambda: OwnerLink(server.flush_notes, stop.set), control)
     server.link = link
     runner = web.AppRunner(server.make_app(), handle_signals=False, access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           **options.edge.handler_args())
     await runner.setup()
     assert runner.server is not None
     fast = server.fast_path()  # hits without aiohttp; all else goes to the app

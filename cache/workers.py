@@ -62,6 +62,7 @@ from bdn.service import (
     remove_socket_file,
 )
 from cache.disk import OBJECTS_DIR
+from cache.edge import raise_fd_limit
 from cache.errors import WorkerError
 from cache.server import CacheServer, CacheServerOptions
 from cache.worker import LINE_ENCODING, ControlLines, WorkerOptions
@@ -183,7 +184,8 @@ class WorkerPool:
                 index=index, owner_pid=os.getpid(), control_fd=theirs.fileno(),
                 forward_socket=self.forward_socket,
                 objects_dir=str(self.server.disk.root / OBJECTS_DIR),
-                send_threads=self.server.options.send_threads, host=self.host,
+                send_threads=self.server.options.send_threads,
+                edge=self.server.options.edge, host=self.host,
                 port=self.port, listen_fd=self.listen_fd,
                 log_level=logging.getLogger().getEffectiveLevel())
             fds = (theirs.fileno(), *((self.listen_fd,) if self.listen_fd >= 0 else ()))
@@ -277,10 +279,12 @@ def serve(options: CacheServerOptions, listen: ListenAddress) -> int:
     """
 
     async def main() -> None:
+        raise_fd_limit()  # before workers start: they inherit it
         server = CacheServer(options)
         app = server.make_app()
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                               shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                               **options.edge.handler_args())
         await runner.setup()
         assert runner.server is not None
         fast = server.fast_path()  # hits without aiohttp; all else goes to the app

@@ -32,7 +32,7 @@ from control.settings import AutoscalingSettings
 PRODUCTION = "production"
 DEVELOPMENT = "development"
 # Environment and deployment names end up in URLs and Kubernetes object names.
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+NAME_RE = re.compile(r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?")
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -78,7 +78,7 @@ def utc_now() -> str:
 
 
 def check_name(name: object, field: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise RequestError(
             f"{name!r} is not a valid name (lowercase letters, digits, '-' and '_', "
             "1-63 characters, starting and ending with a letter or digit)", field=field)

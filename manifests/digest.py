@@ -18,7 +18,7 @@ from manifests.errors import DigestError, IntegrityError
 
 ALGORITHM = "b3"
 HEX_LENGTH = 64
-_DIGEST_RE = re.compile(r"^b3:([0-9a-f]{64})$")
+_DIGEST_RE = re.compile(r"b3:([0-9a-f]{64})")
 # Above this size hashing is spread over threads; below it the thread start costs more.
 PARALLEL_HASH_MIN_BYTES = 8 * 1024 * 1024
 
@@ -41,7 +41,7 @@ class Digest:
         if not isinstance(text, str):
             raise DigestError("digest must be a string like 'b3:<64 hex>', got "
                               f"{type(text).__name__}")
-        m = _DIGEST_RE.match(text)
+        m = _DIGEST_RE.fullmatch(text)
         if not m:
             shown = text if len(text) <= 80 else text[:77] + "..."
             raise DigestError(f"invalid digest {shown!r}: want 'b3:' followed by 64 lowercase "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from manifests.errors import RefError
 
 DEFAULT_TAG = "latest"
-_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_PART_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +25,7 @@ class Ref:
     def __post_init__(self) -> None:
         for name in ("namespace", "model", "tag"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not _PART_RE.match(value) or ".." in value:
+            if not isinstance(value, str) or not _PART_RE.fullmatch(value) or ".." in value:
                 raise RefError(f"ref {name} {value!r} must be 1-128 letters, digits, '.', '_' "
                                "or '-', starting with a letter or digit", ref=str(value))
 

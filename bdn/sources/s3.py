@@ -45,7 +45,7 @@ from bdn.sources.ranged import (
     loop_stream_fetcher,
 )
 
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
 _AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                "ExpiredToken", "InvalidToken", "AllAccessDisabled")
 
@@ -140,7 +140,7 @@ class S3Source(BucketSource):
         if crc is not None:
             return crc
         etag = self._etags.get(file.path, "")
-        if _MD5_ETAG.match(etag):
+        if _MD5_ETAG.fullmatch(etag):
             return Checksum("md5 (ETag)", etag,
                             lambda: hashlib.md5(usedforsecurity=False))
         return None
