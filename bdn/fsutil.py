@@ -87,3 +87,13 @@ def write_json_atomic(path: Path, doc: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def contained_root(path: str | os.PathLike[str], roots: tuple[str, ...]) -> str | None:
+    """The first of ``roots`` (real paths) that contains ``path`` once every symlink and
+    ``..`` in it is resolved, or None: the check for reading only under allowed folders."""
+    real = os.path.realpath(path)
+    for root in roots:
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return root
+    return None
