@@ -23,8 +23,8 @@ Values only ever leave this module inside a :class:`Secret`, whose ``repr``/``st
 redacted, and every value revealed is registered so :func:`scrub` can blank it out of any
 text that is about to become a log line, an error or a job record — defence in depth for
 libraries that echo request details in their exceptions. :func:`install_log_scrubber` is
-the one call that applies it to everything a process logs, tracebacks included. Error messages here name the
-secret and what is wrong with it, never its content.
+the one call that applies it to everything a process logs, tracebacks included. Error
+messages here name the secret and what is wrong with it, never its content.
 """
 
 from __future__ import annotations
