@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -252,3 +253,23 @@ def test_cli_logs_are_scrubbed_at_any_verbosity(tmp_path: Path, s3_server: Any) 
         assert out.returncode == 0, out.stderr[-2000:]
         text = out.stdout + out.stderr
         assert TENANT_KEY_ID not in text and TENANT_SECRET not in text, verbose
+
+
+def test_uncaught_tracebacks_are_scrubbed_in_any_thread() -> None:
+    # What Python prints itself, outside logging: an exception nobody caught, in the
+    # main thread and in a worker thread, after the entry point installed the scrubber.
+    script = (
+        "import threading\n"
+        "from bdn.secrets import SecretResolver, install_log_scrubber\n"
+        "install_log_scrubber()\n"
+        f"SecretResolver(env={{'BDN_SECRET_K': {TENANT_SECRET!r}}}).get('k')\n"
+        "def boom():\n"
+        f"    raise RuntimeError('worker saw ' + {TENANT_SECRET!r})\n"
+        "t = threading.Thread(target=boom, name='w')\n"
+        "t.start(); t.join()\n"
+        f"raise RuntimeError('main saw ' + {TENANT_SECRET!r})\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert "worker saw ***" in out.stderr and "main saw ***" in out.stderr, out.stderr
+    assert TENANT_SECRET not in out.stderr
