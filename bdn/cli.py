@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from bdn.errors import BdnError
+from bdn.secrets import install_log_scrubber, scrub
 
 # Other packages' command modules; each exposes ``register(subparsers) -> None``.
 PLUGIN_MODULES = ("bdn.cli_store", "bdn.cli_mirror_server", "cache.cli", "agent.cli",
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every command and daemon runs through here: one place keeps secrets out of logs.
+    install_log_scrubber()
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except BdnError as e:
-        print(f"bdn: error: {e}", file=sys.stderr)
+        print(f"bdn: error: {scrub(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bdn: interrupted", file=sys.stderr)

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--write-workers", type=int, default=8, help="store uploads per job")
     p.add_argument("--part-mib", type=int, default=DEFAULT_PART_BYTES >> 20,
                    help="size of one ranged request, MiB")
+    p.add_argument("--allow-local-root", action="append", default=[], metavar="DIR",
+                   help="folder API jobs may mirror from with file:// (repeatable; none by "
+                        "default: jobs cannot read this host)")
     p.set_defaults(handler=cmd_mirror_server)
 
     k = sub.add_parser("mirror-keygen", help="make an API key for the mirror service")
@@ -60,7 +63,8 @@ def cmd_mirror_server(args: argparse.Namespace) -> int:
         hf_endpoint=args.hf_endpoint, s3_endpoint_url=args.s3_endpoint_url,
         gcs_endpoint_url=args.gcs_endpoint_url, max_jobs=args.max_jobs,
         max_requests=args.max_requests, job_concurrency=args.job_concurrency,
-        write_workers=args.write_workers, part_bytes=args.part_mib << 20)
+        write_workers=args.write_workers, part_bytes=args.part_mib << 20,
+        allow_local_roots=tuple(os.path.abspath(d) for d in args.allow_local_root))
     return run_server(options, args.listen)
 
 

@@ -19,6 +19,7 @@ is pure (a dict in, records out); :func:`load_model_config` is the one reader of
 from __future__ import annotations
 
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,7 +28,14 @@ from urllib.parse import urlsplit
 import yaml
 
 from bdn.errors import ConfigError
+from bdn.patterns import MAX_PATTERNS, PatternError, compile_glob
 
+# An error quotes at most this much of an offending value.
+MAX_QUOTE_CHARS = 200
+MAX_CONFIG_DEPTH = 64
+# Values in a config.yaml after aliases are expanded; real ones have hundreds.
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_BYTES = 4 << 20
 SUPPORTED_SCHEMES = ("hf", "s3", "gs", "r2", "azure", "https", "file")
 AUTH_METHODS = ("CUSTOM_SECRET", "AWS_OIDC", "GCP_OIDC")
 # Fields each auth method requires; every other auth field is refused for that method.
@@ -41,7 +49,57 @@ ENTRY_FIELDS = frozenset({"source", "mount_location", "allow_patterns", "ignore_
                           "auth", "auth_secret_name"})
 _HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
-_SECRET_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}")
+# A secret name, optionally prefixed by the namespace it belongs to (``team-a/hf``): the
+# mirror service resolves a job's secrets in its own namespace only (bdn.secrets).
+_SECRET_NAME_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}/)?[A-Za-z0-9_.-]{1,253}")
+
+
+def _clip(text: str) -> str:
+    """``text`` cut to ``MAX_QUOTE_CHARS``: an error quotes enough to find the value,
+    never a megabyte of it."""
+    return text if len(text) <= MAX_QUOTE_CHARS else \
+        f"{text[:MAX_QUOTE_CHARS]}… ({len(text)} characters)"
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel = 3
+_QUOTE.maxstring = _QUOTE.maxother = MAX_QUOTE_CHARS
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 8
+
+
+def _short(value: Any) -> str:
+    """A bounded ``repr`` of ``value``: a YAML alias bomb would otherwise expand into an
+    exponentially long message."""
+    return _clip(_QUOTE.repr(value))
+
+
+def check_document_shape(doc: Any, *, where: str = "config") -> None:
+    """Refuse documents nested deeper than ``MAX_CONFIG_DEPTH`` or that expand to more
+    than ``MAX_CONFIG_NODES`` values. YAML aliases share one object among many places, so
+    a small file can stand for billions of values (the "billion laughs"); anything that
+    later walks or prints the document would pay for all of them. Iterative, and each
+    shared object is sized once, so the check itself is cheap."""
+    expanded: dict[int, int] = {}
+    # (node, depth, children done?) — an explicit stack, so depth cannot exhaust ours.
+    stack: list[tuple[Any, int, bool]] = [(doc, 0, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        children = list(node.values()) if isinstance(node, dict) else node
+        if done:
+            total = 1 + sum(expanded.get(id(c), 1) for c in children)
+            if total > MAX_CONFIG_NODES:
+                raise ConfigError(f"{where} expands to more than {MAX_CONFIG_NODES} values "
+                                  "(YAML aliases repeated too often?)")
+            expanded[id(node)] = total
+            continue
+        if depth >= MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where} is nested more than {MAX_CONFIG_DEPTH} levels deep")
+        if id(node) in expanded:
+            continue
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children)
 
 
 @dataclass(frozen=True)
@@ -124,17 +182,17 @@ def parse_source(value: Any, *, index: int | None = None) -> SourceURI:
     """Parse a ``source`` URI with Truss-like errors."""
     fld = "source"
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"source must be a non-empty string, got {value!r}",
+        raise ConfigError(f"source must be a non-empty string, got {_short(value)}",
                           index=index, field=fld)
     text = value.strip()
     if "://" not in text:
-        raise ConfigError(f"Source '{text}' is missing a URI scheme. Supported schemes: "
+        raise ConfigError(f"Source '{_clip(text)}' is missing a URI scheme. Supported schemes: "
                           f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
                           index=index, field=fld)
     scheme, rest = text.split("://", 1)
     scheme = scheme.lower()
     if scheme not in SUPPORTED_SCHEMES:
-        raise ConfigError(f"Source '{text}' has unsupported scheme '{scheme}://'. Supported "
+        raise ConfigError(f"Source '{_clip(text)}' has unsupported scheme '{scheme}://'. Supported "
                           f"schemes: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
                           index=index, field=fld)
     revision = None
@@ -142,28 +200,28 @@ def parse_source(value: Any, *, index: int | None = None) -> SourceURI:
         if "@" in rest:
             rest, revision = rest.rsplit("@", 1)
             if not _REVISION_RE.fullmatch(revision) or ".." in revision:
-                raise ConfigError(f"Source '{text}' has an empty or invalid revision after @",
-                                  index=index, field=fld)
+                raise ConfigError(f"Source '{_clip(text)}' has an empty or invalid revision "
+                                  "after @", index=index, field=fld)
         if not _HF_REPO_RE.fullmatch(rest):
-            raise ConfigError(f"Source '{text}' is not a Hugging Face repository: expected "
+            raise ConfigError(f"Source '{_clip(text)}' is not a Hugging Face repository: expected "
                               "hf://owner/repo[@revision]", index=index, field=fld)
     elif "@" in rest and scheme in ("s3", "gs", "r2", "azure", "file"):
-        raise ConfigError(f"Source '{text}': The @ revision syntax is only valid for "
+        raise ConfigError(f"Source '{_clip(text)}': The @ revision syntax is only valid for "
                           "HuggingFace sources (hf://)", index=index, field=fld)
     if scheme == "file":
         if not rest.startswith("/"):
-            raise ConfigError(f"Source '{text}': file:// sources need an absolute path "
+            raise ConfigError(f"Source '{_clip(text)}': file:// sources need an absolute path "
                               "(file:///path/to/dir)", index=index, field=fld)
     elif scheme == "https":
         parts = urlsplit(text)
         if not parts.hostname:
-            raise ConfigError(f"Source '{text}' has no host", index=index, field=fld)
+            raise ConfigError(f"Source '{_clip(text)}' has no host", index=index, field=fld)
     elif not rest or rest.startswith("/"):
         what = "bucket" if scheme in ("s3", "gs", "r2", "azure") else "repository"
-        raise ConfigError(f"Source '{text}' is missing a {what} name after {scheme}://",
+        raise ConfigError(f"Source '{_clip(text)}' is missing a {what} name after {scheme}://",
                           index=index, field=fld)
     if any(seg in ("..", ".") for seg in rest.split("/")[1:]):
-        raise ConfigError(f"Source '{text}' contains '.' or '..' path segments",
+        raise ConfigError(f"Source '{_clip(text)}' contains '.' or '..' path segments",
                           index=index, field=fld)
     return SourceURI(uri=text, scheme=scheme, location=rest, revision=revision)
 
@@ -175,15 +233,24 @@ def _patterns(entry: dict[str, Any], name: str, index: int) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-        raise ConfigError(f"{name} must be a list of non-empty glob strings, got {value!r}",
+        raise ConfigError(f"{name} must be a list of non-empty glob strings, got "
+                          f"{_short(value)}", index=index, field=name)
+    if len(value) > MAX_PATTERNS:
+        raise ConfigError(f"at most {MAX_PATTERNS} patterns, got {len(value)}",
                           index=index, field=name)
+    for k, pattern in enumerate(value):
+        try:
+            compile_glob(pattern)
+        except PatternError as e:
+            raise ConfigError(str(e), index=index, field=f"{name}[{k}]") from None
     return tuple(value)
 
 
 def _secret_name(value: Any, index: int, fld: str) -> str:
     if not isinstance(value, str) or not _SECRET_NAME_RE.fullmatch(value):
         raise ConfigError(f"{fld.rsplit('.', 1)[-1]} must be a secret name of letters, digits, "
-                          f"'_', '-' or '.', got {value!r}", index=index, field=fld)
+                          f"'_', '-' or '.' (optionally prefixed by 'namespace/'), got "
+                          f"{_short(value)}", index=index, field=fld)
     return value
 
 
@@ -201,14 +268,14 @@ def parse_auth(entry: dict[str, Any], index: int) -> Auth | None:
         return None
     block = entry["auth"]
     if not isinstance(block, dict):
-        raise ConfigError(f"auth must be a mapping, got {block!r}", index=index, field="auth")
+        raise ConfigError(f"auth must be a mapping, got {_short(block)}", index=index, field="auth")
     method = block.get("auth_method")
     if method not in AUTH_METHODS:
         raise ConfigError(f"auth_method must be one of {', '.join(AUTH_METHODS)}, got "
-                          f"{method!r}", index=index, field="auth.auth_method")
+                          f"{_short(method)}", index=index, field="auth.auth_method")
     unknown = set(block) - AUTH_FIELDS
     if unknown:
-        raise ConfigError(f"unknown field(s) {', '.join(sorted(unknown))}",
+        raise ConfigError(f"unknown field(s) {_clip(', '.join(sorted(map(str, unknown))))}",
                           index=index, field="auth")
     required = AUTH_REQUIRED_FIELDS[method]
     for name in required:
@@ -227,14 +294,14 @@ def parse_auth(entry: dict[str, Any], index: int) -> Auth | None:
 def parse_mount_location(value: Any, index: int) -> str:
     fld = "mount_location"
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"mount_location is required and must be a string, got {value!r}",
+        raise ConfigError(f"mount_location is required and must be a string, got {_short(value)}",
                           index=index, field=fld)
     if not value.startswith("/"):
         raise ConfigError(f"mount_location must be an absolute path (start with /), got: "
-                          f"{value}", index=index, field=fld)
+                          f"{_clip(value)}", index=index, field=fld)
     parts = PurePosixPath(value).parts
     if ".." in value.split("/") or "\x00" in value:
-        raise ConfigError(f"mount_location must not contain '..' or NUL, got: {value}",
+        raise ConfigError(f"mount_location must not contain '..' or NUL, got: {_clip(value)}",
                           index=index, field=fld)
     if len(parts) < 2:
         raise ConfigError("mount_location cannot be the root directory /",
@@ -253,10 +320,11 @@ def parse_weights(items: Any) -> tuple[WeightsEntry, ...]:
     mounts: dict[str, int] = {}
     for i, entry in enumerate(items):
         if not isinstance(entry, dict):
-            raise ConfigError(f"entry must be a mapping, got {entry!r}", index=i)
+            raise ConfigError(f"entry must be a mapping, got {_short(entry)}", index=i)
         unknown = set(entry) - ENTRY_FIELDS
         if unknown:
-            raise ConfigError(f"unknown field(s) {', '.join(sorted(unknown))}; known: "
+            names = _clip(", ".join(sorted(map(str, unknown))))
+            raise ConfigError(f"unknown field(s) {names}; known: "
                               f"{', '.join(sorted(ENTRY_FIELDS))}", index=i)
         if "source" not in entry:
             raise ConfigError("source is required", index=i, field="source")
@@ -283,18 +351,19 @@ def parse_model_config(doc: Any) -> ModelConfig:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError("config.yaml must be a mapping at the top level")
+    check_document_shape(doc, where="config.yaml")
     pc = doc.get("predict_concurrency", 1)
     if type(pc) is not int or pc < 1:
-        raise ConfigError(f"predict_concurrency must be an integer ≥ 1, got {pc!r}",
+        raise ConfigError(f"predict_concurrency must be an integer ≥ 1, got {_short(pc)}",
                           field="predict_concurrency")
     def mapping(name: str) -> dict[str, Any]:
         v = doc.get(name) or {}
         if not isinstance(v, dict):
-            raise ConfigError(f"{name} must be a mapping, got {v!r}", field=name)
+            raise ConfigError(f"{name} must be a mapping, got {_short(v)}", field=name)
         return v
     name = doc.get("model_name")
     if name is not None and not isinstance(name, str):
-        raise ConfigError(f"model_name must be a string, got {name!r}", field="model_name")
+        raise ConfigError(f"model_name must be a string, got {_short(name)}", field="model_name")
     return ModelConfig(
         model_name=name, weights=parse_weights(doc.get("weights")), predict_concurrency=pc,
         resources=mapping("resources"),
@@ -302,19 +371,35 @@ def parse_model_config(doc: Any) -> ModelConfig:
         secrets=mapping("secrets"), model_metadata=mapping("model_metadata"), raw=doc)
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
-    """Read a ``config.yaml`` (or a model folder containing one)."""
+def read_config_document(path: str | Path) -> Any:
+    """The parsed YAML of a ``config.yaml`` (or a model folder containing one), bounded:
+    size, nesting and alias expansion are checked, and every error is a short
+    :class:`ConfigError`. The one place bdn reads a config file."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.yaml"
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p} is not UTF-8 (byte offset {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{p} is nested too deeply (more than {MAX_CONFIG_DEPTH} "
+                          "levels)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p} is not valid YAML{where}") from None
-    return parse_model_config(doc)
+    check_document_shape(doc, where=str(p))
+    return doc
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read a ``config.yaml`` (or a model folder containing one)."""
+    return parse_model_config(read_config_document(path))

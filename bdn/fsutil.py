@@ -90,7 +90,7 @@ def check_root(root: Path) -> Path:
 
 TEMP_MARKER = ".bdn-tmp-"
 # ``.<name>.bdn-tmp-<pid>-<8 hex>``: what temp_name makes, and all sweep_temps removes.
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.bdn-tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.bdn-tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}")
 _AT_FDCWD = -100
 _AT_SYMLINK_FOLLOW = 0x400
 COPY_BLOCK_BYTES = 4 * 1024 * 1024
@@ -116,7 +116,7 @@ def pid_alive(pid: int) -> bool:
 def dead_temp(name: str, targets: Iterable[str] | None = None) -> bool:
     """Whether ``name`` is a :func:`temp_name` whose process is gone (and, given
     ``targets``, the temporary of one of those file names)."""
-    m = _TEMP_RE.match(name)
+    m = _TEMP_RE.fullmatch(name)
     if m is None or (targets is not None and m["name"] not in set(targets)):
         return False
     pid = int(m["pid"])
@@ -248,3 +248,13 @@ def write_json_atomic(path: Path, doc: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def contained_root(path: str | os.PathLike[str], roots: tuple[str, ...]) -> str | None:
+    """The first of ``roots`` (real paths) that contains ``path`` once every symlink and
+    ``..`` in it is resolved, or None: the check for reading only under allowed folders."""
+    real = os.path.realpath(path)
+    for root in roots:
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return root
+    return None

@@ -300,7 +300,7 @@ class Mirror:
             n = PREFIX_BYTES + header_length(head[:PREFIX_BYTES], size, path=sf.path)
             if n > len(head):
                 head += read(len(head), n)
-            header = parse_header(head[:n], size, path=sf.path)
+            header = parse_header(head[:n], size, path=sf.path, strict=False)
         except SafetensorsError as e:
             log.warning("%s; chunking it as an opaque file", str(e))
             return None, head

@@ -27,9 +27,17 @@ Jobs persist in LMDB (``<state-dir>/jobs.lmdb``). On start, jobs that were queue
 running when the process died are queued again; a rerun skips files whose fingerprints
 landed, and resumes partly spooled files from their finished parts. Limits: at most
 ``max_jobs`` jobs run at once (the rest queue), each fetches at most ``job_concurrency``
-ranges in parallel, and all jobs together at most ``max_requests``. Secrets are resolved
-inside the job from the service's secrets folder / environment; job records hold only
-secret *names*, and every error text is scrubbed of secret values before it is stored.
+ranges in parallel, and all jobs together at most ``max_requests``.
+
+Tenants are isolated. A job's secrets are resolved inside the job from
+``<secrets-dir>/<namespace>/`` of the job's own namespace only (a name may carry that
+namespace as a prefix, ``team-a/hf``; naming another namespace's secret is a 403 before
+any job exists); the folder's top level and the environment hold the operator's own
+secrets (``--store-secret``) and are never visible to jobs. Job records hold only secret
+*names*, and every error text is scrubbed of secret values before it is stored. A job
+reads the service's host (``file://``) only under the operator's ``--allow-local-root``
+folders, judged by real path, and no file whose real path leaves them is read. Glob
+patterns are validated at submission and matched in linear time (:mod:`bdn.patterns`).
 """
 
 from __future__ import annotations
@@ -52,11 +60,19 @@ import yaml
 from aiohttp import web
 
 from bdn.config import WeightsEntry, parse_weights
-from bdn.errors import BdnError, ConfigError, NotFoundError
+from bdn.errors import BdnError, ConfigError, MirrorError, NotFoundError
+from bdn.fsutil import contained_root
 from bdn.mirror import Mirror, MirrorCancelled, MirrorOptions
 from bdn.mirror_key import mirror_ref
-from bdn.secrets import SecretResolver, install_log_scrubber, scrub, store_storage_options
+from bdn.secrets import (
+    SecretResolver,
+    install_log_scrubber,
+    scrub,
+    secret_namespace,
+    store_storage_options,
+)
 from bdn.sources import open_source
+from bdn.sources.local import local_source_path
 from bdn.sources.ranged import DEFAULT_PART_BYTES, SPOOL_PREFIX, DownloadOptions
 from bdn.store import BlobStore, StoreOptions
 from manifests.digest import Digest
@@ -164,8 +180,15 @@ class ServiceOptions:
     write_workers: int = 8
     part_bytes: int = DEFAULT_PART_BYTES
     retry_attempts: int = 6
+    # Folders API jobs may mirror from (file://); none by default, so a tenant cannot
+    # read the service's host.
+    allow_local_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for root in self.allow_local_roots:
+            if not os.path.isabs(root):
+                raise ValueError(f"ServiceOptions.allow_local_roots: {root!r} is not an "
+                                 "absolute path")
         if not 1 <= self.max_jobs <= 64:
             raise ValueError("ServiceOptions.max_jobs must be in [1, 64]")
         if not 1 <= self.job_concurrency <= self.max_requests <= 1024:
@@ -409,8 +432,14 @@ class MirrorService:
 
         download = DownloadOptions(part_bytes=o.part_bytes, concurrency=o.job_concurrency,
                                    retry=RetryPolicy(attempts=o.retry_attempts))
-        source = open_source(entry.source, secrets=self.secrets, auth=entry.auth,
-                             download=download, cancel=live.cancel,
+        refusal = self._tenancy_refusal(entry, job["namespace"])
+        if refusal is not None:  # the allow-list may have shrunk since it was queued
+            raise MirrorError(refusal)
+        local: dict[str, Any] = {}
+        if entry.source.scheme == "file":
+            local["allowed_roots"] = self._local_roots()
+        source = open_source(entry.source, secrets=self.secrets.for_namespace(job["namespace"]),
+                             auth=entry.auth, download=download, cancel=live.cancel, **local,
                              request_slots=self.request_slots, hf_endpoint=o.hf_endpoint,
                              s3_endpoint_url=o.s3_endpoint_url,
                              gcs_endpoint_url=o.gcs_endpoint_url)
@@ -456,8 +485,8 @@ class MirrorService:
             return _json_error(413, "request body too large")
         try:
             body = json.loads(raw or b"null")
-        except ValueError:
-            return _json_error(400, "request body is not JSON")
+        except (ValueError, RecursionError):
+            return _json_error(400, "request body is not JSON (or is nested too deeply)")
         if not isinstance(body, dict) or not isinstance(body.get("weights"), dict):
             return _json_error(400, "body must be {\"weights\": {...entry...}, \"ref\"?: ...}")
         unknown = set(body) - {"weights", "ref"}
@@ -471,6 +500,9 @@ class MirrorService:
         if not key.allows(ref.namespace):
             return _json_error(403, f"API key {key.name!r} may not write namespace "
                                     f"{ref.namespace!r}")
+        refusal = self._tenancy_refusal(entry, ref.namespace)
+        if refusal is not None:
+            return _json_error(403, refusal)
         weights = dict(entry.to_dict())
         weights.pop("mount_location", None)
         request_doc = {"weights": weights, "ref": str(ref)}
@@ -491,6 +523,29 @@ class MirrorService:
             self._schedule(job_id)
         return web.json_response({"job": self.view(job)}, status=202 if created else 200,
                                  headers={"Location": f"/v1/mirrors/{job['id']}"})
+
+    def _local_roots(self) -> tuple[str, ...]:
+        return tuple(os.path.realpath(r) for r in self.options.allow_local_roots)
+
+    def _tenancy_refusal(self, entry: WeightsEntry, namespace: str) -> str | None:
+        """Why a job in ``namespace`` may not run ``entry`` (a 403), or None.
+
+        A job may read the host only under the operator's ``--allow-local-root`` folders
+        (the real path is checked, so neither ``..`` nor a symlink leaves them), and may
+        name only its own namespace's secrets."""
+        if entry.source.scheme == "file":
+            if not self.options.allow_local_roots:
+                return ("local sources (file://) are not allowed for API jobs; the operator "
+                        "can allow folders with --allow-local-root")
+            if contained_root(local_source_path(entry.source), self._local_roots()) is None:
+                return (f"source {entry.source.uri!r} is not inside a folder the operator "
+                        "allowed (--allow-local-root)")
+        name = entry.secret_name
+        owner = secret_namespace(name) if name else None
+        if owner is not None and owner != namespace:
+            return (f"secret {name!r} belongs to namespace {owner!r}; a job in namespace "
+                    f"{namespace!r} may only use its own secrets")
+        return None
 
     def _visible_job(self, request: web.Request) -> dict[str, Any] | web.Response:
         key: ApiKey = request["api_key"]

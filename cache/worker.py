@@ -467,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     die_with_owner(options.owner_pid)
     logging.basicConfig(level=options.log_level, format="%(asctime)s %(levelname)s "
                         f"%(name)s[worker {options.index}]: %(message)s")
+    from bdn.secrets import install_log_scrubber
+
+    install_log_scrubber()  # a separate entry point from ``bdn``: it installs its own
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(options))
     return 0

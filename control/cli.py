@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from bdn.config import read_config_document
 from control.client import API_KEY_ENV, SERVER_URL_ENV, ControlClient, q
 from control.errors import ClientError, RequestError
 from control.settings import RANGES, describe_range
@@ -200,7 +199,7 @@ def _model_name(model_dir: Path, override: str | None) -> str:
     config_path = model_dir / "config.yaml"
     if not config_path.is_file():
         raise RequestError(f"{model_dir} has no config.yaml", field="model_dir")
-    config = yaml.safe_load(config_path.read_text()) or {}
+    config = read_config_document(config_path) or {}
     name = config.get("model_name") if isinstance(config, dict) else None
     return str(name) if name else model_dir.resolve().name
 

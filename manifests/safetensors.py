@@ -2,10 +2,20 @@
 
 A safetensors file is ``u64 little-endian N`` + ``N`` bytes of JSON + the tensor data.
 The header comes from whoever produced the file, so nothing in it is trusted: the length
-is bounded before any read of that size, the JSON must be an object without duplicate
-keys, every dtype must be known, every byte length must equal ``numel × dtype size``,
-and every tensor must lie inside the file without overlapping another. All of this is
-checked on the header bytes alone, before any allocation sized by the header.
+is bounded before any read of that size, the JSON must be an object, every dtype must be
+known, every byte length must equal ``numel × dtype size`` (computed with the
+reference's 64-bit overflow checks), and every tensor must lie inside the file without
+overlapping another. All of this is checked on the header bytes alone, before any
+allocation sized by the header.
+
+Strict parsing (the default) accepts exactly what the reference parser (the
+``safetensors`` package) accepts — a test feeds a corpus of crafted headers to both:
+the tensors tile the data section from offset 0 with no gap and no trailing byte.
+Like the reference (serde into a map), a tensor name given twice keeps its *last* entry;
+``__metadata__`` given twice, or a field given twice inside one tensor entry, is an
+error; fields a tensor entry does not define are ignored. The chunk planner parses with
+``strict=False``: it only needs the tensors' boundaries, and a file the loader would
+refuse is still mirrored byte for byte.
 
 This module is pure: it takes bytes and a file size and returns records.
 """
@@ -21,6 +31,9 @@ from typing import Any
 from manifests.errors import SafetensorsError
 
 PREFIX_BYTES = 8
+# The reference computes sizes in usize (64 bits) and refuses a shape whose product
+# overflows it, even when a later dimension is 0.
+MAX_USIZE = 2**64 - 1
 # The reference implementation refuses headers over 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1000 * 1000
 METADATA_KEY = "__metadata__"
@@ -108,22 +121,40 @@ def header_length(prefix: bytes, file_size: int, *, path: str = "",
     return n
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+class _Object(dict[str, Any]):
+    """A JSON object that remembers which keys it saw more than once (the last value
+    wins, as in the reference), so the caller can refuse duplicates where the reference
+    does: ``__metadata__`` and the fields of a tensor entry."""
+
+    duplicates: frozenset[str] = frozenset()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    out = _Object(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        out.duplicates = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
     return out
+
+
+def _valid_text(text: str) -> bool:
+    """Whether ``text`` is valid Unicode: JSON ``\\ud800`` escapes decode to lone
+    surrogates, which Python accepts and the reference refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_header(head: bytes | memoryview, file_size: int, *, path: str = "",
                  max_header_bytes: int = MAX_HEADER_BYTES,
-                 require_contiguous: bool = False) -> SafetensorsHeader:
+                 strict: bool = True) -> SafetensorsHeader:
     """Parse and validate a header from ``head`` (the file's first 8 + N bytes, or more).
 
-    ``require_contiguous`` additionally refuses gaps between tensors (as the reference
-    reader does); the chunk planner tolerates gaps, the loader does not need them.
+    ``strict`` (the default, as the reference reader) also requires the tensors to tile
+    the data section: the first at offset 0, no gap, no byte after the last. With
+    ``strict=False`` (the chunk planner) only overlaps and overruns are refused.
     """
     n = header_length(bytes(head[:PREFIX_BYTES]), file_size, path=path,
                       max_header_bytes=max_header_bytes)
@@ -133,7 +164,7 @@ def parse_header(head: bytes | memoryview, file_size: int, *, path: str = "",
     raw = bytes(head[PREFIX_BYTES:PREFIX_BYTES + n])
     try:
         text = raw.decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+        doc = json.loads(text, object_pairs_hook=_object)
     except UnicodeDecodeError as e:
         raise SafetensorsError(f"header is not valid UTF-8 ({e.reason})", path=path,
                                offset=PREFIX_BYTES + e.start) from None
@@ -145,13 +176,17 @@ def parse_header(head: bytes | memoryview, file_size: int, *, path: str = "",
                                offset=PREFIX_BYTES) from None
     if not isinstance(doc, dict):
         raise SafetensorsError("header JSON is not an object", path=path, offset=PREFIX_BYTES)
+    if METADATA_KEY in doc.duplicates:  # type: ignore[attr-defined]
+        raise SafetensorsError(f"duplicate key {METADATA_KEY!r}", path=path,
+                               offset=PREFIX_BYTES)
 
     data_start = PREFIX_BYTES + n
     data_size = file_size - data_start
     metadata = doc.pop(METADATA_KEY, None)
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+                isinstance(v, str) and _valid_text(k) and _valid_text(v)
+                for k, v in metadata.items()):
             raise SafetensorsError("__metadata__ must map strings to strings", path=path,
                                    offset=PREFIX_BYTES)
 
@@ -166,12 +201,18 @@ def parse_header(head: bytes | memoryview, file_size: int, *, path: str = "",
         if prev is not None and t.begin < prev.end:
             raise SafetensorsError(f"overlaps tensor {prev.name!r} (which ends at byte "
                                    f"{prev.end})", path=path, tensor=t.name, offset=t.begin)
-        if require_contiguous and t.begin != cursor:
-            raise SafetensorsError(f"leaves a gap: previous data ends at byte {cursor}",
-                                   path=path, tensor=t.name, offset=t.begin)
+        if strict and t.begin != cursor:
+            what = "does not start at offset 0 of the data section" if cursor == data_start \
+                else f"leaves a gap: previous data ends at byte {cursor}"
+            raise SafetensorsError(what, path=path, tensor=t.name, offset=t.begin)
         if t.nbytes:
             prev = t
         cursor = max(cursor, t.end)
+    if strict and cursor != file_size:
+        last = f"the last tensor ({tensors[-1].name!r})" if tensors else "the header"
+        raise SafetensorsError(f"{file_size - cursor} trailing bytes after {last}: the data "
+                               f"section must end at the end of the file", path=path,
+                               offset=cursor)
     return SafetensorsHeader(header_bytes=n, data_start=data_start, tensors=tuple(tensors),
                              metadata=metadata, file_size=file_size)
 
@@ -183,20 +224,22 @@ def _parse_entry(name: str, entry: Any, data_start: int, data_size: int,
 
     if not isinstance(entry, dict):
         raise fail("entry is not a JSON object")
-    unknown = set(entry) - {"dtype", "shape", "data_offsets"}
-    if unknown:
-        raise fail(f"unknown field(s) {sorted(unknown)}")
+    if not _valid_text(name):
+        raise fail("name is not valid Unicode (a lone surrogate escape)")
+    if isinstance(entry, _Object) and entry.duplicates:
+        raise fail(f"duplicate field(s) {sorted(entry.duplicates)}")
+    # Other fields are ignored, as the reference ignores them.
     dtype = entry.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise fail(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BITS)}")
+        raise fail(f"unknown dtype {_brief(dtype)}; known: {', '.join(DTYPE_BITS)}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(
             type(d) is int and d >= 0 for d in shape):
-        raise fail(f"shape must be a list of non-negative integers, got {shape!r}")
+        raise fail(f"shape must be a list of non-negative integers, got {_brief(shape)}")
     offsets = entry.get("data_offsets")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int for o in offsets)):
-        raise fail(f"data_offsets must be two integers, got {offsets!r}")
+        raise fail(f"data_offsets must be two integers, got {_brief(offsets)}")
     begin, end = offsets
     if begin < 0 or end < begin:
         raise fail(f"data_offsets [{begin}, {end}] are not an increasing range",
@@ -204,12 +247,26 @@ def _parse_entry(name: str, entry: Any, data_start: int, data_size: int,
     if end > data_size:
         raise fail(f"data_offsets end {end} lies past the end of the data section "
                    f"({data_size} bytes)", data_start + begin)
-    numel = math.prod(shape)
+    numel = 1
+    for d in shape:  # left to right, as the reference's checked multiplication
+        numel *= d
+        if numel > MAX_USIZE:
+            raise fail(f"shape {_brief(shape)} overflows: the product of its dimensions "
+                       "exceeds 2^64 - 1", data_start + begin)
     bits = numel * DTYPE_BITS[dtype]
+    if bits > MAX_USIZE:
+        raise fail(f"shape {_brief(shape)} of {dtype} overflows: its size in bits exceeds "
+                   "2^64 - 1", data_start + begin)
     if bits % 8:
         raise fail(f"{numel} elements of {dtype} do not fill whole bytes", data_start + begin)
     if end - begin != bits // 8:
-        raise fail(f"byte length {end - begin} does not match shape {shape} of {dtype} "
+        raise fail(f"byte length {end - begin} does not match shape {_brief(shape)} of {dtype} "
                    f"({bits // 8} bytes)", data_start + begin)
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape),
                       begin=data_start + begin, end=data_start + end)
+
+
+def _brief(value: Any) -> str:
+    """A ``repr`` cut short: a header can hold a million-element shape."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:120] + "…"

@@ -31,6 +31,7 @@ from types import ModuleType, TracebackType
 from typing import Any
 
 from bdn.config import ModelConfig, load_model_config
+from bdn.secrets import register_secret_value
 from serving.errors import ModelDirError, ModelLoadError
 from serving.readiness import FilesReady, ReadinessSource
 
@@ -110,9 +111,12 @@ class Secrets(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         p = self._dir / name
         if "/" not in name and p.is_file():
-            return p.read_text(encoding="utf-8").strip()
+            value = p.read_text(encoding="utf-8").strip()
+            register_secret_value(value)  # so the log scrubber knows it
+            return value
         env = os.environ.get("BDN_SECRET_" + name.upper().replace("-", "_").replace(".", "_"))
         if env is not None:
+            register_secret_value(env)
             return env
         raise KeyError(name)
 

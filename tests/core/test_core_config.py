@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from bdn.config import parse_model_config, parse_source, parse_weights
+from bdn.config import load_model_config, parse_model_config, parse_source, parse_weights
 from bdn.errors import ConfigError
-from bdn.patterns import select
+from bdn.patterns import matches, select
 
 
 def test_valid_entries_parse() -> None:
@@ -84,3 +87,127 @@ def test_glob_semantics() -> None:
     assert select(paths, ["**/*.json"]) == ["config.json", "a/config.json", "a/b/c.json"]
     assert select(paths, ["a/**"]) == ["a/config.json", "a/b/c.json"]
     assert select(paths, None, ["*.md", "a/**"]) == ["config.json", "model.safetensors"]
+
+
+# -- config files that attack the reader ---------------------------------------------
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_alias_bomb_is_a_short_error(tmp_path: Path) -> None:
+    # Billion laughs: nine levels of nine aliases each stand for 9^9 strings.
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):
+        refs = ", ".join([f"*a{i - 1}"] * 9)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    lines.append("environment_variables: {BOMB: *a9}")
+    path = _config(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_model_config(path)
+    assert "expands to more than" in str(e.value) and len(str(e.value)) < 400
+
+
+def test_alias_bomb_in_a_quoted_field_is_quoted_briefly() -> None:
+    # Parsed by someone else (the control API takes a document): the error still quotes
+    # a bounded repr, not the expansion of every shared list.
+    leaf: list[object] = ["lol"] * 9
+    for _ in range(4):
+        leaf = [leaf] * 9
+    with pytest.raises(ConfigError) as e:
+        parse_weights([{"source": "hf://a/b", "mount_location": "/m"}, leaf])
+    assert "entry must be a mapping" in str(e.value) and len(str(e.value)) < 400
+
+
+def test_huge_value_is_quoted_at_most_200_characters(tmp_path: Path) -> None:
+    huge = "x" * 1_000_000
+    path = _config(tmp_path, f"weights:\n  - source: {huge}\n    mount_location: /m\n")
+    with pytest.raises(ConfigError) as e:
+        load_model_config(path)
+    assert "missing a URI scheme" in str(e.value) and len(str(e.value)) < 600
+    path = _config(tmp_path, f"model_name: [{', '.join(['1'] * 50_000)}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_model_config(path)
+    assert "model_name must be a string" in str(e.value) and len(str(e.value)) < 400
+
+
+def test_deep_nesting_is_a_clear_error(tmp_path: Path) -> None:
+    for depth in (100, 100_000):  # deeper than our bound; deeper than Python's stack
+        path = _config(tmp_path, "model_metadata: " + "[" * depth + "]" * depth + "\n")
+        with pytest.raises(ConfigError) as e:
+            load_model_config(path)
+        assert "nested" in str(e.value) and len(str(e.value)) < 400
+
+
+# -- glob patterns ---------------------------------------------------------------------
+
+
+def _regex_glob(pattern: str) -> re.Pattern[str]:
+    """The translation these globs had before the linear matcher (a backtracking regex),
+    kept here as the reference for their meaning."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            j = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            body = pattern[i + 1:j]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("(?!/)[" + body.replace("\\", "\\\\") + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+GLOBS = ["*.json", "**/*.json", "a/**", "**", "**/", "*", "?/*", "a/**/c.json", "**/b/**",
+         "[ab]/*", "[!a]*", "[^a]*", "[]]x", "[a-c]?", "*.[jm][sd]*", "a*/b*/c*", "**/*",
+         "a/*/**/*.bin", "**/**/x", "x**y", "[-a]", "[a-]"]
+PATHS = ["config.json", "a/config.json", "a/b/c.json", "README.md", "model.safetensors",
+         "a", "b/x", "c", "]x", "ax", "a/b", "a/", "/a", "x/y/x", "xy", "x/y", "x/q/y",
+         "-", "a/b/c/d.bin", "a/z/d.bin", "b/b/b", "/", "a//c.json", "ab/bc/cd"]
+
+
+def test_glob_matcher_keeps_the_regex_semantics() -> None:
+    for pattern in GLOBS:
+        reference = _regex_glob(pattern)
+        for path in PATHS:
+            assert matches(path, pattern) == (reference.match(path) is not None), \
+                (pattern, path)
+
+
+def test_glob_matching_is_linear_on_hostile_patterns() -> None:
+    path = "/".join(["d"] * 200) + "/w.bin"
+    for hostile in ("**/" * 300 + "x", "*d" * 400 + "x", "*/" * 150 + "x" + "?" * 100):
+        assert not matches(path, hostile)  # a backtracking regex would not return
+
+
+@pytest.mark.parametrize(("pattern", "needle"), [
+    ("[z-a]", "empty character range z-a"),
+    ("[!]", "unterminated character class"),
+    ("a[bc", "unterminated character class"),
+    ("a" * 10_000, "longer than 1024"),
+])
+def test_bad_patterns_name_the_field(pattern: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_weights([{"source": "hf://a/b", "mount_location": "/m",
+                        "ignore_patterns": ["*.md", pattern]}])
+    assert e.value.field == "ignore_patterns[1]" and needle in str(e.value)
+    assert len(str(e.value)) < 300

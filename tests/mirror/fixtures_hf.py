@@ -97,6 +97,9 @@ class HubState:
         self.bytes_by_blob: Counter[str] = Counter()
         self.ranges: list[tuple[str, str | None]] = []
         self.cdn_auth_headers = 0
+        # Every Authorization header either server received, so a test can prove that a
+        # credential never reached the upstream.
+        self.auth_headers_seen: list[str] = []
         self.download_requests = 0
         # Download responses being served now, and the most at once (for limit tests).
         self.inflight = 0
@@ -400,8 +403,15 @@ class HubApp:
     async def fixture_stats(self, _: web.Request) -> web.Response:
         return web.json_response(self.state.stats())
 
+    @web.middleware
+    async def _record_auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if "Authorization" in request.headers:
+            with self.state.lock:
+                self.state.auth_headers_seen.append(request.headers["Authorization"])
+        return await handler(request)  # type: ignore[no-any-return]
+
     def hub_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._record_auth])
         app.router.add_get("/api/models/{owner}/{name}", self.model_info)
         app.router.add_get("/api/models/{owner}/{name}/revision/{rev:.+}", self.model_info)
         app.router.add_route("*", "/{owner}/{name}/resolve/{rev}/{path:.+}", self.resolve)
@@ -409,7 +419,7 @@ class HubApp:
         return app
 
     def cdn_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._record_auth])
         app.router.add_route("*", "/cdn/{sha}", self.cdn)
         return app
 

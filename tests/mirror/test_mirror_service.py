@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,11 @@ class Server:
         self.keys = root / "keys.yaml"
         self.secrets = root / "secrets"
         self.secrets.mkdir(parents=True, exist_ok=True)
-        (self.secrets / "hf").write_text(HF_TOKEN + "\n")
-        (self.secrets / "hf_wrong").write_text("hf_WrongServiceToken9876543210\n")
+        # Secrets are per namespace: a job sees only its own namespace's folder.
+        for ns in ("team", "mirrors"):
+            (self.secrets / ns).mkdir(exist_ok=True)
+            (self.secrets / ns / "hf").write_text(HF_TOKEN + "\n")
+            (self.secrets / ns / "hf_wrong").write_text("hf_WrongServiceToken9876543210\n")
         self.keys.write_text(
             "keys:\n"
             f"  - name: team\n    sha256: {hash_key(KEY_TEAM)}\n"
@@ -50,10 +53,11 @@ class Server:
         self.proc: ServiceProcess | None = None
         self.outputs: list[str] = []
 
-    def start(self, max_jobs: int = 2, store: list[str] | None = None) -> ServiceProcess:
+    def start(self, max_jobs: int = 2, store: list[str] | None = None,
+              extra: Sequence[str] = (), verbose: Sequence[str] = ()) -> ServiceProcess:
         store_args = store or ["--store", str(self.store_dir)]
         self.proc = ServiceProcess(bdn_command(
-            "mirror-server", "--listen", "127.0.0.1:0", *store_args,
+            *verbose, "mirror-server", "--listen", "127.0.0.1:0", *store_args, *extra,
             "--state-dir", str(self.state_dir), "--keys", str(self.keys),
             "--secrets-dir", str(self.secrets), "--hf-endpoint", self.hub_url,
             "--max-jobs", str(max_jobs), "--job-concurrency", "2", "--part-mib", "1"))

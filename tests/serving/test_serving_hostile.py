@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from manifests.errors import BdnError, SafetensorsError
+from manifests.safetensors import parse_header
 from serving.loader import load
 from tests.serving.serving_helpers import write_safetensors
 
@@ -142,7 +143,7 @@ def test_hostile_entries_fail_before_any_large_allocation(entries: dict, data_le
     ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "a", "does not match"),
     ({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 1]}}, 1, "a", "unknown dtype"),
     ({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}, 8, "a",
-     "does not match"),
+     "overflows"),
 ])
 def test_specific_hostile_headers_name_file_tensor_and_offset(
         entries: dict, data_len: int, tensor: str, needle: str) -> None:
@@ -156,6 +157,33 @@ def test_specific_hostile_headers_name_file_tensor_and_offset(
     assert isinstance(info.value, BdnError)
 
 
+@pytest.mark.parametrize("entries, data_len, tensor, offset, needle", [
+    ({"a": {"dtype": "U8", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, 0, "a", 0,
+     "overflows"),
+    ({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+      "b": {"dtype": "U8", "shape": [4], "data_offsets": [6, 10]}}, 10, "b", 6,
+     "leaves a gap"),
+    ({"a": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}, 6, "a", 2,
+     "does not start at offset 0"),
+    ({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}, 7, None, 4,
+     "3 trailing bytes after the last tensor ('a')"),
+])
+def test_loader_is_as_strict_as_the_reference(entries: dict, data_len: int,
+                                              tensor: str | None, offset: int,
+                                              needle: str) -> None:
+    path = _header_file(entries, data_len)
+    raw = json.dumps(entries).encode()
+    data_start = 8 + len(raw)
+    for strategy in STRATEGIES:
+        with pytest.raises(SafetensorsError) as info:
+            load(path, strategy=strategy)
+        err = info.value
+        assert err.tensor == tensor and err.path == path and needle in str(err)
+        assert err.offset == data_start + offset
+        assert f"byte offset {err.offset}" in str(err) and path in str(err)
+    os.unlink(path)
+
+
 def test_file_shorter_than_its_tensors_after_header(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     write_safetensors(path, {"a": ("F32", (1024,), bytes(4096))})
@@ -165,3 +193,113 @@ def test_file_shorter_than_its_tensors_after_header(tmp_path: Path) -> None:
         with pytest.raises(SafetensorsError, match=r"tensor 'a'.*past the end") as info:
             load(path, strategy=strategy)
         assert info.value.offset is not None
+
+
+# -- the same verdict as the reference parser ---------------------------------------------
+
+
+def _reference_accepts(data: bytes) -> bool:
+    """Whether the ``safetensors`` package opens ``data``: it validates the whole header
+    (offsets, coverage, sizes) when it opens a file."""
+    from safetensors import safe_open
+
+    path = _write_raw(data)
+    try:
+        with safe_open(path, "np") as f:
+            f.keys()
+        return True
+    except Exception:  # the reference raises SafetensorError, or a JSON/IO error
+        return False
+    finally:
+        os.unlink(path)
+
+
+def _bdn_accepts(data: bytes) -> bool:
+    try:
+        parse_header(data, len(data), path="x.safetensors")
+        return True
+    except SafetensorsError:
+        return False
+
+
+def _file(header: bytes | dict[str, object], data_len: int) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + b"x" * data_len
+
+
+def _t(begin: int, end: int, shape: list[int] | None = None, dtype: str = "U8"
+       ) -> dict[str, object]:
+    return {"dtype": dtype, "shape": [end - begin] if shape is None else shape,
+            "data_offsets": [begin, end]}
+
+
+T4 = b'{"dtype":"U8","shape":[4],"data_offsets":[0,4]}'
+T48 = b'{"dtype":"U8","shape":[4],"data_offsets":[4,8]}'
+CORPUS: dict[str, bytes] = {
+    "valid": _file({"a": _t(0, 4), "b": _t(4, 12, [2], "F32")}, 12),
+    "empty": _file({}, 0),
+    "metadata only": _file({"__metadata__": {"k": "v"}}, 0),
+    "metadata null": _file({"__metadata__": None, "a": _t(0, 4)}, 4),
+    "metadata not strings": _file({"__metadata__": {"k": 1}}, 0),
+    "metadata twice": _file(b'{"__metadata__":{"a":"b"},"__metadata__":{"a":"c"}}', 0),
+    "metadata key twice": _file(b'{"__metadata__":{"a":"b","a":"c"}}', 0),
+    "gap": _file({"a": _t(0, 4), "b": _t(6, 8)}, 8),
+    "not from 0": _file({"a": _t(2, 6)}, 6),
+    "trailing bytes": _file({"a": _t(0, 4)}, 6),
+    "trailing bytes, no tensors": _file({}, 2),
+    "overlap": _file({"a": _t(0, 4), "b": _t(2, 6)}, 6),
+    "past the end": _file({"a": _t(0, 8)}, 4),
+    "shape overflows": _file({"a": _t(0, 4, [2**32, 2**32, 2**32])}, 4),
+    "shape overflows before a 0": _file({"a": _t(0, 0, [2**40, 2**40, 0])}, 0),
+    "bits overflow": _file({"a": _t(0, 8, [2**62, 2], "F32")}, 8),
+    "zero-size tensors": _file({"z": _t(0, 0, [0]), "a": _t(0, 4), "y": _t(4, 4, [0, 3])},
+                               4),
+    "zero-size tensor inside another": _file({"a": _t(0, 4), "z": _t(2, 2, [0])}, 4),
+    "zero-size tensor past the end": _file({"a": _t(0, 4), "z": _t(6, 6, [0])}, 4),
+    "duplicate name, last valid": _file(b'{"a":' + T48 + b',"a":' + T4 + b"}", 4),
+    "duplicate name, last leaves a gap": _file(b'{"a":' + T4 + b',"a":' + T48 + b"}", 8),
+    "duplicate name, same entry": _file(b'{"a":' + T4 + b',"a":' + T4 + b"}", 4),
+    "duplicate field in an entry": _file(
+        b'{"a":{"dtype":"U8","dtype":"U8","shape":[4],"data_offsets":[0,4]}}', 4),
+    "unknown field": _file({"a": {**_t(0, 4), "extra": [1]}}, 4),
+    "unknown dtype": _file({"a": _t(0, 4, dtype="X9")}, 4),
+    "size mismatch": _file({"a": _t(0, 4, [3])}, 4),
+    "F4 half byte": _file({"a": _t(0, 1, [1], "F4")}, 1),
+    "F4 whole byte": _file({"a": _t(0, 1, [2], "F4")}, 1),
+    "negative dim": _file({"a": _t(0, 4, [-4])}, 4),
+    "float dim": _file({"a": {"dtype": "U8", "shape": [4.0], "data_offsets": [0, 4]}}, 4),
+    "bool dim": _file({"a": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, 1),
+    "three offsets": _file({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4, 4]}},
+                           4),
+    "top-level list": _file(b"[]", 0),
+    "entry not an object": _file({"a": 1}, 0),
+    "NUL padding": struct.pack("<Q", 8) + b"{}" + b"\0" * 6,
+    "leading space": _file(b" " + json.dumps({"a": _t(0, 4)}).encode(), 4),
+    "lone surrogate name": _file(b'{"\\ud800":' + T4 + b"}", 4),
+    "header length past the end": struct.pack("<Q", 64) + b"{}",
+    "header length 0": struct.pack("<Q", 0),
+    "too short": b"\x01\x00",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORPUS))
+def test_same_verdict_as_the_reference_parser(case: str) -> None:
+    data = CORPUS[case]
+    assert _bdn_accepts(data) == _reference_accepts(data), case
+
+
+ref_entry = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["U8", "F16", "F32", "F4", "BOOL"]),
+    "shape": st.lists(st.integers(min_value=0, max_value=6), max_size=3),
+    "data_offsets": st.lists(st.integers(min_value=0, max_value=40), min_size=2,
+                             max_size=2)})
+
+
+@SETTINGS
+@given(entries=st.dictionaries(st.sampled_from("abcd"), ref_entry, max_size=4),
+       data_len=st.integers(min_value=0, max_value=48))
+def test_random_small_headers_same_verdict_as_the_reference(entries: dict,
+                                                            data_len: int) -> None:
+    data = _file(entries, data_len)
+    assert _bdn_accepts(data) == _reference_accepts(data)
