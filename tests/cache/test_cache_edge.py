@@ -208,7 +208,10 @@ def test_conditional_requests_on_misses(store: BlobStore, start_cache: StartCach
                                          {"If-None-Match": inm.format(d=digest)})
         assert (status, body, headers["ETag"]) == (304, b"", f'"{digest}"'), inm
         status, headers, body = http_get(f"{cache.url}/v1/objects/{digest}")
-        assert (status, body, headers["X-Bdn-Cache"]) == (200, data, "hit"), inm
+        # The 304 may be answered before its fill commits: then this request joins that
+        # same fill ("coalesced") instead of finding it done — one store read either way.
+        assert (status, body) == (200, data), inm
+        assert headers["X-Bdn-Cache"] in ("hit", "coalesced"), inm
     data = os.urandom(5000)
     digest = str(put_object(store, data))
     status, _, body = http_get(f"{cache.url}/v1/objects/{digest}",
