@@ -420,7 +420,7 @@ class FsspecBackend:
         opts = dict(storage_options or {})
         scheme, _, rest = self.url.partition("://")
         if scheme in ("gs", "gcs") and opts.get("endpoint_url"):
-            from bdn.sources.gcs import gcs_filesystem_class
+            from bdn.cloudfs import gcs_filesystem_class
 
             self.fs, root = gcs_filesystem_class(opts["endpoint_url"])(**opts), rest
         else:

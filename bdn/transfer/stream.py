@@ -21,7 +21,7 @@ How:
   chunk's bytes in order and stores the chunk on ``finish`` (the mirror's sink hashes
   with BLAKE3 and writes into the store as bytes arrive).
 * **Source checksum.** A CRC (S3, GCS) is computed per chunk on the receiving thread and
-  the chunks' CRCs are combined at the end (:mod:`bdn.sources.crc`). Other digests (LFS
+  the chunks' CRCs are combined at the end (:mod:`bdn.transfer.crc`). Other digests (LFS
   sha256, MD5) need the bytes in file order: a chunk that starts when every earlier
   chunk is hashed is hashed *live*, block by block; any other is hashed later from its
   sink's ``read_back`` (a page-cache read for a local store), by whichever thread moves
@@ -46,16 +46,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bdn.errors import SourceError
-from bdn.sources.base import FetchCounters, SourceFile
-from bdn.sources.crc import CrcKind
-from bdn.sources.ranged import (
-    CancelToken,
-    Checksum,
-    DownloadOptions,
-    Fetch,
-    Hasher,
-    fetch_resumable,
-)
+from bdn.transfer.cancel import CancelToken
+from bdn.transfer.crc import CrcKind
+from bdn.transfer.files import Checksum, Fetch, FetchCounters, Hasher, SourceFile
+from bdn.transfer.options import DownloadOptions
+from bdn.transfer.ranged import fetch_resumable
 
 # Parts may run this far ahead of the first chunk not yet checksummed, at least.
 MIN_WINDOW_BYTES = 64 * 1024 * 1024

@@ -12,7 +12,7 @@ waits on the socket with the GIL released. Per 256 MiB from fake-gcs-server: abo
 which only downloads.
 
 What it keeps from the loop path: one request per call (a part), which the caller
-resumes from its first missing byte (:func:`bdn.sources.ranged.fetch_resumable`); an
+resumes from its first missing byte (:func:`bdn.transfer.ranged.fetch_resumable`); an
 origin that ignores ``Range`` has the bytes before the start dropped; a timeout for the
 connect and one for every read; statuses mapped by the source (``refuse``) and transport
 failures made retryable; redirects followed, credentials dropped when one leaves the
@@ -33,7 +33,9 @@ from urllib.parse import urljoin, urlsplit
 from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, is_retryable_status, parse_retry_after
 from bdn.secrets import scrub
-from bdn.sources.ranged import STREAM_BLOCK_BYTES, DownloadOptions, Fetch, transport_error
+from bdn.transfer.files import Fetch
+from bdn.transfer.options import STREAM_BLOCK_BYTES, DownloadOptions
+from bdn.transfer.ranged import transport_error
 
 USER_AGENT = "bdn-mirror/0.1"
 MAX_REDIRECTS = 5
@@ -75,7 +77,7 @@ class RangeClient:
     def fetcher(self, url: str, *, refuse: Refuse,
                 headers: Callable[[], Mapping[str, str]] = dict,
                 block_bytes: int = STREAM_BLOCK_BYTES) -> Fetch:
-        """A :data:`~bdn.sources.ranged.Fetch` of ``url``: each call one ranged GET, read
+        """A :data:`~bdn.transfer.files.Fetch` of ``url``: each call one ranged GET, read
         in blocks of ``block_bytes``. ``headers()`` is asked per request (tokens
         expire); ``refuse`` makes the exception for a status other than 200/206."""
 
