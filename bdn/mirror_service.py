@@ -92,7 +92,6 @@ STALE_SPOOL_S = 7 * 24 * 3600
 MAX_BODY_BYTES = 256 * 1024
 MAX_LIST = 1000
 STATES_ACTIVE = ("queued", "running")
-STATES_FINAL = ("succeeded", "failed", "cancelled")
 
 
 # -- keys --------------------------------------------------------------------------------

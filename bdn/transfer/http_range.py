@@ -2,14 +2,12 @@
 
 Why this shape: a mirror's part threads consume every block (BLAKE3, the source's CRC, a
 write: each releases the GIL). Reading the responses on an event loop instead (aiohttp on
-fsspec's loop thread) and handing the blocks across cost about as much CPU again as that
-work itself, on the 2-core VM: aiohttp delivers 64 KiB pieces through its stream reader,
-each block was a join of them, and each hand-off took a lock and sometimes a wake-up.
-Here ``http.client`` reads a block straight from the socket into one new ``bytes`` (its
-buffered reader fills the object with ``recv_into``), in the part's own thread, which
-waits on the socket with the GIL released. Per 256 MiB from fake-gcs-server: about
-0.2 CPU-s against 0.36–0.44 through the loop, and less than ``gcsfs.get`` (0.18–0.23),
-which only downloads.
+fsspec's loop thread) and handing the blocks across costs CPU per block: aiohttp delivers
+64 KiB pieces through its stream reader, each block is a join of them, and each hand-off
+takes a lock and sometimes a wake-up. Here ``http.client`` reads a block straight from
+the socket into one new ``bytes`` (its buffered reader fills the object with
+``recv_into``), in the part's own thread, which waits on the socket with the GIL
+released (measurements: bench/README.md).
 
 What it keeps from the loop path: one request per call (a part), which the caller
 resumes from its first missing byte (:func:`bdn.transfer.ranged.fetch_resumable`); an

@@ -2,13 +2,12 @@
 from the socket into the chunk that owns them, block by block. No spool file, no
 whole-chunk buffers.
 
-Why this shape: spooling a remote file and then chunking it wrote every byte into fresh
-page-cache pages twice (spool, then object) and read it back twice (checksum, BLAKE3);
-gathering whole chunks in memory instead cost a page fault per 4 KiB of every fresh
-buffer. Measured on a 2-core VM, either doubled the client's CPU per byte against a
-plain download. Here each block (≤ 1 MiB, recycled by the allocator, still in the CPU
-cache) is hashed and written once, as it arrives, which is what a plain download costs
-plus the hashing.
+Why this shape: spooling a remote file and then chunking it writes every byte into fresh
+page-cache pages twice (spool, then object) and reads it back twice (checksum, BLAKE3);
+gathering whole chunks in memory instead costs a page fault per 4 KiB of every fresh
+buffer. Here each block (≤ 1 MiB, recycled by the allocator, still in the CPU cache) is
+hashed and written once, as it arrives, which is what a plain download costs plus the
+hashing (measurements: bench/README.md).
 
 How:
 
