@@ -156,3 +156,27 @@ def test_layers_cache_and_agent_import_without_torch_or_cloud_sdks(
                          text=True, timeout=120, check=True)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded == [], f"importing {modules} loaded {loaded}"
+
+
+@pytest.mark.parametrize(("uri", "sdk", "extra"), [
+    ("hf://org/model", "huggingface_hub", "hf"),
+    ("s3://bucket/prefix", "s3fs", "s3"),
+    ("gs://bucket/prefix", "gcsfs", "gcs"),
+])
+def test_layers_source_without_its_extra_names_the_extra(uri: str, sdk: str,
+                                                         extra: str) -> None:
+    # A None entry in sys.modules makes the import fail as if the SDK were not installed.
+    code = (
+        "import sys\n"
+        f"sys.modules[{sdk!r}] = None\n"
+        "from bdn.errors import ConfigError\n"
+        "from bdn.sources import open_source\n"
+        "try:\n"
+        f"    open_source({uri!r})\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"{sdk} missing" in out.stdout and f"pip install 'bdn[{extra}]'" in out.stdout
+
