@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[all,test]'
 	touch $(STAMP)
 
 demo: venv
@@ -32,7 +32,7 @@ lint: venv
 BENCHES := bench/mirror.py bench/cache.py bench/pull.py bench/load.py bench/coldstart.py
 
 bench: venv
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[all,test,bench]'
 	for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 bench-remote: venv

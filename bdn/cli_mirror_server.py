@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from bdn.sources.ranged import DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES
+from bdn.transfer.options import DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

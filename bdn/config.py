@@ -135,9 +135,6 @@ class SourceURI:
         parts = self.location.split("/", 1)
         return parts[1].strip("/") if len(parts) > 1 else ""
 
-    def without_revision(self) -> str:
-        return f"{self.scheme}://{self.location}"
-
 
 @dataclass(frozen=True)
 class WeightsEntry:

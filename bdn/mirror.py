@@ -12,7 +12,7 @@ How the bytes arrive depends on the source:
   ``mmap``; BLAKE3 and the kernel-side copy release the GIL), so every core works.
 * **Remote** files are *streamed*: a safetensors header is one small ranged read, its
   chunk plan follows from it, and the bytes go from the socket into the chunk that owns
-  them and from there into the store, once (:mod:`bdn.sources.stream`). Several files
+  them and from there into the store, once (:mod:`bdn.transfer.stream`). Several files
   are in flight at once (``fetch_files``), sharing the source's connection cap, so small
   files and the tail of a large one do not leave connections idle. Other files
   (content-defined cuts need the content) are spooled to a file first, then chunked
@@ -53,9 +53,11 @@ from bdn.errors import BdnError, MirrorError, SourceError
 from bdn.fsutil import write_json_atomic
 from bdn.patterns import select
 from bdn.sources.base import Source, SourceFile
-from bdn.sources.ranged import AnyOf, CancelToken, RemoteSource, spool_paths
-from bdn.sources.stream import Landed
+from bdn.sources.remote import RemoteSource
 from bdn.store import BlobStore, PutResult
+from bdn.transfer.cancel import AnyOf, CancelToken, MirrorCancelled
+from bdn.transfer.spool import spool_paths
+from bdn.transfer.stream import Landed
 from manifests.chunking import DEFAULT_OPTIONS, ChunkingOptions, plan_cdc, plan_safetensors
 from manifests.digest import Digest
 from manifests.errors import SafetensorsError
@@ -73,10 +75,6 @@ HEADER_PROBE_BYTES = 256 * 1024
 SAFETENSORS_SUFFIX = ".safetensors"
 
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-class MirrorCancelled(MirrorError):
-    """The mirror was cancelled; what was written so far stays valid and reusable."""
 
 
 @dataclass(frozen=True)
@@ -433,7 +431,7 @@ class Mirror:
 
 
 class _StreamedChunk:
-    """A chunk of a streamed file (a :class:`~bdn.sources.stream.ChunkSink`): its bytes
+    """A chunk of a streamed file (a :class:`~bdn.transfer.stream.ChunkSink`): its bytes
     go into the store as they arrive (:meth:`BlobStore.incoming`); on ``finish`` it is
     committed under its digest and recorded in ``out`` by offset."""
 

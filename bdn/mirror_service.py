@@ -62,7 +62,7 @@ from aiohttp import web
 from bdn.config import WeightsEntry, parse_weights
 from bdn.errors import BdnError, ConfigError, MirrorError, NotFoundError
 from bdn.fsutil import contained_root
-from bdn.mirror import Mirror, MirrorCancelled, MirrorOptions
+from bdn.mirror import Mirror, MirrorOptions
 from bdn.mirror_key import mirror_ref
 from bdn.secrets import (
     SecretResolver,
@@ -73,8 +73,10 @@ from bdn.secrets import (
 )
 from bdn.sources import open_source
 from bdn.sources.local import local_source_path
-from bdn.sources.ranged import DEFAULT_PART_BYTES, SPOOL_PREFIX, DownloadOptions
 from bdn.store import BlobStore, StoreOptions
+from bdn.transfer.cancel import MirrorCancelled
+from bdn.transfer.options import DEFAULT_PART_BYTES, DownloadOptions
+from bdn.transfer.spool import SPOOL_PREFIX
 from manifests.digest import Digest
 from manifests.errors import RefError
 from manifests.refs import Ref
@@ -90,7 +92,6 @@ STALE_SPOOL_S = 7 * 24 * 3600
 MAX_BODY_BYTES = 256 * 1024
 MAX_LIST = 1000
 STATES_ACTIVE = ("queued", "running")
-STATES_FINAL = ("succeeded", "failed", "cancelled")
 
 
 # -- keys --------------------------------------------------------------------------------

@@ -2,18 +2,17 @@
 
 The policy is pure — :meth:`RetryPolicy.delay_s` is a function of the attempt number, the
 server's ``Retry-After`` (if any) and a random draw passed in — so it is tested without
-clocks; :func:`retry_async` / :func:`retry_sync` are the thin loops that sleep. Which
-failures are worth retrying is decided here once for every client in bdn: transport
-errors and HTTP 408, 429 and 5xx; never other 4xx (a wrong key stays wrong).
+clocks; :func:`retry_sync` is the thin loop that sleeps. Which failures are worth
+retrying is decided here once for every client in bdn: transport errors and HTTP 408,
+429 and 5xx; never other 4xx (a wrong key stays wrong).
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -83,9 +82,6 @@ class RetryPolicy:
         return delay
 
 
-NO_RETRY = RetryPolicy(attempts=1)
-
-
 def _delay_after(policy: RetryPolicy, attempt: int, error: BaseException,
                  rng: random.Random,
                  on_retry: Callable[[int, BaseException, float], None] | None) -> float:
@@ -97,19 +93,6 @@ def _delay_after(policy: RetryPolicy, attempt: int, error: BaseException,
     if on_retry:
         on_retry(attempt, error, delay)
     return delay
-
-
-async def retry_async(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
-                      retry_on: tuple[type[BaseException], ...] = (RetryableError,),
-                      on_retry: Callable[[int, BaseException, float], None] | None = None,
-                      rng: random.Random | None = None) -> T:
-    rng = rng or random.Random()
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return await fn()
-        except retry_on as e:
-            await asyncio.sleep(_delay_after(policy, attempt, e, rng, on_retry))
-    raise AssertionError("unreachable")
 
 
 def retry_sync(fn: Callable[[], T], policy: RetryPolicy, *,

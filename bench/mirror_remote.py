@@ -51,8 +51,8 @@ os.environ.update({"AWS_EC2_METADATA_DISABLED": "true", "AWS_ACCESS_KEY_ID": "be
 
 from bdn.mirror import Mirror, MirrorOptions  # noqa: E402
 from bdn.sources import open_source  # noqa: E402
-from bdn.sources.ranged import DownloadOptions  # noqa: E402
 from bdn.store import BlobStore  # noqa: E402
+from bdn.transfer.options import DownloadOptions  # noqa: E402
 from tests.support.procs import ServiceProcess, free_port, wait_http  # noqa: E402
 
 MiB = 1024 * 1024

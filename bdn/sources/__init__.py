@@ -2,7 +2,8 @@
 
 :func:`open_source` maps a parsed ``source`` URI (and, for remote schemes, the secret
 resolver) to a :class:`~bdn.sources.base.Source`. Remote schemes are imported lazily so
-a local mirror does not pay for cloud SDKs.
+a local mirror does not pay for cloud SDKs, and a bdn installed without a scheme's extra
+(``bdn[hf]``, ``bdn[s3]``, ``bdn[gcs]``) says which one to install.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ SOURCE_CLASSES = {
     "r2": "bdn.sources.s3:S3Source",
     "gs": "bdn.sources.gcs:GCSSource",
 }
+# scheme → the extra that installs its SDK (``pip install 'bdn[hf]'``).
+SOURCE_EXTRAS = {"hf": "hf", "s3": "s3", "r2": "s3", "gs": "gcs"}
+OWN_PACKAGES = frozenset({"bdn", "manifests"})
 
 
 def open_source(uri: str | SourceURI, **options: Any) -> Source:
@@ -42,7 +46,12 @@ def open_source(uri: str | SourceURI, **options: Any) -> Source:
     module, _, cls = target.partition(":")
     try:
         source_cls = getattr(importlib.import_module(module), cls)
+        # Sources import some SDK modules only when constructed (s3fs, gcsfs).
+        return source_cls(uri, **options)  # type: ignore[no-any-return]
     except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] in OWN_PACKAGES:
+            raise  # our own code is broken: not a missing extra
+        extra = SOURCE_EXTRAS.get(uri.scheme)
+        hint = f"; install it with: pip install 'bdn[{extra}]'" if extra else ""
         raise ConfigError(f"Source '{uri.uri}': the {uri.scheme}:// source is not available "
-                          f"({e.name} missing)", field="source") from None
-    return source_cls(uri, **options)  # type: ignore[no-any-return]
+                          f"({e.name} missing{hint})", field="source") from None

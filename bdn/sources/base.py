@@ -5,10 +5,14 @@ see a new commit), list files with sizes and *fingerprints* (metadata that ident
 content without reading it: HF LFS sha256, S3 ETag + size, GCS md5 + size, local
 device + inode + size + mtime), read a byte range, and make a file available as a
 local path to chunk. Local files are used in place. Remote sources
-(:class:`~bdn.sources.ranged.RemoteSource`) also *stream* a file whose chunk plan is
-known from its header straight into the store (:mod:`bdn.sources.stream`); any other
+(:class:`~bdn.sources.remote.RemoteSource`) also *stream* a file whose chunk plan is
+known from its header straight into the store (:mod:`bdn.transfer.stream`); any other
 remote file is spooled to a temp file by parallel ranged requests and deleted after
 chunking.
+
+The records a source hands over (:class:`SourceFile`, :class:`FetchCounters`) are the
+transfer engine's (:mod:`bdn.transfer.files`), re-exported here: adapters import the
+engine, never the other way round.
 """
 
 from __future__ import annotations
@@ -16,25 +20,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
+from bdn.transfer.files import FetchCounters, SourceFile
 
-@dataclass(frozen=True)
-class SourceFile:
-    """A file at the source. ``path`` is relative, ``/``-separated."""
-
-    path: str
-    size: int
-    fingerprint: str | None = None
-    mode: int = 0o644
-
-
-@dataclass
-class FetchCounters:
-    """Bytes actually read from the origin (for "bytes from origin" reporting)."""
-
-    bytes_from_origin: int = 0
+__all__ = ["FetchCounters", "Source", "SourceFile"]
 
 
 class Source(ABC):

@@ -2,7 +2,7 @@
 
 Both list the prefix with one ``find`` (retried under the download policy), name objects
 by ``bucket/prefix/relative path``, pin the same fields and map the filesystem's errors
-the same way (:func:`~bdn.sources.ranged.classify_fs_error`); only the per-object
+the same way (:func:`classify_fs_error`); only the per-object
 metadata differs — what identifies an object (S3 ETag, GCS MD5) and what verifies its
 bytes — so a subclass says how to describe one listed object and nothing else of the
 listing.
@@ -15,8 +15,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from bdn.errors import AuthError, SourceError
+from bdn.secrets import scrub
 from bdn.sources.base import SourceFile
-from bdn.sources.ranged import RemoteSource, classify_fs_error, retry_or_fail
+from bdn.sources.remote import RemoteSource
+from bdn.transfer.ranged import retry_or_fail, transport_error
 
 T = TypeVar("T")
 
@@ -78,3 +80,23 @@ class BucketSource(RemoteSource):
                 files.append(self._describe(rel, info))
         self._files = sorted(files, key=lambda f: f.path)
         return list(self._files)
+
+
+def classify_fs_error(exc: BaseException, where: str, uri: str, path: str = "", *,
+                      service: str, auth_markers: tuple[str, ...]) -> BaseException:
+    """Map an fsspec (s3fs/gcsfs) failure to AuthError / SourceError / RetryableError.
+
+    Denials and missing objects are final; bad arguments are final; everything else
+    (5xx, throttling, timeouts, resets) is worth another attempt. Secrets are scrubbed
+    from the text before it reaches any message.
+    """
+    text = scrub(str(exc))
+    if isinstance(exc, PermissionError) or any(m in text for m in auth_markers):
+        return AuthError(f"source {uri}: {where}: access denied by {service} ({text}); "
+                         "check the credentials secret", source=uri, file=path, status=403)
+    if isinstance(exc, FileNotFoundError):
+        return SourceError(f"source {uri}: {where}: not found", source=uri, file=path,
+                           status=404)
+    if isinstance(exc, (ValueError, TypeError)):
+        return SourceError(f"source {uri}: {where}: {text}", source=uri, file=path)
+    return transport_error(exc, where)

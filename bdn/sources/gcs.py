@@ -5,7 +5,7 @@ Listing gives each object's size, MD5 (base64) and generation. The fingerprint i
 ETags (MD5 resists accidents, not adversaries). Composite objects carry only a CRC32C,
 which identifies nothing, so they get no fingerprint and are always fetched. Downloads
 are parallel ranged reads of the media URL gcsfs's own ``get_file`` reads, with its auth
-headers, on blocking sockets (:mod:`bdn.sources.http_range`; public ranged reads if those
+headers, on blocking sockets (:mod:`bdn.transfer.http_range`; public ranged reads if those
 internals ever change), verified against the object's CRC32C (hardware accelerated; MD5
 when no fast CRC32C is installed).
 
@@ -29,14 +29,17 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
+from bdn.cloudfs import gcs_filesystem_class
 from bdn.config import Auth, SourceURI
 from bdn.errors import AuthError
 from bdn.secrets import SecretResolver, gcs_service_account
 from bdn.sources.base import SourceFile
 from bdn.sources.bucket import BucketSource
-from bdn.sources.crc import crc32c
-from bdn.sources.http_range import USER_AGENT, RangeClient, status_error
-from bdn.sources.ranged import Checksum, DownloadOptions, Fetch, fsspec_fetcher
+from bdn.transfer.crc import crc32c
+from bdn.transfer.fetchers import fsspec_fetcher
+from bdn.transfer.files import Checksum, Fetch
+from bdn.transfer.http_range import USER_AGENT, RangeClient, status_error
+from bdn.transfer.options import DownloadOptions
 
 # Only for a gcsfs whose internals differ from what ``fetcher`` streams through.
 BLOCK_BYTES = 8 * 1024 * 1024
@@ -54,16 +57,6 @@ def gcs_filesystem(*, endpoint_url: str | None, token: Any, timeout_s: float | N
     if timeout_s:
         kwargs["timeout"] = timeout_s
     return gcs_filesystem_class(endpoint_url)(**kwargs)
-
-
-def gcs_filesystem_class(endpoint_url: str | None) -> Any:
-    """gcsfs's core class for a custom endpoint (emulators, compatible stores), where the
-    default class's gRPC bucket-type probe waits 60 s per call; the default otherwise."""
-    if endpoint_url:
-        from gcsfs.core import GCSFileSystem
-        return GCSFileSystem
-    from gcsfs import GCSFileSystem as DefaultGCSFileSystem
-    return DefaultGCSFileSystem
 
 
 class _B64Md5:
@@ -138,7 +131,7 @@ class GCSSource(BucketSource):
             return fsspec_fetcher(fs, self._key(file.path), file.path, BLOCK_BYTES,
                                   lambda e, where, path: self._classify(e, where, path))
         # The media URL and auth headers gcsfs's own get_file uses, read on blocking
-        # sockets by the part's thread (bdn.sources.http_range).
+        # sockets by the part's thread (bdn.transfer.http_range).
         url = fs.url(self._key(file.path))
         params = fs._get_params({})
         if params:

@@ -15,7 +15,7 @@ Bytes come from ``{endpoint}/{repo}/resolve/{commit}/{path}`` by parallel ranged
 following the Hub's redirect to its CDN; the token is sent to the Hub only (the HTTP
 client strips it on a cross-origin redirect). Each response is read on a blocking
 socket by the mirror's thread that hashes and writes it, in 1 MiB blocks
-(:mod:`bdn.sources.http_range`, as for GCS). Every download is verified against the
+(:mod:`bdn.transfer.http_range`, as for GCS). Every download is verified against the
 LFS sha256 or git blob sha1. ``HF_ENDPOINT`` (or the ``endpoint`` option) selects the
 Hub, which is how tests point it at a loopback fixture.
 """
@@ -44,14 +44,11 @@ from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, is_retryable_status, parse_retry_after
 from bdn.secrets import SecretResolver, hf_token, scrub
 from bdn.sources.base import SourceFile
-from bdn.sources.http_range import USER_AGENT, RangeClient, status_error
-from bdn.sources.ranged import (
-    Checksum,
-    DownloadOptions,
-    Fetch,
-    RemoteSource,
-    retry_or_fail,
-)
+from bdn.sources.remote import RemoteSource
+from bdn.transfer.files import Checksum, Fetch
+from bdn.transfer.http_range import USER_AGENT, RangeClient, status_error
+from bdn.transfer.options import DownloadOptions
+from bdn.transfer.ranged import retry_or_fail
 
 log = logging.getLogger(__name__)
 

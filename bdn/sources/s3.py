@@ -8,7 +8,7 @@ objects, so the fingerprint is scoped to the bucket: reuse across prefixes and m
 one bucket, never across buckets whose writers we do not know.
 
 Bytes come by parallel ranged ``GetObject`` calls, one per part, each body read as a
-stream (``bdn.sources.ranged.loop_stream_fetcher``), so a dropped connection is resumed
+stream (``bdn.transfer.fetchers.loop_stream_fetcher``), so a dropped connection is resumed
 from the first block not received. botocore's and
 s3fs's own retries are turned off so the one bdn policy (backoff, jitter, Retry-After)
 applies, with strict connect/read timeouts. Downloads are verified against the object's
@@ -36,14 +36,10 @@ from bdn.errors import AuthError, SourceError
 from bdn.secrets import SecretResolver, s3_credentials
 from bdn.sources.base import SourceFile
 from bdn.sources.bucket import BucketSource
-from bdn.sources.crc import CRC32, crc32c
-from bdn.sources.ranged import (
-    AsyncBody,
-    Checksum,
-    DownloadOptions,
-    Fetch,
-    loop_stream_fetcher,
-)
+from bdn.transfer.crc import CRC32, crc32c
+from bdn.transfer.fetchers import AsyncBody, loop_stream_fetcher
+from bdn.transfer.files import Checksum, Fetch
+from bdn.transfer.options import DownloadOptions
 
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}")
 _AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",

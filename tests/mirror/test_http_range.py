@@ -1,4 +1,4 @@
-"""bdn.sources.http_range against real servers on loopback: the Hub fixture (its resolve
+"""bdn.transfer.http_range against real servers on loopback: the Hub fixture (its resolve
 route redirects LFS files to a CDN on another port; faults injected on both) and Python's
 own ``http.server`` (HTTP/1.0, which ignores ``Range``)."""
 
@@ -15,9 +15,10 @@ import pytest
 
 from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, RetryPolicy
-from bdn.sources.base import FetchCounters, SourceFile
-from bdn.sources.http_range import RangeClient, status_error
-from bdn.sources.ranged import DownloadOptions, fetch_resumable
+from bdn.transfer.files import FetchCounters, SourceFile
+from bdn.transfer.http_range import RangeClient, status_error
+from bdn.transfer.options import DownloadOptions
+from bdn.transfer.ranged import fetch_resumable
 from tests.support.procs import ServiceProcess, free_port, wait_http
 
 DATA = bytes((i * 131 + i // 4099) % 256 for i in range(3_000_000))

@@ -17,8 +17,8 @@ from bdn.mirror import Mirror, MirrorOptions
 from bdn.retry import RetryPolicy
 from bdn.secrets import SecretResolver
 from bdn.sources import open_source
-from bdn.sources.ranged import DownloadOptions
 from bdn.store import BlobStore
+from bdn.transfer.options import DownloadOptions
 from manifests.refs import Ref
 from tests.support.procs import ServiceProcess, free_port, wait_http
 

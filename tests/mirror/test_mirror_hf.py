@@ -15,12 +15,13 @@ import pytest
 from bdn.config import Auth, parse_source
 from bdn.errors import AuthError, ConfigError, SourceError
 from bdn.export import export_manifest
-from bdn.mirror import HEADER_PROBE_BYTES, Mirror, MirrorCancelled, MirrorOptions
+from bdn.mirror import HEADER_PROBE_BYTES, Mirror, MirrorOptions
 from bdn.retry import RetryPolicy
 from bdn.secrets import SecretResolver
 from bdn.sources import open_source
-from bdn.sources.ranged import DownloadOptions
 from bdn.store import BlobStore
+from bdn.transfer.cancel import MirrorCancelled
+from bdn.transfer.options import DownloadOptions
 from manifests.refs import Ref
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05)

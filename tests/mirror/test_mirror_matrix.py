@@ -18,8 +18,9 @@ import pytest
 from bdn.export import export_manifest
 from bdn.mirror import Mirror, MirrorOptions
 from bdn.sources import open_source
-from bdn.sources.ranged import DownloadOptions, flush_spool_deletes
 from bdn.store import BlobStore, StoreOptions
+from bdn.transfer.options import DownloadOptions
+from bdn.transfer.spool import flush_spool_deletes
 from manifests.refs import Ref
 
 PARTS = DownloadOptions(part_bytes=64 * 1024, concurrency=4)

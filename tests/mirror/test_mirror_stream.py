@@ -1,4 +1,4 @@
-"""Streaming a remote file into chunks (``bdn.sources.stream``): parts, the in-order source
+"""Streaming a remote file into chunks (``bdn.transfer.stream``): parts, the in-order source
 checksum over chunks that finish in any order, resume, failures — into a real store."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 
 from bdn.errors import SourceError
 from bdn.retry import RetryableError, RetryPolicy
-from bdn.sources.base import FetchCounters, SourceFile
-from bdn.sources.crc import CRC32, CrcKind, crc32c
-from bdn.sources.ranged import Checksum, DownloadOptions
-from bdn.sources.stream import Landed, Part, plan_parts, stream_file
 from bdn.store import BlobStore, Incoming
+from bdn.transfer.crc import CRC32, CrcKind, crc32c
+from bdn.transfer.files import Checksum, FetchCounters, SourceFile
+from bdn.transfer.options import DownloadOptions
+from bdn.transfer.stream import Landed, Part, plan_parts, stream_file
 from manifests.digest import Digest
 
 FAST = RetryPolicy(attempts=3, base_delay_s=0.0, max_delay_s=0.0)

@@ -27,14 +27,9 @@ from bdn.secrets import (
     scrub,
     store_storage_options,
 )
-from bdn.sources.base import FetchCounters, SourceFile
-from bdn.sources.ranged import (
-    SPOOL_PREFIX,
-    Checksum,
-    DownloadOptions,
-    spool_file,
-    spool_paths,
-)
+from bdn.transfer.files import Checksum, FetchCounters, SourceFile
+from bdn.transfer.options import DownloadOptions
+from bdn.transfer.spool import SPOOL_PREFIX, spool_file, spool_paths
 
 # -- secrets -----------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ computed over pieces independently and the pieces' CRCs combined afterwards, kno
 their lengths (zlib's ``crc32_combine``: multiply by the matrix of "append N zero bits"
 over GF(2)). That is what lets a streamed mirror verify each chunk on the thread that
 receives it, while its bytes are still in the CPU cache, in any order, instead of
-replaying every chunk in file order (see :mod:`bdn.sources.stream`). Digests that cannot
+replaying every chunk in file order (see :mod:`bdn.transfer.stream`). Digests that cannot
 be combined (MD5, SHA-256) still take the in-order path.
 """
 

@@ -2,13 +2,12 @@
 from the socket into the chunk that owns them, block by block. No spool file, no
 whole-chunk buffers.
 
-Why this shape: spooling a remote file and then chunking it wrote every byte into fresh
-page-cache pages twice (spool, then object) and read it back twice (checksum, BLAKE3);
-gathering whole chunks in memory instead cost a page fault per 4 KiB of every fresh
-buffer. Measured on a 2-core VM, either doubled the client's CPU per byte against a
-plain download. Here each block (≤ 1 MiB, recycled by the allocator, still in the CPU
-cache) is hashed and written once, as it arrives, which is what a plain download costs
-plus the hashing.
+Why this shape: spooling a remote file and then chunking it writes every byte into fresh
+page-cache pages twice (spool, then object) and reads it back twice (checksum, BLAKE3);
+gathering whole chunks in memory instead costs a page fault per 4 KiB of every fresh
+buffer. Here each block (≤ 1 MiB, recycled by the allocator, still in the CPU cache) is
+hashed and written once, as it arrives, which is what a plain download costs plus the
+hashing (measurements: bench/README.md).
 
 How:
 
@@ -21,7 +20,7 @@ How:
   chunk's bytes in order and stores the chunk on ``finish`` (the mirror's sink hashes
   with BLAKE3 and writes into the store as bytes arrive).
 * **Source checksum.** A CRC (S3, GCS) is computed per chunk on the receiving thread and
-  the chunks' CRCs are combined at the end (:mod:`bdn.sources.crc`). Other digests (LFS
+  the chunks' CRCs are combined at the end (:mod:`bdn.transfer.crc`). Other digests (LFS
   sha256, MD5) need the bytes in file order: a chunk that starts when every earlier
   chunk is hashed is hashed *live*, block by block; any other is hashed later from its
   sink's ``read_back`` (a page-cache read for a local store), by whichever thread moves
@@ -46,16 +45,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bdn.errors import SourceError
-from bdn.sources.base import FetchCounters, SourceFile
-from bdn.sources.crc import CrcKind
-from bdn.sources.ranged import (
-    CancelToken,
-    Checksum,
-    DownloadOptions,
-    Fetch,
-    Hasher,
-    fetch_resumable,
-)
+from bdn.transfer.cancel import CancelToken
+from bdn.transfer.crc import CrcKind
+from bdn.transfer.files import Checksum, Fetch, FetchCounters, Hasher, SourceFile
+from bdn.transfer.options import DownloadOptions
+from bdn.transfer.ranged import fetch_resumable
 
 # Parts may run this far ahead of the first chunk not yet checksummed, at least.
 MIN_WINDOW_BYTES = 64 * 1024 * 1024

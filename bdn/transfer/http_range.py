@@ -2,17 +2,15 @@
 
 Why this shape: a mirror's part threads consume every block (BLAKE3, the source's CRC, a
 write: each releases the GIL). Reading the responses on an event loop instead (aiohttp on
-fsspec's loop thread) and handing the blocks across cost about as much CPU again as that
-work itself, on the 2-core VM: aiohttp delivers 64 KiB pieces through its stream reader,
-each block was a join of them, and each hand-off took a lock and sometimes a wake-up.
-Here ``http.client`` reads a block straight from the socket into one new ``bytes`` (its
-buffered reader fills the object with ``recv_into``), in the part's own thread, which
-waits on the socket with the GIL released. Per 256 MiB from fake-gcs-server: about
-0.2 CPU-s against 0.36–0.44 through the loop, and less than ``gcsfs.get`` (0.18–0.23),
-which only downloads.
+fsspec's loop thread) and handing the blocks across costs CPU per block: aiohttp delivers
+64 KiB pieces through its stream reader, each block is a join of them, and each hand-off
+takes a lock and sometimes a wake-up. Here ``http.client`` reads a block straight from
+the socket into one new ``bytes`` (its buffered reader fills the object with
+``recv_into``), in the part's own thread, which waits on the socket with the GIL
+released (measurements: bench/README.md).
 
 What it keeps from the loop path: one request per call (a part), which the caller
-resumes from its first missing byte (:func:`bdn.sources.ranged.fetch_resumable`); an
+resumes from its first missing byte (:func:`bdn.transfer.ranged.fetch_resumable`); an
 origin that ignores ``Range`` has the bytes before the start dropped; a timeout for the
 connect and one for every read; statuses mapped by the source (``refuse``) and transport
 failures made retryable; redirects followed, credentials dropped when one leaves the
@@ -33,7 +31,9 @@ from urllib.parse import urljoin, urlsplit
 from bdn.errors import AuthError, SourceError
 from bdn.retry import RetryableError, is_retryable_status, parse_retry_after
 from bdn.secrets import scrub
-from bdn.sources.ranged import STREAM_BLOCK_BYTES, DownloadOptions, Fetch, transport_error
+from bdn.transfer.files import Fetch
+from bdn.transfer.options import STREAM_BLOCK_BYTES, DownloadOptions
+from bdn.transfer.ranged import transport_error
 
 USER_AGENT = "bdn-mirror/0.1"
 MAX_REDIRECTS = 5
@@ -75,7 +75,7 @@ class RangeClient:
     def fetcher(self, url: str, *, refuse: Refuse,
                 headers: Callable[[], Mapping[str, str]] = dict,
                 block_bytes: int = STREAM_BLOCK_BYTES) -> Fetch:
-        """A :data:`~bdn.sources.ranged.Fetch` of ``url``: each call one ranged GET, read
+        """A :data:`~bdn.transfer.files.Fetch` of ``url``: each call one ranged GET, read
         in blocks of ``block_bytes``. ``headers()`` is asked per request (tokens
         expire); ``refuse`` makes the exception for a status other than 200/206."""
 

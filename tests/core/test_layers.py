@@ -1,0 +1,182 @@
+"""The package layering of DESIGN.md ("Packages and what each may import"), enforced.
+
+Imports are read from the source with :mod:`ast` (every ``import``/``from`` anywhere in a
+module, lazy ones inside functions included), so a violation is caught without importing
+anything. The table is repeated here from DESIGN.md at the granularity of top-level
+packages; a change to the design changes both.
+
+Beside the table, two rules keep the mirror side free of circles: the blob store imports
+no source and no transfer code, and the transfer engine (``bdn/transfer/``) imports no
+source adapter and not the mirror — adapters import the engine, never the reverse.
+
+A second group checks what a role pays at import time: a cache pod or an agent must
+install and start without torch or the cloud SDKs (``bdn[serving]``, ``bdn[s3]``, ...).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# DESIGN.md: package → the packages of ours it may import.
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    "manifests": frozenset(),
+    "bdn": frozenset({"manifests"}),
+    "cache": frozenset({"manifests", "bdn"}),
+    "agent": frozenset({"manifests", "bdn", "cache"}),
+    "serving": frozenset({"manifests", "bdn", "agent"}),
+    "control": frozenset({"bdn", "agent"}),
+}
+
+# (importing module, imported package) → why it is tolerated for now. Each entry is to be
+# removed by the change that fixes it; one whose module still exists but no longer
+# violates the table fails the test, so the list only shrinks.
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
+    ("bdn.demo_coldstart", "agent"): "the demo lives in bdn/ until it moves to where it "
+                                     "may import everything (issue 21, item 5)",
+}
+
+# Loading any of these is a cost the cache pod and the agent must not pay.
+HEAVY_MODULES = ("torch", "s3fs", "gcsfs", "huggingface_hub", "boto3", "botocore",
+                 "aiobotocore", "google_crc32c", "crc32c", "safetensors")
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(path: Path, root: Path = ROOT) -> Iterator[str]:
+    """Every module ``path`` imports, relative imports resolved to absolute names."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module_name(path, root).split(".")
+    if path.name != "__init__.py":
+        package.pop()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
+                yield ".".join(base + ([node.module] if node.module else []))
+            else:
+                assert node.module is not None
+                yield node.module
+
+
+def modules_of(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def test_layers_packages_import_only_what_design_allows() -> None:
+    found: dict[tuple[str, str], list[str]] = {}
+    for package, allowed in MAY_IMPORT.items():
+        files = modules_of(package)
+        assert files, f"package {package}/ has no modules"
+        for path in files:
+            importer = module_name(path)
+            for name in imported_modules(path):
+                top = name.split(".")[0]
+                if top in MAY_IMPORT and top != package and top not in allowed:
+                    found.setdefault((importer, top), []).append(name)
+    violations = {k: v for k, v in found.items() if k not in KNOWN_EXCEPTIONS}
+    assert not violations, (
+        "imports that DESIGN.md's table does not allow: "
+        + "; ".join(f"{m} imports {', '.join(sorted(set(v)))}"
+                    for (m, _), v in sorted(violations.items())))
+    for importer, top in KNOWN_EXCEPTIONS:
+        path = ROOT / Path(*importer.split("."))
+        if path.with_suffix(".py").exists() or (path / "__init__.py").exists():
+            assert (importer, top) in found, (
+                f"{importer} no longer imports {top}: remove its entry from "
+                "KNOWN_EXCEPTIONS")
+
+
+def test_layers_store_imports_no_source_and_no_transfer() -> None:
+    names = list(imported_modules(ROOT / "bdn" / "store.py"))
+    bad = [n for n in names if n.startswith(("bdn.sources", "bdn.transfer", "bdn.mirror"))]
+    assert not bad, f"bdn/store.py imports {bad}"
+
+
+def test_layers_transfer_engine_imports_no_source_adapter() -> None:
+    bad = []
+    for path in sorted((ROOT / "bdn" / "transfer").rglob("*.py")):
+        for name in imported_modules(path):
+            if name == "bdn.sources" or name.startswith(("bdn.sources.", "bdn.mirror")):
+                bad.append(f"{module_name(path)} imports {name}")
+    assert not bad, "the transfer engine must not import sources or the mirror: " + \
+        "; ".join(bad)
+
+
+def test_layers_sources_use_the_engine() -> None:
+    # The other half of the direction: the adapters reach the engine (this also keeps
+    # the rule above from passing vacuously after a rename).
+    names = {n for p in (ROOT / "bdn" / "sources").rglob("*.py") for n in imported_modules(p)}
+    assert any(n.startswith("bdn.transfer.") for n in names)
+
+
+def test_layers_import_reader_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "sub" / "__init__.py").write_text("from . import mod\n")
+    mod = tmp_path / "pkg" / "sub" / "mod.py"
+    mod.write_text("import os.path\nfrom ..other import x\nfrom . import y\n"
+                   "def f():\n    from agent.client import AgentClient\n")
+    assert sorted(imported_modules(mod, tmp_path)) == [
+        "agent.client", "os.path", "pkg.other", "pkg.sub"]
+    assert list(imported_modules(tmp_path / "pkg" / "sub" / "__init__.py", tmp_path)) == [
+        "pkg.sub"]
+
+
+@pytest.mark.parametrize("modules", [
+    ["cache.server", "cache.cli"],
+    ["agent.daemon", "agent.cli"],
+    ["bdn.cli"],  # `bdn cache-server` / `bdn agent`: the parser loads every command module
+])
+def test_layers_cache_and_agent_import_without_torch_or_cloud_sdks(
+        modules: list[str]) -> None:
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}:\n"
+        "    mod = importlib.import_module(m)\n"
+        "    if m == 'bdn.cli':\n"
+        "        mod.build_parser()\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True)
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded == [], f"importing {modules} loaded {loaded}"
+
+
+@pytest.mark.parametrize(("uri", "sdk", "extra"), [
+    ("hf://org/model", "huggingface_hub", "hf"),
+    ("s3://bucket/prefix", "s3fs", "s3"),
+    ("gs://bucket/prefix", "gcsfs", "gcs"),
+])
+def test_layers_source_without_its_extra_names_the_extra(uri: str, sdk: str,
+                                                         extra: str) -> None:
+    # A None entry in sys.modules makes the import fail as if the SDK were not installed.
+    code = (
+        "import sys\n"
+        f"sys.modules[{sdk!r}] = None\n"
+        "from bdn.errors import ConfigError\n"
+        "from bdn.sources import open_source\n"
+        "try:\n"
+        f"    open_source({uri!r})\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"{sdk} missing" in out.stdout and f"pip install 'bdn[{extra}]'" in out.stdout
+
