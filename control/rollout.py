@@ -45,8 +45,10 @@ The rules follow the seed documentation ("Rolling deployments"):
   those its new target keeps) while the other has some: a share the candidate cannot
   serve yet goes to the previous one, and the reverse.
 
-Phases are the planner's own finer states; :attr:`RolloutState.status` maps them onto the
-seven documented statuses.
+Times are the executor's clock in seconds; a clock that reads earlier than the state's
+own times (a restart on a monotonic clock) restarts the wait in progress from ``now``
+rather than stalling it. Phases are the planner's own finer states;
+:attr:`RolloutState.status` maps them onto the seven documented statuses.
 """
 
 from __future__ import annotations
@@ -121,10 +123,10 @@ class Phase(StrEnum):
 
 
 class RolloutStateError(ControlError, ValueError):
-    """A persisted rollout state is malformed; names the field."""
+    """A persisted rollout state (or an observation) is malformed; names the field."""
 
     def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(f"rollout state: {field}: {message}")
+        super().__init__(f"rollout: {field}: {message}")
         self.field = field
 
 
@@ -136,6 +138,12 @@ class Observed:
     previous_ready: int
     candidate_ready: int
     candidate_failed: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("previous_ready", "candidate_ready"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RolloutStateError(f"must be a count (>= 0), got {value!r}", field=name)
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,10 @@ class RolloutState:
             raise bad("step_size", f"{self.step_size} would leave no replica serving")
         if not 0 <= self.step <= self.steps:
             raise bad("step", f"{self.step} is not in 0-{self.steps}")
+        if not self.stabilization_s >= 0:
+            raise bad("stabilization_s", f"{self.stabilization_s} is negative")
+        if not self.ready_timeout_s > 0:
+            raise bad("ready_timeout_s", f"{self.ready_timeout_s} is not positive")
         if self.cleanup not in CLEANUP_STRATEGIES:
             raise bad("cleanup", f"{self.cleanup!r} is not one of {CLEANUP_STRATEGIES}")
         if (self.phase is Phase.DONE) != (self.outcome is not None):
@@ -390,6 +402,13 @@ def plan(state: RolloutState, observed: Observed, now_s: float,
          action: Action = Action.NONE) -> Plan:
     """Apply ``action`` (if any), advance as far as ``observed`` allows, and say what both
     deployments should run now. At most one traffic shift happens per call."""
+    if state.phase_since_s > now_s or (state.shifted_at_s or 0.0) > now_s:
+        # The clock went back (a restart on a monotonic clock): the waits running now
+        # restart from now rather than last until the old clock's time comes round.
+        state = dataclasses.replace(
+            state, phase_since_s=min(state.phase_since_s, now_s),
+            shifted_at_s=None if state.shifted_at_s is None else min(state.shifted_at_s,
+                                                                        now_s))
     if action is not Action.NONE:
         state = apply_action(state, action, now_s)
     shifted = False
@@ -406,7 +425,33 @@ def plan(state: RolloutState, observed: Observed, now_s: float,
     return Plan(state=state, status=state.status, previous_replicas=previous,
                 candidate_replicas=candidate, share_new=share,
                 percent_traffic_to_new_version=round(float(share * 100), PERCENT_DECIMALS),
-                autoscaling_frozen=state.outcome is None, reason=state.reason)
+                autoscaling_frozen=state.outcome is None,
+                reason=_describe(state, observed, now_s))
+
+
+def _describe(s: RolloutState, obs: Observed, now: float) -> str:
+    """One line for logs and the environment view: what the rollout waits for."""
+    k, steps, c = s.step, s.steps, s.candidate_at
+    if s.outcome is not None:
+        return s.reason
+    if s.phase is Phase.PROVISION:
+        return (f"pre-provisioning the previous deployment: {obs.previous_ready} of "
+                f"{s.total} replicas ready")
+    if s.phase is Phase.SCALE_UP:
+        room = s.total - c(k + 1)
+        if s.mode == MODE_UNAVAILABLE and obs.previous_ready > room:
+            return f"step {k + 1}/{steps}: scaling the previous deployment down to {room}"
+        return (f"step {k + 1}/{steps}: {obs.candidate_ready} of {c(k + 1)} candidate "
+                "replicas ready")
+    if s.phase is Phase.STABILIZE:
+        since = s.shifted_at_s if s.shifted_at_s is not None else s.phase_since_s
+        left = max(0.0, s.stabilization_s - (now - since))
+        return f"step {k}/{steps} done; stabilizing for {left:g} s more"
+    if s.phase is Phase.PAUSED:
+        return f"paused after step {k}/{steps}"
+    want = s.total - c(k - 1)
+    return (f"canceling, step {k}/{steps} back: {obs.previous_ready} of {want} previous "
+            "replicas ready")
 
 
 def _advance(s: RolloutState, obs: Observed, now: float, *,

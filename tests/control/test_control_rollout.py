@@ -421,6 +421,15 @@ def test_the_state_survives_a_json_round_trip_and_a_restart_continues_from_its_s
     assert resumed == whole.trajectory
 
 
+def test_a_clock_that_went_back_restarts_the_running_wait_instead_of_stalling() -> None:
+    state = start(rolling(**SURGE_25), 4, 1000.0)
+    state = plan(state, Observed(4, 1), 1002.0).state  # shifted at 1002; stabilize 10 s
+    # Restarted on a clock that reads 5: the wait restarts at 5 and ends at 15.
+    assert plan(state, Observed(3, 1), 5.0).reason == "step 1/4 done; stabilizing for 10 s more"
+    later = plan(plan(state, Observed(3, 1), 5.0).state, Observed(3, 1), 15.0)
+    assert (later.candidate_replicas, later.state.phase_since_s) == (2, 15.0)
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"version": 2}, "version"),
     ({"step": 9}, "step"),
@@ -436,6 +445,31 @@ def test_a_malformed_state_is_refused_naming_the_field(change: dict[str, object]
     with pytest.raises(RolloutStateError, match=field) as err:
         RolloutState.from_json(data)
     assert err.value.field == field
+
+
+def test_an_observation_must_hold_counts() -> None:
+    with pytest.raises(RolloutStateError, match="candidate_ready: must be a count"):
+        Observed(1, -1)
+    with pytest.raises(RolloutStateError, match="previous_ready: must be a count"):
+        Observed(True, 0)  # type: ignore[arg-type]
+
+
+def test_each_plan_says_what_the_rollout_waits_for() -> None:
+    state = start(rolling(**SURGE_25), 4, 0.0)
+    run = simulate(state, FakeDeployment(4), FakeDeployment(0), until=400,
+                   actions={13: Action.PAUSE, 20: Action.CANCEL})
+    reasons = [(i, p.reason) for i, p in enumerate(run.plans)]
+    assert reasons[0] == (0, "step 1/4: 0 of 1 candidate replicas ready")
+    assert reasons[5] == (5, "step 1/4 done; stabilizing for 7 s more")
+    assert reasons[14] == (14, "paused after step 2/4")
+    assert reasons[20] == (20, "canceling, step 2/4 back: 2 of 3 previous replicas ready")
+    assert reasons[-1][1] == "canceled; all traffic on the previous deployment"
+    unavailable = start(rolling(max_surge_percent=0, max_unavailable_percent=25), 4, 0.0)
+    assert plan(unavailable, Observed(4, 0), 0.0).reason == \
+        "step 1/4: scaling the previous deployment down to 3"
+    grown = start(rolling(replica_overhead_percent=100), 2, 0.0)
+    assert plan(grown, Observed(2, 0), 0.0).reason == \
+        "pre-provisioning the previous deployment: 2 of 4 replicas ready"
 
 
 def test_a_state_missing_a_field_is_refused_naming_it() -> None:
