@@ -154,10 +154,28 @@ class ManagementApi:
             "waiting_requests": rt.waiting if rt else 0,
             "cold_start_seconds": [round(s, 3) for s in rt.cold_starts_s[-10:]] if rt else [],
             "last_error": rt.last_error if rt else None,
-            "replicas": [{"id": r.id, "url": r.url, "pid": r.pid, "in_flight": r.in_flight,
-                          "cold_start_seconds": round(r.cold_start_s, 3)}
-                         for r in (rt.ready if rt else [])],
+            "last_cold_start": rt.last_cold_start.to_json()
+            if rt and rt.last_cold_start else None,
+            "replicas": self.replicas_json(rt),
         }
+
+    def replicas_json(self, rt: Runtime | None) -> list[dict[str, Any]]:
+        """Every replica the controller knows of, with its cold-start record."""
+        if rt is None:
+            return []
+        out: list[dict[str, Any]] = [
+            {"id": r.id, "state": "ready", "url": r.url, "pid": r.pid,
+             "in_flight": r.in_flight, "revision": r.spec.revision,
+             "cold_start_seconds": round(r.cold_start_s, 3),
+             "cold_start": r.cold_start.to_json()} for r in rt.ready]
+        out += [{"id": r.id, "state": "draining", "url": r.url, "pid": r.pid,
+                 "in_flight": r.in_flight, "revision": r.spec.revision,
+                 "cold_start_seconds": round(r.cold_start_s, 3),
+                 "cold_start": r.cold_start.to_json()} for r in rt.held.values()]
+        out += [{"id": s.id, "state": "starting", "url": s.url or None, "pid": s.pid,
+                 "in_flight": 0, "revision": s.revision, "cold_start_seconds": None,
+                 "cold_start": None} for s in rt.starting.values()]
+        return out
 
     def model_json(self, model_id: str) -> dict[str, Any]:
         m = self.store.get_model(model_id)
@@ -210,6 +228,8 @@ class ManagementApi:
         r.add_get("/v1/models/{model_id}/deployments", self.list_deployments)
         r.add_post("/v1/models/{model_id}/deployments", self.create_deployment)
         r.add_get("/v1/models/{model_id}/deployments/{deployment_id}", self.get_deployment)
+        r.add_get("/v1/models/{model_id}/deployments/{deployment_id}/replicas",
+                  self.get_replicas)
         r.add_delete("/v1/models/{model_id}/deployments/{deployment_id}",
                      self.delete_deployment)
         r.add_patch("/v1/models/{model_id}/deployments/{deployment_id}/autoscaling_settings",
@@ -273,6 +293,10 @@ class ManagementApi:
     async def get_deployment(self, request: web.Request) -> web.Response:
         rec = self.resolve(request.match_info["model_id"], request.match_info["deployment_id"])
         return web.json_response(self.deployment_json(rec))
+
+    async def get_replicas(self, request: web.Request) -> web.Response:
+        rec = self.resolve(request.match_info["model_id"], request.match_info["deployment_id"])
+        return web.json_response({"replicas": self.replicas_json(self.c.runtimes.get(rec.id))})
 
     async def delete_deployment(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]

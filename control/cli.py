@@ -178,7 +178,8 @@ def cmd_control_server(args: argparse.Namespace) -> int:
                                            os.environ.get(API_KEY_ENV))
     command = (tuple(shlex.split(args.replica_command)) if args.replica_command
                else LocalBackendOptions().command)
-    backend = LocalBackendOptions(command=command, ready_timeout_s=args.ready_timeout_s)
+    backend = LocalBackendOptions(command=command, ready_timeout_s=args.ready_timeout_s,
+                                  start_retry_backoff_s=args.start_retry_backoff_s)
     options = ServerOptions(
         state_dir=state_dir, api_keys=keys, backend=backend,
         controller=ControllerOptions(

@@ -63,7 +63,7 @@ def test_kubernetes_backend_renders_a_deployment_and_service() -> None:
 async def test_kubernetes_backend_says_it_cannot_start_replicas() -> None:
     spec = ReplicaSpec(model_id="m", deployment_id="d", deployment_name="n", model_dir="/x")
     with pytest.raises(BackendError, match="only renders"):
-        await KubernetesBackend().start(spec, "r1")
+        await KubernetesBackend().apply(spec, 1)
 
 
 def test_options_are_validated_and_name_the_field(tmp_path: Path) -> None:
