@@ -158,6 +158,8 @@ class Controller:
         self._applies: set[asyncio.Task[None]] = set()
         # Builds the spec of a deployment's replicas (the API adds pushed models' parts).
         self.spec_of = default_spec
+        # Values of the secrets a pushed config declares (control.push.Pushes.secret_env).
+        self.secret_env: Any = None
         backend.subscribe(self._on_replica)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -447,9 +449,11 @@ class Controller:
         return rt
 
     def push(self, model_id: str, model_dir: str, *, name: str | None, development: bool,
-             settings: AutoscalingSettings | None) -> DeploymentRecord:
+             settings: AutoscalingSettings | None,
+             push: dict[str, Any] | None = None) -> DeploymentRecord:
         rec = self.store.create_deployment(model_id, model_dir, name=name,
-                                           development=development, settings=settings)
+                                           development=development, settings=settings,
+                                           push=push)
         self.refresh(rec.id)
         return rec
 
@@ -528,7 +532,7 @@ class Controller:
                 "already in progress; wait for it to finish", ident=env_name)
         if rec.is_development:
             rec = self.store.create_deployment(model_id, rec.model_dir,
-                                               settings=rec.settings)
+                                               settings=rec.settings, push=rec.push)
         self.store.begin_promotion(model_id, env_name, rec.id)
         self._spawn_promotion(model_id, env_name, rec.id, scale_down_previous)
         return self.store.get_deployment(model_id, rec.id)
@@ -636,9 +640,16 @@ def default_spec(controller: Controller, rec: DeploymentRecord) -> ReplicaSpec:
         (env for (model_id, env), p in controller.promotions.items()
          if model_id == rec.model_id and p.deployment_id == rec.id
          and p.status == "IN_PROGRESS"), None)
-    return ReplicaSpec(model_id=rec.model_id, deployment_id=rec.id,
+    spec = ReplicaSpec(model_id=rec.model_id, deployment_id=rec.id,
                        deployment_name=rec.name, model_dir=rec.model_dir,
                        revision=rec.revision, environment=environment)
+    if rec.push is None:
+        return spec
+    env = [(str(k), str(v)) for k, v in (rec.push.get("environment_variables") or {}).items()]
+    if controller.secret_env is not None:
+        env += controller.secret_env(rec.push.get("secrets") or ())
+    return dataclasses.replace(spec, code=rec.push["code"],
+                               weights=tuple(rec.push.get("weights") or ()), env=tuple(env))
 
 
 def inactive_error(rec: DeploymentRecord) -> NotFoundError:
