@@ -270,8 +270,9 @@ def _show_push_event(console: Any) -> Any:
         elif kind == "mirror_listed":
             console.print(f"  {event.get('files')} files, {human_bytes(event.get('bytes', 0))}")
         elif kind == "weights_manifest":
+            rev = (event.get("source") or {}).get("revision")
             console.print(
-                f"  pinned {event['digest']} ({event.get('source', {}).get('revision', '')}); "
+                f"  pinned {event['digest']}{f' (revision {rev})' if rev else ''}; "
                 f"{event.get('files_reused', 0)}/{event.get('files', 0)} files already "
                 f"mirrored, {human_bytes(event.get('bytes_from_origin', 0))} from the source")
     return show
