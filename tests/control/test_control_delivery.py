@@ -181,3 +181,51 @@ def test_push_mirrors_pins_and_replicas_start_from_the_agent(
            f'tier="node"}}' in metrics
     table = run_cli(srv, home, "deployments", "tiny").stdout
     assert "weights" in table and "load" in table
+
+
+def test_published_deployments_stay_pinned_and_development_re_resolves(
+        tmp_path: Path, hub: HubFixture, start_server: Any) -> None:
+    from control.cli import _push_once
+    from control.client import ControlClient
+    from control.push import list_folder
+
+    home = tmp_path / "home"
+    home.mkdir()
+    hub.state.commit("acme/tiny", {"model.safetensors": b"\x00" * 20_000,
+                                   "config.json": b"{}"})
+    folder = model_folder(tmp_path / "tiny")
+    srv = start_server(tmp_path / "state", env={"HOME": str(home), "HF_ENDPOINT": hub.url})
+    client = ControlClient(srv.url, API_KEY)
+
+    model, first = _push_once(client, folder, "tiny", name=None, development=False)
+    _, dev = _push_once(client, folder, "tiny", name=None, development=True)
+    # What was pushed is on the server: an unchanged push uploads nothing.
+    digests = sorted({f.digest for f in list_folder(folder)})
+    assert srv.ok("POST", "/v1/uploads/missing", {"digests": digests})["missing"] == []
+    pinned = first["weights"][0]["manifest"]
+    assert dev["weights"][0]["manifest"] == pinned
+
+    # Upstream moves on: main gets a new commit with other weights.
+    hub.state.commit("acme/tiny", {"model.safetensors": b"\x01" * 20_000})
+    model_id = model["id"]
+    _, second = _push_once(client, folder, "tiny", name=None, development=False)
+    _, dev_again = _push_once(client, folder, "tiny", name=None, development=True)
+    assert second["weights"][0]["manifest"] != pinned
+    # The published deployment keeps what it was pinned to; development re-resolved.
+    assert srv.deployment(model_id, first["id"])["weights"][0]["manifest"] == pinned
+    assert dev_again["id"] == dev["id"]
+    assert dev_again["weights"][0]["manifest"] == second["weights"][0]["manifest"]
+
+
+def test_push_refuses_paths_that_leave_the_folder(tmp_path: Path, start_server: Any) -> None:
+    srv = start_server(tmp_path / "state", replica="standin")
+    model_id = srv.ok("POST", "/v1/models", {"name": "evil"})["id"]
+    for bad in ("../x.py", "/etc/passwd", "a/../../b", "./config.yaml"):
+        files = [{"path": "config.yaml", "digest": "0" * 64},
+                 {"path": bad, "digest": "1" * 64}]
+        r = srv.call("POST", f"/v1/models/{model_id}/deployments", {"files": files})
+        assert r.status == 400 and "files[1].path" in r.json()["error"], (bad, r.body)
+    # A body that is not what its digest says is refused, and nothing is kept.
+    r = srv.call("PUT", "/v1/uploads/" + "2" * 64, None, headers={}, timeout_s=30)
+    assert r.status == 400 and "BLAKE3" in r.json()["error"]
+    assert not list((tmp_path / "state" / "uploads").iterdir())
