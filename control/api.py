@@ -3,10 +3,14 @@
 Management paths and JSON fields are Baseten's (``/v1/models/{model_id}/deployments/
 {deployment_id}/autoscaling_settings``, ``.../environments/{env_name}/promote``, ...), so
 clients written for that API need only a different base URL. Where Baseten takes a
-Truss archive (creating a model, pushing a deployment), this API takes the path of a
-model folder the server can read: ``POST /v1/models`` and
-``POST /v1/models/{model_id}/deployments``. ``production`` and ``development`` work
-wherever a deployment id does, as in Baseten's paths.
+Truss archive, ``bdn push`` sends the folder's files by content: ``POST
+/v1/uploads/missing`` (which BLAKE3 digests the server lacks), ``PUT
+/v1/uploads/{digest}`` (each missing file), then ``POST
+/v1/models/{model_id}/deployments`` with ``files`` (see ``control.push``; the answer
+streams the mirror's progress as JSON lines when asked). A ``model_dir`` the server can
+read is still accepted there and runs in place, without the agent (tests, operators).
+``production`` and ``development`` work wherever a deployment id does, as in Baseten's
+paths.
 
 Every ``/v1/`` and inference path needs ``Authorization: Api-Key <key>``; ``/metrics``
 and ``/health/*`` do not, so Prometheus and probes need no secret. Keys are compared in

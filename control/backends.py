@@ -303,7 +303,6 @@ class _Group:
     failures: int = 0
     retry_at: float = 0.0
     retry_timer: asyncio.TimerHandle | None = None
-    seq: int = 0
 
 
 class LocalProcessBackend:
@@ -399,7 +398,6 @@ class LocalProcessBackend:
                 group.retry_timer = loop.call_later(group.retry_at - now, self._retry, group)
             return
         for _ in range(missing):
-            group.seq += 1
             rid = f"{group.spec.deployment_id}-{os.urandom(3).hex()[:5]}"
             member = _Member(rid, group.spec)
             group.members[rid] = member
@@ -426,7 +424,8 @@ class LocalProcessBackend:
                              pid=m.proc.pid if m.proc is not None else None, error=m.error,
                              cold_start=m.cold_start, output=tuple(m.output))
 
-    def _failed(self, group: _Group, member: _Member, error: str) -> None:
+    def _back_off(self, group: _Group) -> None:
+        """One more failure in a row: the next start waits twice as long."""
         group.failures += 1
         backoff = min(self.options.start_retry_backoff_s * 2 ** (group.failures - 1),
                       START_RETRY_BACKOFF_MAX_S)
@@ -447,7 +446,7 @@ class LocalProcessBackend:
             await self._cleanup(member)
             group.members.pop(member.id, None)
             member.state = FAILED
-            self._failed(group, member, str(e))
+            self._back_off(group)
             self._emit(member)
             self._converge(group)
             return
@@ -467,7 +466,7 @@ class LocalProcessBackend:
         await self._cleanup(member)
         group.members.pop(member.id, None)
         member.state = STOPPED
-        self._failed(group, member, member.error)
+        self._back_off(group)
         self._emit(member)
         self._converge(group)
 
@@ -626,9 +625,9 @@ class LocalProcessBackend:
                 await member.task
         await self._kill(member, was_ready)
         await self._cleanup(member)
-        if group.members.pop(member.id, None) is not None or was_ready:
-            member.state = STOPPED
-            self._emit(member)
+        group.members.pop(member.id, None)
+        member.state = STOPPED
+        self._emit(member)
         if member.task is not None and not member.task.done():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await member.task

@@ -132,6 +132,7 @@ def test_push_mirrors_pins_and_replicas_start_from_the_agent(
     # control server's (no API key, no other model's secret).
     assert body["greeting"] == "hello" and body["secret"] == "tok-123456"
     assert body["api_key"] is None and body["other_secret"] is None
+    assert body["environment"] is None  # serves no environment (not promoted)
     [first] = ready(srv, model_id, d1)
     cs = first["cold_start"]
     assert set(cs["phases"]) >= {"slot", "weights", "load", "model_init", "total"}
@@ -156,6 +157,9 @@ def test_push_mirrors_pins_and_replicas_start_from_the_agent(
                  timeout_s=120)
     again = srv.call("POST", f"/models/{model_id}/deployment/{d1}/predict", {})
     assert again.status == 200
+    mounted = list((tmp_path / "state" / "mounts" / d1).glob(
+        "*/weights/app/weights/tiny/*.safetensors"))
+    assert sorted(p.name for p in mounted) == sorted(weight_files)
 
     # 4. A second push of the same folder mirrors nothing again, and its replica (the
     # third start) also comes from the node cache.
