@@ -44,7 +44,7 @@ from control.controller import Controller, ControllerOptions, Runtime
 from control.delivery import AgentDelivery, EmbeddedAgent
 from control.errors import ControlError, NotFoundError, RequestError
 from control.metrics import Metrics
-from control.push import Pushes, parse_files
+from control.push import MAX_UPLOAD_BYTES, Pushes, parse_files
 from control.router import Router, error_response
 from control.settings import AutoscalingSettings
 from control.store import DEVELOPMENT, PRODUCTION, DeploymentRecord, EnvironmentRecord, Store
@@ -313,9 +313,16 @@ class ManagementApi:
         digest = request.match_info["digest"]
         tmp, final = pushes.upload_target(digest)
         h = blake3.blake3()
+        size = 0
         try:
             with open(tmp, "xb") as f:
                 async for block in request.content.iter_chunked(1 << 20):
+                    size += len(block)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise RequestError(
+                            f"a pushed file may be at most {MAX_UPLOAD_BYTES} bytes; put "
+                            "weights in config.yaml's weights: (mirrored, not uploaded)",
+                            field="digest")
                     h.update(block)
                     f.write(block)
             pushes.finish_upload(tmp, final, h.hexdigest(), digest)

@@ -43,8 +43,11 @@ Semantics, which every backend keeps:
 Every status a backend reports carries a :class:`ColdStartRecord` once the replica is
 ready: seconds by phase (``slot``: waiting for a place to run; ``weights``: the node
 agent's delivery; ``load``: loading to the device; ``model_init``: the model's own
-initialisation; ``total``: request to ready) and weight bytes by tier (``node``,
-``peer``, ``cluster``, ``store``).
+initialisation; ``total``: request to ready; where known also ``spawn``: request to
+process start, i.e. the code's delivery, and ``waiting_for_weights``: the time the
+loader was blocked on bytes not yet delivered) and weight bytes by tier (``node``,
+``peer``, ``cluster``, ``store``). Phases overlap by design (weights arrive while the
+process starts and loads), so they do not add up to ``total``.
 
 :class:`LocalProcessBackend` (default) runs ``bdn serve MODEL_DIR --listen 127.0.0.1:0``
 as child processes in their own sessions. When the spec carries a pushed model (a code
@@ -436,7 +439,14 @@ class LocalProcessBackend:
     async def _run(self, group: _Group, member: _Member) -> None:
         """Start one replica and watch it until it exits (or is stopped)."""
         try:
-            await self._start(member)
+            try:
+                # The whole start is bounded: the delivery's set-up, spawn and load().
+                await asyncio.wait_for(self._start(member), self.options.ready_timeout_s)
+            except TimeoutError:
+                raise BackendError(
+                    f"replica {member.id} of deployment {member.spec.deployment_id} was not "
+                    f"ready within {self.options.ready_timeout_s:.0f} s",
+                    replica=member.id) from None
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -497,13 +507,7 @@ class LocalProcessBackend:
         url_found: asyncio.Future[str] = loop.create_future()
         loaded: asyncio.Future[None] = loop.create_future()
         member.reader = asyncio.create_task(self._drain(member, url_found, loaded))
-        try:
-            await asyncio.wait_for(self._wait_ready(member, url_found, loaded),
-                                   timeout=opts.ready_timeout_s)
-        except TimeoutError:
-            raise BackendError(
-                f"replica {member.id} of deployment {spec.deployment_id} was not ready "
-                f"within {opts.ready_timeout_s:.0f} s", replica=member.id) from None
+        await self._wait_ready(member, url_found, loaded)
         ready_at = time.monotonic()
         record = ColdStartRecord()
         record.phases["slot"] = 0.0  # a local process waits for no scheduler

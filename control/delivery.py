@@ -51,7 +51,15 @@ class AgentDelivery:
         self.mounts_root = mounts_root
 
     async def prepare(self, spec: ReplicaSpec, replica_id: str) -> Prepared:
-        return await asyncio.to_thread(self._prepare, spec, replica_id)
+        job = asyncio.ensure_future(asyncio.to_thread(self._prepare, spec, replica_id))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # The thread runs on regardless: release what it started, so a replica
+            # stopped while its delivery was being set up leaves no pull behind.
+            with contextlib.suppress(Exception):
+                await self.release(await job)
+            raise
 
     def _prepare(self, spec: ReplicaSpec, replica_id: str) -> Prepared:
         assert spec.code is not None

@@ -54,6 +54,8 @@ ASSEMBLY_DIR = "pushes"
 SPOOL_DIR = "spool"
 MAX_PUSH_FILES = 10_000
 UPLOAD_BLOCK_BYTES = 1 << 20
+# One file of a model folder; weights belong in weights: (mirrored, not uploaded).
+MAX_UPLOAD_BYTES = 1 << 30
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 # Folders a push never sends: caches and version control, not the model.
 SKIPPED_DIRS = ("__pycache__", ".git", ".venv", "node_modules")
