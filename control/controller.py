@@ -167,6 +167,11 @@ class Controller:
     async def start(self) -> None:
         for rec in self.store.list_deployments():
             self.runtimes[rec.id] = Runtime(rec)
+        # Adopt what the backend already runs (a cluster backend's pods survive a
+        # restart of the control plane; local processes do not).
+        for rec in self.store.list_deployments():
+            for status in self.backend.observe(rec.id):
+                self._on_replica(status)
         for env in self.store.promotions_in_progress():
             assert env.promoting_deployment_id is not None
             self._spawn_promotion(env.model_id, env.name, env.promoting_deployment_id, True)
