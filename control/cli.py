@@ -258,11 +258,14 @@ def _push_once(client: ControlClient, model_dir: Path, model_name: str, *,
     return model, dep
 
 
-def _show_push_event(console: Any) -> Any:
+def _show_push_event(console: Any, bar: Any = None) -> Any:
+    """Prints a push's milestones; feeds the mirror's byte events to ``bar``."""
     from bdn.progress import human_bytes
 
     def show(event: dict[str, Any]) -> None:
         kind = event.get("event")
+        if bar is not None and kind in ("mirror_listed", "mirror_bytes"):
+            bar({**event, "event": kind.removeprefix("mirror_")})
         if kind == "code_manifest":
             console.print(f"code: {event['digest']}")
         elif kind == "weights":
@@ -285,9 +288,12 @@ def cmd_push(args: argparse.Namespace) -> int:
                            "`bdn push` to promote or name a deployment", field="--watch")
     model_dir: Path = args.model_dir
     model_name = _model_name(model_dir, args.model_name)
+    from bdn.progress import byte_progress
+
     console = _console()
-    model, dep = _push_once(client, model_dir, model_name, name=args.name,
-                            development=args.watch, show=_show_push_event(console))
+    with byte_progress("mirror") as bar:
+        model, dep = _push_once(client, model_dir, model_name, name=args.name,
+                                development=args.watch, show=_show_push_event(console, bar))
     console.print(f"pushed [bold]{model_name}[/] ({model['id']}): deployment "
                   f"[bold]{dep['name']}[/] ({dep['id']}), status {dep['status']}")
     env = args.environment or ("production" if args.promote else None)

@@ -61,6 +61,8 @@ DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 SKIPPED_DIRS = ("__pycache__", ".git", ".venv", "node_modules")
 
 Progress = Callable[[dict[str, Any]], None]
+# The mirror's events a push forwards (as ``mirror_<event>``).
+FORWARDED_EVENTS = ("listed", "file", "bytes")
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,9 @@ class Pushes:
                 emit({"event": "weights", "index": i, "source": entry.source.uri})
 
                 def tagged(event: dict[str, Any], i: int = i) -> None:
-                    emit({**event, "index": i, "event": f"mirror_{event.get('event')}"})
+                    # Per-object events are noise to a pusher; bytes carry the progress.
+                    if event.get("event") in FORWARDED_EVENTS:
+                        emit({**event, "index": i, "event": f"mirror_{event.get('event')}"})
 
                 source = open_source(entry.source, secrets=self.secrets, auth=entry.auth)
                 try:
