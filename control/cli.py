@@ -201,8 +201,7 @@ def cmd_control_server(args: argparse.Namespace) -> int:
         controller=ControllerOptions(
             tick_interval_s=args.tick_interval_s, time_scale=args.time_scale,
             queue_timeout_s=args.queue_timeout_s, max_queue=args.max_queue,
-            drain_timeout_s=args.drain_timeout_s,
-            start_retry_backoff_s=args.start_retry_backoff_s))
+            drain_timeout_s=args.drain_timeout_s))
     print(f"bdn control-server: state in {state_dir}, API keys from {source}",
           file=sys.stderr, flush=True)
     return serve_forever(lambda: build_app(options), listen)

@@ -63,7 +63,6 @@ DEFAULT_TICK_INTERVAL_S = 1.0
 DEFAULT_QUEUE_TIMEOUT_S = 600.0
 DEFAULT_MAX_QUEUE = 1000
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
-START_RETRY_BACKOFF_S = 1.0
 # A promotion gives up after this many failed replica starts in a row.
 PROMOTION_MAX_START_FAILURES = 3
 
@@ -78,7 +77,6 @@ class ControllerOptions:
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
     max_queue: int = DEFAULT_MAX_QUEUE
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
-    start_retry_backoff_s: float = START_RETRY_BACKOFF_S
 
     def __post_init__(self) -> None:
         for name in ("tick_interval_s", "time_scale", "queue_timeout_s"):
@@ -86,7 +84,7 @@ class ControllerOptions:
                 raise RequestError(f"must be positive, got {getattr(self, name)!r}", field=name)
         if self.max_queue < 1:
             raise RequestError(f"must be at least 1, got {self.max_queue}", field="max_queue")
-        if self.drain_timeout_s < 0 or self.start_retry_backoff_s < 0:
+        if self.drain_timeout_s < 0:
             raise RequestError("must not be negative", field="drain_timeout_s")
 
 
@@ -553,12 +551,14 @@ class Controller:
     async def _run_promotion(self, model_id: str, env_name: str, deployment_id: str,
                              scale_down_previous: bool) -> None:
         status = self.promotions[(model_id, env_name)]
-        rt = self.runtimes.get(deployment_id)
-        if rt is not None:
-            rt.floor = 1
+        existing = self.runtimes.get(deployment_id)
+        if existing is not None:
+            existing.floor = 1  # before refresh() evaluates it
         try:
             rt = self.refresh(deployment_id)
-            rt.floor = 1
+            if rt.floor < 1:
+                rt.floor = 1
+                self._reconcile(rt)
             # At least one replica must be ready, even at min_replica 0: traffic never
             # moves to a deployment that has not shown it can serve.
             while len(rt.ready) < max(1, rt.record.settings.min_replica):
