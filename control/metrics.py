@@ -105,12 +105,12 @@ class Metrics:
         self.replica_starts = Counter("bdn_replica_starts_total",
                                       "Replica starts, by deployment and outcome.")
         self.cold_start_phase = Histogram(
-            "bdn_cold_start_phase_seconds",
+            "bdn_replica_cold_start_phase_seconds",
             "Replica cold starts by phase: slot (waiting for a place to run), weights "
             "(the node agent's delivery), load (to the device), model_init, total.",
             COLD_START_BUCKETS_S)
         self.weight_bytes = Counter(
-            "bdn_cold_start_weight_bytes_total",
+            "bdn_replica_cold_start_bytes_total",
             "Weight bytes delivered to starting replicas, by tier (node, peer, cluster, "
             "store).")
 

@@ -39,6 +39,8 @@ def test_a_broken_candidate_at_min_replica_0_fails_and_production_keeps_serving(
     assert "load failed on purpose" in env["promotion"]["error"]
     answer = srv.call("POST", f"/models/{model_id}/production/predict", {"x": 1})
     assert answer.status == 200 and answer.json()["version"] == 1
+    # The replica learnt the environment it serves (BDN_ENVIRONMENT).
+    assert answer.json()["environment"] == "production"
     # The failed candidate stops trying: scaled back to nothing.
     srv.wait_for("the candidate to stop starting replicas", lambda: srv.deployment(
         model_id, d2)["starting_replica_count"] == 0 and srv.deployment(
