@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -56,6 +57,8 @@ MAX_PUSH_FILES = 10_000
 UPLOAD_BLOCK_BYTES = 1 << 20
 # One file of a model folder; weights belong in weights: (mirrored, not uploaded).
 MAX_UPLOAD_BYTES = 1 << 30
+# A partial upload or assembled folder untouched this long belongs to a dead push.
+STALE_S = 3600.0
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 # Folders a push never sends: caches and version control, not the model.
 SKIPPED_DIRS = ("__pycache__", ".git", ".venv", "node_modules")
@@ -167,10 +170,23 @@ class Pushes:
         self.spool = state_dir / SPOOL_DIR
         for d in (self.uploads, self.assembly, self.spool):
             d.mkdir(parents=True, exist_ok=True)
+        self._sweep(time.time())
         self.store = store
         self.secrets = secrets_resolver or SecretResolver.from_env()
         self.mirror = Mirror(store, MirrorOptions(spool_dir=str(self.spool)))
         self._lock = threading.Lock()
+
+    def _sweep(self, now: float) -> None:
+        """Remove what an interrupted push left behind: partial uploads and assembled
+        folders (both named by this module; nothing else in these folders is touched)."""
+        for p in self.uploads.glob(".*.part"):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > STALE_S:
+                    p.unlink()
+        for p in self.assembly.glob("push-*"):
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > STALE_S:
+                    shutil.rmtree(p)
 
     def missing(self, digests: Sequence[str]) -> list[str]:
         for i, d in enumerate(digests):
