@@ -220,7 +220,10 @@ class ManagementApi:
             promotion = {"deployment_id": status.deployment_id, "status": status.status,
                          "error": status.error,
                          "ready_replicas": len(rt.ready) if rt else 0,
-                         "min_replica": rt.record.settings.min_replica if rt else None}
+                         "min_replica": rt.record.settings.min_replica if rt else None,
+                         # A candidate needs one ready replica even at min_replica 0.
+                         "needed_replicas": max(1, rt.record.settings.min_replica)
+                         if rt else None}
         return {"name": env.name, "created_at": env.created_at, "model_id": env.model_id,
                 "current_deployment": self.deployment_json(current) if current else None,
                 "autoscaling_settings": env.settings.to_json(),

@@ -182,6 +182,7 @@ def _console(stderr: bool = True) -> Any:
 
 def cmd_control_server(args: argparse.Namespace) -> int:
     from bdn.service import ListenAddress, serve_forever
+    from bdn.store import default_store_url
     from control.api import ServerOptions, build_app, load_or_create_api_keys
     from control.backends import LocalBackendOptions
     from control.controller import ControllerOptions
@@ -202,7 +203,9 @@ def cmd_control_server(args: argparse.Namespace) -> int:
             tick_interval_s=args.tick_interval_s, time_scale=args.time_scale,
             queue_timeout_s=args.queue_timeout_s, max_queue=args.max_queue,
             drain_timeout_s=args.drain_timeout_s))
-    print(f"bdn control-server: state in {state_dir}, API keys from {source}",
+    print(f"bdn control-server: state in {state_dir}, API keys from {source}, store "
+          f"{args.store or default_store_url()}, node agent "
+          f"{args.agent or 'embedded (node cache in STATE_DIR/agent)'}",
           file=sys.stderr, flush=True)
     return serve_forever(lambda: build_app(options), listen)
 
@@ -347,7 +350,7 @@ def _wait_promotion(client: ControlClient, model_id: str, env: str, dep_id: str)
             if state == "SUCCEEDED" or (state is None and current == promo.get("deployment_id")):
                 break
             status.update(f"promoting {promo.get('deployment_id', dep_id)} to {env}: "
-                          f"{promo.get('ready_replicas', 0)}/{promo.get('min_replica', 0)} "
+                          f"{promo.get('ready_replicas', 0)}/{promo.get('needed_replicas', 1)} "
                           "replicas ready")
             time.sleep(PROMOTION_POLL_INTERVAL_S)
     console.print(f"deployment {promo.get('deployment_id', dep_id)} now serves [bold]{env}[/]")
