@@ -9,6 +9,10 @@
    ``bdn serve`` loads them and answers a prediction. Each phase's time and which tier
    served the bytes are printed; a second pull of the fine-tune shows how little
    crossed the network.
+4. The control plane: ``bdn control-server`` (with its embedded node agent, on the same
+   store) takes ``bdn push`` of the example folder; the first predict cold-starts a
+   replica from an empty node cache, a second replica starts from the node cache, and
+   the deployment scales back to zero. Phases and bytes by tier are printed for each.
 
 Everything lives under ``.demo/`` in the working directory and is stopped at the end.
 """
@@ -97,7 +101,10 @@ def main() -> int:
 
     from bdn import demo_coldstart
 
-    return demo_coldstart.run(WORKDIR, store, BASE_REF, TUNED_REF)
+    code = demo_coldstart.run(WORKDIR, store, BASE_REF, TUNED_REF)
+    if code:
+        return code
+    return demo_coldstart.run_control(WORKDIR, store, src)
 
 
 if __name__ == "__main__":

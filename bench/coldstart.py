@@ -20,6 +20,20 @@ Part 2, load. ``--concurrency`` clients (200) send predicts in a loop for
 ``--load-duration-s`` to a deployment with ``max_replica: 4`` and ``concurrency_target:
 8`` that starts at zero replicas. Reports errors (goal: none), p50/p99 latency and the
 replica count over time as the autoscaler scales up.
+
+Part 3, end to end (``--e2e-mb``, default 1024: a model of at least 1 GiB). The model
+folder (weights from a ``file://`` source) is pushed once, untimed, so the store holds
+it; then, in one run, alternating, ``--e2e-runs`` times each:
+
+- (a) ``bdn pull CONFIG --standalone`` alone into an empty node cache (store → node);
+- (b) ``bdn serve`` with the weights already on local disk, to its first response;
+- (c) scale from zero through the control plane with an empty node cache: a fresh
+  control server (its embedded agent's node cache empty), ``bdn push`` (untimed; it
+  finds everything mirrored), then one predict, timed to its response.
+
+Goal: (c) <= 1.1 x max(a, b): process start, imports and loading hidden under the
+transfer. Prints the three medians, the ratio, and (c)'s cold-start phases (medians).
+``--only e2e`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -129,11 +143,11 @@ def direct_run(model_dir: Path) -> float:
 class Control:
     """A control server process for the benchmark."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, store: Path | None = None) -> None:
         env = dict(os.environ, BDN_API_KEY=API_KEY, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             serve_cmd("control-server", "--listen", "127.0.0.1:0", "--state-dir",
-                      str(state_dir)),
+                      str(state_dir), "--store", str(store or state_dir / "store")),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
             start_new_session=True, cwd=ROOT)
         assert self.proc.stdout is not None
@@ -281,6 +295,92 @@ async def load_part(args: argparse.Namespace, model_dir: Path, ctl: Control) -> 
             "timeline": timeline, "cold_starts_s": cold}
 
 
+def bdn_push(ctl: Control, model_dir: Path) -> tuple[str, str]:
+    env = dict(os.environ, BDN_API_KEY=API_KEY, BDN_CONTROL_URL=ctl.url)
+    out = subprocess.run(serve_cmd("push", str(model_dir)), env=env, capture_output=True,
+                         text=True, check=True, cwd=ROOT)
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    return doc["model_id"], doc["deployment_id"]
+
+
+def pull_run(model_dir: Path, store: Path, scratch: Path) -> float:
+    """(a): ``bdn pull`` alone into an empty node cache; seconds from spawn to exit."""
+    cache, to = scratch / "pull-cache", scratch / "pull-mnt"
+    t0 = time.perf_counter()
+    subprocess.run(serve_cmd("pull", str(model_dir / "config.yaml"), "--standalone",
+                             "--to", str(to), "--cache-dir", str(cache), "--store", str(store),
+                             "--json"), check=True, capture_output=True, cwd=ROOT)
+    took = time.perf_counter() - t0
+    subprocess.run(["rm", "-rf", str(cache), str(to)], check=True)
+    return took
+
+
+def control_e2e_run(model_dir: Path, store: Path, scratch: Path) -> tuple[float, dict[str, Any]]:
+    """(c): a fresh control server (empty node cache), push untimed, predict timed."""
+    state = scratch / "control"
+    ctl = Control(state, store)
+    try:
+        model_id, dep_id = bdn_push(ctl, model_dir)
+        t0 = time.perf_counter()
+        http("POST", f"{ctl.url}/models/{model_id}/deployment/{dep_id}/predict", {})
+        took = time.perf_counter() - t0
+        replicas = http("GET", f"{ctl.url}/v1/models/{model_id}/deployments/{dep_id}/"
+                        "replicas")["replicas"]
+        record = replicas[0]["cold_start"]
+    finally:
+        ctl.stop()
+        subprocess.run(["rm", "-rf", str(state)], check=True)
+    return took, record
+
+
+def e2e_part(args: argparse.Namespace) -> dict[str, Any]:
+    root = args.dir / f"e2e-{args.e2e_mb}"
+    model_dir = make_model(root, args.e2e_mb)
+    store = root / "store"
+    scratch = root / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    print(f"end to end: {args.e2e_mb} MiB of weights, {args.e2e_runs} runs each", flush=True)
+    # Mirror once, untimed: every later push and pull finds the weights in the store.
+    ctl = Control(scratch / "first", store)
+    try:
+        bdn_push(ctl, model_dir)
+    finally:
+        ctl.stop()
+        subprocess.run(["rm", "-rf", str(scratch / "first")], check=True)
+    direct_run(model_dir)  # warm the page cache and Python's bytecode cache, untimed
+    a: list[float] = []
+    b: list[float] = []
+    c: list[float] = []
+    records: list[dict[str, Any]] = []
+    for i in range(args.e2e_runs):
+        order = ("a", "b", "c") if i % 2 == 0 else ("c", "b", "a")
+        for which in order:
+            if which == "a":
+                a.append(pull_run(model_dir, store, scratch))
+            elif which == "b":
+                b.append(direct_run(model_dir))
+            else:
+                took, record = control_e2e_run(model_dir, store, scratch)
+                c.append(took)
+                records.append(record)
+        print(f"  run {i + 1}/{args.e2e_runs}: (a) pull {a[-1]:.3f} s, (b) serve from "
+              f"disk {b[-1]:.3f} s, (c) scale from zero {c[-1]:.3f} s", flush=True)
+    ma, mb, mc = statistics.median(a), statistics.median(b), statistics.median(c)
+    ratio = mc / max(ma, mb)
+    phases = {p: statistics.median(r["phases"].get(p, 0.0) for r in records)
+              for p in ("slot", "weights", "load", "model_init", "total")}
+    tiers = {t: statistics.median(r["bytes_by_tier"].get(t, 0) for r in records)
+             for t in ("node", "peer", "cluster", "store")}
+    print(f"end to end, medians of {args.e2e_runs}: (a) bdn pull {ma:.3f} s, (b) bdn serve "
+          f"from disk {mb:.3f} s, (c) scale from zero {mc:.3f} s; (c)/max(a, b) = "
+          f"{ratio:.3f} (goal <= 1.1: {'met' if ratio <= 1.1 else 'NOT met'})")
+    print("  (c)'s phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
+          + "; bytes by tier: " + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in tiers.items()))
+    return {"pull_s": a, "serve_s": b, "control_s": c, "median_pull_s": ma,
+            "median_serve_s": mb, "median_control_s": mc, "ratio": ratio,
+            "phases": phases, "bytes_by_tier": tiers}
+
+
 def percentiles(values: list[float]) -> tuple[float, float]:
     """p50 and p99 (nearest rank) in seconds; NaN for no values."""
     if not values:
@@ -300,20 +400,33 @@ def main() -> int:
                     help="time each predict spends (sleeping) in the model")
     ap.add_argument("--dir", type=Path, default=ROOT / ".bench" / "coldstart")
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--e2e-mb", type=int, default=1024,
+                    help="weights of the end-to-end part (default 1024: at least 1 GiB)")
+    ap.add_argument("--e2e-runs", type=int, default=3)
+    ap.add_argument("--only", choices=("cold", "load", "e2e"), default=None,
+                    help="run one part alone")
     args = ap.parse_args()
-    model_dir = make_model(args.dir, args.weights_mb)
-    print(f"model: {args.weights_mb} MiB of fp16 safetensors loaded in load(); "
-          f"{os.cpu_count()} CPUs", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bdn-bench-control-") as state:
-        ctl = Control(Path(state))
-        try:
-            results = {"cold_start": cold_start_part(args, model_dir, ctl)}
-            if not args.skip_load:
-                results["load"] = asyncio.run(load_part(args, model_dir, ctl))
-        finally:
-            ctl.stop()
+    results: dict[str, Any] = {}
+    if args.only in (None, "cold", "load"):
+        model_dir = make_model(args.dir, args.weights_mb)
+        print(f"model: {args.weights_mb} MiB of fp16 safetensors loaded in load(); "
+              f"{os.cpu_count()} CPUs", flush=True)
+        with tempfile.TemporaryDirectory(prefix="bdn-bench-control-") as state:
+            ctl = Control(Path(state))
+            try:
+                if args.only in (None, "cold"):
+                    results["cold_start"] = cold_start_part(args, model_dir, ctl)
+                if args.only in (None, "load") and not args.skip_load:
+                    results["load"] = asyncio.run(load_part(args, model_dir, ctl))
+            finally:
+                ctl.stop()
+    if args.only in (None, "e2e"):
+        results["e2e"] = e2e_part(args)
+    args.dir.mkdir(parents=True, exist_ok=True)
     (args.dir / "results.json").write_text(json.dumps(results, indent=2))
-    ok = results["cold_start"]["ratio"] <= 1.2 and not results.get("load", {}).get("errors")
+    ok = (results.get("cold_start", {}).get("ratio", 0) <= 1.2
+          and not results.get("load", {}).get("errors")
+          and results.get("e2e", {}).get("ratio", 0) <= 1.1)
     return 0 if ok else 1
 
 

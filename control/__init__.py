@@ -12,8 +12,11 @@ Layout, from the pure core outwards:
 - ``settings``: autoscaling settings and their documented ranges (validated on construction).
 - ``autoscaler``: the scaling policy, a pure function of settings, samples, state and ``now``.
 - ``store``: durable state (SQLite): models, deployments, environments, settings.
-- ``backends``: how a replica is started and stopped (local ``bdn serve`` processes by
-  default; a Kubernetes stub that renders a Deployment).
+- ``backends``: the declarative backend protocol ("deployment D should have n
+  replicas", readiness reported back) and its local implementation (``bdn serve``
+  processes; a Kubernetes stub that renders a Deployment).
+- ``push`` / ``delivery``: a pushed folder becomes a code manifest plus pinned weights
+  manifests in the blob store; a replica start has the node agent deliver them.
 - ``controller``: the live state (replicas, in-flight counts, queues) and the scaling loop.
 - ``router`` / ``api``: the HTTP surfaces; ``metrics``: Prometheus text.
 - ``client`` / ``cli``: the ``bdn push / deployments / promote / predict / ...`` commands.

@@ -3,10 +3,14 @@
 Management paths and JSON fields are Baseten's (``/v1/models/{model_id}/deployments/
 {deployment_id}/autoscaling_settings``, ``.../environments/{env_name}/promote``, ...), so
 clients written for that API need only a different base URL. Where Baseten takes a
-Truss archive (creating a model, pushing a deployment), this API takes the path of a
-model folder the server can read: ``POST /v1/models`` and
-``POST /v1/models/{model_id}/deployments``. ``production`` and ``development`` work
-wherever a deployment id does, as in Baseten's paths.
+Truss archive, ``bdn push`` sends the folder's files by content: ``POST
+/v1/uploads/missing`` (which BLAKE3 digests the server lacks), ``PUT
+/v1/uploads/{digest}`` (each missing file), then ``POST
+/v1/models/{model_id}/deployments`` with ``files`` (see ``control.push``; the answer
+streams the mirror's progress as JSON lines when asked). A ``model_dir`` the server can
+read is still accepted there and runs in place, without the agent (tests, operators).
+``production`` and ``development`` work wherever a deployment id does, as in Baseten's
+paths.
 
 Every ``/v1/`` and inference path needs ``Authorization: Api-Key <key>``; ``/metrics``
 and ``/health/*`` do not, so Prometheus and probes need no secret. Keys are compared in
@@ -28,14 +32,19 @@ from typing import Any
 
 from aiohttp import web
 
+from bdn.errors import BdnError
+from bdn.secrets import SecretResolver
+from bdn.store import BlobStore, default_store_url
 from control.backends import (
     LocalBackendOptions,
     LocalProcessBackend,
     ReplicaBackend,
 )
 from control.controller import Controller, ControllerOptions, Runtime
+from control.delivery import AgentDelivery, EmbeddedAgent
 from control.errors import ControlError, NotFoundError, RequestError
 from control.metrics import Metrics
+from control.push import MAX_UPLOAD_BYTES, Pushes, parse_files
 from control.router import Router, error_response
 from control.settings import AutoscalingSettings
 from control.store import DEVELOPMENT, PRODUCTION, DeploymentRecord, EnvironmentRecord, Store
@@ -56,6 +65,15 @@ class ServerOptions:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     controller: ControllerOptions = field(default_factory=ControllerOptions)
     backend: LocalBackendOptions = field(default_factory=LocalBackendOptions)
+    # Where pushed models and their weights are stored (default: bdn.store's default).
+    store_url: str | None = None
+    # The node agent that delivers pushed models: an address (unix:PATH, http://...),
+    # or None to run one as a child of this server (the one-machine default).
+    agent: str | None = None
+    # Cluster cache pods the embedded agent reads through (none: the store directly).
+    cache_peers: tuple[str, ...] = ()
+    # Secrets pushed configs declare are read here (then BDN_SECRET_<NAME>).
+    secrets_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.api_keys:
@@ -123,9 +141,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ManagementApi:
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, pushes: Pushes | None = None) -> None:
         self.c = controller
         self.store = controller.store
+        self.pushes = pushes
 
     # -- JSON views --------------------------------------------------------------------
 
@@ -146,6 +165,10 @@ class ManagementApi:
             "environment": envs[0] if envs else None,
             # bdn's additions: the live picture the autoscaler works from.
             "model_dir": rec.model_dir,
+            "code_manifest": rec.push["code"] if rec.push else None,
+            "weights": [{"source": w.get("source"), "manifest": w.get("ref"),
+                         "mount_location": w.get("mount_location")}
+                        for w in (rec.push or {}).get("weights", [])],
             "desired_replica_count": rt.desired if rt else 0,
             "starting_replica_count": len(rt.starting) if rt else 0,
             "stopping_replica_count": len(rt.draining) if rt else 0,
@@ -154,10 +177,28 @@ class ManagementApi:
             "waiting_requests": rt.waiting if rt else 0,
             "cold_start_seconds": [round(s, 3) for s in rt.cold_starts_s[-10:]] if rt else [],
             "last_error": rt.last_error if rt else None,
-            "replicas": [{"id": r.id, "url": r.url, "pid": r.pid, "in_flight": r.in_flight,
-                          "cold_start_seconds": round(r.cold_start_s, 3)}
-                         for r in (rt.ready if rt else [])],
+            "last_cold_start": rt.last_cold_start.to_json()
+            if rt and rt.last_cold_start else None,
+            "replicas": self.replicas_json(rt),
         }
+
+    def replicas_json(self, rt: Runtime | None) -> list[dict[str, Any]]:
+        """Every replica the controller knows of, with its cold-start record."""
+        if rt is None:
+            return []
+        out: list[dict[str, Any]] = [
+            {"id": r.id, "state": "ready", "url": r.url, "pid": r.pid,
+             "in_flight": r.in_flight, "revision": r.spec.revision,
+             "cold_start_seconds": round(r.cold_start_s, 3),
+             "cold_start": r.cold_start.to_json()} for r in rt.ready]
+        out += [{"id": r.id, "state": "draining", "url": r.url, "pid": r.pid,
+                 "in_flight": r.in_flight, "revision": r.spec.revision,
+                 "cold_start_seconds": round(r.cold_start_s, 3),
+                 "cold_start": r.cold_start.to_json()} for r in rt.held.values()]
+        out += [{"id": s.id, "state": "starting", "url": s.url or None, "pid": s.pid,
+                 "in_flight": 0, "revision": s.revision, "cold_start_seconds": None,
+                 "cold_start": None} for s in rt.starting.values()]
+        return out
 
     def model_json(self, model_id: str) -> dict[str, Any]:
         m = self.store.get_model(model_id)
@@ -179,7 +220,10 @@ class ManagementApi:
             promotion = {"deployment_id": status.deployment_id, "status": status.status,
                          "error": status.error,
                          "ready_replicas": len(rt.ready) if rt else 0,
-                         "min_replica": rt.record.settings.min_replica if rt else None}
+                         "min_replica": rt.record.settings.min_replica if rt else None,
+                         # A candidate needs one ready replica even at min_replica 0.
+                         "needed_replicas": max(1, rt.record.settings.min_replica)
+                         if rt else None}
         return {"name": env.name, "created_at": env.created_at, "model_id": env.model_id,
                 "current_deployment": self.deployment_json(current) if current else None,
                 "autoscaling_settings": env.settings.to_json(),
@@ -204,12 +248,16 @@ class ManagementApi:
     def add_routes(self, app: web.Application) -> None:
         r = app.router
         r.add_get("/v1/models", self.list_models)
+        r.add_post("/v1/uploads/missing", self.uploads_missing)
+        r.add_put("/v1/uploads/{digest}", self.put_upload)
         r.add_post("/v1/models", self.create_model)
         r.add_get("/v1/models/{model_id}", self.get_model)
         r.add_delete("/v1/models/{model_id}", self.delete_model)
         r.add_get("/v1/models/{model_id}/deployments", self.list_deployments)
         r.add_post("/v1/models/{model_id}/deployments", self.create_deployment)
         r.add_get("/v1/models/{model_id}/deployments/{deployment_id}", self.get_deployment)
+        r.add_get("/v1/models/{model_id}/deployments/{deployment_id}/replicas",
+                  self.get_replicas)
         r.add_delete("/v1/models/{model_id}/deployments/{deployment_id}",
                      self.delete_deployment)
         r.add_patch("/v1/models/{model_id}/deployments/{deployment_id}/autoscaling_settings",
@@ -253,9 +301,50 @@ class ManagementApi:
         return web.json_response({"deployments": [
             self.deployment_json(d) for d in self.store.list_deployments(model_id)]})
 
-    async def create_deployment(self, request: web.Request) -> web.Response:
+    async def uploads_missing(self, request: web.Request) -> web.Response:
+        pushes = self._pushes()
+        data = await json_body(request)
+        digests = data.get("digests")
+        if not isinstance(digests, list):
+            raise RequestError("must be a list of BLAKE3 hex digests", field="digests")
+        return web.json_response({"missing": pushes.missing(digests)})
+
+    async def put_upload(self, request: web.Request) -> web.Response:
+        import blake3
+
+        pushes = self._pushes()
+        digest = request.match_info["digest"]
+        tmp, final = pushes.upload_target(digest)
+        h = blake3.blake3()
+        size = 0
+        try:
+            with open(tmp, "xb") as f:
+                async for block in request.content.iter_chunked(1 << 20):
+                    size += len(block)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise RequestError(
+                            f"a pushed file may be at most {MAX_UPLOAD_BYTES} bytes; put "
+                            "weights in config.yaml's weights: (mirrored, not uploaded)",
+                            field="digest")
+                    h.update(block)
+                    f.write(block)
+            pushes.finish_upload(tmp, final, h.hexdigest(), digest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return web.json_response({"digest": digest}, status=201)
+
+    def _pushes(self) -> Pushes:
+        if self.pushes is None:
+            raise RequestError("this control server takes no pushed folders (no store)",
+                               field="files")
+        return self.pushes
+
+    async def create_deployment(self, request: web.Request) -> web.StreamResponse:
         model_id = request.match_info["model_id"]
         data = await json_body(request)
+        self.store.get_model(model_id)
+        if data.get("files") is not None:
+            return await self._push_files(request, model_id, data)
         model_dir = str_field(data, "model_dir", required=True)
         assert model_dir is not None
         if not os.path.isabs(model_dir):
@@ -270,9 +359,60 @@ class ManagementApi:
                           settings=settings)
         return web.json_response(self.deployment_json(rec), status=201)
 
+    async def _push_files(self, request: web.Request, model_id: str,
+                          data: dict[str, Any]) -> web.StreamResponse:
+        """A pushed folder: mirror code and weights, then create the deployment.
+
+        With ``Accept: application/x-ndjson`` the answer streams the mirror's progress
+        as JSON lines and ends with ``{"event": "deployment", ...}`` (or ``"error"``).
+        """
+        import asyncio
+
+        pushes = self._pushes()
+        files = parse_files(data.get("files"))
+        raw = data.get("autoscaling_settings")
+        settings = AutoscalingSettings.from_json(raw) if raw is not None else None
+        name = str_field(data, "name", required=False)
+        development = bool_field(data, "development", False)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def progress(event: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        streaming = "application/x-ndjson" in request.headers.get("Accept", "")
+        job = asyncio.ensure_future(asyncio.to_thread(
+            pushes.push, files, progress if streaming else None))
+        if not streaming:
+            record = await job
+            rec = self.c.push(model_id, record.code, name=name, development=development,
+                              settings=settings, push=record.to_json())
+            return web.json_response(self.deployment_json(rec), status=201)
+        resp = web.StreamResponse(status=201, headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        job.add_done_callback(lambda _f: events.put_nowait(None))
+        while (event := await events.get()) is not None:
+            await resp.write((json.dumps(event) + "\n").encode())
+        try:
+            record = job.result()
+            rec = self.c.push(model_id, record.code, name=name, development=development,
+                              settings=settings, push=record.to_json())
+            final = {"event": "deployment", **self.deployment_json(rec)}
+        except ControlError as e:
+            final = {"event": "error", "error": str(e), "status": e.status}
+        except BdnError as e:
+            final = {"event": "error", "error": str(e), "status": 400}
+        await resp.write((json.dumps(final) + "\n").encode())
+        await resp.write_eof()
+        return resp
+
     async def get_deployment(self, request: web.Request) -> web.Response:
         rec = self.resolve(request.match_info["model_id"], request.match_info["deployment_id"])
         return web.json_response(self.deployment_json(rec))
+
+    async def get_replicas(self, request: web.Request) -> web.Response:
+        rec = self.resolve(request.match_info["model_id"], request.match_info["deployment_id"])
+        return web.json_response({"replicas": self.replicas_json(self.c.runtimes.get(rec.id))})
 
     async def delete_deployment(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
@@ -405,12 +545,24 @@ async def build_app(options: ServerOptions,
     """The control server app; its cleanup stops every replica it started."""
     store = Store(options.state_dir / STATE_FILE_NAME)
     metrics = Metrics()
-    controller = Controller(store, backend or LocalProcessBackend(options.backend), metrics,
-                            options.controller)
+    blobs = BlobStore(options.store_url or default_store_url())
+    pushes = Pushes(options.state_dir, blobs,
+                    secrets_resolver=SecretResolver.from_env(options.secrets_dir))
+    embedded = None
+    if backend is None:
+        address = options.agent
+        if address is None:
+            embedded = EmbeddedAgent(options.state_dir, blobs.url,
+                                     cache_peers=options.cache_peers)
+            address = embedded.address
+        delivery = AgentDelivery(address, options.state_dir / "mounts")
+        backend = LocalProcessBackend(options.backend, delivery)
+    controller = Controller(store, backend, metrics, options.controller)
+    controller.secret_env = pushes.secret_env
     router = Router(controller)
     app = web.Application(middlewares=[error_middleware, auth_middleware(options.api_keys)],
                           client_max_size=1 << 30)
-    ManagementApi(controller).add_routes(app)
+    ManagementApi(controller, pushes).add_routes(app)
     router.add_routes(app)
 
     async def metrics_handler(request: web.Request) -> web.Response:
@@ -427,11 +579,15 @@ async def build_app(options: ServerOptions,
     app["controller"] = controller
 
     async def on_startup(app: web.Application) -> None:
+        if embedded is not None:
+            await embedded.start()
         await controller.start()
 
     async def on_cleanup(app: web.Application) -> None:
         await controller.close()
         await router.close()
+        if embedded is not None:
+            await embedded.stop()
         store.close()
 
     app.on_startup.append(on_startup)

@@ -47,6 +47,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--api-key-file", type=Path,
                    help=f"file with accepted API keys, one a line (else {API_KEY_ENV}, else "
                    "a key generated once into STATE_DIR/api-key)")
+    p.add_argument("--store", default=None,
+                   help="blob store for pushed models and their weights: a folder or "
+                   "s3://, gs:// URL (env BDN_STORE; default ~/.bdn/store)")
+    p.add_argument("--agent", default=None, metavar="ADDRESS",
+                   help="node agent that delivers replicas' code and weights (unix:PATH or "
+                   "http://HOST:PORT); default: run one as a child, node cache under "
+                   "STATE_DIR/agent")
+    p.add_argument("--cache-peers", default="",
+                   help="comma-separated cluster cache pods the embedded agent reads "
+                   "through (default: none, the store directly)")
+    p.add_argument("--secrets-dir", default=None,
+                   help="folder of secrets (one file per name) that pushed configs may "
+                   "declare (else BDN_SECRET_<NAME> of this server's environment)")
     p.add_argument("--replica-command",
                    default=os.environ.get(REPLICA_COMMAND_ENV),
                    help="command that runs one replica; MODEL_DIR --listen HOST:0 is appended "
@@ -74,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     p = subparsers.add_parser("push", help="push a model folder as a new deployment")
     _client_args(p)
-    p.add_argument("model_dir", type=Path, help="folder with config.yaml and model/model.py")
+    p.add_argument("model_dir", type=Path, help="folder with config.yaml and model/model.py "
+                   "(sent to the server; its weights: are mirrored and pinned)")
     p.add_argument("--watch", action="store_true",
                    help="push to the development deployment and re-push on every change")
     p.add_argument("--promote", action="store_true", help="promote to production once ready")
@@ -168,6 +182,7 @@ def _console(stderr: bool = True) -> Any:
 
 def cmd_control_server(args: argparse.Namespace) -> int:
     from bdn.service import ListenAddress, serve_forever
+    from bdn.store import default_store_url
     from control.api import ServerOptions, build_app, load_or_create_api_keys
     from control.backends import LocalBackendOptions
     from control.controller import ControllerOptions
@@ -178,15 +193,19 @@ def cmd_control_server(args: argparse.Namespace) -> int:
                                            os.environ.get(API_KEY_ENV))
     command = (tuple(shlex.split(args.replica_command)) if args.replica_command
                else LocalBackendOptions().command)
-    backend = LocalBackendOptions(command=command, ready_timeout_s=args.ready_timeout_s)
+    backend = LocalBackendOptions(command=command, ready_timeout_s=args.ready_timeout_s,
+                                  start_retry_backoff_s=args.start_retry_backoff_s)
+    peers = tuple(x.strip() for x in args.cache_peers.split(",") if x.strip())
     options = ServerOptions(
-        state_dir=state_dir, api_keys=keys, backend=backend,
+        state_dir=state_dir, api_keys=keys, backend=backend, store_url=args.store,
+        agent=args.agent, cache_peers=peers, secrets_dir=args.secrets_dir,
         controller=ControllerOptions(
             tick_interval_s=args.tick_interval_s, time_scale=args.time_scale,
             queue_timeout_s=args.queue_timeout_s, max_queue=args.max_queue,
-            drain_timeout_s=args.drain_timeout_s,
-            start_retry_backoff_s=args.start_retry_backoff_s))
-    print(f"bdn control-server: state in {state_dir}, API keys from {source}",
+            drain_timeout_s=args.drain_timeout_s))
+    print(f"bdn control-server: state in {state_dir}, API keys from {source}, store "
+          f"{args.store or default_store_url()}, node agent "
+          f"{args.agent or 'embedded (node cache in STATE_DIR/agent)'}",
           file=sys.stderr, flush=True)
     return serve_forever(lambda: build_app(options), listen)
 
@@ -205,15 +224,63 @@ def _model_name(model_dir: Path, override: str | None) -> str:
 
 
 def _push_once(client: ControlClient, model_dir: Path, model_name: str, *,
-               name: str | None, development: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+               name: str | None, development: bool,
+               show: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Upload what the server lacks of the folder, then create the deployment (the
+    server mirrors code and weights; its progress goes to ``show``)."""
+    from control.push import list_folder
+
+    files = list_folder(model_dir)
+    digests = sorted({f.digest for f in files})
+    missing = set(client.request("POST", "/v1/uploads/missing",
+                                 {"digests": digests})["missing"])
+    for f in files:
+        if f.digest in missing:
+            client.upload(f"/v1/uploads/{q(f.digest)}", model_dir / f.path)
+            missing.discard(f.digest)
     model = client.find_model(model_name)
     if model is None:
         model = client.request("POST", "/v1/models", {"name": model_name})
-    body: dict[str, Any] = {"model_dir": str(model_dir.resolve()), "development": development}
+    body: dict[str, Any] = {"files": [{"path": f.path, "digest": f.digest,
+                                       "executable": f.executable} for f in files],
+                            "development": development}
     if name:
         body["name"] = name
-    dep = client.request("POST", f"/v1/models/{q(model['id'])}/deployments", body)
+    dep = None
+    for event in client.stream("POST", f"/v1/models/{q(model['id'])}/deployments", body):
+        if event.get("event") == "deployment":
+            dep = event
+        elif event.get("event") == "error":
+            raise ClientError(f"push failed: {event.get('error')}",
+                              status=int(event.get("status") or 0))
+        elif show is not None:
+            show(event)
+    if dep is None:
+        raise ClientError("the control server ended the push without an answer", status=0)
     return model, dep
+
+
+def _show_push_event(console: Any, bar: Any = None) -> Any:
+    """Prints a push's milestones; feeds the mirror's byte events to ``bar``."""
+    from bdn.progress import human_bytes
+
+    def show(event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if bar is not None and kind in ("mirror_listed", "mirror_bytes"):
+            bar({**event, "event": kind.removeprefix("mirror_")})
+        if kind == "code_manifest":
+            console.print(f"code: {event['digest']}")
+        elif kind == "weights":
+            console.print(f"weights[{event['index']}]: mirroring {event['source']}")
+        elif kind == "mirror_listed":
+            console.print(f"  {event.get('files')} files, {human_bytes(event.get('bytes', 0))}")
+        elif kind == "weights_manifest":
+            rev = (event.get("source") or {}).get("revision")
+            console.print(
+                f"  pinned {event['digest']}{f' (revision {rev})' if rev else ''}; "
+                f"{event.get('files_reused', 0)}/{event.get('files', 0)} files already "
+                f"mirrored, {human_bytes(event.get('bytes_from_origin', 0))} from the source")
+    return show
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -223,9 +290,12 @@ def cmd_push(args: argparse.Namespace) -> int:
                            "`bdn push` to promote or name a deployment", field="--watch")
     model_dir: Path = args.model_dir
     model_name = _model_name(model_dir, args.model_name)
-    model, dep = _push_once(client, model_dir, model_name, name=args.name,
-                            development=args.watch)
+    from bdn.progress import byte_progress
+
     console = _console()
+    with byte_progress("mirror") as bar:
+        model, dep = _push_once(client, model_dir, model_name, name=args.name,
+                                development=args.watch, show=_show_push_event(console, bar))
     console.print(f"pushed [bold]{model_name}[/] ({model['id']}): deployment "
                   f"[bold]{dep['name']}[/] ({dep['id']}), status {dep['status']}")
     env = args.environment or ("production" if args.promote else None)
@@ -280,7 +350,7 @@ def _wait_promotion(client: ControlClient, model_id: str, env: str, dep_id: str)
             if state == "SUCCEEDED" or (state is None and current == promo.get("deployment_id")):
                 break
             status.update(f"promoting {promo.get('deployment_id', dep_id)} to {env}: "
-                          f"{promo.get('ready_replicas', 0)}/{promo.get('min_replica', 0)} "
+                          f"{promo.get('ready_replicas', 0)}/{promo.get('needed_replicas', 1)} "
                           "replicas ready")
             time.sleep(PROMOTION_POLL_INTERVAL_S)
     console.print(f"deployment {promo.get('deployment_id', dep_id)} now serves [bold]{env}[/]")
@@ -311,15 +381,30 @@ def cmd_deployments(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
     table = Table("model", "deployment", "id", "environment", "status", "replicas",
-                  "in flight", "min-max", "cold starts (s)")
+                  "in flight", "min-max", "cold starts (s)", "last cold start")
     for m, d in rows:
         s = d["autoscaling_settings"]
         table.add_row(m["name"], d["name"], d["id"], d["environment"] or "", d["status"],
                       f"{d['active_replica_count']}/{d['desired_replica_count']}",
                       str(d["in_flight_requests"]), f"{s['min_replica']}-{s['max_replica']}",
-                      ", ".join(f"{x:.2f}" for x in d["cold_start_seconds"][-3:]))
+                      ", ".join(f"{x:.2f}" for x in d["cold_start_seconds"][-3:]),
+                      describe_cold_start(d.get("last_cold_start")))
     _console(stderr=False).print(table)
     return 0
+
+
+def describe_cold_start(record: dict[str, Any] | None) -> str:
+    """``weights 1.20s, load 0.30s, model_init 0.05s; node 1.2 GB, store 0 B``."""
+    if not record:
+        return ""
+    from bdn.progress import human_bytes
+
+    phases = record.get("phases") or {}
+    parts = [f"{name} {phases[name]:.2f}s"
+             for name in ("slot", "weights", "load", "model_init", "total") if name in phases]
+    tiers = record.get("bytes_by_tier") or {}
+    moved = [f"{tier} {human_bytes(n)}" for tier, n in tiers.items() if n]
+    return ", ".join(parts) + ("; " + ", ".join(moved) if moved else "")
 
 
 # -- autoscaling -------------------------------------------------------------------------

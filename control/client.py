@@ -13,6 +13,8 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from control.errors import ClientError
@@ -21,6 +23,9 @@ DEFAULT_SERVER_URL = "http://127.0.0.1:8700"
 SERVER_URL_ENV = "BDN_CONTROL_URL"
 API_KEY_ENV = "BDN_API_KEY"
 DEFAULT_TIMEOUT_S = 60.0
+UPLOAD_TIMEOUT_S = 600.0
+# Between two lines of a streamed answer (a push mirroring a large file stays quiet).
+STREAM_TIMEOUT_S = 3600.0
 
 
 class ControlClient:
@@ -34,19 +39,21 @@ class ControlClient:
     def __repr__(self) -> str:  # never show the key
         return f"ControlClient({self.base_url!r})"
 
-    def request(self, method: str, path: str, body: Any = None, *,
-                raw: bytes | None = None, timeout_s: float | None = None) -> Any:
+    def _open(self, method: str, path: str, data: Any, *, content_type: str,
+              accept: str | None = None, timeout_s: float | None = None,
+              length: int | None = None) -> Any:
         url = self.base_url + path
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
-                                            else None)
         req = urllib.request.Request(url, data=data, method=method)
         if self._api_key:
             req.add_header("Authorization", f"Api-Key {self._api_key}")
         if data is not None:
-            req.add_header("Content-Type", "application/json")
+            req.add_header("Content-Type", content_type)
+        if length is not None:
+            req.add_header("Content-Length", str(length))
+        if accept:
+            req.add_header("Accept", accept)
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
-                payload = resp.read()
+            return urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s)
         except urllib.error.HTTPError as e:
             text = e.read().decode(errors="replace")
             try:
@@ -58,12 +65,41 @@ class ControlClient:
             reason = getattr(e, "reason", e)
             raise ClientError(f"cannot reach the control server at {self.base_url}: {reason} "
                               f"(set --server or {SERVER_URL_ENV})", status=0, url=url) from None
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                raw: bytes | None = None, timeout_s: float | None = None) -> Any:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        with self._open(method, path, data, content_type="application/json",
+                        timeout_s=timeout_s) as resp:
+            payload = resp.read()
         if not payload:
             return None
         try:
             return json.loads(payload)
         except json.JSONDecodeError:
             return payload.decode(errors="replace")
+
+    def upload(self, path: str, file: Path) -> Any:
+        """PUT a file's bytes (streamed from disk, not read into memory first)."""
+        with open(file, "rb") as f, self._open(
+                "PUT", path, f, content_type="application/octet-stream",
+                length=os.fstat(f.fileno()).st_size, timeout_s=UPLOAD_TIMEOUT_S) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def stream(self, method: str, path: str, body: Any = None, *,
+               timeout_s: float = STREAM_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+        """The JSON lines of a streamed answer (one object each); a plain JSON answer
+        comes back as its one object."""
+        data = json.dumps(body).encode() if body is not None else None
+        with self._open(method, path, data, content_type="application/json",
+                        accept="application/x-ndjson", timeout_s=timeout_s) as resp:
+            if "ndjson" not in resp.headers.get("Content-Type", ""):
+                yield dict(json.loads(resp.read()), event="deployment")
+                return
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
 
     # -- conveniences ------------------------------------------------------------------
 

@@ -31,7 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control.autoscaler import Decision, Sample, ScalerState, decide
-from control.backends import Replica, ReplicaBackend, ReplicaSpec
+from control.backends import (
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    ColdStartRecord,
+    Replica,
+    ReplicaBackend,
+    ReplicaSpec,
+    ReplicaStatus,
+)
 from control.errors import (
     BackendError,
     ConflictError,
@@ -45,7 +55,6 @@ from control.store import (
     DeploymentRecord,
     EnvironmentRecord,
     Store,
-    new_id,
 )
 
 log = logging.getLogger(__name__)
@@ -54,8 +63,6 @@ DEFAULT_TICK_INTERVAL_S = 1.0
 DEFAULT_QUEUE_TIMEOUT_S = 600.0
 DEFAULT_MAX_QUEUE = 1000
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
-START_RETRY_BACKOFF_S = 1.0
-START_RETRY_BACKOFF_MAX_S = 30.0
 # A promotion gives up after this many failed replica starts in a row.
 PROMOTION_MAX_START_FAILURES = 3
 
@@ -70,7 +77,6 @@ class ControllerOptions:
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
     max_queue: int = DEFAULT_MAX_QUEUE
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
-    start_retry_backoff_s: float = START_RETRY_BACKOFF_S
 
     def __post_init__(self) -> None:
         for name in ("tick_interval_s", "time_scale", "queue_timeout_s"):
@@ -78,7 +84,7 @@ class ControllerOptions:
                 raise RequestError(f"must be positive, got {getattr(self, name)!r}", field=name)
         if self.max_queue < 1:
             raise RequestError(f"must be at least 1, got {self.max_queue}", field="max_queue")
-        if self.drain_timeout_s < 0 or self.start_retry_backoff_s < 0:
+        if self.drain_timeout_s < 0:
             raise RequestError("must not be negative", field="drain_timeout_s")
 
 
@@ -88,8 +94,15 @@ class Runtime:
 
     record: DeploymentRecord
     ready: list[Replica] = field(default_factory=list)
-    starting: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # Replicas the backend reports as starting, by id.
+    starting: dict[str, ReplicaStatus] = field(default_factory=dict)
     draining: set[asyncio.Task[None]] = field(default_factory=set)
+    # Replicas of the current revision drained but not yet retired: the backend keeps
+    # them running (and counted) until the controller retires them.
+    held: dict[str, Replica] = field(default_factory=dict)
+    # A promotion keeps at least this many replicas, whatever min_replica says: a
+    # candidate must show it can serve before it takes an environment.
+    floor: int = 0
     in_flight: int = 0
     queued: int = 0
     # Requests the router holds that are not in flight yet (body still arriving, or no
@@ -102,14 +115,14 @@ class Runtime:
     # Wakes anyone watching this deployment's replicas (promotions, drains).
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     failures: int = 0
-    retry_at: float = 0.0
     last_error: str | None = None
     cold_starts_s: list[float] = field(default_factory=list)
+    last_cold_start: ColdStartRecord | None = None
     rr: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
     def desired(self) -> int:
-        return self.scaler.replicas if self.record.active else 0
+        return max(self.scaler.replicas, self.floor) if self.record.active else 0
 
     def labels(self) -> Labels:
         return (("model_id", self.record.model_id), ("deployment_id", self.record.id))
@@ -138,12 +151,25 @@ class Controller:
         self._promotion_tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
+        # Drains waiting for the backend to report their replica gone, by replica id.
+        self._gone: dict[str, asyncio.Future[None]] = {}
+        self._applies: set[asyncio.Task[None]] = set()
+        # Builds the spec of a deployment's replicas (the API adds pushed models' parts).
+        self.spec_of = default_spec
+        # Values of the secrets a pushed config declares (control.push.Pushes.secret_env).
+        self.secret_env: Any = None
+        backend.subscribe(self._on_replica)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         for rec in self.store.list_deployments():
             self.runtimes[rec.id] = Runtime(rec)
+        # Adopt what the backend already runs (a cluster backend's pods survive a
+        # restart of the control plane; local processes do not).
+        for rec in self.store.list_deployments():
+            for status in self.backend.observe(rec.id):
+                self._on_replica(status)
         for env in self.store.promotions_in_progress():
             assert env.promoting_deployment_id is not None
             self._spawn_promotion(env.model_id, env.name, env.promoting_deployment_id, True)
@@ -158,16 +184,15 @@ class Controller:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        stops = []
+        drains = []
         for rt in self.runtimes.values():
             self._fail_waiters(rt, UnavailableError("the control server is shutting down",
                                                     deployment_id=rt.record.id))
-            for task in rt.starting.values():
-                task.cancel()
-            stops += list(rt.starting.values()) + list(rt.draining)
-            stops += [self._stop(rt, r) for r in rt.ready]
+            drains += list(rt.draining)
             rt.ready = []
-        await asyncio.gather(*stops, return_exceptions=True)
+        for task in drains:
+            task.cancel()
+        await asyncio.gather(*drains, *self._applies, return_exceptions=True)
         await self.backend.close()
 
     async def _loop(self) -> None:
@@ -185,7 +210,6 @@ class Controller:
 
     def tick(self) -> None:
         for rt in list(self.runtimes.values()):
-            self._check_alive(rt)
             self.evaluate(rt)
 
     def evaluate(self, rt: Runtime) -> Decision:
@@ -208,77 +232,109 @@ class Controller:
         return decision
 
     def _reconcile(self, rt: Runtime) -> None:
-        if self._closing:
+        """Tell the backend how many replicas the deployment should have now.
+
+        Ready replicas leave through a drain (no new requests; the running ones finish),
+        and only then are they retired, so the backend is told to keep them until then.
+        """
+        if self._closing or rt.record.id not in self.runtimes:
             return
         # Replicas of an older revision (a re-pushed development deployment) go at once.
         for replica in [r for r in rt.ready if r.spec.revision != rt.record.revision]:
             self._drain(rt, replica)
-        have = len(rt.ready) + len(rt.starting)
         want = rt.desired
-        if have < want and time.monotonic() >= rt.retry_at:
-            for _ in range(want - have):
-                self._start_replica(rt)
-        elif have > want:
-            excess = have - want
-            for rid in list(rt.starting)[:excess]:
-                rt.starting.pop(rid).cancel()
-                excess -= 1
-            for replica in sorted(rt.ready, key=lambda r: r.in_flight)[:excess]:
+        excess = len(rt.ready) + len(rt.starting) - want
+        if excess > len(rt.starting):
+            # The backend stops starting replicas first; ready ones are drained here.
+            for replica in sorted(rt.ready, key=lambda r: r.in_flight)[
+                    :excess - len(rt.starting)]:
                 self._drain(rt, replica)
+        self._apply(rt)
 
-    def _start_replica(self, rt: Runtime) -> None:
-        rec = rt.record
-        spec = ReplicaSpec(model_id=rec.model_id, deployment_id=rec.id,
-                           deployment_name=rec.name, model_dir=rec.model_dir,
-                           revision=rec.revision)
-        rid = f"{rec.id}-{new_id()[:5]}"
-        rt.starting[rid] = asyncio.create_task(self._run_start(rt, spec, rid))
+    def _apply(self, rt: Runtime, retire: tuple[str, ...] = ()) -> asyncio.Task[None]:
+        spec = self.spec_of(self, rt.record)
+        target = rt.desired + len(rt.held)
+        task = asyncio.create_task(self._apply_now(rt, spec, target, retire))
+        self._applies.add(task)
+        task.add_done_callback(self._applies.discard)
+        return task
 
-    async def _run_start(self, rt: Runtime, spec: ReplicaSpec, rid: str) -> None:
+    async def _apply_now(self, rt: Runtime, spec: ReplicaSpec, target: int,
+                         retire: tuple[str, ...]) -> None:
         try:
-            replica = await self.backend.start(spec, rid)
-        except asyncio.CancelledError:
-            rt.starting.pop(rid, None)
-            rt.notify()
-            raise
+            await self.backend.apply(spec, target, retire)
         except Exception as e:
-            rt.starting.pop(rid, None)
+            rt.last_error = f"the {self.backend.name} backend refused the change: {e}"
+            log.error("deployment %s: %s", rt.record.id, rt.last_error)
+            if not rt.ready and not rt.starting:
+                self._fail_waiters(rt, UnavailableError(rt.last_error,
+                                                        deployment_id=rt.record.id))
+
+    def _on_replica(self, status: ReplicaStatus) -> None:
+        """The backend observed a change of one replica (called on the event loop)."""
+        if status.state in (STOPPED, FAILED):
+            gone = self._gone.pop(status.id, None)
+            if gone is not None and not gone.done():
+                gone.set_result(None)
+        rt = self.runtimes.get(status.deployment_id)
+        if rt is None:
+            return
+        if status.state == STARTING:
+            rt.starting[status.id] = status
+        elif status.state == READY:
+            rt.starting.pop(status.id, None)
+            self._ready(rt, status)
+        elif status.state == FAILED:
+            rt.starting.pop(status.id, None)
             rt.failures += 1
-            rt.last_error = str(e)
-            backoff = min(self.options.start_retry_backoff_s * 2 ** (rt.failures - 1),
-                          START_RETRY_BACKOFF_MAX_S)
-            rt.retry_at = time.monotonic() + backoff
+            rt.last_error = status.error
             self.metrics.replica_starts.inc((*rt.labels(), ("outcome", "failed")))
-            log.error("replica %s of deployment %s failed to start: %s", rid, rt.record.id, e)
             if not rt.starting and not rt.ready:
                 self._fail_waiters(rt, UnavailableError(
-                    f"no replica of deployment {rt.record.id} could start: {e}",
+                    f"no replica of deployment {rt.record.id} could start: {status.error}",
                     deployment_id=rt.record.id))
-            rt.notify()
+        elif status.state == STOPPED:
+            rt.starting.pop(status.id, None)
+            rt.held.pop(status.id, None)
+            lost = next((r for r in rt.ready if r.id == status.id), None)
+            if lost is not None:
+                # Not drained by us: it exited or the backend lost it.
+                rt.ready.remove(lost)
+                rt.last_error = status.error or f"replica {status.id} stopped"
+                log.error("deployment %s: %s", rt.record.id, rt.last_error)
+        rt.notify()
+
+    def _ready(self, rt: Runtime, status: ReplicaStatus) -> None:
+        if self._closing:
             return
-        rt.starting.pop(rid, None)
-        if self._closing or rt.record.id not in self.runtimes:
-            await self.backend.stop(replica)
-            return
+        now = time.monotonic()
+        record = status.cold_start or ColdStartRecord()
+        total = record.phases.get("total", 0.0)
+        spec = dataclasses.replace(self.spec_of(self, rt.record), revision=status.revision)
+        replica = Replica(id=status.id, spec=spec, url=status.url, started_at_s=now - total,
+                          ready_at_s=now, pid=status.pid, ready=True, cold_start=record)
+        replica.output.extend(status.output)
         rt.failures = 0
         rt.last_error = None
         rt.ready.append(replica)
         rt.cold_starts_s.append(replica.cold_start_s)
-        self.metrics.cold_start.observe(replica.cold_start_s, rt.labels())
+        rt.last_cold_start = record
+        self.metrics.observe_cold_start(rt.labels(), replica.cold_start_s, record)
         self.metrics.replica_starts.inc((*rt.labels(), ("outcome", "ready")))
         waiters, rt.waiters = rt.waiters, []
         for w in waiters:
             if not w.done():
                 w.set_result(None)
-        rt.notify()
         # The desired count may have dropped while this replica was starting.
         self._reconcile(rt)
 
     def _drain(self, rt: Runtime, replica: Replica) -> None:
-        """Stop routing to ``replica``, let its in-flight requests finish, stop it."""
+        """Stop routing to ``replica``, let its in-flight requests finish, retire it."""
         if replica in rt.ready:
             rt.ready.remove(replica)
         replica.draining = True
+        if replica.spec.revision == rt.record.revision:
+            rt.held[replica.id] = replica
         task = asyncio.create_task(self._drain_then_stop(rt, replica))
         rt.draining.add(task)
         task.add_done_callback(rt.draining.discard)
@@ -290,24 +346,14 @@ class Controller:
             changed = rt.changed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
-        await self._stop(rt, replica)
-
-    async def _stop(self, rt: Runtime, replica: Replica) -> None:
-        try:
-            await self.backend.stop(replica)
-        except Exception as e:
-            log.error("stopping replica %s failed: %s", replica.id, e)
+        rt.held.pop(replica.id, None)
+        if rt.record.id not in self.runtimes:
+            return  # deleted: the backend's remove() stops every replica of it
+        gone = self._gone.setdefault(replica.id,
+                                     asyncio.get_running_loop().create_future())
+        await self._apply(rt, retire=(replica.id,))
+        await gone
         log.info("replica %s of deployment %s stopped", replica.id, rt.record.id)
-
-    def _check_alive(self, rt: Runtime) -> None:
-        alive = getattr(self.backend, "alive", None)
-        if alive is None:
-            return
-        for replica in [r for r in rt.ready if not alive(r)]:
-            tail = "\n".join(list(replica.output)[-5:])
-            rt.last_error = f"replica {replica.id} exited unexpectedly; last output:\n{tail}"
-            log.error("%s", rt.last_error)
-            self._drain(rt, replica)
 
     # -- routing -----------------------------------------------------------------------
 
@@ -406,9 +452,11 @@ class Controller:
         return rt
 
     def push(self, model_id: str, model_dir: str, *, name: str | None, development: bool,
-             settings: AutoscalingSettings | None) -> DeploymentRecord:
+             settings: AutoscalingSettings | None,
+             push: dict[str, Any] | None = None) -> DeploymentRecord:
         rec = self.store.create_deployment(model_id, model_dir, name=name,
-                                           development=development, settings=settings)
+                                           development=development, settings=settings,
+                                           push=push)
         self.refresh(rec.id)
         return rec
 
@@ -461,11 +509,10 @@ class Controller:
 
     async def _retire(self, rt: Runtime, error: Exception) -> None:
         self._fail_waiters(rt, error)
-        for task in list(rt.starting.values()):
-            task.cancel()
         for replica in list(rt.ready):
             self._drain(rt, replica)
-        await asyncio.gather(*rt.starting.values(), *rt.draining, return_exceptions=True)
+        await asyncio.gather(*rt.draining, return_exceptions=True)
+        await self.backend.remove(rt.record.id)
 
     # -- promotion ---------------------------------------------------------------------
 
@@ -488,7 +535,7 @@ class Controller:
                 "already in progress; wait for it to finish", ident=env_name)
         if rec.is_development:
             rec = self.store.create_deployment(model_id, rec.model_dir,
-                                               settings=rec.settings)
+                                               settings=rec.settings, push=rec.push)
         self.store.begin_promotion(model_id, env_name, rec.id)
         self._spawn_promotion(model_id, env_name, rec.id, scale_down_previous)
         return self.store.get_deployment(model_id, rec.id)
@@ -504,9 +551,17 @@ class Controller:
     async def _run_promotion(self, model_id: str, env_name: str, deployment_id: str,
                              scale_down_previous: bool) -> None:
         status = self.promotions[(model_id, env_name)]
+        existing = self.runtimes.get(deployment_id)
+        if existing is not None:
+            existing.floor = 1  # before refresh() evaluates it
         try:
             rt = self.refresh(deployment_id)
-            while len(rt.ready) < rt.record.settings.min_replica:
+            if rt.floor < 1:
+                rt.floor = 1
+                self._reconcile(rt)
+            # At least one replica must be ready, even at min_replica 0: traffic never
+            # moves to a deployment that has not shown it can serve.
+            while len(rt.ready) < max(1, rt.record.settings.min_replica):
                 if rt.failures >= PROMOTION_MAX_START_FAILURES:
                     raise BackendError(f"deployment {deployment_id} did not become ready: "
                                        f"{rt.last_error}")
@@ -522,6 +577,8 @@ class Controller:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            if deployment_id in self.runtimes:
+                self.runtimes[deployment_id].floor = 0
             self.store.abort_promotion(model_id, env_name)
             status.status, status.error = "FAILED", str(e)
             log.error("promotion of %s to %s failed: %s", deployment_id, env_name, e)
@@ -530,6 +587,7 @@ class Controller:
             if deployment_id in self.runtimes and not self.store.environments_of(deployment_id):
                 self.demote(deployment_id)
             return
+        rt.floor = 0
         status.status = "SUCCEEDED"
         previous = env.previous_deployment_id
         log.info("deployment %s now serves %s of model %s (previous: %s)", deployment_id,
@@ -578,6 +636,25 @@ class Controller:
              "yet (body still arriving, or no ready replica) per deployment; at most "
              "--max-queue.", [(rt.labels(), rt.waiting) for rt in rts]),
         ]
+
+
+def default_spec(controller: Controller, rec: DeploymentRecord) -> ReplicaSpec:
+    """The spec of a deployment's replicas: its folder, revision and environment."""
+    envs = controller.store.environments_of(rec.id)
+    environment = envs[0] if envs else next(
+        (env for (model_id, env), p in controller.promotions.items()
+         if model_id == rec.model_id and p.deployment_id == rec.id
+         and p.status == "IN_PROGRESS"), None)
+    spec = ReplicaSpec(model_id=rec.model_id, deployment_id=rec.id,
+                       deployment_name=rec.name, model_dir=rec.model_dir,
+                       revision=rec.revision, environment=environment)
+    if rec.push is None:
+        return spec
+    env = [(str(k), str(v)) for k, v in (rec.push.get("environment_variables") or {}).items()]
+    if controller.secret_env is not None:
+        env += controller.secret_env(rec.push.get("secrets") or ())
+    return dataclasses.replace(spec, code=rec.push["code"],
+                               weights=tuple(rec.push.get("weights") or ()), env=tuple(env))
 
 
 def inactive_error(rec: DeploymentRecord) -> NotFoundError:

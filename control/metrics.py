@@ -14,6 +14,7 @@ import bisect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # Cold starts range from well under a second (tiny models) to minutes (large weights).
 COLD_START_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -103,11 +104,29 @@ class Metrics:
                                 "Requests routed, by deployment and HTTP status.")
         self.replica_starts = Counter("bdn_replica_starts_total",
                                       "Replica starts, by deployment and outcome.")
+        self.cold_start_phase = Histogram(
+            "bdn_replica_cold_start_phase_seconds",
+            "Replica cold starts by phase: slot (waiting for a place to run), weights "
+            "(the node agent's delivery), load (to the device), model_init, total.",
+            COLD_START_BUCKETS_S)
+        self.weight_bytes = Counter(
+            "bdn_replica_cold_start_bytes_total",
+            "Weight bytes delivered to starting replicas, by tier (node, peer, cluster, "
+            "store).")
+
+    def observe_cold_start(self, labels: Labels, total_s: float, record: Any) -> None:
+        """One ready replica's cold start (a ``control.backends.ColdStartRecord``)."""
+        self.cold_start.observe(total_s, labels)
+        for phase, seconds in sorted(record.phases.items()):
+            self.cold_start_phase.observe(seconds, (*labels, ("phase", phase)))
+        for tier, n in sorted(record.bytes_by_tier.items()):
+            self.weight_bytes.inc((*labels, ("tier", tier)), n)
 
     def render(self, gauges: Sequence[tuple[str, str, list[tuple[Labels, float]]]]) -> str:
         lines: list[str] = []
         for name, help_text, values in gauges:
             lines += render_gauge(name, help_text, values)
-        for metric in (self.requests, self.replica_starts, self.queue_wait, self.cold_start):
+        for metric in (self.requests, self.replica_starts, self.queue_wait, self.cold_start,
+                       self.cold_start_phase, self.weight_bytes):
             lines += metric.render()
         return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from control.errors import ConflictError, NotFoundError, RequestError
 from control.settings import AutoscalingSettings
@@ -53,6 +54,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     active INTEGER NOT NULL DEFAULT 1,
     settings TEXT NOT NULL,
     revision INTEGER NOT NULL DEFAULT 1,
+    push TEXT,
     UNIQUE (model_id, name)
 );
 CREATE TABLE IF NOT EXISTS environments (
@@ -105,6 +107,9 @@ class DeploymentRecord:
     # Bumped when the development deployment is re-pushed: replicas of an older
     # revision are replaced.
     revision: int
+    # A pushed folder: code and pinned weights manifests (control.push.PushRecord's
+    # JSON); None for a deployment run from a folder on the server.
+    push: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,9 @@ class Store:
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.executescript(SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(deployments)")}
+        if "push" not in columns:  # a state file from before pushes uploaded folders
+            self._db.execute("ALTER TABLE deployments ADD COLUMN push TEXT")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
 
@@ -197,11 +205,13 @@ class Store:
             is_development=bool(row["is_development"]), model_dir=row["model_dir"],
             created_at=row["created_at"], active=bool(row["active"]),
             settings=AutoscalingSettings.from_json(json.loads(row["settings"])),
-            revision=row["revision"])
+            revision=row["revision"],
+            push=json.loads(row["push"]) if row["push"] else None)
 
     def create_deployment(self, model_id: str, model_dir: str, *, name: str | None = None,
                           development: bool = False,
-                          settings: AutoscalingSettings | None = None) -> DeploymentRecord:
+                          settings: AutoscalingSettings | None = None,
+                          push: dict[str, Any] | None = None) -> DeploymentRecord:
         """A new published deployment, or the (re-pushed) development deployment."""
         self.get_model(model_id)
         if name is not None:
@@ -214,7 +224,8 @@ class Store:
                                  "is_development = 1", (model_id,)).fetchone()
                 if row is not None:
                     db.execute("UPDATE deployments SET model_dir = ?, revision = revision + 1, "
-                               "active = 1 WHERE id = ?", (model_dir, row["id"]))
+                               "active = 1, push = ? WHERE id = ?",
+                               (model_dir, json.dumps(push) if push else None, row["id"]))
                     return self._deployment(db.execute(
                         "SELECT * FROM deployments WHERE id = ?", (row["id"],)).fetchone())
                 name = DEVELOPMENT
@@ -232,12 +243,13 @@ class Store:
             rec = DeploymentRecord(
                 id=new_id(), model_id=model_id, name=name, is_development=development,
                 model_dir=model_dir, created_at=utc_now(), active=True,
-                settings=settings or AutoscalingSettings(), revision=1)
+                settings=settings or AutoscalingSettings(), revision=1, push=push)
             db.execute(
                 "INSERT INTO deployments (id, model_id, name, is_development, model_dir, "
-                "created_at, active, settings, revision) VALUES (?, ?, ?, ?, ?, ?, 1, ?, 1)",
+                "created_at, active, settings, revision, push) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1, ?, 1, ?)",
                 (rec.id, model_id, rec.name, int(development), model_dir, rec.created_at,
-                 json.dumps(rec.settings.to_json())))
+                 json.dumps(rec.settings.to_json()), json.dumps(push) if push else None))
         return rec
 
     def get_deployment(self, model_id: str, deployment_id: str) -> DeploymentRecord:

@@ -80,7 +80,7 @@ class Model:
         while PREDICT_GATE and not os.path.exists(PREDICT_GATE):
             time.sleep(0.005)
         return {{"version": VERSION, "replica": os.environ.get("BDN_REPLICA_ID"),
-                "input": model_input}}
+                "environment": os.environ.get("BDN_ENVIRONMENT"), "input": model_input}}
 
     def stream(self):
         yield "first\\n"
@@ -148,14 +148,18 @@ class HttpResult:
 class ControlServer:
     """A ``bdn control-server`` process and a tiny HTTP helper bound to it."""
 
-    def __init__(self, state_dir: Path, *extra: str, replica: str = "serve") -> None:
+    def __init__(self, state_dir: Path, *extra: str, replica: str = "serve",
+                 env: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
         args = ["control-server", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir),
                 "--tick-interval-s", "0.05", "--time-scale", "20", *extra]
+        if "--store" not in extra:  # never the default store under the tester's HOME
+            args += ["--store", str(state_dir / "store")]
         cmd = replica_command(replica)
         if cmd is not None:
             args += ["--replica-command", cmd]
-        self.proc = ServiceProcess(bdn_command(*args), env={"BDN_API_KEY": API_KEY})
+        self.proc = ServiceProcess(bdn_command(*args),
+                                   env={"BDN_API_KEY": API_KEY, **(env or {})})
         assert self.proc.url is not None
         self.url = self.proc.url
 
@@ -262,8 +266,9 @@ def start_server() -> Iterator[Callable[..., ControlServer]]:
     """Start further servers (own state dir, extra options); all stopped at teardown."""
     started: list[ControlServer] = []
 
-    def start(state_dir: Path, *extra: str, replica: str = "serve") -> ControlServer:
-        srv = ControlServer(state_dir, *extra, replica=replica)
+    def start(state_dir: Path, *extra: str, replica: str = "serve",
+              env: dict[str, str] | None = None) -> ControlServer:
+        srv = ControlServer(state_dir, *extra, replica=replica, env=env)
         started.append(srv)
         return srv
     try:

@@ -35,20 +35,20 @@ def test_scale_from_zero_holds_requests_then_returns_to_zero(server: Any,
                                                              make_model: Any) -> None:
     model = make_model("zero", gated_load=True)
     model_id, dep_id = server.push(model)
-    server.ok("POST", f"/v1/models/{model_id}/environments/production/promote",
-              {"deployment_id": dep_id})
-    server.wait_for("the promotion", lambda: server.ok(
-        "GET", f"/v1/models/{model_id}/environments/production")["current_deployment"])
+    # A published deployment at min_replica 0 waits for its first request. (Promoting it
+    # would start one replica: a candidate must show it can serve before it takes an
+    # environment.)
+    target = f"deployment/{dep_id}"
     dep = server.deployment(model_id, dep_id)
     assert dep["autoscaling_settings"]["min_replica"] == 0
     assert dep["status"] == "SCALED_TO_ZERO" and dep["active_replica_count"] == 0
 
     # The first request cold-starts a replica; 50 more arrive during that cold start.
     with ThreadPoolExecutor(max_workers=51) as pool:
-        first = pool.submit(server.call, "POST", predict_path(model_id), {"n": -1})
+        first = pool.submit(server.call, "POST", predict_path(model_id, target), {"n": -1})
         server.wait_for("a replica to start", lambda: server.metric(
             "bdn_starting_replicas", dep_id) == 1)
-        rest = [pool.submit(server.call, "POST", predict_path(model_id), {"n": i})
+        rest = [pool.submit(server.call, "POST", predict_path(model_id, target), {"n": i})
                 for i in range(50)]
         server.wait_for("51 queued requests",
                         lambda: server.metric("bdn_queue_depth", dep_id) == 51)

@@ -63,7 +63,7 @@ def test_kubernetes_backend_renders_a_deployment_and_service() -> None:
 async def test_kubernetes_backend_says_it_cannot_start_replicas() -> None:
     spec = ReplicaSpec(model_id="m", deployment_id="d", deployment_name="n", model_dir="/x")
     with pytest.raises(BackendError, match="only renders"):
-        await KubernetesBackend().start(spec, "r1")
+        await KubernetesBackend().apply(spec, 1)
 
 
 def test_options_are_validated_and_name_the_field(tmp_path: Path) -> None:
@@ -109,3 +109,26 @@ def test_the_kubernetes_manifest_runs_a_valid_control_server_command() -> None:
     args = build_parser().parse_args(container["args"])
     assert args.command == "control-server" and args.handler.__name__ == "cmd_control_server"
     assert str(args.state_dir) == "/var/lib/bdn"
+
+
+def test_replica_environment_is_built_from_nothing() -> None:
+    from control.backends import replica_environment
+
+    spec = ReplicaSpec(model_id="m", deployment_id="d", deployment_name="n", model_dir="/x",
+                       environment="staging",
+                       env=(("GREETING", "hi"), ("BDN_SECRET_TOKEN", "t0k3n-value")))
+    server_env = {"PATH": "/usr/bin", "HOME": "/home/op", "BDN_API_KEY": "k" * 20,
+                  "BDN_SECRET_OTHER": "someone-elses", "AWS_SECRET_ACCESS_KEY": "x",
+                  "BDN_ENVIRONMENT": "production"}
+    env = replica_environment(spec, "d-1", server_env, [("BDN_PULL_EVENTS", "u")])
+    assert env["PATH"] == "/usr/bin" and env["HOME"] == "/home/op"
+    assert env["GREETING"] == "hi" and env["BDN_SECRET_TOKEN"] == "t0k3n-value"
+    assert env["BDN_ENVIRONMENT"] == "staging" and env["BDN_REPLICA_ID"] == "d-1"
+    assert env["BDN_PULL_EVENTS"] == "u"
+    for leaked in ("BDN_API_KEY", "BDN_SECRET_OTHER", "AWS_SECRET_ACCESS_KEY"):
+        assert leaked not in env
+    # No environment: the variable is unset, whatever the server had.
+    bare = replica_environment(ReplicaSpec("m", "d", "n", "/x"), "d-2", server_env)
+    assert "BDN_ENVIRONMENT" not in bare
+    # The spec's repr never shows the values it carries.
+    assert "t0k3n-value" not in repr(spec)
