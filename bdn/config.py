@@ -483,6 +483,28 @@ def _class_name(v: Any) -> str:
     return v
 
 
+class _DuplicateKeyWarningLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that warns about a key given twice in one mapping (the last one
+    is used), as Truss's loader does: PyYAML alone keeps the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                break
+            if duplicate:
+                warnings.warn(f"config.yaml has the key {_short(key)} twice in one mapping "
+                              f"(line {key_node.start_mark.line + 1}); the last one is used",
+                              UserWarning, stacklevel=2)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_document(path: str | Path) -> Any:
     """The parsed YAML of a ``config.yaml`` (or a model folder containing one), bounded:
     size, nesting and alias expansion are checked, and every error is a short
@@ -498,7 +520,7 @@ def read_config_document(path: str | Path) -> Any:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{p} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        doc = yaml.safe_load(raw.decode("utf-8"))
+        doc = yaml.load(raw.decode("utf-8"), Loader=_DuplicateKeyWarningLoader)  # safe
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p} is not UTF-8 (byte offset {e.start})") from None
     except RecursionError:
