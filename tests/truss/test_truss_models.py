@@ -326,6 +326,49 @@ def test_generators_stream_through_the_router(corpus: Path, tmp_path: Path) -> N
         server.stop()
 
 
+def _tmp_model(root: Path, model_py: str) -> Path:
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "model.py").write_text(model_py)
+    (root / "config.yaml").write_text("model_name: edge\n")
+    return root
+
+
+def test_a_stream_that_fails_midway_is_cut_short(tmp_path: Path) -> None:
+    model = _tmp_model(tmp_path / "m", (
+        "class Model:\n"
+        "    def predict(self, model_input):\n"
+        "        yield 'ok\\n'\n"
+        "        raise RuntimeError('broken generator')\n"))
+    with ServiceProcess(bdn_command("serve", str(model), "--listen", "127.0.0.1:0")) as proc:
+        proc.wait_line(READY)
+        conn, resp = open_stream(proc.url, "/predict", {})
+        try:
+            assert resp.status == 200
+            # No final chunk: the client learns the stream is incomplete, never a
+            # response that looks whole.
+            with pytest.raises(http.client.IncompleteRead) as e:
+                resp.read()
+            assert e.value.partial == b"ok\n"
+        finally:
+            conn.close()
+        proc.wait_line("broken generator")  # logged with the model's traceback
+        with urllib.request.urlopen(proc.url + "/health/ready", timeout=60) as ready:
+            assert ready.status == 200, "the server goes on serving"
+
+
+def test_a_stream_cannot_go_through_postprocess(tmp_path: Path) -> None:
+    model = _tmp_model(tmp_path / "m", (
+        "class Model:\n"
+        "    def predict(self, model_input):\n"
+        "        yield 'x'\n"
+        "    def postprocess(self, model_output):\n"
+        "        return model_output\n"))
+    with ServiceProcess(bdn_command("serve", str(model), "--listen", "127.0.0.1:0")) as proc:
+        proc.wait_line(READY)
+        status, body = post(proc.url, {})
+        assert status == 500 and "postprocess cannot take a stream" in body["error"]
+
+
 # -- folder layout and requirements --------------------------------------------------------
 
 
