@@ -392,6 +392,13 @@ def parse_weights(items: Any) -> tuple[WeightsEntry, ...]:
     return tuple(entries)
 
 
+class ConfigDeprecationWarning(FutureWarning):
+    """A ``config.yaml`` form bdn still reads but will not for ever. A ``FutureWarning``
+    (Python's category for deprecations meant for end users), so ``bdn serve`` and
+    ``bdn push`` show it without any warnings filter: a ``DeprecationWarning`` raised
+    outside ``__main__`` is hidden by default."""
+
+
 def _predict_concurrency(value: Any, fld: str) -> int:
     # An integer, or its digits as a string (pydantic's lax reading, as Truss has it).
     if isinstance(value, str) and value.strip().isdigit():
@@ -440,7 +447,7 @@ def parse_model_config(doc: Any) -> ModelConfig:
     if "predict_concurrency" in doc:
         # bdn once read it at the top level; Truss reads runtime.predict_concurrency only.
         warnings.warn("config.yaml: top-level predict_concurrency is deprecated (Truss does "
-                      "not read it); move it under runtime:", DeprecationWarning,
+                      "not read it); move it under runtime:", ConfigDeprecationWarning,
                       stacklevel=2)
         top = _predict_concurrency(doc["predict_concurrency"], "predict_concurrency")
         if "predict_concurrency" not in runtime:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from bdn.config import load_model_config, parse_model_config, parse_source, parse_weights
+from bdn.config import (
+    ConfigDeprecationWarning,
+    load_model_config,
+    parse_model_config,
+    parse_source,
+    parse_weights,
+)
 from bdn.errors import ConfigError
 from bdn.patterns import matches, select
 
@@ -76,13 +82,13 @@ def test_model_config_fields() -> None:
 
 
 def test_top_level_predict_concurrency_is_deprecated_but_read() -> None:
-    with pytest.warns(DeprecationWarning, match="runtime:"):
+    with pytest.warns(ConfigDeprecationWarning, match="runtime:"):
         cfg = parse_model_config({"predict_concurrency": 3})
     assert cfg.predict_concurrency == 3
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(ConfigDeprecationWarning):
         cfg = parse_model_config({"predict_concurrency": 3, "runtime": {"predict_concurrency": 5}})
     assert cfg.predict_concurrency == 5, "runtime's value wins"
-    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="predict_conc"):
+    with pytest.warns(ConfigDeprecationWarning), pytest.raises(ConfigError, match="predict_conc"):
         parse_model_config({"predict_concurrency": 0})
 
 

@@ -288,7 +288,7 @@ def truss_verdict(path: Path) -> tuple[bool, tuple[object, ...] | None, str]:
 def bdn_verdict(path: Path) -> tuple[bool, str]:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore")
             load_model_config(path)
     except ConfigError as e:
         return False, str(e)

@@ -369,6 +369,17 @@ def test_a_stream_cannot_go_through_postprocess(tmp_path: Path) -> None:
         assert status == 500 and "postprocess cannot take a stream" in body["error"]
 
 
+def test_top_level_predict_concurrency_still_works_with_a_warning(tmp_path: Path) -> None:
+    model = _tmp_model(tmp_path / "m", "class Model:\n    def predict(self, x):\n"
+                                       "        return x\n")
+    (model / "config.yaml").write_text("predict_concurrency: 3\n")
+    with ServiceProcess(bdn_command("serve", str(model), "--listen", "127.0.0.1:0")) as proc:
+        proc.wait_line(READY)
+        assert "top-level predict_concurrency is deprecated" in proc.output
+        with urllib.request.urlopen(proc.url + "/metrics", timeout=60) as resp:
+            assert "bdn_predict_concurrency 3" in resp.read().decode()
+
+
 # -- folder layout and requirements --------------------------------------------------------
 
 
