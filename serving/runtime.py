@@ -54,8 +54,6 @@ from serving.readiness import FilesReady, ReadinessSource
 
 log = logging.getLogger("bdn.serving.runtime")
 
-MODEL_MODULE_REL = Path("model") / "model.py"
-MODEL_CLASS = "Model"
 SECRETS_DIR_DEFAULT = "/secrets"
 # Truss passes these to Model.__init__ when accepted; bdn adds ``weights``.
 MODEL_KWARGS = ("config", "data_dir", "secrets", "environment", "lazy_data_resolver",
@@ -357,7 +355,7 @@ class ModelRuntime:
             params = inspect.signature(cls).parameters
         except (TypeError, ValueError):  # a C-level constructor: nothing to go by
             return {}
-        return {k: v for k, v in available.items() if _accepts(params, k)}
+        return {k: available[k] for k in MODEL_KWARGS if _accepts(params, k)}
 
     def _check_weights_present(self) -> None:
         if not isinstance(self.readiness, FilesReady):
