@@ -12,7 +12,11 @@ The same document a user already writes for Truss says what bdn delivers::
         auth: {auth_method: AWS_OIDC, aws_oidc_role_arn: ..., aws_oidc_region: us-east-1}
 
 Validation happens here, once, with errors that name the entry index and field and read
-like Truss's own, so a bad config fails at push time rather than on a GPU node. Parsing
+like Truss's own, so a bad config fails at push time rather than on a GPU node. The
+verdicts are Truss 0.18's (``tests/truss/test_truss_config_parity.py`` feeds the same
+documents to both parsers); where bdn refuses more (overlapping or escaping mounts,
+``..`` in sources, malformed secret names or patterns) or accepts more (``file://``),
+that test lists the case and the reason. Parsing
 is pure (a dict in, records out); :func:`load_model_config` is the one reader of files.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import re
 import reprlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,13 +41,16 @@ MAX_CONFIG_DEPTH = 64
 # Values in a config.yaml after aliases are expanded; real ones have hundreds.
 MAX_CONFIG_NODES = 100_000
 MAX_CONFIG_BYTES = 4 << 20
-SUPPORTED_SCHEMES = ("hf", "s3", "gs", "r2", "azure", "https", "file")
-AUTH_METHODS = ("CUSTOM_SECRET", "AWS_OIDC", "GCP_OIDC")
+# Truss 0.18's schemes, and bdn's ``file://`` (a local folder: the embedded default).
+SUPPORTED_SCHEMES = ("hf", "s3", "gs", "r2", "cw", "azure", "https", "file")
+BUCKET_SCHEMES = ("s3", "gs", "r2", "cw", "azure")
+AUTH_METHODS = ("CUSTOM_SECRET", "AWS_OIDC", "GCP_OIDC", "AWS_ASSUME_ROLE")
 # Fields each auth method requires; every other auth field is refused for that method.
 AUTH_REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "CUSTOM_SECRET": ("auth_secret_name",),
     "AWS_OIDC": ("aws_oidc_role_arn", "aws_oidc_region"),
     "GCP_OIDC": ("gcp_oidc_service_account", "gcp_oidc_workload_id_provider"),
+    "AWS_ASSUME_ROLE": ("aws_assume_role_arn", "aws_assume_role_region"),
 }
 AUTH_FIELDS = frozenset(f for fs in AUTH_REQUIRED_FIELDS.values() for f in fs) | {"auth_method"}
 ENTRY_FIELDS = frozenset({"source", "mount_location", "allow_patterns", "ignore_patterns",
@@ -112,6 +120,8 @@ class Auth:
     aws_oidc_region: str | None = None
     gcp_oidc_service_account: str | None = None
     gcp_oidc_workload_id_provider: str | None = None
+    aws_assume_role_arn: str | None = None
+    aws_assume_role_region: str | None = None
 
     def to_dict(self) -> dict[str, str]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -173,24 +183,38 @@ class ModelConfig:
     secrets: dict[str, Any] = field(default_factory=dict)
     model_metadata: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    # Truss's folder layout, relative to the model folder (Truss's defaults).
+    model_module_dir: str = "model"
+    model_class_filename: str = "model.py"
+    model_class_name: str = "Model"
+    data_dir: str = "data"
+    bundled_packages_dir: str = "packages"
+    external_package_dirs: tuple[str, ...] = ()
+    # pip requirement lines: recorded and reported, never installed (see serving.runtime).
+    requirements: tuple[str, ...] = ()
 
 
 def parse_source(value: Any, *, index: int | None = None) -> SourceURI:
-    """Parse a ``source`` URI with Truss-like errors."""
+    """Parse a ``source`` URI with Truss-like errors (and Truss's verdicts: the scheme is
+    lowercase, nothing around the URI)."""
     fld = "source"
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value:
         raise ConfigError(f"source must be a non-empty string, got {_short(value)}",
                           index=index, field=fld)
-    text = value.strip()
+    text = value
+    if text != text.strip():
+        raise ConfigError(f"Source {_short(text)} has spaces before or after the URI",
+                          index=index, field=fld)
     if "://" not in text:
         raise ConfigError(f"Source '{_clip(text)}' is missing a URI scheme. Supported schemes: "
                           f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
                           index=index, field=fld)
     scheme, rest = text.split("://", 1)
-    scheme = scheme.lower()
     if scheme not in SUPPORTED_SCHEMES:
-        raise ConfigError(f"Source '{_clip(text)}' has unsupported scheme '{scheme}://'. Supported "
-                          f"schemes: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
+        hint = f" (write it lowercase: {scheme.lower()}://)" \
+            if scheme.lower() in SUPPORTED_SCHEMES else ""
+        raise ConfigError(f"Source '{_clip(text)}' has unsupported scheme '{scheme}://'{hint}. "
+                          f"Supported schemes: {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
                           index=index, field=fld)
     revision = None
     if scheme == "hf":
@@ -202,7 +226,7 @@ def parse_source(value: Any, *, index: int | None = None) -> SourceURI:
         if not _HF_REPO_RE.fullmatch(rest):
             raise ConfigError(f"Source '{_clip(text)}' is not a Hugging Face repository: expected "
                               "hf://owner/repo[@revision]", index=index, field=fld)
-    elif "@" in rest and scheme in ("s3", "gs", "r2", "azure", "file"):
+    elif "@" in rest and scheme in (*BUCKET_SCHEMES, "file"):
         raise ConfigError(f"Source '{_clip(text)}': The @ revision syntax is only valid for "
                           "HuggingFace sources (hf://)", index=index, field=fld)
     if scheme == "file":
@@ -211,10 +235,10 @@ def parse_source(value: Any, *, index: int | None = None) -> SourceURI:
                               "(file:///path/to/dir)", index=index, field=fld)
     elif scheme == "https":
         parts = urlsplit(text)
-        if not parts.hostname:
+        if not parts.hostname or rest.startswith("/"):
             raise ConfigError(f"Source '{_clip(text)}' has no host", index=index, field=fld)
     elif not rest or rest.startswith("/"):
-        what = "bucket" if scheme in ("s3", "gs", "r2", "azure") else "repository"
+        what = "bucket" if scheme in BUCKET_SCHEMES else "repository"
         raise ConfigError(f"Source '{_clip(text)}' is missing a {what} name after {scheme}://",
                           index=index, field=fld)
     if any(seg in ("..", ".") for seg in rest.split("/")[1:]):
@@ -224,18 +248,21 @@ def parse_source(value: Any, *, index: int | None = None) -> SourceURI:
 
 
 def _patterns(entry: dict[str, Any], name: str, index: int) -> tuple[str, ...]:
+    # A list, as Truss requires (a bare string is refused there too): a YAML scalar where
+    # a list was meant is more often a mistake than a one-pattern shorthand.
     value = entry.get(name)
     if value is None:
         return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-        raise ConfigError(f"{name} must be a list of non-empty glob strings, got "
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be a list of glob strings (e.g. [\"*.json\"]), got "
                           f"{_short(value)}", index=index, field=name)
     if len(value) > MAX_PATTERNS:
         raise ConfigError(f"at most {MAX_PATTERNS} patterns, got {len(value)}",
                           index=index, field=name)
     for k, pattern in enumerate(value):
+        if not isinstance(pattern, str):
+            raise ConfigError(f"a pattern must be a string, got {_short(pattern)}",
+                              index=index, field=f"{name}[{k}]")
         try:
             compile_glob(pattern)
         except PatternError as e:
@@ -244,48 +271,67 @@ def _patterns(entry: dict[str, Any], name: str, index: int) -> tuple[str, ...]:
 
 
 def _secret_name(value: Any, index: int, fld: str) -> str:
-    if not isinstance(value, str) or not _SECRET_NAME_RE.fullmatch(value):
+    # Truss's own rule for secret names (Kubernetes object names, as in its build
+    # secrets), plus bdn's optional "namespace/" prefix; checked at parse time because
+    # the name becomes a file name under the secrets folder and an environment variable.
+    if not isinstance(value, str) or not _SECRET_NAME_RE.fullmatch(value) \
+            or value.rsplit("/", 1)[-1] in (".", ".."):
         raise ConfigError(f"{fld.rsplit('.', 1)[-1]} must be a secret name of letters, digits, "
                           f"'_', '-' or '.' (optionally prefixed by 'namespace/'), got "
                           f"{_short(value)}", index=index, field=fld)
     return value
 
 
+def _absent(value: Any) -> bool:
+    """Truss treats a field set to ``null`` or ``""`` as not given."""
+    return value is None or value == ""
+
+
 def parse_auth(entry: dict[str, Any], index: int) -> Auth | None:
-    has_auth = entry.get("auth") is not None
+    block = entry.get("auth")
     shortcut = entry.get("auth_secret_name")
-    if has_auth and shortcut is not None:
+    if shortcut is not None and not isinstance(shortcut, str):
+        raise ConfigError(f"auth_secret_name must be a string, got {_short(shortcut)}",
+                          index=index, field="auth_secret_name")
+    if block is not None and not _absent(shortcut):
         raise ConfigError("auth_secret_name cannot be combined with an auth block; put "
                           "auth_secret_name inside auth (auth_method: CUSTOM_SECRET)",
                           index=index, field="auth_secret_name")
-    if shortcut is not None:
+    if not _absent(shortcut):
         return Auth(auth_method="CUSTOM_SECRET",
                     auth_secret_name=_secret_name(shortcut, index, "auth_secret_name"))
-    if not has_auth:
+    if block is None:
         return None
-    block = entry["auth"]
     if not isinstance(block, dict):
         raise ConfigError(f"auth must be a mapping, got {_short(block)}", index=index, field="auth")
     method = block.get("auth_method")
+    # Any case, as Truss upper-cases it ("aws_oidc" is AWS_OIDC).
+    method = method.upper() if isinstance(method, str) else method
     if method not in AUTH_METHODS:
         raise ConfigError(f"auth_method must be one of {', '.join(AUTH_METHODS)}, got "
-                          f"{_short(method)}", index=index, field="auth.auth_method")
+                          f"{_short(block.get('auth_method'))}", index=index,
+                          field="auth.auth_method")
     unknown = set(block) - AUTH_FIELDS
     if unknown:
         raise ConfigError(f"unknown field(s) {_clip(', '.join(sorted(map(str, unknown))))}",
                           index=index, field="auth")
+    for name in AUTH_FIELDS - {"auth_method"}:
+        if not isinstance(block.get(name), str | None):
+            raise ConfigError(f"{name} must be a string, got {_short(block[name])}",
+                              index=index, field=f"auth.{name}")
     required = AUTH_REQUIRED_FIELDS[method]
     for name in required:
-        if not isinstance(block.get(name), str) or not block[name].strip():
+        if _absent(block.get(name)):
             raise ConfigError(f"{name} is required when auth_method is {method}",
                               index=index, field=f"auth.{name}")
-    for name in AUTH_FIELDS - {"auth_method", *required}:
-        if block.get(name) is not None:
+    for name in sorted(AUTH_FIELDS - {"auth_method", *required}):
+        if not _absent(block.get(name)):
             raise ConfigError(f"{name} is not allowed when auth_method is {method}",
                               index=index, field=f"auth.{name}")
     if method == "CUSTOM_SECRET":
         _secret_name(block["auth_secret_name"], index, "auth.auth_secret_name")
-    return Auth(**{k: v for k, v in block.items() if v is not None})
+    return Auth(**{**{k: v for k, v in block.items() if not _absent(v)},
+                   "auth_method": method})
 
 
 def parse_mount_location(value: Any, index: int) -> str:
@@ -343,29 +389,124 @@ def parse_weights(items: Any) -> tuple[WeightsEntry, ...]:
     return tuple(entries)
 
 
+class ConfigDeprecationWarning(FutureWarning):
+    """A ``config.yaml`` form bdn still reads but will not for ever. A ``FutureWarning``
+    (Python's category for deprecations meant for end users), so ``bdn serve`` and
+    ``bdn push`` show it without any warnings filter: a ``DeprecationWarning`` raised
+    outside ``__main__`` is hidden by default."""
+
+
+def _predict_concurrency(value: Any, fld: str) -> int:
+    # An integer, or its digits as a string (pydantic's lax reading, as Truss has it).
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if type(value) is not int or value < 1:
+        raise ConfigError(f"predict_concurrency must be an integer ≥ 1, got {_short(value)}",
+                          field=fld)
+    return value
+
+
+def _str_list(doc: dict[str, Any], name: str) -> tuple[str, ...]:
+    v = doc.get(name)
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"{name} must be a list of strings, got {_short(v)}", field=name)
+    return tuple(v)
+
+
+def _relative_dir(doc: dict[str, Any], name: str, default: str) -> str:
+    v = doc.get(name, default)
+    if not isinstance(v, str) or not v or v.startswith("/") or ".." in v.split("/"):
+        raise ConfigError(f"{name} must be a folder inside the model folder, got {_short(v)}",
+                          field=name)
+    return v
+
+
 def parse_model_config(doc: Any) -> ModelConfig:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError("config.yaml must be a mapping at the top level")
     check_document_shape(doc, where="config.yaml")
-    pc = doc.get("predict_concurrency", 1)
-    if type(pc) is not int or pc < 1:
-        raise ConfigError(f"predict_concurrency must be an integer ≥ 1, got {_short(pc)}",
-                          field="predict_concurrency")
+
     def mapping(name: str) -> dict[str, Any]:
         v = doc.get(name) or {}
         if not isinstance(v, dict):
             raise ConfigError(f"{name} must be a mapping, got {_short(v)}", field=name)
         return v
+
+    runtime = mapping("runtime")
+    if "predict_concurrency" in runtime:
+        pc = _predict_concurrency(runtime["predict_concurrency"], "runtime.predict_concurrency")
+    else:
+        pc = 1
+    if "predict_concurrency" in doc:
+        # bdn once read it at the top level; Truss reads runtime.predict_concurrency only.
+        warnings.warn("config.yaml: top-level predict_concurrency is deprecated (Truss does "
+                      "not read it); move it under runtime:", ConfigDeprecationWarning,
+                      stacklevel=2)
+        top = _predict_concurrency(doc["predict_concurrency"], "predict_concurrency")
+        if "predict_concurrency" not in runtime:
+            pc = top
     name = doc.get("model_name")
     if name is not None and not isinstance(name, str):
         raise ConfigError(f"model_name must be a string, got {_short(name)}", field="model_name")
+    if "weights" in doc and doc["weights"] is None:
+        raise ConfigError("weights must be a list of entries (write weights: [] for none), "
+                          "got null", field="weights")
+    weights = parse_weights(doc.get("weights"))
+    model_cache = doc.get("model_cache", doc.get("hf_cache"))
+    if model_cache and weights:
+        raise ConfigError("only one of model_cache and weights may be given (model_cache is "
+                          "Truss's older form of weights)", field="model_cache")
+    secrets = mapping("secrets")
+    for k, v in secrets.items():
+        if not isinstance(k, str) or not isinstance(v, str | None):
+            raise ConfigError(f"secrets maps a name to a placeholder string or null, got "
+                              f"{_short(k)}: {_short(v)}", field="secrets")
+    env = {str(k): str(v).lower() if isinstance(v, bool) else str(v)
+           for k, v in mapping("environment_variables").items()}
     return ModelConfig(
-        model_name=name, weights=parse_weights(doc.get("weights")), predict_concurrency=pc,
-        resources=mapping("resources"),
-        environment_variables={k: str(v) for k, v in mapping("environment_variables").items()},
-        secrets=mapping("secrets"), model_metadata=mapping("model_metadata"), raw=doc)
+        model_name=name, weights=weights, predict_concurrency=pc,
+        resources=mapping("resources"), environment_variables=env,
+        secrets=secrets, model_metadata=mapping("model_metadata"), raw=doc,
+        model_module_dir=_relative_dir(doc, "model_module_dir", "model"),
+        model_class_filename=_relative_dir(doc, "model_class_filename", "model.py"),
+        model_class_name=_class_name(doc.get("model_class_name", "Model")),
+        data_dir=_relative_dir(doc, "data_dir", "data"),
+        bundled_packages_dir=_relative_dir(doc, "bundled_packages_dir", "packages"),
+        external_package_dirs=_str_list(doc, "external_package_dirs"),
+        requirements=_str_list(doc, "requirements"))
+
+
+def _class_name(v: Any) -> str:
+    if not isinstance(v, str) or not v.isidentifier():
+        raise ConfigError(f"model_class_name must be a Python identifier, got {_short(v)}",
+                          field="model_class_name")
+    return v
+
+
+class _DuplicateKeyWarningLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that warns about a key given twice in one mapping (the last one
+    is used), as Truss's loader does: PyYAML alone keeps the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                break
+            if duplicate:
+                warnings.warn(f"config.yaml has the key {_short(key)} twice in one mapping "
+                              f"(line {key_node.start_mark.line + 1}); the last one is used",
+                              UserWarning, stacklevel=2)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_config_document(path: str | Path) -> Any:
@@ -383,7 +524,7 @@ def read_config_document(path: str | Path) -> Any:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{p} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        doc = yaml.safe_load(raw.decode("utf-8"))
+        doc = yaml.load(raw.decode("utf-8"), Loader=_DuplicateKeyWarningLoader)  # safe
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p} is not UTF-8 (byte offset {e.start})") from None
     except RecursionError:

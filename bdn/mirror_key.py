@@ -13,7 +13,10 @@ The key is the first 16 hex digits (64 bits) of the BLAKE3 of a canonical JSON d
      "source": "<scheme lowercased>://<location>[@revision]", "v": 1}
 
 Patterns are sets for selection (order does not change what is selected), so they are
-sorted. The node agent resolves an entry to :func:`mirror_ref` =
+sorted. An entry with patterns also carries ``"glob": "fnmatch"``: patterns once meant
+that ``*`` stops at ``/``, and since they select as ``huggingface_hub`` does (see
+:mod:`bdn.patterns`) a mirror made under the old meaning must not be reused. Entries
+without patterns keep their keys. The node agent resolves an entry to :func:`mirror_ref` =
 ``mirrors/<key>:latest``; the mirror service writes that ref when a job names no ref.
 """
 
@@ -30,6 +33,8 @@ MIRROR_KEY_VERSION = 1
 MIRROR_KEY_HEX_DIGITS = 16
 MIRROR_NAMESPACE = "mirrors"
 MIRROR_TAG = "latest"
+# What patterns mean (bdn.patterns); absent from keys made before "*" crossed "/".
+PATTERN_SEMANTICS = "fnmatch"
 
 
 def mirror_key_document(entry: WeightsEntry) -> dict[str, object]:
@@ -38,13 +43,16 @@ def mirror_key_document(entry: WeightsEntry) -> dict[str, object]:
     uri = f"{src.scheme}://{src.location}"
     if src.revision:
         uri += f"@{src.revision}"
-    return {
+    doc: dict[str, object] = {
         "v": MIRROR_KEY_VERSION,
         "source": uri,
         "allow": sorted(set(entry.allow_patterns)),
         "ignore": sorted(set(entry.ignore_patterns)),
         "auth": entry.auth.to_dict() if entry.auth else None,
     }
+    if entry.allow_patterns or entry.ignore_patterns:
+        doc["glob"] = PATTERN_SEMANTICS
+    return doc
 
 
 def mirror_key(entry: WeightsEntry) -> str:

@@ -1,27 +1,37 @@
-"""Glob patterns for ``allow_patterns`` / ``ignore_patterns``.
+"""Glob patterns for ``allow_patterns`` / ``ignore_patterns``, as the ecosystem means them.
 
-Shell globs over ``/``-separated relative paths: ``*`` and ``?`` never cross a ``/``,
-``**/`` matches zero or more whole directories, a trailing ``**`` matches everything
-below, ``[...]`` is a character class (``[!...]`` negated; a class never matches ``/``).
-A pattern is matched against the whole relative path, so ``*.json`` selects top-level
-JSON files and ``**/*.json`` selects them at any depth (unlike ``fnmatch``, whose ``*``
-crosses directories).
+A pattern selects a file when it matches the file's whole ``/``-separated relative path
+with the meaning of ``huggingface_hub``'s ``filter_repo_objects`` (and truss-transfer,
+which follows it), i.e. Python's ``fnmatch.fnmatchcase``: ``*`` matches any run of
+characters *including* ``/`` (so ``*.json`` selects ``config.json`` and
+``sub/config.json``), ``?`` any one character, ``[...]`` a character class (``[!...]``
+negated; ``]`` first is a member; a class may match ``/``). ``**`` is no different from
+``*``. A pattern ending in ``/`` selects everything below that folder (``sub/`` means
+``sub/*``), and a backslash is a path separator in patterns and paths alike. A user who
+writes the same ``weights:`` entry for Truss and for bdn gets the same files.
+
+(bdn once had ``*`` stop at ``/``, as shells do; that rule was reversed so that configs
+mean the same thing everywhere. :func:`bdn.mirror_key.mirror_key` records the change for
+entries with patterns, so a mirror made under the old rule is not reused.)
 
 Patterns come from users of a shared service, so matching must cost time linear in the
 path whatever the pattern: a pattern is compiled once into a list of tokens and matched
 by simulating the automaton over the set of live token positions (Thompson's method),
 never by backtracking. A path of ``n`` characters against a pattern of ``m`` tokens costs
-at most ``O(n × m)`` steps — where ``"**/" * 300`` as a regular expression would never
-finish, and would hold the GIL while it tried. :func:`compile_glob` refuses what
-cannot be compiled (an empty range ``[z-a]``, an unterminated class ``[!]``) and
-patterns past a length bound, so a config or a service can reject them when they
-arrive (:func:`bdn.config.parse_weights` does). Pure.
+at most ``O(n × m)`` steps. A character class is translated by ``fnmatch`` itself (so its
+ranges, escapes and negation are exactly fnmatch's) into a one-character regular
+expression, which cannot backtrack. :func:`compile_glob` refuses what is almost surely a
+typo and can never select what the user meant — a class that is empty (``[z-a]``) or
+unterminated (``a[bc``, ``[!]``), which fnmatch would quietly treat as matching nothing
+or as a literal ``[`` — and patterns past a length bound, so a config or a service can
+reject them when they arrive (:func:`bdn.config.parse_weights` does). Pure.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 from bdn.errors import ConfigError
@@ -29,22 +39,9 @@ from bdn.errors import ConfigError
 MAX_PATTERN_CHARS = 1024
 MAX_PATTERNS = 256  # per allow_patterns / ignore_patterns list
 
-# Token kinds. ``LIT``/``ANY``/``CLASS`` consume one character; ``STAR`` any run of
-# non-``/``; ``DSTAR`` any run at all; ``DIRS`` (``**/``) zero or more ``<segment>/``.
-_LIT, _ANY, _CLASS, _STAR, _DSTAR, _DIRS = range(6)
-
-
-@dataclass(frozen=True, slots=True)
-class _Class:
-    negated: bool
-    ranges: tuple[tuple[str, str], ...]
-
-    def matches(self, c: str) -> bool:
-        if c == "/":
-            return False
-        hit = any(lo <= c <= hi for lo, hi in self.ranges)
-        return hit != self.negated
-
+# Token kinds. ``LIT``/``ANY``/``CLASS`` consume one character; ``STAR`` any run at all.
+_LIT, _ANY, _CLASS, _STAR = range(4)
+_EMPTY_CLASS = "(?!)"  # what fnmatch.translate makes of a class that matches nothing
 
 _Token = tuple[int, object]
 
@@ -53,32 +50,26 @@ class PatternError(ConfigError):
     """A glob pattern cannot be compiled; names the pattern and what is wrong."""
 
 
-def _parse_class(body: str, pattern: str) -> _Class:
-    # "^" negates too: these globs were once compiled to regular expressions, where it
-    # did, and patterns written then keep their meaning.
-    negated = body[:1] in ("!", "^")
-    if negated:
-        body = body[1:]
-    ranges: list[tuple[str, str]] = []
-    i = 0
-    while i < len(body):
-        c = body[i]
-        # "a-z" is a range unless the "-" is last (then it is a literal "-").
-        if i + 2 < len(body) and body[i + 1] == "-":
-            hi = body[i + 2]
-            if hi < c:
-                raise PatternError(f"pattern {_quote(pattern)} has an empty character "
-                                   f"range {c}-{hi}")
-            ranges.append((c, hi))
-            i += 3
-        else:
-            ranges.append((c, c))
-            i += 1
-    return _Class(negated, tuple(ranges))
-
-
 def _quote(pattern: str) -> str:
     return repr(pattern if len(pattern) <= 60 else pattern[:60] + "…")
+
+
+def normalize_pattern(pattern: str) -> str:
+    """``pattern`` as ``filter_repo_objects`` uses it: ``\\`` is ``/``, and a trailing
+    ``/`` means everything below."""
+    pattern = pattern.replace("\\", "/")
+    return pattern + "*" if pattern.endswith("/") else pattern
+
+
+def _class_end(pattern: str, i: int) -> int:
+    """Index of the ``]`` closing the class opened at ``pattern[i]``, or -1 (fnmatch's
+    rule: a ``!`` and then a ``]`` right after the ``[`` are members, not the end)."""
+    j = i + 1
+    if j < len(pattern) and pattern[j] == "!":
+        j += 1
+    if j < len(pattern) and pattern[j] == "]":
+        j += 1
+    return pattern.find("]", j)
 
 
 @lru_cache(maxsize=1024)
@@ -87,33 +78,29 @@ def compile_glob(pattern: str) -> tuple[_Token, ...]:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise PatternError(f"pattern of {len(pattern)} characters is longer than "
                            f"{MAX_PATTERN_CHARS}: {_quote(pattern)}")
+    norm = normalize_pattern(pattern)
     out: list[_Token] = []
-    i, n = 0, len(pattern)
+    i, n = 0, len(norm)
     while i < n:
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            if not out or out[-1][0] != _DIRS:  # "**/**/" matches what "**/" does
-                out.append((_DIRS, None))
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append((_DSTAR, None))
-            i += 2
-        elif c == "*":
-            if not out or out[-1][0] != _STAR:
+        c = norm[i]
+        if c == "*":
+            if not out or out[-1][0] != _STAR:  # "**" matches what "*" does
                 out.append((_STAR, None))
             i += 1
         elif c == "?":
             out.append((_ANY, None))
             i += 1
         elif c == "[":
-            # "]" right after "[" or "[!" is a member, not the end (as in shells).
-            j = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
-            if pattern[i + 1:i + 3] == "!]":
-                j = pattern.find("]", i + 3)
+            j = _class_end(norm, i)
             if j < 0:
                 raise PatternError(f"pattern {_quote(pattern)} has an unterminated "
                                    f"character class at offset {i}")
-            out.append((_CLASS, _parse_class(pattern[i + 1:j], pattern)))
+            body = norm[i:j + 1]
+            rx = fnmatch.translate(body)
+            if _EMPTY_CLASS in rx:
+                raise PatternError(f"pattern {_quote(pattern)} has an empty character "
+                                   f"range {body[1:-1]}")
+            out.append((_CLASS, re.compile(rx)))
             i = j + 1
         else:
             out.append((_LIT, c))
@@ -122,8 +109,8 @@ def compile_glob(pattern: str) -> tuple[_Token, ...]:
 
 
 def _closure(tokens: Sequence[_Token], states: Iterable[int]) -> set[int]:
-    """``states`` plus every position reachable without consuming a character: a
-    ``*``, ``**`` or ``**/`` may match nothing."""
+    """``states`` plus every position reachable without consuming a character: a ``*``
+    may match nothing."""
     out: set[int] = set()
     stack = list(states)
     while stack:
@@ -131,23 +118,17 @@ def _closure(tokens: Sequence[_Token], states: Iterable[int]) -> set[int]:
         if s in out:
             continue
         out.add(s)
-        if 0 <= s < len(tokens) and tokens[s][0] in (_STAR, _DSTAR, _DIRS):
+        if s < len(tokens) and tokens[s][0] == _STAR:
             stack.append(s + 1)
     return out
 
 
 def _match(tokens: tuple[_Token, ...], path: str) -> bool:
     end = len(tokens)
-    # A state is a token position; for "**/" a second state (-1 - pos) means "inside a
-    # directory name", from which only a "/" leads back to the position itself.
     states = _closure(tokens, [0])
-    for c in path:
+    for c in path.replace("\\", "/"):
         nxt: set[int] = set()
         for s in states:
-            if s < 0:
-                pos = -1 - s
-                nxt.add(pos if c == "/" else s)
-                continue
             if s == end:
                 continue
             kind, arg = tokens[s]
@@ -155,18 +136,12 @@ def _match(tokens: tuple[_Token, ...], path: str) -> bool:
                 if c == arg:
                     nxt.add(s + 1)
             elif kind == _ANY:
-                if c != "/":
-                    nxt.add(s + 1)
+                nxt.add(s + 1)
             elif kind == _CLASS:
-                if arg.matches(c):  # type: ignore[attr-defined]
+                if arg.match(c):  # type: ignore[attr-defined]
                     nxt.add(s + 1)
-            elif kind == _STAR:
-                if c != "/":
-                    nxt.add(s)
-            elif kind == _DSTAR:
+            else:  # _STAR
                 nxt.add(s)
-            elif kind == _DIRS:
-                nxt.add(s if c == "/" else -1 - s)
         if not nxt:
             return False
         states = _closure(tokens, nxt)

@@ -78,3 +78,14 @@ class ServeOptionsError(ServingError, ValueError):
     def __init__(self, message: str, *, field: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class SecretNotFound(ServingError):
+    """The model read a secret that ``config.yaml`` does not declare under ``secrets:``,
+    or that has no value on this node. As in Truss, this is not a ``KeyError``: an
+    undeclared secret is a bug in the model folder, and ``secrets.get(name)`` must not
+    quietly answer ``None`` for it. ``name`` is the secret's name (never its value)."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name

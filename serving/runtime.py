@@ -1,13 +1,26 @@
-"""Running a Truss-like model folder: import ``model/model.py``, build, load, predict.
+"""Running a Truss model folder: import ``model/model.py``, build, load, predict.
 
 A model folder is ``config.yaml`` (read with :func:`bdn.config.load_model_config`) and
-``model/model.py`` defining ``class Model`` with ``__init__(**kwargs)``, ``load()`` and
-``predict(model_input)`` (sync or async; optional ``preprocess``/``postprocess``). The
-constructor receives what Truss passes — ``config`` (the raw config dict), ``data_dir``,
-``secrets``, ``environment`` — plus bdn's ``weights``: a :class:`Weights` handle that
-knows where each ``weights:`` entry's files are and loads them with the streaming loader,
-so ``load()`` can start while the agent is still writing. Only the keyword arguments the
-constructor accepts are passed (as Truss does), so plain Truss models run unchanged.
+``model/model.py`` defining ``class Model`` with ``load()`` and ``predict(model_input)``
+(sync or async; optional ``preprocess``/``postprocess``), laid out as Truss lays it out
+(``model_module_dir``, ``model_class_filename``, ``model_class_name``, ``packages/`` and
+``external_package_dirs`` importable, ``data/`` as ``data_dir``), so a folder that
+``truss push`` accepts runs unchanged.
+
+The model is built as Truss builds it: which keyword arguments to pass is decided from
+the signature of the class itself (``inspect.signature(cls)``, so a class without an
+``__init__`` of its own gets none), each of ``config`` (the raw config dict),
+``data_dir``, ``secrets``, ``environment`` (from ``$BDN_ENVIRONMENT``; None when unset)
+and ``lazy_data_resolver`` only when accepted by name or ``**kwargs`` — plus bdn's
+``weights``: a :class:`Weights` handle that knows where each ``weights:`` entry's files
+are and loads them with the streaming loader, so ``load()`` can start while the agent is
+still writing. ``setup_environment(environment)``, when defined, runs before ``load()``
+once an environment is known (as in Truss). A secret read through ``secrets`` that
+``config.yaml`` does not declare raises :class:`SecretNotFound`, as in Truss.
+
+``requirements`` are recorded, never installed: a node is shared by many models, and
+installing into the server's environment would change what the others import. Those
+not installed here are listed at load, and an import failure names them.
 
 This module owns the cold-start accounting: wall time of the model's ``load()`` split
 into waiting for weights (the loader stood still for bytes), loading to the device (the
@@ -16,10 +29,14 @@ loader's remaining time) and model init (everything else in ``__init__``/``load(
 
 from __future__ import annotations
 
+import asyncio
+import importlib.metadata
 import importlib.util
 import inspect
 import json
+import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -32,14 +49,17 @@ from typing import Any
 
 from bdn.config import ModelConfig, load_model_config
 from bdn.secrets import register_secret_value
-from serving.errors import ModelDirError, ModelLoadError
+from serving.errors import ModelDirError, ModelLoadError, SecretNotFound
 from serving.readiness import FilesReady, ReadinessSource
 
-MODEL_MODULE_REL = Path("model") / "model.py"
-MODEL_CLASS = "Model"
+log = logging.getLogger("bdn.serving.runtime")
+
 SECRETS_DIR_DEFAULT = "/secrets"
-# Truss passes these to Model.__init__; bdn adds ``weights``.
-MODEL_KWARGS = ("config", "data_dir", "secrets", "environment", "weights")
+# Truss passes these to Model.__init__ when accepted; bdn adds ``weights``.
+MODEL_KWARGS = ("config", "data_dir", "secrets", "environment", "lazy_data_resolver",
+                "weights")
+ENVIRONMENT_VAR = "BDN_ENVIRONMENT"
+_REQUIREMENT_NAME_RE = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
 @dataclass(frozen=True)
@@ -100,15 +120,27 @@ class Weights:
         return iter_tensors(self._source(what), readiness=self.readiness, **options)
 
 
+def _secret_missing(name: str) -> str:
+    return (f"Secret {name!r} not found. Please ensure that it is declared in the 'secrets' "
+            f"section of config.yaml, and that its value is at $BDN_SECRETS_DIR/{name} (the "
+            f"/secrets mount) or in $BDN_SECRET_<NAME>")
+
+
 class Secrets(Mapping[str, str]):
     """Secret values by name, read on access from ``$BDN_SECRETS_DIR/<name>`` (Truss's
-    ``/secrets`` mount) or ``$BDN_SECRET_<NAME>``. Never printed: ``repr`` shows names."""
+    ``/secrets`` mount) or ``$BDN_SECRET_<NAME>``, else the placeholder ``config.yaml``
+    gives. Only declared names resolve: any other raises :class:`SecretNotFound` (as
+    Truss's ``Secrets`` does), so does a declared one without a value. Never printed:
+    ``repr`` shows names."""
 
     def __init__(self, names: Mapping[str, Any]) -> None:
+        self._declared = dict(names)
         self._names = tuple(names)
         self._dir = Path(os.environ.get("BDN_SECRETS_DIR", SECRETS_DIR_DEFAULT))
 
     def __getitem__(self, name: str) -> str:
+        if name not in self._declared:
+            raise SecretNotFound(_secret_missing(name), name=name)
         p = self._dir / name
         if "/" not in name and p.is_file():
             value = p.read_text(encoding="utf-8").strip()
@@ -118,7 +150,10 @@ class Secrets(Mapping[str, str]):
         if env is not None:
             register_secret_value(env)
             return env
-        raise KeyError(name)
+        default = self._declared[name]
+        if isinstance(default, str) and default:
+            return default
+        raise SecretNotFound(_secret_missing(name), name=name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -128,6 +163,62 @@ class Secrets(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"Secrets({list(self._names)!r})"
+
+
+class LazyDataResolver:
+    """What Truss passes as ``lazy_data_resolver``: ``fetch()`` makes the model's data
+    available and answers its folder. bdn has no ``external_data`` downloads (weights are
+    what bdn delivers), so the data is what the folder's ``data/`` holds."""
+
+    def __init__(self, data_dir: Path, external_data: Any) -> None:
+        self.data_dir = data_dir
+        self._external = external_data
+
+    def fetch(self) -> Path:
+        if self._external:
+            raise ModelLoadError("config.yaml's external_data is not downloaded by bdn: list "
+                                 "those files under weights: or put them in the data folder")
+        return self.data_dir
+
+    def raise_if_not_collected(self) -> None:
+        """Truss's check that ``fetch()`` was called; nothing to collect here."""
+
+
+def missing_requirements(requirements: tuple[str, ...]) -> list[str]:
+    """The requirement lines whose distribution is not installed in this interpreter
+    (by name only: versions are the image's business, and a pin that differs still
+    imports)."""
+    missing = []
+    for line in requirements:
+        m = _REQUIREMENT_NAME_RE.match(line)
+        if m is None or line.lstrip().startswith(("#", "-")):
+            continue
+        try:
+            importlib.metadata.distribution(m.group(1))
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(line.strip())
+    return missing
+
+
+def environment_from_env() -> dict[str, Any] | None:
+    """The deployment's environment from ``$BDN_ENVIRONMENT`` (JSON object, or a bare
+    name), None when unset."""
+    env_name = os.environ.get(ENVIRONMENT_VAR)
+    if not env_name:
+        return None
+    try:
+        parsed = json.loads(env_name)
+    except ValueError:
+        return {"name": env_name}
+    return parsed if isinstance(parsed, dict) else {"name": env_name}
+
+
+def _accepts(params: Mapping[str, inspect.Parameter], name: str) -> bool:
+    p = params.get(name)
+    if p is not None and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    inspect.Parameter.KEYWORD_ONLY):
+        return True
+    return any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())
 
 
 @dataclass
@@ -164,9 +255,13 @@ class ModelRuntime:
         if not self.model_dir.is_dir():
             raise ModelDirError("model folder does not exist", path=str(self.model_dir))
         self.config: ModelConfig = load_model_config(self.model_dir)
-        if not (self.model_dir / MODEL_MODULE_REL).is_file():
-            raise ModelDirError(f"no {MODEL_MODULE_REL} in the model folder",
-                                path=str(self.model_dir))
+        self.module_path = self._inside(Path(self.config.model_module_dir)
+                                        / self.config.model_class_filename)
+        if not self.module_path.is_file():
+            rel = self.module_path.relative_to(self.model_dir)
+            raise ModelDirError(f"no {rel} in the model folder", path=str(self.model_dir))
+        self.data_dir = self._inside(Path(self.config.data_dir))
+        self.requirements_missing = missing_requirements(self.config.requirements)
         mounts = [WeightsMount(e.source.uri, e.mount_location, Path(e.mount_location))
                   for e in self.config.weights]
         if weights_dir is not None:
@@ -182,6 +277,14 @@ class ModelRuntime:
         self.model: Any = None
         self.ready = False
         self.predict_is_async = False
+        self.environment: dict[str, Any] | None = None
+
+    def _inside(self, rel: Path) -> Path:
+        """``rel`` under the model folder; refused when it resolves outside it."""
+        p = (self.model_dir / rel).resolve()
+        if p != self.model_dir and not p.is_relative_to(self.model_dir):
+            raise ModelDirError(f"{rel} is outside the model folder", path=str(self.model_dir))
+        return p
 
     def set_device(self, device: str) -> None:
         """Where ``weights.load()`` puts tensors by default."""
@@ -197,38 +300,62 @@ class ModelRuntime:
     def predict_concurrency(self) -> int:
         return self.config.predict_concurrency
 
+    def _package_dirs(self) -> list[Path]:
+        """Folders Truss puts on ``sys.path``: ``packages/`` (``bundled_packages_dir``) and
+        each of ``external_package_dirs`` (relative to the model folder, as Truss has
+        them; they may lie outside it, since sharing code between folders is their
+        purpose, but must exist)."""
+        dirs = []
+        bundled = self._inside(Path(self.config.bundled_packages_dir))
+        if bundled.is_dir():
+            dirs.append(bundled)
+        for d in self.config.external_package_dirs:
+            p = (self.model_dir / d).resolve()
+            if not p.is_dir():
+                raise ModelDirError(f"external_package_dirs names {d}, which is not a folder",
+                                    path=str(self.model_dir))
+            dirs.append(p)
+        return dirs
+
     def _import(self) -> ModuleType:
-        path = self.model_dir / MODEL_MODULE_REL
-        # The model's own folder first, so model.py can import its sibling modules.
-        sys.path.insert(0, str(path.parent))
+        path = self.module_path
+        # The model's own folder first, so model.py can import its sibling modules; then
+        # the package folders.
+        for d in reversed([path.parent, *self._package_dirs()]):
+            if str(d) not in sys.path:
+                sys.path.insert(0, str(d))
         spec = importlib.util.spec_from_file_location("bdn_user_model", path)
         if spec is None or spec.loader is None:
             raise ModelDirError("cannot import", path=str(path))
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except ModuleNotFoundError as e:
+            if self.requirements_missing:
+                raise ModelLoadError(
+                    f"model import failed: {e}; config.yaml requires "
+                    f"{', '.join(self.requirements_missing)}, not installed on this node "
+                    "(bdn does not install requirements: use an image that has them)",
+                    traceback=model_traceback(e, self.model_dir)) from e
+            raise
         return module
 
     def _kwargs(self, cls: type) -> dict[str, Any]:
-        env_name = os.environ.get("BDN_ENVIRONMENT")
-        environment = None
-        if env_name:
-            try:
-                parsed = json.loads(env_name)
-                environment = parsed if isinstance(parsed, dict) else {"name": env_name}
-            except ValueError:
-                environment = {"name": env_name}
         available = {
             "config": self.config.raw,
-            "data_dir": self.model_dir / "data",
+            "data_dir": self.data_dir,
             "secrets": Secrets(self.config.secrets),
-            "environment": environment,
+            "environment": self.environment,
+            "lazy_data_resolver": LazyDataResolver(self.data_dir,
+                                                   self.config.raw.get("external_data")),
             "weights": self.weights,
         }
-        params = inspect.signature(cls.__init__).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return available
-        return {k: v for k, v in available.items() if k in params}
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):  # a C-level constructor: nothing to go by
+            return {}
+        return {k: available[k] for k in MODEL_KWARGS if _accepts(params, k)}
 
     def _check_weights_present(self) -> None:
         if not isinstance(self.readiness, FilesReady):
@@ -260,17 +387,30 @@ class ModelRuntime:
             for k, v in self.config.environment_variables.items():
                 os.environ.setdefault(k, v)
             self._check_weights_present()
+            if self.requirements_missing:
+                log.warning("config.yaml requires %s, not installed on this node (bdn "
+                            "records requirements but does not install them)",
+                            ", ".join(self.requirements_missing))
+            self.environment = environment_from_env()
             module = self._import()
-            cls = getattr(module, MODEL_CLASS, None)
+            name = self.config.model_class_name
+            cls = getattr(module, name, None)
+            rel = self.module_path.relative_to(self.model_dir)
             if not isinstance(cls, type):
-                raise ModelDirError(f"{MODEL_MODULE_REL} defines no class {MODEL_CLASS}",
-                                    path=str(self.model_dir))
+                raise ModelDirError(f"{rel} defines no class {name}", path=str(self.model_dir))
             if not callable(getattr(cls, "predict", None)):
-                raise ModelDirError(f"{MODEL_CLASS} has no predict() method",
-                                    path=str(self.model_dir))
+                raise ModelDirError(f"{name} has no predict() method", path=str(self.model_dir))
             model = cls(**self._kwargs(cls))
+            setup = getattr(model, "setup_environment", None)
+            if callable(setup) and self.environment is not None:
+                # Truss calls it before load() once an environment is known.
+                result = setup(self.environment)
+                if inspect.isawaitable(result):
+                    asyncio.run(_awaited(result))
             if callable(getattr(model, "load", None)):
-                model.load()
+                result = model.load()
+                if inspect.isawaitable(result):  # an async load(): run to its end here
+                    asyncio.run(_awaited(result))
         except (ModelLoadError, ModelDirError):
             raise
         except BaseException as e:
@@ -292,3 +432,7 @@ class ModelRuntime:
         self.model = model
         self.predict_is_async = inspect.iscoroutinefunction(model.predict)
         self.ready = True
+
+
+async def _awaited(result: Any) -> Any:
+    return await result

@@ -9,12 +9,18 @@ The process contract the control plane relies on:
   process exits with status 1;
 * SIGTERM/SIGINT stop it gracefully (in-flight requests finish, within a bound).
 
-``POST /predict`` takes JSON (or msgpack when ``Content-Type: application/octet-stream``)
-and answers in kind. At most ``predict_concurrency`` requests run the model at once;
-the rest wait in aiohttp's handler. A model exception gives 500 with the traceback of
-the model's code only (server frames are dropped: they say nothing to the user, and
-would leak the server's layout). ``GET /metrics`` is Prometheus text: readiness, the
-cold start phases, requests in flight and done.
+``POST /predict`` (also at Truss's ``/v1/models/model:predict``) takes JSON (or msgpack
+when ``Content-Type: application/octet-stream``) and answers in kind. A request runs
+Truss's pipeline: ``preprocess`` → ``predict`` → ``postprocess``, each sync (in a thread)
+or async; only ``predict`` is under the ``predict_concurrency`` limit, the rest wait in
+aiohttp's handler, and pre/post run outside it. When the first of them annotates its
+input with a pydantic model, the body is parsed into it (400 with pydantic's errors when
+it does not validate). A ``predict`` that returns a generator, sync or async, streams:
+each item is written as it is yielded (chunked transfer encoding; ``str`` as UTF-8,
+``bytes`` as is), holding the predict slot until the stream ends. A model exception
+gives 500 with the traceback of the model's code only (server frames are dropped: they
+say nothing to the user, and would leak the server's layout). ``GET /metrics`` is
+Prometheus text: readiness, the cold start phases, requests in flight and done.
 
 The model's constructor and ``load()`` run in a daemon thread, so a SIGTERM during a
 long load exits at once rather than after the load.
@@ -37,11 +43,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import sys
 import threading
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +84,12 @@ QUEUE_PER_PREDICT_SLOT = 16
 RETRY_AFTER_S = 1
 # Threads that decode request bodies and encode responses (not the model's).
 CODEC_WORKERS = 2
+# Threads for sync preprocess/postprocess, which run outside predict_concurrency: enough
+# that they overlap predictions without being a second, hidden concurrency limit that
+# matters (a model whose pre/post block longer should make them async).
+PRE_POST_WORKERS = 32
+# A streamed (generator) response: bytes as the model yields them.
+STREAM_CONTENT_TYPE = "application/octet-stream"
 
 RUNTIME_KEY = web.AppKey("runtime", ModelRuntime)
 
@@ -126,6 +140,7 @@ class ServerState:
     semaphore: asyncio.Semaphore
     executor: ThreadPoolExecutor
     codec: ThreadPoolExecutor
+    pre_post: ThreadPoolExecutor
     limits: ServeLimits
     queue_limit: int
     in_flight: int = 0
@@ -153,6 +168,8 @@ def _plain(o: Any) -> Any:
         return list(o)
     if isinstance(o, Path):
         return str(o)
+    if hasattr(o, "model_dump"):  # a pydantic model returned by predict
+        return o.model_dump(mode="json")
     raise TypeError(f"{type(o).__name__} is not serialisable")
 
 
@@ -171,12 +188,15 @@ async def _health_ready(request: web.Request) -> web.Response:
     return web.json_response({"ready": False}, status=503)
 
 
-async def _call(rt: ModelRuntime, state: ServerState, fn: Any, arg: Any) -> Any:
-    if asyncio.iscoroutinefunction(fn):
-        return await fn(arg)
-    loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(state.executor, fn, arg)
-    if asyncio.iscoroutine(result):
+async def _call(executor: ThreadPoolExecutor, fn: Any, arg: Any) -> Any:
+    """``fn(arg)``: awaited when async (an async generator function's call just returns
+    the generator), else run in ``executor``, off the event loop."""
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        result = fn(arg)
+    else:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(executor, fn, arg)
+    if inspect.isawaitable(result):
         return await result
     return result
 
@@ -238,7 +258,95 @@ def _refusal(e: RequestRefused) -> web.Response:
     return resp
 
 
-async def _predict(request: web.Request) -> web.Response:
+class _InputInvalid(Exception):
+    """The body does not validate against the model's typed (pydantic) input."""
+
+    def __init__(self, message: str, errors: Any) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+def _input_model(fn: Any) -> Any:
+    """The pydantic model class ``fn``'s first parameter is annotated with, or None.
+
+    pydantic stays optional: it is looked up in ``sys.modules``, so it is only there when
+    the model's own code imported it (and only such models can annotate with it)."""
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is None or fn is None:
+        return None
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+        hints = typing.get_type_hints(fn)
+    except (TypeError, ValueError, NameError, AttributeError):
+        return None
+    if not params:
+        return None
+    ann = hints.get(params[0].name)
+    if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
+        return ann
+    return None
+
+
+def _validate_input(cls: Any, body: Any) -> Any:
+    pydantic = sys.modules["pydantic"]
+    try:
+        return cls.model_validate(body)
+    except pydantic.ValidationError as e:
+        errors = json.loads(e.json(include_url=False))
+        raise _InputInvalid(f"the input does not validate as {cls.__name__}: "
+                            f"{e.error_count()} error(s)", errors) from None
+
+
+def _is_stream(value: Any) -> bool:
+    return inspect.isgenerator(value) or inspect.isasyncgen(value)
+
+
+def _stream_bytes(item: Any) -> bytes:
+    """One item a streaming predict yielded, as bytes on the wire (str as UTF-8, bytes as
+    they are, anything else as one line of JSON)."""
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    return (json.dumps(item, default=_plain) + "\n").encode("utf-8")
+
+
+_END = object()
+
+
+async def _stream(request: web.Request, rt: ModelRuntime, state: ServerState,
+                  gen: Any) -> web.StreamResponse:
+    """Write each item as the generator yields it (chunked transfer encoding), so the
+    first bytes reach the client while later ones are still being produced."""
+    loop = asyncio.get_running_loop()
+    resp = web.StreamResponse(status=200, headers={"Content-Type": STREAM_CONTENT_TYPE})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    try:
+        if inspect.isasyncgen(gen):
+            async for item in gen:
+                await resp.write(_stream_bytes(item))
+        else:
+            while (item := await loop.run_in_executor(state.executor, next, gen, _END)) \
+                    is not _END:
+                await resp.write(_stream_bytes(item))
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The client went away: stop the model's generator rather than run it to the end.
+        if inspect.isasyncgen(gen):
+            await gen.aclose()
+        else:
+            await loop.run_in_executor(state.executor, gen.close)
+        raise
+    except Exception as e:
+        # Status and headers are sent: the only honest signal left is to cut the stream
+        # short (no final chunk), which a client sees as a truncated response.
+        log.error("streaming predict failed: %s", model_traceback(e, rt.model_dir).rstrip())
+        raise
+    await resp.write_eof()
+    return resp
+
+
+async def _predict(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME_KEY]
     state = request.app[STATE_KEY]
     if not rt.ready:
@@ -263,24 +371,44 @@ async def _predict(request: web.Request) -> web.Response:
         except RequestRefused as e:
             code = e.status
             return _refusal(e)
-        async with state.semaphore:
-            state.waiting -= 1
-            waiting = False
-            state.active += 1
-            try:
-                model = rt.model
-                value = body
-                if callable(getattr(model, "preprocess", None)):
-                    value = await _call(rt, state, model.preprocess, value)
-                value = await _call(rt, state, model.predict, value)
-                if callable(getattr(model, "postprocess", None)):
-                    value = await _call(rt, state, model.postprocess, value)
-            except Exception as e:
-                tb = model_traceback(e, rt.model_dir)
-                log.error("predict failed: %s", tb.rstrip())
-                return _error(500, f"{type(e).__name__}: {e}", traceback=tb)
-            finally:
-                state.active -= 1
+        model = rt.model
+        pre = getattr(model, "preprocess", None)
+        post = getattr(model, "postprocess", None)
+        try:
+            typed = _input_model(pre if callable(pre) else model.predict)
+            value = body
+            if typed is not None:
+                value = await loop.run_in_executor(state.codec, _validate_input, typed, value)
+            # Pre- and postprocessing run outside the predict_concurrency limit (as in
+            # Truss): they are usually I/O or CPU work that should overlap the model.
+            if callable(pre):
+                value = await _call(state.pre_post, pre, value)
+            async with state.semaphore:
+                state.waiting -= 1
+                waiting = False
+                state.active += 1
+                try:
+                    value = await _call(state.executor, model.predict, value)
+                    if _is_stream(value):
+                        if callable(post):
+                            raise TypeError("predict returned a generator (a stream), and "
+                                            "postprocess cannot take a stream; remove "
+                                            "postprocess or return a value")
+                        # The slot is held until the stream ends: generating is predicting.
+                        resp = await _stream(request, rt, state, value)
+                        code = 200
+                        return resp
+                finally:
+                    state.active -= 1
+            if callable(post):
+                value = await _call(state.pre_post, post, value)
+        except _InputInvalid as e:
+            code = 400
+            return _error(400, str(e), errors=e.errors)
+        except Exception as e:
+            tb = model_traceback(e, rt.model_dir)
+            log.error("predict failed: %s", tb.rstrip())
+            return _error(500, f"{type(e).__name__}: {e}", traceback=tb)
         try:
             resp = await loop.run_in_executor(state.codec, _encode, value, binary)
         except (TypeError, ValueError, OverflowError, RecursionError) as e:
@@ -358,6 +486,8 @@ def build_app(rt: ModelRuntime, limits: ServeLimits | None = None) -> web.Applic
                                                     thread_name_prefix="bdn-predict"),
                         codec=ThreadPoolExecutor(max_workers=CODEC_WORKERS,
                                                  thread_name_prefix="bdn-codec"),
+                        pre_post=ThreadPoolExecutor(max_workers=PRE_POST_WORKERS,
+                                                    thread_name_prefix="bdn-prepost"),
                         limits=limits,
                         queue_limit=limits.queue_limit(rt.predict_concurrency),
                         load_started=time.perf_counter())
@@ -367,10 +497,13 @@ def build_app(rt: ModelRuntime, limits: ServeLimits | None = None) -> web.Applic
     app.router.add_get("/health/ready", _health_ready)
     app.router.add_get("/metrics", _metrics)
     app.router.add_post("/predict", _predict)
+    # Truss's (KServe v1) path for the same thing.
+    app.router.add_post("/v1/models/model:predict", _predict)
 
     async def shutdown(app: web.Application) -> None:
         state.executor.shutdown(wait=False, cancel_futures=True)
         state.codec.shutdown(wait=False, cancel_futures=True)
+        state.pre_post.shutdown(wait=False, cancel_futures=True)
 
     app.on_cleanup.append(shutdown)
     return app

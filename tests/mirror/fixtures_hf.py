@@ -5,6 +5,12 @@ Selected by ``HF_ENDPOINT`` (or ``HFSource(hf_endpoint=...)``). Routes:
 * ``GET /api/models/{owner}/{name}[/revision/{rev}]`` → model info: ``id``, ``sha`` (the
   commit the revision resolves to), ``siblings`` (with ``?blobs=true``: ``size``,
   ``blobId`` and ``lfs`` {``sha256``, ``size``, ``pointerSize``});
+* ``GET /api/models/{owner}/{name}/tree/{rev}[/{path}]`` → the listing
+  ``list_repo_tree`` (and so ``snapshot_download``) reads: files (``type``, ``path``,
+  ``size``, ``oid``, ``lfs`` {``oid``, ``size``, ``pointerSize``}) and folders, the
+  folder's direct children or, with ``?recursive=true``, everything below it; paged by
+  ``?cursor=`` with a ``Link: <...>; rel="next"`` header, as the Hub pages
+  (``HubState.tree_page_size`` entries a page);
 * ``HEAD|GET /{owner}/{name}/resolve/{rev}/{path}`` → for files kept in git: the bytes
   (``Range`` → 206) with ``ETag`` = git blob sha1 and ``X-Repo-Commit``; for LFS files a
   302 to the CDN with ``X-Linked-Etag`` (the sha256), ``X-Linked-Size``,
@@ -107,6 +113,8 @@ class HubState:
         # Cap on each response's rate (bytes/s), as S3 and CDNs cap one connection;
         # None = as fast as this process can send.
         self.conn_bytes_per_s: float | None = None
+        # Entries per page of a tree listing (the Hub's is 1000).
+        self.tree_page_size = 1000
 
     # -- setup ---------------------------------------------------------------------
 
@@ -272,6 +280,47 @@ class HubApp:
                                   "disabled": False, "downloads": 0, "likes": 0, "tags": [],
                                   "siblings": siblings})
 
+    async def tree(self, request: web.Request) -> web.StreamResponse:
+        repo = self._repo(request)
+        if isinstance(repo, web.Response):
+            return repo
+        rev = request.match_info["rev"]
+        sha = _resolve_rev(repo, rev)
+        if sha is None:
+            return _error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        base = request.match_info.get("path", "").strip("/")
+        recursive = request.query.get("recursive", "").lower() in ("1", "true")
+        prefix = f"{base}/" if base else ""
+        files = {p: b for p, b in repo.commits[sha].items() if p.startswith(prefix)}
+        if base and not files:
+            return _error(404, "EntryNotFound", f"{base} does not exist at {sha}")
+        entries: dict[str, dict[str, Any]] = {}
+        for path, b in sorted(files.items()):
+            rest = path[len(prefix):].split("/")
+            # Folders on the way to the file (only the first level unless recursive).
+            for depth in range(1, len(rest)):
+                folder = prefix + "/".join(rest[:depth])
+                entries.setdefault(folder, {"type": "directory", "path": folder, "size": 0,
+                                            "oid": hashlib.sha1(folder.encode(),
+                                                                usedforsecurity=False
+                                                                ).hexdigest()})
+                if not recursive:
+                    break
+            if recursive or len(rest) == 1:
+                e: dict[str, Any] = {"type": "file", "path": path, "size": b.size,
+                                     "oid": b.git_sha1}
+                if b.lfs:
+                    e["lfs"] = {"oid": b.sha256, "size": b.size, "pointerSize": 134}
+                entries[path] = e
+        listing = [entries[k] for k in sorted(entries)]
+        start = int(request.query.get("cursor", "0") or 0)
+        page = listing[start:start + self.state.tree_page_size]
+        headers = {}
+        if start + len(page) < len(listing):
+            nxt = request.url.update_query(cursor=str(start + len(page)))
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        return web.json_response(page, headers=headers)
+
     async def resolve(self, request: web.Request) -> web.StreamResponse:
         repo = self._repo(request)
         if isinstance(repo, web.Response):
@@ -414,6 +463,8 @@ class HubApp:
         app = web.Application(middlewares=[self._record_auth])
         app.router.add_get("/api/models/{owner}/{name}", self.model_info)
         app.router.add_get("/api/models/{owner}/{name}/revision/{rev:.+}", self.model_info)
+        app.router.add_get("/api/models/{owner}/{name}/tree/{rev}", self.tree)
+        app.router.add_get("/api/models/{owner}/{name}/tree/{rev}/{path:.+}", self.tree)
         app.router.add_route("*", "/{owner}/{name}/resolve/{rev}/{path:.+}", self.resolve)
         app.router.add_get("/_fixture/stats", self.fixture_stats)
         return app

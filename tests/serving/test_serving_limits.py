@@ -72,7 +72,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[str, Path]]]:
         n = next(counter)
         gate = tmp_path / f"gate-{n}"
         model = make_model(tmp_path / f"m{n}", GATED_PREDICT.format(gate=str(gate)),
-                           {"predict_concurrency": predict_concurrency})
+                           {"runtime": {"predict_concurrency": predict_concurrency}})
         proc = ServiceProcess(bdn_command("serve", str(model), "--listen", "127.0.0.1:0",
                                           *flags))
         started.append(proc)

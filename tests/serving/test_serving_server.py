@@ -65,7 +65,7 @@ import asyncio, os
 class Model:
     def __init__(self, weights, config, secrets):
         self._weights = weights
-        self.concurrency = config["predict_concurrency"]
+        self.concurrency = config["runtime"]["predict_concurrency"]
         self.secret_names = sorted(secrets)
 
     def load(self):
@@ -92,7 +92,7 @@ def gated(tmp_path: Path) -> Iterator[tuple[ServiceProcess, Path]]:
     weights = tmp_path / "weights"
     make_weights(weights)
     model = make_model(tmp_path / "m", GATED_MODEL, {
-        "model_name": "gated", "predict_concurrency": 3,
+        "model_name": "gated", "runtime": {"predict_concurrency": 3},
         "environment_variables": {"GATE_FIFO": str(fifo)},
         "secrets": {"hf_access_token": None},
         "weights": [{"source": "hf://org/repo@main", "mount_location": "/models/never"}]})
@@ -196,7 +196,7 @@ def test_missing_weights_fail_the_load_clearly(tmp_path: Path) -> None:
 
 
 def test_bad_model_dir_is_an_error_before_listening(tmp_path: Path) -> None:
-    (tmp_path / "config.yaml").write_text("predict_concurrency: 0\n")
+    (tmp_path / "config.yaml").write_text("runtime:\n  predict_concurrency: 0\n")
     proc = ServiceProcess(bdn_command("serve", str(tmp_path), "--listen", "127.0.0.1:0"),
                           ready_prefix=None)
     assert proc.proc.wait(60) == 1
@@ -229,7 +229,8 @@ class Model:
 
 
 def test_predict_concurrency_bounds_requests_in_the_model(tmp_path: Path) -> None:
-    model = make_model(tmp_path / "m", CONCURRENCY_MODEL, {"predict_concurrency": 2})
+    model = make_model(tmp_path / "m", CONCURRENCY_MODEL,
+                       {"runtime": {"predict_concurrency": 2}})
     with ServiceProcess(bdn_command("serve", str(model), "--listen", "127.0.0.1:0")) as proc:
         proc.wait_line("BDN_READY")
         results: queue.Queue = queue.Queue()
