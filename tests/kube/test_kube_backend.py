@@ -1,0 +1,153 @@
+"""The Kubernetes backend against a real API server, scheduler and controller-manager,
+with pods run by the stand-in kubelet as real replica processes (tests/kube/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control.backends import ReplicaSpec
+from control.kube import READY, KubeBackendOptions, KubernetesBackend, object_name
+from tests.kube.conftest import NODES, Lab
+
+REPLICA_STANDIN = Path(__file__).resolve().parents[1] / "control" / "replica_standin.py"
+READY_TIMEOUT_S = 120.0
+
+MODEL = '''
+import os
+
+
+class Model:
+    def __init__(self, **kwargs):
+        pass
+
+    def load(self):
+        pass
+
+    def predict(self, model_input):
+        return {"replica": os.environ.get("BDN_REPLICA_ID"),
+                "gpu_env": os.environ.get("BDN_AGENT_SOCKET"), "input": model_input}
+'''
+
+
+def model_folder(root: Path) -> Path:
+    (root / "model").mkdir(parents=True)
+    (root / "config.yaml").write_text(textwrap.dedent("""\
+        model_name: echo
+        resources:
+          accelerator: L4
+        """))
+    (root / "model" / "model.py").write_text(MODEL)
+    return root
+
+
+def backend(lab: Lab, namespace: str) -> KubernetesBackend:
+    return KubernetesBackend(KubeBackendOptions(
+        namespace=namespace, kubeconfig=str(lab.cluster.kubeconfig),
+        command=(sys.executable, str(REPLICA_STANDIN)),
+        agent_socket_dir=str(lab.node_root / "run"),
+        node_weights_dir=str(lab.node_root / "mounts"), termination_grace_s=5))
+
+
+def post_json(url: str, body: Any) -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+async def test_replicas_follow_the_desired_count_and_a_new_backend_adopts_them(
+        lab: Lab, namespace: str) -> None:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    apps, core = client.AppsV1Api(lab.api), client.CoreV1Api(lab.api)
+    folder = model_folder(lab.node_root / "mounts" / namespace / "echo")
+    spec = ReplicaSpec(model_id="m2abcdef", deployment_id="d2abcdef",
+                       deployment_name="deployment-1", model_dir=str(folder))
+    resources = {"accelerator": "L4"}
+    first = backend(lab, namespace)
+    seen: list[Any] = []
+    first.subscribe(seen.append)
+    try:
+        # 1 replica with an L4: a Deployment, a pod asking for the GPU, serving.
+        await first.apply(spec, 1, resources=resources)
+        await first.wait_ready(spec.deployment_id, 1, READY_TIMEOUT_S)
+        name = object_name(spec.model_id, spec.deployment_id)
+        dep = await asyncio.to_thread(apps.read_namespaced_deployment, name, namespace)
+        assert dep.spec.replicas == 1
+        assert dep.metadata.annotations["bdn.dev/instance-type"] == "L4:4x16"
+        pods = (await asyncio.to_thread(core.list_namespaced_pod, namespace)).items
+        assert len(pods) == 1
+        container = pods[0].spec.containers[0]
+        assert container.resources.requests["nvidia.com/gpu"] == "1"
+        assert container.resources.limits["nvidia.com/gpu"] == "1"
+        assert pods[0].spec.node_selector == {"bdn.dev/accelerator": "L4"}
+        assert pods[0].spec.node_name in NODES
+        (ready,) = first.observe(spec.deployment_id)
+        assert ready.state == READY and ready.id == pods[0].metadata.name
+        assert ready.url.startswith(f"http://{lab.ip_prefix}.")
+        answer = await asyncio.to_thread(post_json, f"{ready.url}/predict", {"x": 1})
+        assert answer["input"] == {"x": 1}
+        assert answer["replica"] == ready.id
+        # The watch told the subscriber: starting, then ready.
+        assert [s.state for s in seen if s.id == ready.id][-1] == READY
+
+        # Raise to 2: two ready pods, each its own address.
+        await first.apply(spec, 2, resources=resources)
+        await first.wait_ready(spec.deployment_id, 2, READY_TIMEOUT_S)
+        urls = {s.url for s in first.observe(spec.deployment_id)}
+        assert len(urls) == 2
+        for url in urls:
+            assert (await asyncio.to_thread(post_json, f"{url}/predict", {}))["input"] == {}
+
+        # A control-plane restart: a new backend adopts what exists, duplicates nothing.
+        await first.close()
+        second = backend(lab, namespace)
+        try:
+            await second.start()
+            assert second.adopted() == {spec.deployment_id: 2}
+            assert {s.url for s in second.observe(spec.deployment_id)} == urls
+            generation = dep.metadata.generation
+            await second.apply(spec, 2, resources=resources)
+            dep = await asyncio.to_thread(apps.read_namespaced_deployment, name, namespace)
+            assert dep.metadata.generation == generation + 1 or dep.spec.replicas == 2
+            listed = await asyncio.to_thread(apps.list_namespaced_deployment, namespace)
+            assert [d.metadata.name for d in listed.items] == [name]
+            # An orphan (its bdn deployment is gone) is pruned; the kept one stays.
+            orphan = ReplicaSpec(model_id="m2abcdef", deployment_id="oldabcde",
+                                 deployment_name="deployment-0", model_dir=str(folder))
+            await second.apply(orphan, 0, resources=resources)
+            assert await second.prune({spec.deployment_id}) == ["oldabcde"]
+            listed = await asyncio.to_thread(apps.list_namespaced_deployment, namespace)
+            assert [d.metadata.name for d in listed.items] == [name]
+
+            # Scale to zero: no pods, the Deployment stays (at 0).
+            await second.apply(spec, 0, resources=resources)
+            await second.wait_ready(spec.deployment_id, 0, READY_TIMEOUT_S)
+            dep = await asyncio.to_thread(apps.read_namespaced_deployment, name, namespace)
+            assert dep.spec.replicas == 0
+            # And back from zero.
+            await second.apply(spec, 1, resources=resources)
+            await second.wait_ready(spec.deployment_id, 1, READY_TIMEOUT_S)
+
+            # Delete: the Deployment and its pods are gone.
+            await second.remove(spec.deployment_id)
+            assert second.observe(spec.deployment_id) == []
+            with pytest.raises(ApiException) as info:
+                await asyncio.to_thread(apps.read_namespaced_deployment, name, namespace)
+            assert info.value.status == 404
+            left = (await asyncio.to_thread(core.list_namespaced_pod, namespace)).items
+            assert left == []
+        finally:
+            await second.close()
+    finally:
+        await first.close()
