@@ -266,14 +266,20 @@ class KubernetesBackend:
             found = await asyncio.to_thread(self._list_deployments)
             self._deployments = {dep_id: n for dep_id, (_, n) in found.items()}
             first_list: asyncio.Future[None] = loop.create_future()
-            self._watcher = threading.Thread(target=self._watch, args=(first_list,),
+            self._watcher = threading.Thread(target=self._watch,
+                                             args=(first_list, self._stop),
                                              name="kube-pod-watch", daemon=True)
             self._watcher.start()
             await first_list
         except BaseException as e:
-            self._started.set_exception(self._wrap(e, "connecting to the API server"))
+            # Not started: the next call tries again (the API server may be back).
+            error = self._wrap(e, "connecting to the API server")
+            self._started.set_exception(error)
             self._started.exception()  # retrieved: no "never retrieved" warning
-            raise self._wrap(e, "connecting to the API server") from e
+            self._started = None
+            self._stop.set()
+            self._stop = threading.Event()
+            raise error from e
         self._started.set_result(None)
         log.info("kubernetes backend: namespace %s, adopted %d deployments",
                  self.options.namespace, len(self._deployments))
@@ -596,7 +602,7 @@ class KubernetesBackend:
 
     # -- the pod watch ----------------------------------------------------------------
 
-    def _watch(self, first_list: asyncio.Future[None]) -> None:
+    def _watch(self, first_list: asyncio.Future[None], stop: threading.Event) -> None:
         from kubernetes import watch
         from kubernetes.client.rest import ApiException
 
@@ -604,7 +610,7 @@ class KubernetesBackend:
         ns = self.options.namespace
         selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
         rv: str | None = None
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 if rv is None:
                     listing = self._core.list_namespaced_pod(
@@ -618,7 +624,7 @@ class KubernetesBackend:
                                    label_selector=selector, resource_version=rv,
                                    timeout_seconds=WATCH_TIMEOUT_S,
                                    _request_timeout=WATCH_TIMEOUT_S + 10):
-                    if self._stop.is_set():
+                    if stop.is_set():
                         w.stop()
                         break
                     if ev["type"] == "ERROR":
@@ -631,21 +637,22 @@ class KubernetesBackend:
                 if e.status == 410:
                     rv = None
                     continue
-                self._watch_failed(first_list, e)
+                self._watch_failed(first_list, stop, e)
             except Exception as e:
-                self._watch_failed(first_list, e)
+                self._watch_failed(first_list, stop, e)
             except BaseException:  # interpreter shutting down
                 return
 
-    def _watch_failed(self, first_list: asyncio.Future[None], e: Exception) -> None:
-        if self._stop.is_set() or self._loop is None or self._loop.is_closed():
+    def _watch_failed(self, first_list: asyncio.Future[None], stop: threading.Event,
+                      e: Exception) -> None:
+        if stop.is_set() or self._loop is None or self._loop.is_closed():
             return
         if not first_list.done():
             self._loop.call_soon_threadsafe(_fail, first_list, self._wrap(e, "listing pods"))
-            self._stop.set()
+            stop.set()
             return
         log.warning("pod watch in %s broke (%s); watching again", self.options.namespace, e)
-        self._stop.wait(1.0)
+        stop.wait(1.0)
 
     def _relisted(self, pods: list[Any]) -> None:
         seen: set[tuple[str, str]] = set()

@@ -151,3 +151,47 @@ async def test_replicas_follow_the_desired_count_and_a_new_backend_adopts_them(
             await second.close()
     finally:
         await first.close()
+
+
+async def test_pods_that_cannot_run_are_reported_with_the_reason(
+        lab: Lab, namespace: str) -> None:
+    folder = model_folder(lab.node_root / "mounts" / namespace / "broken")
+    (folder / "model" / "model.py").write_text(
+        "class Model:\n    def __init__(self, **kw): pass\n"
+        "    def load(self): raise RuntimeError('load failed on purpose')\n")
+    crashing = ReplicaSpec(model_id="m4abcdef", deployment_id="d4abcdef",
+                           deployment_name="deployment-1", model_dir=str(folder))
+    nowhere = ReplicaSpec(model_id="m4abcdef", deployment_id="d5abcdef",
+                          deployment_name="deployment-2", model_dir=str(folder))
+    b = backend(lab, namespace)
+    failed, unscheduled = asyncio.Event(), asyncio.Event()
+    errors: list[str] = []
+
+    def on_change(status: Any) -> None:
+        if status.error:
+            errors.append(status.error)
+        if status.deployment_id == crashing.deployment_id and status.state == "failed":
+            failed.set()
+        if status.deployment_id == nowhere.deployment_id and status.error and \
+                "not scheduled" in status.error:
+            unscheduled.set()
+
+    b.subscribe(on_change)
+    try:
+        await b.apply(crashing, 1, resources={"accelerator": "L4"})
+        # No stand-in node has an H100: the scheduler says so, and so does the status.
+        await b.apply(nowhere, 1, resources={"accelerator": "H100"})
+        await asyncio.wait_for(failed.wait(), READY_TIMEOUT_S)
+        await asyncio.wait_for(unscheduled.wait(), READY_TIMEOUT_S)
+        assert any("exited with status 3" in e for e in errors), errors
+        assert any("nvidia.com/gpu" in e or "node" in e for e in errors
+                   if "not scheduled" in e), errors
+        # Retiring a pod marks it to go first on scale-down, and the count follows.
+        (pod,) = b.observe(nowhere.deployment_id)
+        await b.apply(nowhere, 0, retire=[pod.id], resources={"accelerator": "H100"})
+        await b.wait_ready(nowhere.deployment_id, 0, READY_TIMEOUT_S)
+        await b.remove(crashing.deployment_id)
+        await b.remove(nowhere.deployment_id)
+        assert b.adopted() == {}
+    finally:
+        await b.close()
