@@ -99,7 +99,6 @@ except ImportError:  # pragma: no cover - until the protocol lands in control.ba
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE = "ghcr.io/bdn-project/bdn:0.1.0"
 DEFAULT_PORT = 8080
 DEFAULT_AGENT_SOCKET_DIR = "/run/bdn"
 DEFAULT_NODE_WEIGHTS_DIR = "/var/lib/bdn/mounts"
@@ -158,7 +157,10 @@ class KubeBackendOptions:
     namespace: str = "bdn"
     kubeconfig: str | None = None  # None: in-cluster config (the pod's ServiceAccount)
     context: str | None = None
-    image: str = DEFAULT_IMAGE
+    # The replicas' image; "" means the image of the control plane's own pod
+    # (``own_pod``, from the downward API), so the kustomization names it once.
+    image: str = ""
+    own_pod: str = ""
     # The container's command; () runs the image's entrypoint (``bdn``) with
     # ``serve MODEL_DIR ...``, else this argv prefix (like LocalBackendOptions.command).
     command: tuple[str, ...] = ()
@@ -177,8 +179,9 @@ class KubeBackendOptions:
         if not _DNS_LABEL.match(self.namespace) or len(self.namespace) > MAX_NAME_CHARS:
             raise RequestError(f"not a Kubernetes namespace name: {self.namespace!r}",
                                field="namespace")
-        if not self.image:
-            raise RequestError("must name an image", field="image")
+        if not self.image and not self.own_pod:
+            raise RequestError("must name an image (or own_pod: the control plane's pod, "
+                               "whose image replicas then run)", field="image")
         if not 0 < self.port < 65536:
             raise RequestError("must be 1-65535", field="port")
         for name in ("agent_socket_dir", "node_weights_dir"):
@@ -234,6 +237,7 @@ class KubernetesBackend:
         self._started: asyncio.Future[None] | None = None
         self._apps: Any = None
         self._core: Any = None
+        self._image = self.options.image
 
     # -- connection -------------------------------------------------------------------
 
@@ -263,6 +267,8 @@ class KubernetesBackend:
 
             api = await asyncio.to_thread(self._client)
             self._apps, self._core = client.AppsV1Api(api), client.CoreV1Api(api)
+            if not self._image:
+                self._image = await asyncio.to_thread(self._own_image)
             found = await asyncio.to_thread(self._list_deployments)
             self._deployments = {dep_id: n for dep_id, (_, n) in found.items()}
             first_list: asyncio.Future[None] = loop.create_future()
@@ -312,8 +318,9 @@ class KubernetesBackend:
         """
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise RequestError("must be a count >= 0", field="replicas")
-        body = self.render(spec, replicas, resources=resources, rollout=rollout)
+        self.render(spec, replicas, resources=resources, rollout=rollout)  # refuse early
         await self.start()
+        body = self.render(spec, replicas, resources=resources, rollout=rollout)
         try:
             if retire:
                 await asyncio.to_thread(self._mark_retired, list(retire))
@@ -404,6 +411,7 @@ class KubernetesBackend:
                rollout: Rollout | None = None) -> dict[str, Any]:
         """The Deployment for ``spec`` at ``replicas`` (a dict the API server accepts)."""
         o = self.options
+        image = self._image or "bdn"  # before start() has found the control pod's own
         data = resources if resources is not None else getattr(spec, "resources", None)
         req = parse_resources(data)
         it = choose_instance_type(req)
@@ -424,7 +432,7 @@ class KubernetesBackend:
         init: list[dict[str, Any]] = []
         if code:
             model_dir = f"{weights_dir}/code/{name}-r{spec.revision}"
-            init.append({"name": "code", "image": o.image,
+            init.append({"name": "code", "image": image,
                          "args": ["agent", "pull", str(code), "--to", model_dir,
                                   "--socket", socket],
                          "securityContext": _container_security(),
@@ -462,7 +470,7 @@ class KubernetesBackend:
                 env.append({"name": key, "value": value})
                 own.add(key)
         container: dict[str, Any] = {
-            "name": "replica", "image": o.image, "imagePullPolicy": "IfNotPresent",
+            "name": "replica", "image": image, "imagePullPolicy": "IfNotPresent",
             "args": args, "env": env,
             "envFrom": [{"secretRef": {"name": MODEL_SECRETS_NAME, "optional": True}}],
             "ports": [{"name": "http", "containerPort": o.port, "protocol": "TCP"}],
@@ -522,6 +530,11 @@ class KubernetesBackend:
         return body
 
     # -- API calls (in threads) -------------------------------------------------------
+
+    def _own_image(self) -> str:
+        pod = self._core.read_namespaced_pod(self.options.own_pod, self.options.namespace,
+                                             _request_timeout=REQUEST_TIMEOUT_S)
+        return str(pod.spec.containers[0].image)
 
     def _list_deployments(self) -> dict[str, tuple[str, int]]:
         items = self._apps.list_namespaced_deployment(

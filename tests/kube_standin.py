@@ -17,6 +17,10 @@ condition fresh, and for every pod the scheduler binds to one of them:
 - on deletion stops the process (SIGTERM, then SIGKILL after the grace period) and
   removes the pod, as the kubelet finishes a graceful delete.
 
+Pods matching a ``--simulate KEY=VALUE`` label run nothing: they are reported Running
+and Ready at once (for pods such as the node agent, whose hostPaths are real system
+folders a test must not write).
+
 It prints ``KUBE_STANDIN_READY`` once its nodes are Ready, and ``pod NS/NAME started``,
 ``ready``, ``exited``, ``stopped`` lines tests can wait on. A pod deleted or changed while
 it is being updated (404/409) is not an error: the next event says what it became.
@@ -238,8 +242,18 @@ class Standin:
         threading.Thread(target=forward, daemon=True).start()
         return proc
 
+    def simulated(self, pod: Any) -> bool:
+        labels = pod.metadata.labels or {}
+        return any(labels.get(k) == v for k, v in
+                   (kv.split("=", 1) for kv in self.args.simulate))
+
     def run_pod(self, run: PodRun, pod: Any) -> None:
         key = f"{run.namespace}/{run.name}"
+        if self.simulated(pod):
+            run.container = pod.spec.containers[0].name
+            self.set_status(run, "Running", ready=True)
+            say(f"pod {key} simulated ip {run.ip}")
+            return
         try:
             for init in pod.spec.init_containers or []:
                 env = self.environment(run, pod, init)
@@ -371,6 +385,8 @@ def main() -> int:
     parser.add_argument("--memory", default="512Gi")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT")
+    parser.add_argument("--simulate", action="append", default=[], metavar="KEY=VALUE",
+                        help="pods with this label run nothing and are reported Ready")
     parser.add_argument("--ip-prefix", default="127.0.0",
                         help="pods get PREFIX.2, PREFIX.3, ... (three octets)")
     parser.add_argument("--entrypoint", default=f"{shlex.quote(sys.executable)} -m bdn.cli",

@@ -49,7 +49,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         argv = [sys.executable, str(STANDIN), "--kubeconfig", str(cluster.kubeconfig),
                 "--gpus", str(GPUS_PER_NODE), "--ip-prefix", ip_prefix,
                 "--label", "bdn.dev/accelerator=L4", "--label", "nvidia.com/gpu.present=true",
-                "--taint", "nvidia.com/gpu=present:NoSchedule"]
+                "--taint", "nvidia.com/gpu=present:NoSchedule",
+                # The agent's hostPaths are this machine's /var/lib/bdn and /run/bdn.
+                "--simulate", "app.kubernetes.io/component=agent"]
         for node in NODES:
             argv += ["--node", node]
         kubelet = ServiceProcess(argv, ready_prefix="KUBE_STANDIN_READY")

@@ -51,7 +51,7 @@ def model_folder(root: Path) -> Path:
 
 def backend(lab: Lab, namespace: str) -> KubernetesBackend:
     return KubernetesBackend(KubeBackendOptions(
-        namespace=namespace, kubeconfig=str(lab.cluster.kubeconfig),
+        namespace=namespace, kubeconfig=str(lab.cluster.kubeconfig), image="bdn-test:1",
         command=(sys.executable, str(REPLICA_STANDIN)),
         agent_socket_dir=str(lab.node_root / "run"),
         node_weights_dir=str(lab.node_root / "mounts"), termination_grace_s=5))

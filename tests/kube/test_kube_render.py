@@ -36,7 +36,8 @@ class PushedSpec:
 
 
 def render(spec: Any, replicas: int = 1, **kw: Any) -> dict[str, Any]:
-    return KubernetesBackend(KubeBackendOptions(namespace="lab")).render(spec, replicas, **kw)
+    options = KubeBackendOptions(namespace="lab", image="registry.example/bdn:1")
+    return KubernetesBackend(options).render(spec, replicas, **kw)
 
 
 def pod_of(body: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def test_bad_rollouts_name_the_field(kwargs: dict[str, str], field: str) -> None
 ])
 def test_bad_options_name_the_field(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(RequestError) as info:
-        KubeBackendOptions(**kwargs)
+        KubeBackendOptions(**{"image": "registry.example/bdn:1", **kwargs})
     assert info.value.field == field
 
 

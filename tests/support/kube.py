@@ -113,13 +113,13 @@ class KubeCluster:
     kubeconfig: Path
     procs: list[ServiceProcess] = field(default_factory=list)
 
-    def api_client(self) -> Any:
-        """A ``kubernetes.client.ApiClient`` with the admin token."""
+    def api_client(self, token: str | None = None) -> Any:
+        """A ``kubernetes.client.ApiClient`` with the admin token (or ``token``)."""
         from kubernetes import client
 
         cfg = client.Configuration()
         cfg.host = self.url
-        cfg.api_key = {"authorization": f"Bearer {self.token}"}
+        cfg.api_key = {"authorization": f"Bearer {token or self.token}"}
         cfg.ssl_ca_cert = str(self.ca_file)
         # The self-signed serving certificate names "localhost" and 127.0.0.1.
         cfg.verify_ssl = True
