@@ -285,6 +285,12 @@ def choose_instance_type(req: ResourceRequest,
     return min(candidates, key=lambda it: (it.usd_per_min, it.gpus, it.name))
 
 
+def instance_type_for(data: Mapping[str, Any] | None,
+                      catalogue: Sequence[InstanceType] | None = None) -> InstanceType:
+    """``resources:`` as pushed → the instance type it runs on (``instance_type_name``)."""
+    return choose_instance_type(parse_resources(data, catalogue), catalogue)
+
+
 def kube_resources(it: InstanceType, req: ResourceRequest, *,
                    gpu_resource: str = GPU_RESOURCE,
                    accelerator_label: str = ACCELERATOR_LABEL) -> KubeResources:

@@ -13,6 +13,7 @@ from control.resources import (
     ResourcesError,
     choose_instance_type,
     default_catalogue,
+    instance_type_for,
     kube_resources,
     load_catalogue,
     parse_resources,
@@ -84,6 +85,7 @@ INVALID: list[tuple[Any, str, str]] = [
 def test_valid_resources_choose_the_smallest_instance_that_fits(spec: Any, chosen: str) -> None:
     req = parse_resources(spec)
     assert choose_instance_type(req).name == chosen
+    assert instance_type_for(spec).name == chosen
 
 
 @pytest.mark.parametrize(("spec", "field", "fragment"), INVALID,

@@ -49,7 +49,7 @@ PROBE_INTERVAL_S = 0.1
 def _shared_kube() -> Path | None:
     env = os.environ.get("BDN_KUBE_SHARED")
     if env:
-        return Path(env)
+        return Path(env) if (Path(env) / "unpack.sh").is_file() else None
     for parent in REPO.parents:
         candidate = parent / "shared" / "kube" / "unpack.sh"
         if candidate.is_file():
