@@ -221,9 +221,8 @@ class KubernetesBackend:
 
     name = "kubernetes"
 
-    def __init__(self, options: KubeBackendOptions | None = None,
-                 api_client: Any = None) -> None:
-        self.options = options or KubeBackendOptions()
+    def __init__(self, options: KubeBackendOptions, api_client: Any = None) -> None:
+        self.options = options
         self._api_client = api_client
         self._listeners: list[Callable[[ReplicaStatus], None]] = []
         self._pods: dict[str, dict[str, ReplicaStatus]] = {}
@@ -285,13 +284,15 @@ class KubernetesBackend:
             self._started = None
             self._stop.set()
             self._stop = threading.Event()
+            if error is e:
+                raise
             raise error from e
         self._started.set_result(None)
         log.info("kubernetes backend: namespace %s, adopted %d deployments",
                  self.options.namespace, len(self._deployments))
 
     def _wrap(self, e: BaseException, doing: str) -> BaseException:
-        if isinstance(e, BackendError | asyncio.CancelledError):
+        if isinstance(e, BackendError) or not isinstance(e, Exception):
             return e
         status = getattr(e, "status", None)
         reason = getattr(e, "reason", None) or str(e)
@@ -325,7 +326,9 @@ class KubernetesBackend:
             if retire:
                 await asyncio.to_thread(self._mark_retired, list(retire))
             await asyncio.to_thread(self._upsert, body)
-        except BaseException as e:
+        except BackendError:
+            raise
+        except Exception as e:
             raise self._wrap(e, f"applying deployment {spec.deployment_id}") from e
         self._deployments[spec.deployment_id] = replicas
 
@@ -341,7 +344,7 @@ class KubernetesBackend:
             for dep_id, (name, _) in found.items():
                 if dep_id == deployment_id:
                     await asyncio.to_thread(self._delete_deployment, name)
-        except BaseException as e:
+        except Exception as e:
             raise self._wrap(e, f"removing deployment {deployment_id}") from e
         self._deployments.pop(deployment_id, None)
         try:
@@ -658,7 +661,10 @@ class KubernetesBackend:
 
     def _watch_failed(self, first_list: asyncio.Future[None], stop: threading.Event,
                       e: Exception) -> None:
-        if stop.is_set() or self._loop is None or self._loop.is_closed():
+        if self._loop is None or self._loop.is_closed():
+            stop.set()  # nobody left to tell: the backend's loop is gone
+            return
+        if stop.is_set():
             return
         if not first_list.done():
             self._loop.call_soon_threadsafe(_fail, first_list, self._wrap(e, "listing pods"))

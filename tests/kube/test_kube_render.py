@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from control.kube import (
     label_value,
     object_name,
 )
+from tests.support.procs import free_port
 
 WEIGHTS = "/var/lib/bdn/mounts"
 
@@ -161,3 +163,28 @@ def test_bad_resources_are_refused_before_anything_is_sent() -> None:
     with pytest.raises(RequestError) as info:
         render(PushedSpec(resources={"accelerator": "V100"}))
     assert info.value.field == "resources.accelerator"
+
+
+async def test_an_unreachable_api_server_is_a_backend_error_and_start_retries(
+        tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:{port}\n"
+        "    insecure-skip-tls-verify: true\n"
+        "users:\n- name: u\n  user:\n    token: not-a-real-token\n"
+        "contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n"
+        "current-context: c\n")
+    b = KubernetesBackend(KubeBackendOptions(namespace="lab", image="registry.example/bdn:1",
+                                             kubeconfig=str(kubeconfig)))
+    spec = ReplicaSpec(model_id="m", deployment_id="d", deployment_name="x",
+                       model_dir=f"{WEIGHTS}/models/echo")
+    try:
+        for _ in range(2):  # a failed start leaves the backend able to try again
+            with pytest.raises(BackendError) as info:
+                await b.apply(spec, 1)
+            assert "kubernetes (lab)" in str(info.value)
+            assert "not-a-real-token" not in str(info.value)
+    finally:
+        await b.close()
