@@ -196,3 +196,26 @@ async def test_pods_that_cannot_run_are_reported_with_the_reason(
         assert b.adopted() == {}
     finally:
         await b.close()
+
+
+async def test_a_pod_runs_the_real_bdn_serve(lab: Lab, namespace: str) -> None:
+    """The pod's command is ``bdn serve MODEL_DIR --listen $(BDN_POD_IP):PORT`` itself:
+    it binds the pod's own address and is found ready through /health/ready."""
+    folder = model_folder(lab.node_root / "mounts" / namespace / "served")
+    (folder / "config.yaml").write_text("model_name: served\nweights: []\n")
+    b = KubernetesBackend(KubeBackendOptions(
+        namespace=namespace, kubeconfig=str(lab.cluster.kubeconfig), image="bdn-test:1",
+        command=(sys.executable, "-m", "bdn.cli", "serve"),
+        agent_socket_dir=str(lab.node_root / "run"),
+        node_weights_dir=str(lab.node_root / "mounts"), termination_grace_s=5))
+    spec = ReplicaSpec(model_id="m7abcdef", deployment_id="d7abcdef",
+                       deployment_name="deployment-1", model_dir=str(folder))
+    try:
+        await b.apply(spec, 1, resources={"accelerator": "L4"})
+        await b.wait_ready(spec.deployment_id, 1, READY_TIMEOUT_S)
+        (ready,) = b.observe(spec.deployment_id)
+        answer = await asyncio.to_thread(post_json, f"{ready.url}/predict", {"y": 2})
+        assert answer["input"] == {"y": 2}
+        await b.remove(spec.deployment_id)
+    finally:
+        await b.close()
