@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench bench-remote bench-gpu clean
+.PHONY: venv demo test lint bench bench-remote bench-gpu clean kube-bin
 
 venv: $(STAMP)
 
@@ -40,6 +40,17 @@ bench-remote: venv
 
 bench-gpu: venv
 	$(PY) bench/gpu_load.py
+
+# The Kubernetes control plane the tests in tests/kube/ run (v1.20.2 kube-apiserver,
+# kube-controller-manager, kube-scheduler): unpacked from shared/kube where a copy sits
+# beside the repo, else built from Debian's source package (~15 min). etcd comes from
+# Debian: apt-get install etcd-server.
+KUBE_BIN    ?= $(HOME)/.cache/bdn-kube/bin
+KUBE_SHARED := $(firstword $(wildcard ../shared/kube/unpack.sh ../../shared/kube/unpack.sh))
+
+kube-bin:
+	if [ -n "$(KUBE_SHARED)" ]; then $(KUBE_SHARED) $(KUBE_BIN); \
+	else tests/support/kube_build.sh $(KUBE_BIN); fi
 
 clean:
 	rm -rf $(VENV) .demo .bench
