@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m bdn.demo
+	$(PY) -m demo
 
 test: venv
 	$(VENV)/bin/ruff check .

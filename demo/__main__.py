@@ -99,7 +99,7 @@ def main() -> int:
           f"{tuned['objects_new']} new objects of {human_bytes(tuned['logical_bytes'])} "
           f"({share:.1f}% shared with the base); {time.perf_counter() - t0:.2f} s")
 
-    from bdn import demo_coldstart
+    from demo import coldstart as demo_coldstart
 
     code = demo_coldstart.run(WORKDIR, store, BASE_REF, TUNED_REF)
     if code:

@@ -1,4 +1,4 @@
-"""The cold-start half of ``make demo`` (see bdn/demo.py): real services on loopback.
+"""The cold-start half of ``make demo`` (see demo/__main__.py): real services on loopback.
 
 A cluster cache server and a node agent start as processes; the agent pulls the base
 model through the cache into a read-only mount while ``bdn serve`` already loads tensors
