@@ -1,11 +1,11 @@
 """The ring client: how a node agent reads objects from the cluster cache.
 
-Every object has an owner among the cache peers, chosen by rendezvous (highest random
-weight) hashing with xxh3 over ``(peer, digest)``: every client computes the same order
-from the same peer list, adding or removing a peer only moves the objects that peer owned,
-and the order after the owner is the failover order. Peers come from a static list or
-from the addresses a DNS name resolves to (a Kubernetes headless Service), re-resolved
-every ``dns_ttl_s``.
+Every object has an owner among the cache peers, chosen by the one placement function
+in :mod:`cache.ring` (xxh3 rendezvous; bounded loads over a manifest's chunks once the
+client has been told the manifest with :meth:`RingClient.remember`): every client
+computes the same order from the same peer list, and the order after the owner is the
+failover order. This class holds the one peer list: a static list plus the addresses a
+DNS name resolves to (a Kubernetes headless Service), re-resolved every ``dns_ttl_s``.
 
 A read tries the owner, then the next peers; a transport error, 408, 429 or 5xx moves on
 to the next peer at once (the object is cacheable anywhere). When every peer failed, the
@@ -33,12 +33,11 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 import aiohttp
-import xxhash
 
 from bdn.errors import NotFoundError
 from bdn.retry import RetryPolicy, is_retryable_status, parse_retry_after
@@ -49,9 +48,18 @@ from cache.errors import (
     CacheUnavailableError,
     RangeNotSatisfiableError,
 )
+from cache.ring import (
+    Placement,
+    digest_key,
+    manifest_objects,
+    owners_of,
+    place,
+    ref_key,
+    rendezvous_order,
+)
 from manifests.digest import Digest
 from manifests.errors import DigestError, IntegrityError
-from manifests.manifest import ENCODING_RAW
+from manifests.manifest import ENCODING_RAW, Manifest
 from manifests.refs import Ref
 
 log = logging.getLogger(__name__)
@@ -69,17 +77,11 @@ DEFAULT_RETRY = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=2.0)
 DEFAULT_MAX_CONNECTIONS = 64
 STREAM_BLOCK_BYTES = 1024 * 1024
 REPORT_TIMEOUT_S = 30.0
+# Manifests whose placement a client keeps (a node pulls a handful of models).
+REMEMBERED_MANIFESTS = 64
 
 T = TypeVar("T")
 Sink = Callable[[int, bytes], Awaitable[None] | None]
-
-
-def rendezvous_order(peers: Sequence[str], key: str) -> list[str]:
-    """Peers ordered by rendezvous weight for ``key`` (pure; ties broken by name)."""
-    k = key.encode()
-    scored = [(xxhash.xxh3_64_intdigest(p.encode() + b"\0" + k), p) for p in set(peers)]
-    scored.sort(key=lambda sp: (-sp[0], sp[1]))
-    return [p for _, p in scored]
 
 
 def _normalise_peer(url: str) -> str:
@@ -212,6 +214,13 @@ class RingClient:
         self._dns_resolved_at: float | None = None
         self._dns_lock = asyncio.Lock()
         self._rng = random.Random()
+        # Manifests this client was told about (newest last, at most REMEMBERED_MANIFESTS)
+        # and which of them each chunk key was last seen in; placements are recomputed
+        # when the peer set changes. Read from fetch threads: plain dict lookups, and a
+        # placement computed twice by a race is the same placement.
+        self._objects: dict[str, tuple[tuple[str, int], ...]] = {}
+        self._manifest_of: dict[str, str] = {}
+        self._placements: dict[str, Placement] = {}
 
     # -- peers ---------------------------------------------------------------------
 
@@ -221,8 +230,36 @@ class RingClient:
         return tuple(dict.fromkeys(self.options.peers + self._dns_peers))
 
     def owners(self, digest: Digest | str) -> list[str]:
-        """Peers in rendezvous order for ``digest`` (the owner first)."""
-        return rendezvous_order(self.peers, str(digest))
+        """Peers in failover order for ``digest`` (the owner first): the bounded-load
+        placement of the manifest it was last seen in, else plain rendezvous."""
+        key = digest_key(digest)
+        peers = self.peers
+        manifest = self._manifest_of.get(key)
+        if manifest is None:
+            return rendezvous_order(peers, key)
+        placement = self._placements.get(manifest)
+        if placement is None or set(placement.peers) != set(peers):
+            placement = place(peers, self._objects.get(manifest, ()))
+            self._placements[manifest] = placement
+        return owners_of(placement, peers, key)
+
+    def remember(self, manifest_digest: Digest | str, manifest: Manifest) -> None:
+        """Place ``manifest``'s chunks with bounded loads from now on (see
+        :mod:`cache.ring`); the cache's prefetch places the same set the same way."""
+        name = digest_key(manifest_digest)
+        if name in self._objects:
+            return
+        objects = tuple(manifest_objects(manifest))
+        while len(self._objects) >= REMEMBERED_MANIFESTS:
+            old = next(iter(self._objects))
+            del self._objects[old]
+            self._placements.pop(old, None)
+            for key, owner in list(self._manifest_of.items()):
+                if owner == old:
+                    del self._manifest_of[key]
+        self._objects[name] = objects
+        for key, _ in objects:
+            self._manifest_of[key] = name
 
     async def refresh_peers(self, *, force: bool = False) -> tuple[str, ...]:
         """Re-resolve ``dns_name`` if its answer is older than ``dns_ttl_s``.
@@ -422,7 +459,8 @@ class RingClient:
         def from_store(store: BlobStore) -> bytes:
             return store.get_manifest_bytes(digest)
 
-        return await self._ask(str(digest), f"manifest {digest}", from_peer, from_store)
+        return await self._ask(digest_key(digest), f"manifest {digest}", from_peer,
+                               from_store)
 
     async def resolve_ref(self, ref: Ref) -> Digest:
         """The manifest digest a ref names now (peers cache refs for a few seconds)."""
@@ -440,7 +478,7 @@ class RingClient:
         def from_store(store: BlobStore) -> Digest:
             return store.get_ref(ref)
 
-        return await self._ask(f"ref:{ref}", f"ref {ref}", from_peer, from_store)
+        return await self._ask(ref_key(ref), f"ref {ref}", from_peer, from_store)
 
     async def _from_peers(self, owners: list[str], call: Callable[[str], Awaitable[T]]
                           ) -> tuple[T, str, tuple[str, ...]]:

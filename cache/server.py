@@ -58,7 +58,6 @@ from aiohttp import web
 
 from bdn.errors import NotFoundError
 from bdn.store import OBJECTS_PREFIX, Backend, BlobStore, object_key, open_backend
-from cache.client import rendezvous_order
 from cache.disk import ACCESS_FLUSH_S, DiskOptions, DiskStore
 from cache.edge import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -80,6 +79,7 @@ from cache.errors import (
 )
 from cache.fastpath import FastPath, OpenObject, answer_hit, if_none_match
 from cache.fill import FILL_BLOCK_BYTES, Fill, FillAborted, RateLimiter, produce
+from cache.ring import digest_key, manifest_objects, place
 from cache.send import (
     OCTET_STREAM,
     OWNER_WORKER,
@@ -812,8 +812,10 @@ class CacheServer:
         queued = 0
         queued_bytes = 0
         chunks = manifest.unique_chunks()
+        # The one placement every agent uses for this manifest (cache/ring.py).
+        placement = place(peers, manifest_objects(manifest)) if peers else None
         for d, chunk in chunks.items():
-            if peers and rendezvous_order(peers, str(d))[0] != me:
+            if placement is not None and placement.owner(digest_key(d)) != me:
                 continue
             if self.disk.lookup(d) is not None or d in self.fills or d in self._prefetch_pending:
                 continue

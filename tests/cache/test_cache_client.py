@@ -10,8 +10,9 @@ import pytest
 
 from bdn.retry import RetryPolicy
 from bdn.store import BlobStore
-from cache.client import RingClient, RingClientOptions, rendezvous_order
+from cache.client import RingClient, RingClientOptions
 from cache.errors import CacheNotFoundError, CacheUnavailableError, RangeNotSatisfiableError
+from cache.ring import rendezvous_order
 from manifests.digest import Digest
 from manifests.manifest import Chunk, FileEntry, build_manifest
 from manifests.refs import Ref
