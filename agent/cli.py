@@ -21,8 +21,13 @@ from agent.errors import PullError, RequestError
 from agent.options import (
     CHUNK_RETRY_WAIT_MAX_S,
     CHUNK_TRIES_PER_SOURCE,
+    CONNECT_TIMEOUT_S,
+    FIRST_BYTE_TIMEOUT_S,
     MAX_BYTES_IN_FLIGHT,
     MAX_CONNECTIONS,
+    READ_TIMEOUT_S,
+    STALL_TIMEOUT_S,
+    SUSPECT_S,
     AgentOptions,
 )
 from bdn.progress import human_bytes
@@ -68,6 +73,21 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-retry-wait-max-s", type=float, default=CHUNK_RETRY_WAIT_MAX_S,
                    help="most seconds one chunk may wait between tries, Retry-After "
                         f"included (default {CHUNK_RETRY_WAIT_MAX_S:g})")
+    p.add_argument("--connect-timeout-s", type=float, default=CONNECT_TIMEOUT_S,
+                   help="seconds to connect to a peer before asking the next "
+                        f"(default {CONNECT_TIMEOUT_S:g})")
+    p.add_argument("--first-byte-timeout-s", type=float, default=FIRST_BYTE_TIMEOUT_S,
+                   help="seconds a peer may take to start answering a chunk before the "
+                        f"next owner is asked (default {FIRST_BYTE_TIMEOUT_S:g})")
+    p.add_argument("--stall-timeout-s", type=float, default=STALL_TIMEOUT_S,
+                   help="least seconds without a byte before a transfer counts as "
+                        "stalled; longer when the observed throughput is low "
+                        f"(default {STALL_TIMEOUT_S:g})")
+    p.add_argument("--read-timeout-s", type=float, default=READ_TIMEOUT_S,
+                   help=f"most seconds any read may wait (default {READ_TIMEOUT_S:g})")
+    p.add_argument("--suspect-s", type=float, default=SUSPECT_S,
+                   help="seconds a peer that timed out is passed over before it is "
+                        f"probed again, doubling per failed probe (default {SUSPECT_S:g})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -125,7 +145,11 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
             max_bytes_in_flight=args.max_bytes_in_flight,
             max_connections=args.max_connections,
             chunk_tries_per_source=args.chunk_tries_per_source,
-            chunk_retry_wait_max_s=args.chunk_retry_wait_max_s)
+            chunk_retry_wait_max_s=args.chunk_retry_wait_max_s,
+            connect_timeout_s=args.connect_timeout_s,
+            first_byte_timeout_s=args.first_byte_timeout_s,
+            stall_timeout_s=args.stall_timeout_s, read_timeout_s=args.read_timeout_s,
+            suspect_s=args.suspect_s)
     except ValueError as e:
         raise RequestError(str(e)) from None
 

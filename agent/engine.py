@@ -64,7 +64,17 @@ from agent.errors import (
     RequestError,
 )
 from agent.fetch import BufferPool, Fetcher, FetchResult
-from agent.fetchpolicy import BAD_BYTES, BUSY, CORRUPT, ERROR, MISSING, STORE, TRUNCATED, Answer
+from agent.fetchpolicy import (
+    BAD_BYTES,
+    BUSY,
+    CORRUPT,
+    ERROR,
+    MISSING,
+    STORE,
+    TIMEOUT,
+    TRUNCATED,
+    Answer,
+)
 from agent.options import AgentOptions
 from agent.planner import ChunkTask, FilePlan, PlanOptions, PullPlan, PullTarget, plan_pull
 from agent.resolve import entry_target, select_files
@@ -72,7 +82,9 @@ from agent.writer import FileWriter
 from bdn.config import parse_weights
 from bdn.errors import BdnError, ConfigError
 from bdn.store import BlobStore
+from cache.client import RingClient, RingClientOptions
 from cache.node import ChunkLocation, NodeCache, content_key, now_s
+from cache.suspicion import Suspicion
 from manifests.digest import Digest
 from manifests.manifest import Chunk, FileEntry, Manifest, parse_manifest
 from manifests.refs import Ref
@@ -94,7 +106,8 @@ PEER_REFRESH_S = 5.0
 REPORT_WAIT_S = 5.0
 # The agent counter each kind of failed answer is counted in (bdn_agent_<name>).
 ANSWER_COUNTERS = {CORRUPT: "integrity_failures", TRUNCATED: "truncated_answers",
-                   BUSY: "busy_answers", ERROR: "error_answers", MISSING: "missing_answers"}
+                   BUSY: "busy_answers", ERROR: "error_answers", MISSING: "missing_answers",
+                   TIMEOUT: "timeout_answers"}
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -410,11 +423,14 @@ class Engine:
         self.node = node or NodeCache(options.cache_dir, options.budget_bytes)
         self.store = store if store is not None else (
             BlobStore(options.store_url) if options.store_url else None)
-        self.ring: Any = _make_ring_client(options, self.store)
+        # One suspicion for chunks, manifests and refs: a pod that hung on one is
+        # passed over for the others.
+        self.suspicion = Suspicion(options.suspect_s)
+        self.ring = _make_ring_client(options, self.store, self.suspicion)
         owners = self.ring.owners if self.ring is not None else None
         self._loop = asyncio.get_running_loop()
         self.fetcher = Fetcher(options, self.store, owners=owners,
-                               on_answer=self._answered)
+                               on_answer=self._answered, suspicion=self.suspicion)
         self.net_pool = ThreadPoolExecutor(options.max_connections,
                                            thread_name_prefix="bdn-fetch")
         self.io_pool = ThreadPoolExecutor(LOCAL_IO_THREADS, thread_name_prefix="bdn-io")
@@ -580,7 +596,9 @@ class Engine:
                 else:
                     digest = Digest.parse(str(await self.ring.resolve_ref(name)))
                 data = await self.ring.get_manifest_bytes(digest)
-                return digest, parse_manifest(data, expect=digest)
+                manifest = parse_manifest(data, expect=digest)
+                self.ring.remember(digest, manifest)
+                return digest, manifest
             except BdnError:
                 if self.store is None or self.options.strict:
                     raise
@@ -589,6 +607,8 @@ class Engine:
                             "client")
         store = self.store
         result: tuple[Digest, Manifest] = await self.io(store.resolve, name)
+        if self.ring is not None:
+            self.ring.remember(*result)
         return result
 
     # -- pulls ---------------------------------------------------------------------------
@@ -946,22 +966,18 @@ class Engine:
         return "\n".join(lines) + "\n"
 
 
-def _make_ring_client(options: AgentOptions, store: BlobStore | None) -> Any:
-    """The cluster cache's ring client when ``cache/client.py`` exists and peers are set."""
+def _make_ring_client(options: AgentOptions, store: BlobStore | None,
+                      suspicion: Suspicion) -> RingClient | None:
+    """The one ring (peer list, DNS refresh, placement) when cache peers are set.
+
+    Manifests and refs are asked with the chunks' deadlines: a hung pod costs a
+    first-byte deadline (the read timeout of a small answer) before the next is asked.
+    """
     if not options.peers and not options.peers_dns:
         return None
-    try:
-        from cache.client import RingClient, RingClientOptions
-    except ImportError:
-        return None
-    try:
-        ring_options = RingClientOptions(
-            peers=options.peers, dns_name=options.peers_dns,
-            dns_port=options.peers_dns_port, strict_origin=options.strict,
-            connect_timeout_s=options.connect_timeout_s,
-            read_timeout_s=options.read_timeout_s, retry=options.retry)
-        return RingClient(ring_options, store)
-    except (TypeError, ValueError, BdnError) as e:
-        log.warning("cluster cache ring client unavailable (%s); using rendezvous order", e)
-        return None
-
+    ring_options = RingClientOptions(
+        peers=options.peers, dns_name=options.peers_dns,
+        dns_port=options.peers_dns_port, strict_origin=options.strict,
+        connect_timeout_s=options.connect_timeout_s,
+        read_timeout_s=options.first_byte_timeout_s, retry=options.retry)
+    return RingClient(ring_options, store, suspicion=suspicion)

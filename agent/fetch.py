@@ -3,12 +3,21 @@
 Sources for a chunk: the peers in ring order for its digest (the owner first, so the
 cluster cache fills each object on one pod), then — unless strict — the blob store.
 Which source to ask next, and when, is decided by the pure policy in
-``agent/fetchpolicy.py`` from the answers so far: a corrupt or truncated answer is
-reported to the peer that sent it (through ``on_answer``, before the chunk is asked
-again, so the cache can drop its bad copy first) and the chunk is asked of the next
-peer, then the store, then the same peer again, up to a bounded number of tries; a
-``503`` with ``Retry-After`` is waited out within a bounded total wait. When the budget
-is spent the error names the chunk, every source asked and what each answered.
+``agent/fetchpolicy.py`` from the answers so far and the peers under suspicion: a
+corrupt or truncated answer is reported to the peer that sent it (through
+``on_answer``, before the chunk is asked again, so the cache can drop its bad copy
+first) and the chunk is asked of the next peer, then the store, then the same peer
+again, up to a bounded number of tries; a ``503`` with ``Retry-After`` is waited out
+within a bounded total wait. When the budget is spent the error names the chunk, every
+source asked and what each answered.
+
+No hung peer stalls a chunk: each request has a connect timeout, a first-byte deadline
+(the response headers) and a stall detector (no byte for a period derived from the
+throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`). Past either, the
+request is abandoned (its connection closed), the peer is suspected across chunks
+(:class:`agent.fetchpolicy.Suspicion`) and the chunk is asked of the next source at
+once. So a hung owner costs about one first-byte deadline per probe, not a read timeout
+per chunk.
 
 Why blocking threads and ``http.client`` rather than asyncio: on this path Python's
 per-byte cost decides throughput. ``HTTPResponse.readinto`` receives straight into a
@@ -33,7 +42,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import blake3
-import xxhash
 import zstandard
 
 from agent.errors import FetchError, StrictOriginError
@@ -44,9 +52,13 @@ from agent.fetchpolicy import (
     MISSING,
     OK,
     STORE,
+    SUSPICIOUS,
+    TIMEOUT,
     TRUNCATED,
     Answer,
+    Suspicion,
     next_source,
+    stall_timeout_s,
     summarize,
 )
 from agent.options import AgentOptions
@@ -64,6 +76,10 @@ BUFFER_GRAIN_BYTES = 1024 * 1024
 # A pool keeps this many idle buffers of one size class; beyond, they are freed.
 MAX_IDLE_BUFFERS_PER_SIZE = 32
 MISSING_STATUSES = (404, 410)
+# Weight of the newest transfer in the throughput average the stall period follows.
+RATE_EWMA_WEIGHT = 0.2
+# Transfers smaller than this say more about latency than throughput: not averaged.
+STALL_MIN_SAMPLE_BYTES = 256 * 1024
 
 OwnersFn = Callable[[Digest], Sequence[str]]
 # Called on the fetch thread after every answer (the engine counts it, and reports a
@@ -77,16 +93,6 @@ def verify_chunk_bytes(chunk: Chunk, view: memoryview, where: str) -> None:
     actual = blake3.blake3(view, max_threads=1).hexdigest()
     if actual != chunk.digest.hex:
         raise IntegrityError(str(chunk.digest), f"b3:{actual}", where=where)
-
-
-def rendezvous_order(peers: Sequence[str], digest: Digest) -> list[str]:
-    """Peers by highest-random-weight for ``digest`` (the owner first); pure.
-
-    Used only when the cluster cache's own ring client (``cache/client.py``) is absent;
-    with it, its ``owners`` decides, so agent and cache agree on placement.
-    """
-    return sorted(peers, key=lambda p: xxhash.xxh3_64_intdigest(f"{p}|{digest.hex}".encode()),
-                  reverse=True)
 
 
 def buffer_size(n: int) -> int:
@@ -182,12 +188,21 @@ class Fetcher:
     """Fetches chunks into buffers and verifies them. Safe to call from many threads."""
 
     def __init__(self, options: AgentOptions, store: BlobStore | None,
-                 owners: OwnersFn | None = None, on_answer: AnswerFn | None = None
-                 ) -> None:
+                 owners: OwnersFn | None = None, on_answer: AnswerFn | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 suspicion: Suspicion | None = None) -> None:
         self.options = options
         self.store = store
-        self._owners = owners or (lambda d: rendezvous_order(options.peers, d))
+        # The owners come from the one ring (cache/client.py's RingClient.owners); no
+        # ring (no cache peers) means no peers to ask.
+        self._owners: OwnersFn = owners or (lambda d: [])
         self._on_answer = on_answer
+        self._clock = clock
+        self.suspicion = suspicion or Suspicion(options.suspect_s)
+        # Observed peer throughput (bytes/s, EWMA over finished transfers) for the
+        # stall period; None until one finished.
+        self.rate_bytes_per_s: float | None = None
+        self._rate_lock = threading.Lock()
         self._local = threading.local()
         self._rng = random.Random()
         # Set when the agent stops: a chunk waiting out a backoff gives up at once.
@@ -221,17 +236,28 @@ class Fetcher:
         if conn is not None:
             conn.close()
 
-    def close_thread_connections(self) -> None:
-        for peer in list(self._local.__dict__.get("conns", {})):
-            self._drop(peer)
-
     # -- one chunk -------------------------------------------------------------------
 
     def sources(self, chunk: Chunk) -> list[str]:
-        out = list(self._owners(chunk.digest))
+        """Where to ask, best first: the ring's owners (suspected peers moved behind the
+        others), then the blob store unless strict."""
+        out = self.suspicion.order(list(self._owners(chunk.digest)), self._clock())
         if self.store is not None and not self.options.strict:
             out.append(STORE)
         return out
+
+    def stall_s(self) -> float:
+        return stall_timeout_s(self.rate_bytes_per_s, floor_s=self.options.stall_timeout_s,
+                               ceiling_s=self.options.read_timeout_s)
+
+    def _observe(self, n: int, seconds: float) -> None:
+        if n < STALL_MIN_SAMPLE_BYTES or seconds <= 0:
+            return
+        rate = n / seconds
+        with self._rate_lock:
+            old = self.rate_bytes_per_s
+            self.rate_bytes_per_s = rate if old is None else (
+                old + RATE_EWMA_WEIGHT * (rate - old))
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:
         """Fill ``buf[:chunk.length]`` with the chunk's verified bytes (blocking)."""
@@ -240,7 +266,9 @@ class Fetcher:
         budget = self.options.chunk_budget
         history: list[Answer] = []
         while True:
-            now = time.monotonic()
+            now = self._clock()
+            if history and history[-1].outcome == TIMEOUT:
+                sources = self.sources(chunk)  # the hung peer goes behind the others
             step = next_source(history, sources, budget, now_s=now,
                                draw=self._rng.random())
             if step.source is None:
@@ -249,6 +277,11 @@ class Fetcher:
                 raise self._give_up(chunk, sources, history, "the agent is stopping")
             answer = self._ask(step.source, chunk, view)
             history.append(answer)
+            if answer.source != STORE:
+                if answer.outcome in SUSPICIOUS:
+                    self.suspicion.failed(answer.source, answer.ended_s)
+                else:
+                    self.suspicion.answered(answer.source)
             if answer.outcome != OK:
                 log.warning("chunk %s: %s answered %s: %s", chunk.digest, answer.source,
                             answer.outcome, answer.detail)
@@ -274,7 +307,7 @@ class Fetcher:
                           attempts=attempts)
 
     def _ask(self, source: str, chunk: Chunk, view: memoryview) -> Answer:
-        started = time.monotonic()
+        started = self._clock()
         try:
             if source == STORE:
                 self._from_store(chunk, view)
@@ -284,30 +317,48 @@ class Fetcher:
                 where = f"chunk from cache peer {source}"
             verify_chunk_bytes(chunk, view, where)
         except IntegrityError as e:
-            return Answer(source, CORRUPT, started, time.monotonic(), str(e))
+            return Answer(source, CORRUPT, started, self._clock(), str(e))
         except zstandard.ZstdError as e:
-            return Answer(source, CORRUPT, started, time.monotonic(),
+            return Answer(source, CORRUPT, started, self._clock(),
                           f"zstd object does not decode: {e}")
         except _Answered as e:
-            return Answer(source, e.outcome, started, time.monotonic(), str(e),
+            return Answer(source, e.outcome, started, self._clock(), str(e),
                           retry_after_s=e.retry_after_s)
         except NotFoundError as e:
-            return Answer(source, MISSING, started, time.monotonic(), str(e))
+            return Answer(source, MISSING, started, self._clock(), str(e))
+        except TimeoutError as e:
+            if source != STORE:
+                self._drop(source)
+            return Answer(source, TIMEOUT, started, self._clock(), str(e) or "timed out")
         except (OSError, http.client.HTTPException, BdnError, ValueError) as e:
             if source != STORE:
                 self._drop(source)
-            return Answer(source, ERROR, started, time.monotonic(),
+            return Answer(source, ERROR, started, self._clock(),
                           f"{type(e).__name__}: {e}")
-        return Answer(source, OK, started, time.monotonic())
+        ended = self._clock()
+        if source != STORE:
+            self._observe(chunk.length, ended - started)
+        return Answer(source, OK, started, ended)
 
     def _from_peer(self, peer: str, chunk: Chunk, view: memoryview) -> None:
         conn = self._conn(peer)
         path = urlsplit(peer).path.rstrip("/") + OBJECTS_PATH + str(chunk.digest)
-        conn.request("GET", path, headers={"Range": f"bytes=0-{chunk.length - 1}",
-                                           "Accept-Encoding": "identity"})
+        try:
+            conn.request("GET", path, headers={"Range": f"bytes=0-{chunk.length - 1}",
+                                               "Accept-Encoding": "identity"})
+        except TimeoutError:
+            raise TimeoutError(f"no connection within {self.options.connect_timeout_s:g} s"
+                               ) from None
         if conn.sock is not None:
-            conn.sock.settimeout(self.options.read_timeout_s)
-        resp = conn.getresponse()
+            conn.sock.settimeout(self.options.first_byte_timeout_s)
+        try:
+            resp = conn.getresponse()
+        except TimeoutError:
+            raise TimeoutError(f"no answer within the first-byte deadline of "
+                               f"{self.options.first_byte_timeout_s:g} s") from None
+        stall_s = self.stall_s()
+        if conn.sock is not None:
+            conn.sock.settimeout(stall_s)
         if resp.status not in (200, 206):
             resp.read(64 * 1024)
             if resp.will_close:
@@ -349,6 +400,10 @@ class Fetcher:
                 if not n:
                     break
                 got += n
+        except TimeoutError:
+            self._drop(peer)
+            raise TimeoutError(f"stalled: no byte for {stall_s:.1f} s after {got} of "
+                               f"{chunk.length} bytes") from None
         except (OSError, http.client.HTTPException) as e:
             self._drop(peer)
             if not got:

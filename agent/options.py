@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.fetchpolicy import (
     DEFAULT_BACKOFF,
+    DEFAULT_SUSPECT_S,
     DEFAULT_TRIES_PER_SOURCE,
     DEFAULT_WAIT_MAX_S,
     ChunkRetryBudget,
@@ -22,8 +23,21 @@ from bdn.retry import RetryPolicy
 GiB = 1024 * 1024 * 1024
 MAX_BYTES_IN_FLIGHT = 1 * GiB
 MAX_CONNECTIONS = 16
-CONNECT_TIMEOUT_S = 5.0
+# A peer on the cluster network connects in well under a millisecond; past this it is
+# gone (a vanished node drops SYNs) and the next owner is asked.
+CONNECT_TIMEOUT_S = 1.0
+# The response headers of a chunk must arrive within this: a cache pod answers a miss
+# as soon as its store read starts (it streams the fill), so only a hung pod (SIGSTOP,
+# a wedged process whose kernel still accepts) misses it. The bound: a hung pod
+# costs a pull at most ~2 s more than a pod that is gone.
+FIRST_BYTE_TIMEOUT_S = 1.5
+# A transfer with no byte for this long (at least; longer when the throughput seen so
+# far is slow, see agent/fetchpolicy.py's stall_timeout_s) is abandoned and re-asked.
+STALL_TIMEOUT_S = 2.0
+# The most any single read may wait (the stall detector's ceiling).
 READ_TIMEOUT_S = 60.0
+# A peer that timed out or failed is passed over this long, doubling per failed probe.
+SUSPECT_S = DEFAULT_SUSPECT_S
 # The backoff between tries of one chunk (and the ring client's rounds for manifests);
 # how many tries and how much waiting a chunk gets are the chunk_* options below, applied
 # by ``agent/fetchpolicy.py``.
@@ -51,7 +65,10 @@ class AgentOptions:
     max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT
     max_connections: int = MAX_CONNECTIONS
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S
+    stall_timeout_s: float = STALL_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
+    suspect_s: float = SUSPECT_S
     retry: RetryPolicy = field(default_factory=lambda: DEFAULT_RETRY)
     chunk_tries_per_source: int = CHUNK_TRIES_PER_SOURCE
     chunk_retry_wait_max_s: float = CHUNK_RETRY_WAIT_MAX_S
@@ -72,8 +89,18 @@ class AgentOptions:
             raise ValueError("AgentOptions.max_bytes_in_flight must be ≥ 1 MiB")
         if not 1 <= self.max_connections <= 1024:
             raise ValueError("AgentOptions.max_connections must be in [1, 1024]")
-        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
-            raise ValueError("AgentOptions timeouts must be > 0")
+        for name in ("connect_timeout_s", "first_byte_timeout_s", "stall_timeout_s",
+                     "read_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= 3600:
+                raise ValueError(f"AgentOptions.{name} must be in (0, 3600] seconds, "
+                                 f"got {value}")
+        if self.stall_timeout_s > self.read_timeout_s:
+            raise ValueError(f"AgentOptions.stall_timeout_s ({self.stall_timeout_s}) must "
+                             f"be ≤ read_timeout_s ({self.read_timeout_s})")
+        if not 0 <= self.suspect_s <= 3600:
+            raise ValueError(f"AgentOptions.suspect_s must be in [0, 3600] seconds, got "
+                             f"{self.suspect_s}")
         if not 1 <= self.chunk_tries_per_source <= 100:
             raise ValueError("AgentOptions.chunk_tries_per_source must be in [1, 100], got "
                              f"{self.chunk_tries_per_source}")

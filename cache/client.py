@@ -57,6 +57,7 @@ from cache.ring import (
     ref_key,
     rendezvous_order,
 )
+from cache.suspicion import Suspicion
 from manifests.digest import Digest
 from manifests.errors import DigestError, IntegrityError
 from manifests.manifest import ENCODING_RAW, Manifest
@@ -201,7 +202,8 @@ class RingClient:
     """
 
     def __init__(self, options: RingClientOptions, store: BlobStore | None = None,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None,
+                 suspicion: Suspicion | None = None) -> None:
         if not options.peers and options.dns_name is None and (
                 options.strict_origin or store is None):
             raise ValueError("RingClient needs cache peers (peers or dns_name), or a store "
@@ -214,6 +216,9 @@ class RingClient:
         self._dns_resolved_at: float | None = None
         self._dns_lock = asyncio.Lock()
         self._rng = random.Random()
+        # Peers that timed out or failed are asked last for a while (cache/suspicion.py);
+        # the agent shares its fetcher's, so chunks and manifests agree.
+        self.suspicion = suspicion or Suspicion()
         # Manifests this client was told about (newest last, at most REMEMBERED_MANIFESTS)
         # and which of them each chunk key was last seen in; placements are recomputed
         # when the peer set changes. Read from fetch threads: plain dict lookups, and a
@@ -490,16 +495,21 @@ class RingClient:
         policy = self.options.retry
         for attempt in range(1, policy.attempts + 1 if owners else 1):
             retry_after: float | None = None
-            for peer in owners:
+            for peer in self.suspicion.order(owners, time.monotonic()):
                 try:
-                    return await call(peer), peer, tuple(tried)
+                    value = await call(peer)
                 except (TimeoutError, _PeerFailed, aiohttp.ClientError, OSError) as e:
+                    if _hung_or_down(e):
+                        self.suspicion.failed(peer, time.monotonic())
                     tried.append(peer)
                     last_error = f"{peer}: {e}"
                     log.info("cache peer failed: %s", last_error)
                     ra = getattr(e, "retry_after_s", None)
                     if ra is not None:
                         retry_after = max(retry_after or 0.0, ra)
+                    continue
+                self.suspicion.answered(peer)
+                return value, peer, tuple(tried)
             if attempt < policy.attempts:
                 await asyncio.sleep(policy.delay_s(attempt, retry_after_s=retry_after,
                                                    draw=self._rng.random()))
@@ -556,6 +566,12 @@ async def _check(resp: aiohttp.ClientResponse, peer: str, what: str) -> None:
                           retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
     raise CacheError(f"{what} from {peer}: HTTP {resp.status}: {body}", digest=what,
                      url=peer)
+
+
+def _hung_or_down(e: BaseException) -> bool:
+    """A timeout or a transport failure (not an HTTP answer): the peer may be hung."""
+    cause = e.__cause__ if isinstance(e, _PeerFailed) and e.__cause__ is not None else e
+    return isinstance(cause, (TimeoutError, aiohttp.ClientConnectionError, OSError))
 
 
 def _size_from_content_range(value: str | None) -> int | None:
