@@ -91,7 +91,7 @@ from manifests.refs import Ref
 
 log = logging.getLogger(__name__)
 
-TIERS = ("node", "cluster", "store")
+TIERS = ("node", "peer", "cluster", "store")
 TERMINAL_STATES = ("done", "failed", "released")
 LOCAL_IO_THREADS = 4
 PULL_KEY_PREFIX = "pull/"
@@ -101,6 +101,8 @@ MOUNT_KEY_PREFIX = "mount/"
 LIVE_STATES = ("queued", "running", "done")
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 PEER_REFRESH_S = 5.0
+# Verified chunks are announced to their owning pods in batches this often (sharing on).
+HOLDERS_ANNOUNCE_S = 0.2
 # A fetch thread waits this long for its report of a peer's bad bytes to be answered
 # before asking again (so the cache drops its bad copy first); past it, it asks anyway.
 REPORT_WAIT_S = 5.0
@@ -307,6 +309,7 @@ class FileJob:
     def _verified(self, chunk: Chunk, tier: str) -> None:
         self.verified.append((chunk, tier))
         self.engine.counters[f"bytes_{tier}"] += chunk.length
+        self.engine.note_held(chunk.digest)
         for fn in list(self.listeners):
             fn(chunk, tier)
 
@@ -450,6 +453,30 @@ class Engine:
         self._dns_task: asyncio.Task[None] | None = None
         if self.ring is not None and options.peers_dns:
             self._dns_task = asyncio.create_task(self._refresh_peers())
+        # Node-to-node sharing: chunks verified here, not yet announced to their pods.
+        self._held: list[Digest] = []
+        self._held_event = asyncio.Event()
+        self._announce_task: asyncio.Task[None] | None = None
+        if self.ring is not None and options.peer_advertise:
+            self._announce_task = asyncio.create_task(self._announce_holders())
+
+    def note_held(self, digest: Digest) -> None:
+        """A chunk is verified in the node cache: announce it (sharing on)."""
+        if self._announce_task is not None:
+            self._held.append(digest)
+            self._held_event.set()
+
+    async def _announce_holders(self) -> None:
+        """Announce verified chunks to their owning pods, batched every
+        ``HOLDERS_ANNOUNCE_S`` (so a pull of 1000 chunks is a handful of requests)."""
+        assert self.ring is not None and self.options.peer_advertise
+        while True:
+            await self._held_event.wait()
+            self._held_event.clear()
+            batch, self._held = self._held, []
+            with contextlib.suppress(Exception):
+                await self.ring.announce_holders(self.options.peer_advertise, batch)
+            await asyncio.sleep(HOLDERS_ANNOUNCE_S)  # batching interval, not a wait-for
 
     async def _refresh_peers(self) -> None:
         """Keep the ring's DNS peers fresh; fetch threads read ``ring.owners`` directly."""
@@ -467,6 +494,8 @@ class Engine:
     async def close(self) -> None:
         if self._dns_task is not None:
             self._dns_task.cancel()
+        if self._announce_task is not None:
+            self._announce_task.cancel()
         for job in list(self.jobs.values()):
             job.task.cancel()
         for pull in list(self.pulls.values()):

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import blake3
 import zstandard
@@ -65,6 +66,7 @@ from agent.options import AgentOptions
 from bdn.errors import BdnError, NotFoundError
 from bdn.retry import is_retryable_status, parse_retry_after
 from bdn.store import BlobStore, object_key
+from cache.suspicion import TRUSTED
 from manifests.digest import Digest
 from manifests.errors import IntegrityError
 from manifests.manifest import ENCODING_RAW, MAX_CHUNK_BYTES, Chunk
@@ -72,6 +74,11 @@ from manifests.manifest import ENCODING_RAW, MAX_CHUNK_BYTES, Chunk
 log = logging.getLogger(__name__)
 
 OBJECTS_PATH = "/v1/objects/"
+HOLDERS_PATH = "/v1/holders/"
+# A holders answer is a few URLs; more than this is not a holders answer.
+MAX_HOLDERS_ANSWER_BYTES = 64 * 1024
+# Peer agents asked for one chunk before the cache pods (the pod hands out 2).
+MAX_HOLDERS_ASKED = 2
 BUFFER_GRAIN_BYTES = 1024 * 1024
 # A pool keeps this many idle buffers of one size class; beyond, they are freed.
 MAX_IDLE_BUFFERS_PER_SIZE = 32
@@ -164,7 +171,7 @@ class BufferPool:
 
 @dataclass
 class FetchResult:
-    tier: str                       # "cluster" or "store"
+    tier: str                       # "peer", "cluster" or "store"
     peer: str | None
     answers: list[Answer] = field(default_factory=list)
 
@@ -239,12 +246,62 @@ class Fetcher:
     # -- one chunk -------------------------------------------------------------------
 
     def sources(self, chunk: Chunk) -> list[str]:
-        """Where to ask, best first: the ring's owners (suspected peers moved behind the
-        others), then the blob store unless strict."""
+        """Where to ask, best first (see :meth:`plan_sources`)."""
+        return self.plan_sources(chunk)[0]
+
+    def plan_sources(self, chunk: Chunk) -> tuple[list[str], frozenset[str]]:
+        """Where to ask, best first, and which of those are peer agents.
+
+        With node-to-node sharing on (``options.peer_advertise``), first the agents the
+        owning pod says hold the chunk (not suspected ones), then the ring's owners
+        (suspected ones moved behind the others), then the blob store unless strict.
+        """
+        now = self._clock()
+        owners = self.suspicion.order(list(self._owners(chunk.digest)), now)
+        holders: list[str] = []
+        if self.options.peer_advertise and owners:
+            holders = [h for h in self._holders(owners[0], chunk)
+                       if h not in owners and self.suspicion.state(h, now) == TRUSTED]
+        out = holders + owners
+        if self.store is not None and not self.options.strict:
+            out.append(STORE)
+        return out, frozenset(holders)
+
+    def sources_without_holders(self, chunk: Chunk) -> list[str]:
         out = self.suspicion.order(list(self._owners(chunk.digest)), self._clock())
         if self.store is not None and not self.options.strict:
             out.append(STORE)
         return out
+
+    def _holders(self, owner: str, chunk: Chunk) -> list[str]:
+        """Agents the owning pod says hold ``chunk`` (best effort: [] on any failure)."""
+        me = self.options.peer_advertise or ""
+        path = (urlsplit(owner).path.rstrip("/") + HOLDERS_PATH + str(chunk.digest)
+                + "?exclude=" + quote(me, safe=""))
+        try:
+            conn = self._conn(owner)
+            conn.request("GET", path)
+            if conn.sock is not None:
+                conn.sock.settimeout(self.options.first_byte_timeout_s)
+            resp = conn.getresponse()
+            data = resp.read(MAX_HOLDERS_ANSWER_BYTES)
+            if resp.status != 200:
+                if resp.will_close:
+                    self._drop(owner)
+                return []
+            found = json.loads(data).get("holders", [])
+        except TimeoutError:
+            self._drop(owner)
+            self.suspicion.failed(owner, self._clock())
+            return []
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            self._drop(owner)
+            return []
+        if not isinstance(found, list):
+            return []
+        return [h.rstrip("/") for h in found[:MAX_HOLDERS_ASKED]
+                if isinstance(h, str) and h.startswith(("http://", "https://"))
+                and h.rstrip("/") != me]
 
     def stall_s(self) -> float:
         return stall_timeout_s(self.rate_bytes_per_s, floor_s=self.options.stall_timeout_s,
@@ -262,13 +319,16 @@ class Fetcher:
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:
         """Fill ``buf[:chunk.length]`` with the chunk's verified bytes (blocking)."""
         view = buf[:chunk.length]
-        sources = self.sources(chunk)
+        sources, peers = self.plan_sources(chunk)
         budget = self.options.chunk_budget
         history: list[Answer] = []
         while True:
             now = self._clock()
             if history and history[-1].outcome == TIMEOUT:
-                sources = self.sources(chunk)  # the hung peer goes behind the others
+                # The hung source goes behind the others (holders are not looked up
+                # again: the ones found are still in ``peers``).
+                sources = [s for s in sources if s in peers] + [
+                    s for s in self.sources_without_holders(chunk) if s not in peers]
             step = next_source(history, sources, budget, now_s=now,
                                draw=self._rng.random())
             if step.source is None:
@@ -290,7 +350,8 @@ class Fetcher:
             if answer.outcome == OK:
                 if answer.source == STORE:
                     return FetchResult(tier="store", peer=None, answers=history)
-                return FetchResult(tier="cluster", peer=answer.source, answers=history)
+                tier = "peer" if answer.source in peers else "cluster"
+                return FetchResult(tier=tier, peer=answer.source, answers=history)
 
     def _give_up(self, chunk: Chunk, sources: Sequence[str], history: Sequence[Answer],
                  reason: str) -> FetchError:

@@ -38,6 +38,9 @@ STALL_TIMEOUT_S = 2.0
 READ_TIMEOUT_S = 60.0
 # A peer that timed out or failed is passed over this long, doubling per failed probe.
 SUSPECT_S = DEFAULT_SUSPECT_S
+# Node-to-node sharing: the peer listener's conventional port and upload concurrency.
+PEER_PORT = 7471
+PEER_MAX_UPLOADS = 8
 # The backoff between tries of one chunk (and the ring client's rounds for manifests);
 # how many tries and how much waiting a chunk gets are the chunk_* options below, applied
 # by ``agent/fetchpolicy.py``.
@@ -79,6 +82,14 @@ class AgentOptions:
     verify_files: bool = False
     # Default place for mounts of requests that give relative mount locations.
     mount_root: Path | None = None
+    # Node-to-node sharing: where this agent serves verified chunks to other agents
+    # (HOST:PORT, agent/peerserver.py) and the URL other agents reach it at. With an
+    # advertised URL the agent announces the chunks it holds to their owning cache pods
+    # and asks the holders those pods name before the pods themselves.
+    peer_listen: str | None = None
+    peer_advertise: str | None = None
+    peer_max_uploads: int = PEER_MAX_UPLOADS
+    peer_upload_rate_bytes_per_s: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -112,7 +123,21 @@ class AgentOptions:
                 raise ValueError(f"peer {p!r} must be an http:// or https:// URL")
         if not 0 < self.peers_dns_port < 65536:
             raise ValueError("AgentOptions.peers_dns_port must be in 1..65535")
+        if self.peer_advertise is not None:
+            object.__setattr__(self, "peer_advertise", self.peer_advertise.rstrip("/"))
+            if not self.peer_advertise.startswith(("http://", "https://")):
+                raise ValueError(f"AgentOptions.peer_advertise must be an http(s):// URL, "
+                                 f"got {self.peer_advertise!r}")
+        if not 1 <= self.peer_max_uploads <= 4096:
+            raise ValueError(f"AgentOptions.peer_max_uploads must be in [1, 4096], got "
+                             f"{self.peer_max_uploads}")
+        if self.peer_upload_rate_bytes_per_s < 0:
+            raise ValueError("AgentOptions.peer_upload_rate_bytes_per_s must be ≥ 0 "
+                             "(0: unlimited)")
         has_peers = bool(self.peers) or bool(self.peers_dns)
+        if self.peer_advertise and not has_peers:
+            raise ValueError("node-to-node sharing (--peer-advertise) needs cache peers "
+                             "(--peers or --peers-dns): they keep the record of holders")
         if self.strict and not has_peers:
             raise ValueError("strict mode needs at least one cache peer (--peers)")
         if not has_peers and not self.store_url:

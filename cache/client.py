@@ -33,7 +33,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -78,6 +78,8 @@ DEFAULT_RETRY = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=2.0)
 DEFAULT_MAX_CONNECTIONS = 64
 STREAM_BLOCK_BYTES = 1024 * 1024
 REPORT_TIMEOUT_S = 30.0
+# Chunks per holders announcement (the cache takes up to 4096).
+ANNOUNCE_BATCH = 1024
 # Manifests whose placement a client keeps (a node pulls a handful of models).
 REMEMBERED_MANIFESTS = 64
 
@@ -443,6 +445,33 @@ class RingClient:
                                 resp.status, body)
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             log.warning("report of bad %s to %s failed: %s", digest, peer, e)
+
+    # -- holders (node-to-node sharing) ----------------------------------------------
+
+    async def announce_holders(self, agent_url: str, digests: Sequence[Digest | str]
+                               ) -> None:
+        """Tell each chunk's owning pod that ``agent_url`` holds it (complete, verified).
+
+        Best effort, like :meth:`report_bad`: a pod that misses an announcement only
+        points fewer requesters at this agent.
+        """
+        by_owner: dict[str, list[str]] = {}
+        for d in digests:
+            owners = self.owners(d)
+            if owners:
+                by_owner.setdefault(owners[0], []).append(digest_key(d))
+        for owner, keys in by_owner.items():
+            for i in range(0, len(keys), ANNOUNCE_BATCH):
+                try:
+                    async with self._get_session().post(
+                            f"{owner}/v1/holders",
+                            json={"agent": agent_url, "digests": keys[i:i + ANNOUNCE_BATCH]},
+                            timeout=aiohttp.ClientTimeout(total=REPORT_TIMEOUT_S)) as resp:
+                        if resp.status != 204:
+                            log.info("holders announcement to %s: HTTP %s %s", owner,
+                                     resp.status, await _body(resp))
+                except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                    log.info("holders announcement to %s failed: %s", owner, e)
 
     # -- manifests and refs --------------------------------------------------------
 
