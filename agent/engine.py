@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from agent import mounts as mountlib
 from agent.errors import (
     DiskFullError,
@@ -322,7 +324,10 @@ class FileJob:
             for fn in list(self.start_listeners):
                 fn(writer.partial_path)
             tasks: list[asyncio.Task[None]] = []
-            for t in self.plan.tasks:
+            plan_tasks = list(self.plan.tasks)
+            if eng.options.peer_advertise:
+                plan_tasks = spread_for_sharing(plan_tasks, eng.options.peer_advertise)
+            for t in plan_tasks:
                 if t.source == "done":
                     if writer.resumed and await eng.io(writer.check_on_disk, t.chunk):
                         self._verified(t.chunk, "node")
@@ -415,6 +420,23 @@ class ByteSemaphore:
                 continue
             self.available -= n
             fut.set_result(None)
+
+
+def spread_for_sharing(tasks: list[ChunkTask], me: str) -> list[ChunkTask]:
+    """The file's chunk tasks rotated to start at a point that depends on this agent.
+
+    With node-to-node sharing, N agents pulling one model at once in the same (loader)
+    order would all ask for the same chunk at the same moment, before anyone holds it,
+    so nobody could serve anybody. Starting each agent at its own offset (xxh3 of its
+    URL) makes them fetch different chunks first and hold what the others need next
+    (BitTorrent's "rarest first", approximated without a swarm view). The cost: the
+    loader's order is no longer the fetch order, so readiness events arrive later for
+    the first tensors. Pure.
+    """
+    if len(tasks) < 2:
+        return tasks
+    start = xxhash.xxh3_64_intdigest(me.encode()) % len(tasks)
+    return tasks[start:] + tasks[:start]
 
 
 class Engine:
