@@ -12,12 +12,13 @@ within a bounded total wait. When the budget is spent the error names the chunk,
 source asked and what each answered.
 
 No hung peer stalls a chunk: each request has a connect timeout, a first-byte deadline
-(the response headers) and a stall detector (no byte for a period derived from the
-throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`). Past either, the
-request is abandoned (its connection closed), the peer is suspected across chunks
-(:class:`agent.fetchpolicy.Suspicion`) and the chunk is asked of the next source at
-once. So a hung owner costs about one first-byte deadline per probe, not a read timeout
-per chunk.
+(the response head) and a stall detector (no byte for a period derived from the
+throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`). Past the first-byte
+deadline the request is *hedged*: the same chunk is asked of the next untried peer and
+whichever starts answering first is read, the other cancelled (its connection closed).
+A stalled transfer is abandoned and re-asked at once. Either way the slow peer is
+suspected across chunks (:class:`cache.suspicion.Suspicion`), so a hung owner costs
+about one deadline per probe, not a read timeout per chunk.
 
 Why blocking threads and ``http.client`` rather than asyncio: on this path Python's
 per-byte cost decides throughput. ``HTTPResponse.readinto`` receives straight into a
@@ -36,6 +37,7 @@ import http.client
 import json
 import logging
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -179,6 +181,17 @@ class FetchResult:
     def bad_peers(self) -> list[str]:
         return [a.source for a in self.answers if a.outcome in (CORRUPT, TRUNCATED)
                 and a.source != STORE]
+
+
+def _first_ready(waiting: Sequence[tuple[str, http.client.HTTPConnection]],
+                 timeout_s: float) -> tuple[str, http.client.HTTPConnection] | None:
+    """The first of the sent requests whose socket has something to read (the start of
+    an answer, or its end) within ``timeout_s``; None when none has."""
+    socks = {c.sock.fileno(): (peer, c) for peer, c in waiting if c.sock is not None}
+    if not socks:
+        return waiting[0] if waiting else None  # no socket: let the read report it
+    readable, _, _ = select.select(list(socks), [], [], timeout_s)
+    return socks[readable[0]] if readable else None
 
 
 class _Answered(Exception):
@@ -335,23 +348,28 @@ class Fetcher:
                 raise self._give_up(chunk, sources, history, step.reason)
             if self.closing or (step.at_s > now and self._closing.wait(step.at_s - now)):
                 raise self._give_up(chunk, sources, history, "the agent is stopping")
-            answer = self._ask(step.source, chunk, view)
-            history.append(answer)
-            if answer.source != STORE:
-                if answer.outcome in SUSPICIOUS:
-                    self.suspicion.failed(answer.source, answer.ended_s)
-                else:
-                    self.suspicion.answered(answer.source)
-            if answer.outcome != OK:
-                log.warning("chunk %s: %s answered %s: %s", chunk.digest, answer.source,
-                            answer.outcome, answer.detail)
-            if self._on_answer is not None:
-                self._on_answer(chunk, answer, len(history) > 1)
-            if answer.outcome == OK:
-                if answer.source == STORE:
-                    return FetchResult(tier="store", peer=None, answers=history)
-                tier = "peer" if answer.source in peers else "cluster"
-                return FetchResult(tier=tier, peer=answer.source, answers=history)
+            # A peer that misses its first-byte deadline is hedged with the next
+            # untried peer: whichever answers first is read, the other cancelled.
+            backup = None if step.source == STORE else next(
+                (s for s in sources if s not in (step.source, STORE)
+                 and all(a.source != s for a in history)), None)
+            for answer in self._ask(step.source, chunk, view, backup):
+                history.append(answer)
+                if answer.source != STORE:
+                    if answer.outcome in SUSPICIOUS:
+                        self.suspicion.failed(answer.source, answer.ended_s)
+                    else:
+                        self.suspicion.answered(answer.source)
+                if answer.outcome != OK:
+                    log.warning("chunk %s: %s answered %s: %s", chunk.digest,
+                                answer.source, answer.outcome, answer.detail)
+                if self._on_answer is not None:
+                    self._on_answer(chunk, answer, len(history) > 1)
+                if answer.outcome == OK:
+                    if answer.source == STORE:
+                        return FetchResult(tier="store", peer=None, answers=history)
+                    tier = "peer" if answer.source in peers else "cluster"
+                    return FetchResult(tier=tier, peer=answer.source, answers=history)
 
     def _give_up(self, chunk: Chunk, sources: Sequence[str], history: Sequence[Answer],
                  reason: str) -> FetchError:
@@ -367,15 +385,94 @@ class Fetcher:
         return FetchError(f"no tier delivered {what}", digest=str(chunk.digest),
                           attempts=attempts)
 
-    def _ask(self, source: str, chunk: Chunk, view: memoryview) -> Answer:
+    def _ask(self, source: str, chunk: Chunk, view: memoryview,
+             backup: str | None = None) -> list[Answer]:
+        """Ask ``source`` for the chunk; the answers that came of it, oldest first.
+
+        A peer that sends no first byte within the deadline is hedged: the same chunk
+        is asked of ``backup`` (the next untried peer) and whichever starts answering
+        first is read; the other request is cancelled (its connection closed). A
+        source that lost to its backup is answered :data:`TIMEOUT` (and suspected).
+        """
+        if source == STORE:
+            where = f"chunk from blob store {self.store.url if self.store else ''}"
+            return [self._classify(STORE, self._clock(), chunk, view,
+                                   lambda: self._from_store(chunk, view), where)]
         started = self._clock()
+        sent = self._send(source, chunk)
+        if isinstance(sent, Answer):
+            return [sent]
+        deadline_s = self.options.first_byte_timeout_s
+        if _first_ready([(source, sent)], deadline_s) is not None:
+            return [self._receive_answer(source, sent, started, chunk, view)]
+        if backup is None:
+            self._drop(source)
+            return [Answer(source, TIMEOUT, started, self._clock(),
+                           f"no answer within the first-byte deadline of {deadline_s:g} s")]
+        log.info("chunk %s: %s sent no first byte within %g s; hedging with %s",
+                 chunk.digest, source, deadline_s, backup)
+        b_started = self._clock()
+        b_sent = self._send(backup, chunk)
+        waiting = [(source, sent)]
+        failed: list[Answer] = []
+        if isinstance(b_sent, Answer):
+            failed.append(b_sent)
+        else:
+            waiting.append((backup, b_sent))
+        won = _first_ready(waiting, deadline_s)
+        if won is None:
+            for peer, _ in waiting:
+                self._drop(peer)
+            now = self._clock()
+            out = [Answer(source, TIMEOUT, started, now, f"no answer within the "
+                          f"first-byte deadline of {deadline_s:g} s, nor from {backup}")]
+            if not failed:
+                failed.append(Answer(backup, TIMEOUT, b_started, now, "no answer within "
+                                     f"the first-byte deadline of {deadline_s:g} s"))
+            return out + failed
+        winner, conn = won
+        for peer, _ in waiting:
+            if peer != winner:
+                self._drop(peer)  # cancel the slower request
+        if winner == source:
+            return [*failed, self._receive_answer(source, conn, started, chunk, view)]
+        lost = Answer(source, TIMEOUT, started, self._clock(),
+                      f"no first byte within {deadline_s:g} s; {backup} answered first")
+        return [lost, self._receive_answer(backup, conn, b_started, chunk, view)]
+
+    def _send(self, peer: str, chunk: Chunk) -> http.client.HTTPConnection | Answer:
+        """Send the chunk's request to ``peer``; the connection, or what went wrong."""
+        started = self._clock()
+        conn = self._conn(peer)
+        if conn.sock is not None and _first_ready([(peer, conn)], 0) is not None:
+            # An idle kept-alive connection with something to read was closed by the
+            # server (its idle timeout): not the peer's fault, reconnect.
+            self._drop(peer)
+            conn = self._conn(peer)
+        path = urlsplit(peer).path.rstrip("/") + OBJECTS_PATH + str(chunk.digest)
         try:
-            if source == STORE:
-                self._from_store(chunk, view)
-                where = f"chunk from blob store {self.store.url if self.store else ''}"
-            else:
-                self._from_peer(source, chunk, view)
-                where = f"chunk from cache peer {source}"
+            conn.request("GET", path, headers={"Range": f"bytes=0-{chunk.length - 1}",
+                                               "Accept-Encoding": "identity"})
+        except TimeoutError:
+            self._drop(peer)
+            return Answer(peer, TIMEOUT, started, self._clock(), f"no connection within "
+                          f"{self.options.connect_timeout_s:g} s")
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(peer)
+            return Answer(peer, ERROR, started, self._clock(), f"{type(e).__name__}: {e}")
+        return conn
+
+    def _receive_answer(self, peer: str, conn: http.client.HTTPConnection, started: float,
+                        chunk: Chunk, view: memoryview) -> Answer:
+        return self._classify(peer, started, chunk, view,
+                              lambda: self._receive(peer, conn, chunk, view),
+                              f"chunk from peer {peer}")
+
+    def _classify(self, source: str, started: float, chunk: Chunk, view: memoryview,
+                  work: Callable[[], None], where: str) -> Answer:
+        """Run ``work`` (fill ``view``), verify the bytes, and classify what happened."""
+        try:
+            work()
             verify_chunk_bytes(chunk, view, where)
         except IntegrityError as e:
             return Answer(source, CORRUPT, started, self._clock(), str(e))
@@ -401,21 +498,15 @@ class Fetcher:
             self._observe(chunk.length, ended - started)
         return Answer(source, OK, started, ended)
 
-    def _from_peer(self, peer: str, chunk: Chunk, view: memoryview) -> None:
-        conn = self._conn(peer)
-        path = urlsplit(peer).path.rstrip("/") + OBJECTS_PATH + str(chunk.digest)
-        try:
-            conn.request("GET", path, headers={"Range": f"bytes=0-{chunk.length - 1}",
-                                               "Accept-Encoding": "identity"})
-        except TimeoutError:
-            raise TimeoutError(f"no connection within {self.options.connect_timeout_s:g} s"
-                               ) from None
+    def _receive(self, peer: str, conn: http.client.HTTPConnection, chunk: Chunk,
+                 view: memoryview) -> None:
+        """Read the answer to a request :meth:`_send` sent (its first byte is there)."""
         if conn.sock is not None:
             conn.sock.settimeout(self.options.first_byte_timeout_s)
         try:
             resp = conn.getresponse()
         except TimeoutError:
-            raise TimeoutError(f"no answer within the first-byte deadline of "
+            raise TimeoutError(f"the response head did not arrive within "
                                f"{self.options.first_byte_timeout_s:g} s") from None
         stall_s = self.stall_s()
         if conn.sock is not None:

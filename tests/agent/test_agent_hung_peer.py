@@ -1,5 +1,6 @@
 """A hung cache pod (SIGSTOP: its kernel still accepts connections, nothing answers)
-costs a pull about one first-byte deadline more than a pod that is gone.
+costs a pull about one first-byte deadline more than a pod that is gone, and a chunk
+owner that sends no first byte is hedged with the next owner.
 
 Real processes on loopback: three cache servers, warmed by a prefetch so both pulls
 read from warm caches, and one agent per pull (its own node cache). Time is measured
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
-from agent.options import MAX_CONNECTIONS
+from agent.fetch import Fetcher
+from agent.fetchpolicy import OK, TIMEOUT
+from agent.options import MAX_CONNECTIONS, AgentOptions
 from cache.ring import digest_key, ref_key, rendezvous_order
+from cache.suspicion import SUSPECTED
 from tests.agent.agent_support import (
     Agent,
     Model,
@@ -84,3 +89,36 @@ def test_a_hung_pod_costs_at_most_about_one_deadline_more_than_a_gone_one(
     finally:
         for c in caches:
             c.stop()
+
+
+def test_a_chunk_owner_that_sends_no_first_byte_is_hedged_with_the_next(
+        tmp_path: Path, base: Model, cache_server: ServiceProcess) -> None:
+    """The fetcher alone, against a listener that accepts connections but never answers
+    (what a SIGSTOPped pod looks like from outside) and a real cache server."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # the kernel completes handshakes; nobody ever reads
+    hung = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    good = str(cache_server.url)
+    try:
+        options = AgentOptions(cache_dir=tmp_path / "n", budget_bytes=0, peers=(hung, good),
+                               strict=True, first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S)
+        fetcher = Fetcher(options, None, owners=lambda d: [hung, good])
+        chunks = list(base.manifest.unique_chunks().values())[:3]
+        chunk = chunks[0]
+        buf = bytearray(chunk.length)
+        started = time.monotonic()
+        result = fetcher.fetch_into(chunk, memoryview(buf))
+        took = time.monotonic() - started
+        assert result.peer == good and result.tier == "cluster"
+        assert [(a.source, a.outcome) for a in result.answers] == [(hung, TIMEOUT), (good, OK)]
+        # One deadline, then the backup's answer: not a read timeout.
+        assert took < FIRST_BYTE_TIMEOUT_S + 5.0, took
+        assert fetcher.suspicion.state(hung, time.monotonic()) == SUSPECTED
+        # Suspected: the next chunks go to the good peer first, without waiting.
+        for c in chunks[1:]:
+            r = fetcher.fetch_into(c, memoryview(bytearray(c.length)))
+            assert [(a.source, a.outcome) for a in r.answers] == [(good, OK)]
+        fetcher.close()
+    finally:
+        hole.close()
