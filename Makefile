@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench bench-remote bench-gpu clean kube-bin
+.PHONY: venv demo test lint bench bench-remote bench-gpu bench-fleet clean kube-bin
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ bench-remote: venv
 
 bench-gpu: venv
 	$(PY) bench/gpu_load.py
+
+# A simulated fleet in network namespaces (root and iproute2 needed: ip, tc).
+bench-fleet: venv
+	$(PY) bench/fleet.py
 
 # The Kubernetes control plane the tests in tests/kube/ run (v1.20.2 kube-apiserver,
 # kube-controller-manager, kube-scheduler): unpacked from shared/kube where a copy sits

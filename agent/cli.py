@@ -21,11 +21,19 @@ from agent.errors import PullError, RequestError
 from agent.options import (
     CHUNK_RETRY_WAIT_MAX_S,
     CHUNK_TRIES_PER_SOURCE,
+    CONNECT_TIMEOUT_S,
+    FIRST_BYTE_TIMEOUT_S,
     MAX_BYTES_IN_FLIGHT,
     MAX_CONNECTIONS,
+    PEER_MAX_UPLOADS,
+    PEER_PORT,
+    READ_TIMEOUT_S,
+    STALL_TIMEOUT_S,
+    SUSPECT_S,
     AgentOptions,
 )
 from bdn.progress import human_bytes
+from bdn.store import BlobStore
 
 DEFAULT_CACHE_DIR = str(Path.home() / ".bdn" / "node")
 DEFAULT_BUDGET_BYTES = 100 * 1024 ** 3
@@ -55,6 +63,12 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers-dns", default=None, metavar="NAME[:PORT]",
                    help="a DNS name whose addresses are cache peers (headless Service)")
     p.add_argument("--store", default=None, help="blob store URL or folder")
+    p.add_argument("--store-endpoint-url", default=None,
+                   help="S3/GCS endpoint of an s3:// or gs:// store (as bdn mirror)")
+    p.add_argument("--store-secret", default=None,
+                   help="secret name holding the store's credentials (as bdn mirror)")
+    p.add_argument("--secrets-dir", default=None,
+                   help="folder with one file per secret (default: $BDN_SECRETS_DIR)")
     p.add_argument("--strict", action="store_true",
                    help="never read the blob store: fail when the cache peers cannot serve")
     p.add_argument("--max-bytes-in-flight", type=_parse_size, default=MAX_BYTES_IN_FLIGHT,
@@ -68,6 +82,32 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-retry-wait-max-s", type=float, default=CHUNK_RETRY_WAIT_MAX_S,
                    help="most seconds one chunk may wait between tries, Retry-After "
                         f"included (default {CHUNK_RETRY_WAIT_MAX_S:g})")
+    p.add_argument("--connect-timeout-s", type=float, default=CONNECT_TIMEOUT_S,
+                   help="seconds to connect to a peer before asking the next "
+                        f"(default {CONNECT_TIMEOUT_S:g})")
+    p.add_argument("--first-byte-timeout-s", type=float, default=FIRST_BYTE_TIMEOUT_S,
+                   help="seconds a peer may take to start answering a chunk before the "
+                        f"next owner is asked (default {FIRST_BYTE_TIMEOUT_S:g})")
+    p.add_argument("--stall-timeout-s", type=float, default=STALL_TIMEOUT_S,
+                   help="least seconds without a byte before a transfer counts as "
+                        "stalled; longer when the observed throughput is low "
+                        f"(default {STALL_TIMEOUT_S:g})")
+    p.add_argument("--read-timeout-s", type=float, default=READ_TIMEOUT_S,
+                   help=f"most seconds any read may wait (default {READ_TIMEOUT_S:g})")
+    p.add_argument("--peer-listen", default=None, metavar="HOST:PORT",
+                   help="serve verified chunks of the node cache to other agents here "
+                        f"(node-to-node sharing; port {PEER_PORT} by convention)")
+    p.add_argument("--peer-advertise", default=None, metavar="URL",
+                   help="the URL other agents reach --peer-listen at (default: from "
+                        "--peer-listen when its host is an address, e.g. the pod IP)")
+    p.add_argument("--peer-max-uploads", type=int, default=PEER_MAX_UPLOADS,
+                   help=f"chunks sent to other agents at once (default {PEER_MAX_UPLOADS})")
+    p.add_argument("--peer-upload-rate", type=_parse_size, default=0, metavar="BYTES_PER_S",
+                   help="average upload rate to other agents, e.g. 500M (default: "
+                        "unlimited)")
+    p.add_argument("--suspect-s", type=float, default=SUSPECT_S,
+                   help="seconds a peer that timed out is passed over before it is "
+                        f"probed again, doubling per failed probe (default {SUSPECT_S:g})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -125,9 +165,42 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
             max_bytes_in_flight=args.max_bytes_in_flight,
             max_connections=args.max_connections,
             chunk_tries_per_source=args.chunk_tries_per_source,
-            chunk_retry_wait_max_s=args.chunk_retry_wait_max_s)
+            chunk_retry_wait_max_s=args.chunk_retry_wait_max_s,
+            connect_timeout_s=args.connect_timeout_s,
+            first_byte_timeout_s=args.first_byte_timeout_s,
+            stall_timeout_s=args.stall_timeout_s, read_timeout_s=args.read_timeout_s,
+            suspect_s=args.suspect_s,
+            peer_listen=args.peer_listen, peer_advertise=_peer_advertise(args),
+            peer_max_uploads=args.peer_max_uploads,
+            peer_upload_rate_bytes_per_s=args.peer_upload_rate)
     except ValueError as e:
         raise RequestError(str(e)) from None
+
+
+def _peer_advertise(args: argparse.Namespace) -> str | None:
+    """``--peer-advertise``, or ``http://HOST:PORT`` of ``--peer-listen`` when HOST is a
+    reachable address (not a wildcard, not port 0)."""
+    if args.peer_advertise:
+        return str(args.peer_advertise)
+    if not args.peer_listen:
+        return None
+    host, _, port = str(args.peer_listen).rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::") or port in ("", "0"):
+        raise RequestError(f"--peer-listen {args.peer_listen}: give --peer-advertise URL "
+                           "(the address other nodes reach this one at)")
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def store_from_args(args: argparse.Namespace, options: AgentOptions) -> BlobStore | None:
+    """The blob store, built by the function ``bdn mirror`` uses (same options)."""
+    if options.store_url is None:
+        return None
+    from bdn.cli_store import open_store
+
+    return open_store(argparse.Namespace(
+        store=options.store_url, store_endpoint_url=args.store_endpoint_url,
+        store_secret=args.store_secret, secrets_dir=args.secrets_dir))
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -137,7 +210,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     socket_path = args.socket or (None if args.listen else default_socket())
     if socket_path:
         Path(socket_path).parent.mkdir(parents=True, exist_ok=True)
-    return run_daemon(options, socket_path, args.listen, socket_group=args.socket_group)
+    return run_daemon(options, socket_path, args.listen, socket_group=args.socket_group,
+                      store=store_from_args(args, options))
 
 
 def cmd_agent_status(args: argparse.Namespace) -> int:
@@ -154,7 +228,8 @@ def cmd_agent_status(args: argparse.Namespace) -> int:
     print(f"  peers: {', '.join(st['peers']) or '-'}; store: {st['store'] or '-'}"
           f"{' (strict: not used)' if st['strict'] else ''}")
     c = st["counters"]
-    print(f"  served: node {human_bytes(c['bytes_node'])}, cluster "
+    print(f"  served: node {human_bytes(c['bytes_node'])}, peer "
+          f"{human_bytes(c.get('bytes_peer', 0))}, cluster "
           f"{human_bytes(c['bytes_cluster'])}, store {human_bytes(c['bytes_store'])}")
     print(f"  pulls: {', '.join(f'{k} {v}' for k, v in sorted(st['pulls'].items())) or '-'}")
     for p in st["active"]:
@@ -192,7 +267,7 @@ class _TierBar:
         self.enabled = enabled and self.console.is_terminal
         self.progress: Any = None
         self.task: Any = None
-        self.tiers = {"node": 0, "cluster": 0, "store": 0}
+        self.tiers = {"node": 0, "peer": 0, "cluster": 0, "store": 0}
 
     def __enter__(self) -> _TierBar:
         if self.enabled:
@@ -249,7 +324,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
             started = client.start_pull(**_client_kwargs(body))
             status = client.wait(started["id"], on_event)
         else:
-            status = run_standalone(options_from_args(args), body, on_event)
+            options = options_from_args(args)
+            status = run_standalone(options, body, on_event,
+                                    store=store_from_args(args, options))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -258,7 +335,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     print(f"pulled {args.target} {where}: {status['files_total']} files, "
           f"{human_bytes(status['bytes_total'])} in {status['elapsed_s']:.2f} s "
           f"({status['throughput_bps'] / 1e9:.2f} GB/s)")
-    print(f"  bytes by tier: node {human_bytes(tiers['node'])}, cluster "
+    print(f"  bytes by tier: node {human_bytes(tiers['node'])}, peer "
+          f"{human_bytes(tiers.get('peer', 0))}, cluster "
           f"{human_bytes(tiers['cluster'])}, store {human_bytes(tiers['store'])}")
     for m in status["mounts"]:
         print(f"  mounted read-only at {m}")
@@ -272,7 +350,7 @@ def _client_kwargs(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_standalone(options: AgentOptions, body: dict[str, Any],
-                   on_event: Any = None) -> dict[str, Any]:
+                   on_event: Any = None, store: BlobStore | None = None) -> dict[str, Any]:
     """Run one pull with an in-process engine; returns its final status.
 
     Also the function a demo or a test can call to pull without a daemon.
@@ -280,7 +358,7 @@ def run_standalone(options: AgentOptions, body: dict[str, Any],
     from agent.engine import Engine, parse_request
 
     async def main() -> dict[str, Any]:
-        engine = Engine(options)
+        engine = Engine(options, store=store)
         try:
             pull, _ = await engine.submit(parse_request(body))
             async for ev in pull.follow():

@@ -64,11 +64,15 @@ from agent.client import TOKEN_HEADER
 from agent.engine import Engine, Pull, parse_request
 from agent.errors import IdempotencyConflict, RequestError
 from agent.options import AgentOptions
+from agent.peerserver import PeerServer, PeerServerOptions
 from bdn.errors import BdnError, PathError
 from bdn.service import ListenAddress, announce, signal_stop
+from bdn.store import BlobStore
 
 log = logging.getLogger(__name__)
 
+# The line that says the peer listener is up (after the API's BDN_LISTENING lines).
+PEER_READY_PREFIX = "BDN_PEER_LISTENING"
 ENGINE_KEY: web.AppKey[Engine] = web.AppKey("engine", Engine)
 TOKENS_KEY: web.AppKey[ReleaseTokens] = web.AppKey("release_tokens")
 SOCKET_MODE = 0o660
@@ -256,9 +260,10 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return _error(400 if isinstance(e, ValueError) else 500, str(e), type(e).__name__)
 
 
-async def make_app(options: AgentOptions) -> web.Application:
+async def make_app(options: AgentOptions, store: BlobStore | None = None
+                   ) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[errors_middleware])
-    engine = Engine(options)
+    engine = Engine(options, store=store)
     app[ENGINE_KEY] = engine
     app[TOKENS_KEY] = ReleaseTokens(options.cache_dir)
     resumed = engine.restore()
@@ -330,7 +335,8 @@ def bind_unix_socket(path: str, gid: int | None = None) -> socket.socket:
 
 
 def run_daemon(options: AgentOptions, socket_path: str | None,
-               listen: str | None = None, *, socket_group: str | None = None) -> int:
+               listen: str | None = None, *, socket_group: str | None = None,
+               store: BlobStore | None = None) -> int:
     """Serve on the unix socket and/or a loopback TCP address until SIGTERM/SIGINT.
 
     Prints ``BDN_LISTENING <url>`` once per bound address (the unix socket first).
@@ -343,11 +349,14 @@ def run_daemon(options: AgentOptions, socket_path: str | None,
     unix_ident = _ident(socket_path) if socket_path else None
 
     async def main() -> None:
-        app = await make_app(options)
+        app = await make_app(options, store)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
+        peer_runner: web.AppRunner | None = None
         try:
+            if options.peer_listen:
+                peer_runner = await start_peer_listener(options, app[ENGINE_KEY])
             if unix_sock is not None:
                 await web.SockSite(runner, unix_sock).start()
                 announce(f"unix:{socket_path}")
@@ -360,6 +369,8 @@ def run_daemon(options: AgentOptions, socket_path: str | None,
                 announce(f"http://{addr.host}:{server.sockets[0].getsockname()[1]}")
             await signal_stop().wait()
         finally:
+            if peer_runner is not None:
+                await peer_runner.cleanup()
             await runner.cleanup()
 
     try:
@@ -371,6 +382,29 @@ def run_daemon(options: AgentOptions, socket_path: str | None,
         if socket_path and unix_ident is not None and _ident(socket_path) == unix_ident:
             os.unlink(socket_path)
     return 0
+
+
+async def start_peer_listener(options: AgentOptions, engine: Engine) -> web.AppRunner:
+    """Serve this node's verified chunks to other agents on ``options.peer_listen``
+    (:mod:`agent.peerserver`); prints ``BDN_PEER_LISTENING <url>`` once bound."""
+    assert options.peer_listen is not None
+    addr = ListenAddress.parse(options.peer_listen)
+    if addr.path is not None:
+        raise RequestError("--peer-listen must be HOST:PORT (other nodes reach it over TCP)")
+    server = PeerServer(engine.node, PeerServerOptions(
+        max_uploads=options.peer_max_uploads,
+        upload_rate_bytes_per_s=options.peer_upload_rate_bytes_per_s),
+        counters=engine.counters)
+    runner = web.AppRunner(server.make_app(), handle_signals=False, access_log=None,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    site = web.TCPSite(runner, addr.host, addr.port, reuse_address=True)
+    await site.start()
+    bound = site._server  # aiohttp has no public accessor for the port
+    assert bound is not None and bound.sockets
+    port = bound.sockets[0].getsockname()[1]
+    print(f"{PEER_READY_PREFIX} http://{addr.host}:{port}", flush=True)
+    return runner
 
 
 def _ident(path: str) -> tuple[int, int] | None:

@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from agent import mounts as mountlib
 from agent.errors import (
     DiskFullError,
@@ -64,7 +66,17 @@ from agent.errors import (
     RequestError,
 )
 from agent.fetch import BufferPool, Fetcher, FetchResult
-from agent.fetchpolicy import BAD_BYTES, BUSY, CORRUPT, ERROR, MISSING, STORE, TRUNCATED, Answer
+from agent.fetchpolicy import (
+    BAD_BYTES,
+    BUSY,
+    CORRUPT,
+    ERROR,
+    MISSING,
+    STORE,
+    TIMEOUT,
+    TRUNCATED,
+    Answer,
+)
 from agent.options import AgentOptions
 from agent.planner import ChunkTask, FilePlan, PlanOptions, PullPlan, PullTarget, plan_pull
 from agent.resolve import entry_target, select_files
@@ -72,14 +84,16 @@ from agent.writer import FileWriter
 from bdn.config import parse_weights
 from bdn.errors import BdnError, ConfigError
 from bdn.store import BlobStore
+from cache.client import RingClient, RingClientOptions
 from cache.node import ChunkLocation, NodeCache, content_key, now_s
+from cache.suspicion import Suspicion
 from manifests.digest import Digest
 from manifests.manifest import Chunk, FileEntry, Manifest, parse_manifest
 from manifests.refs import Ref
 
 log = logging.getLogger(__name__)
 
-TIERS = ("node", "cluster", "store")
+TIERS = ("node", "peer", "cluster", "store")
 TERMINAL_STATES = ("done", "failed", "released")
 LOCAL_IO_THREADS = 4
 PULL_KEY_PREFIX = "pull/"
@@ -89,12 +103,15 @@ MOUNT_KEY_PREFIX = "mount/"
 LIVE_STATES = ("queued", "running", "done")
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 PEER_REFRESH_S = 5.0
+# Verified chunks are announced to their owning pods in batches this often (sharing on).
+HOLDERS_ANNOUNCE_S = 0.2
 # A fetch thread waits this long for its report of a peer's bad bytes to be answered
 # before asking again (so the cache drops its bad copy first); past it, it asks anyway.
 REPORT_WAIT_S = 5.0
 # The agent counter each kind of failed answer is counted in (bdn_agent_<name>).
 ANSWER_COUNTERS = {CORRUPT: "integrity_failures", TRUNCATED: "truncated_answers",
-                   BUSY: "busy_answers", ERROR: "error_answers", MISSING: "missing_answers"}
+                   BUSY: "busy_answers", ERROR: "error_answers", MISSING: "missing_answers",
+                   TIMEOUT: "timeout_answers"}
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -294,6 +311,7 @@ class FileJob:
     def _verified(self, chunk: Chunk, tier: str) -> None:
         self.verified.append((chunk, tier))
         self.engine.counters[f"bytes_{tier}"] += chunk.length
+        self.engine.note_held(chunk.digest)
         for fn in list(self.listeners):
             fn(chunk, tier)
 
@@ -306,7 +324,10 @@ class FileJob:
             for fn in list(self.start_listeners):
                 fn(writer.partial_path)
             tasks: list[asyncio.Task[None]] = []
-            for t in self.plan.tasks:
+            plan_tasks = list(self.plan.tasks)
+            if eng.options.peer_advertise:
+                plan_tasks = spread_for_sharing(plan_tasks, eng.options.peer_advertise)
+            for t in plan_tasks:
                 if t.source == "done":
                     if writer.resumed and await eng.io(writer.check_on_disk, t.chunk):
                         self._verified(t.chunk, "node")
@@ -401,6 +422,23 @@ class ByteSemaphore:
             fut.set_result(None)
 
 
+def spread_for_sharing(tasks: list[ChunkTask], me: str) -> list[ChunkTask]:
+    """The file's chunk tasks rotated to start at a point that depends on this agent.
+
+    With node-to-node sharing, N agents pulling one model at once in the same (loader)
+    order would all ask for the same chunk at the same moment, before anyone holds it,
+    so nobody could serve anybody. Starting each agent at its own offset (xxh3 of its
+    URL) makes them fetch different chunks first and hold what the others need next
+    (BitTorrent's "rarest first", approximated without a swarm view). The cost: the
+    loader's order is no longer the fetch order, so readiness events arrive later for
+    the first tensors. Pure.
+    """
+    if len(tasks) < 2:
+        return tasks
+    start = xxhash.xxh3_64_intdigest(me.encode()) % len(tasks)
+    return tasks[start:] + tasks[:start]
+
+
 class Engine:
     """Node-wide pull machinery; see the module docstring. Create inside a running loop."""
 
@@ -410,11 +448,14 @@ class Engine:
         self.node = node or NodeCache(options.cache_dir, options.budget_bytes)
         self.store = store if store is not None else (
             BlobStore(options.store_url) if options.store_url else None)
-        self.ring: Any = _make_ring_client(options, self.store)
+        # One suspicion for chunks, manifests and refs: a pod that hung on one is
+        # passed over for the others.
+        self.suspicion = Suspicion(options.suspect_s)
+        self.ring = _make_ring_client(options, self.store, self.suspicion)
         owners = self.ring.owners if self.ring is not None else None
         self._loop = asyncio.get_running_loop()
         self.fetcher = Fetcher(options, self.store, owners=owners,
-                               on_answer=self._answered)
+                               on_answer=self._answered, suspicion=self.suspicion)
         self.net_pool = ThreadPoolExecutor(options.max_connections,
                                            thread_name_prefix="bdn-fetch")
         self.io_pool = ThreadPoolExecutor(LOCAL_IO_THREADS, thread_name_prefix="bdn-io")
@@ -434,6 +475,30 @@ class Engine:
         self._dns_task: asyncio.Task[None] | None = None
         if self.ring is not None and options.peers_dns:
             self._dns_task = asyncio.create_task(self._refresh_peers())
+        # Node-to-node sharing: chunks verified here, not yet announced to their pods.
+        self._held: list[Digest] = []
+        self._held_event = asyncio.Event()
+        self._announce_task: asyncio.Task[None] | None = None
+        if self.ring is not None and options.peer_advertise:
+            self._announce_task = asyncio.create_task(self._announce_holders())
+
+    def note_held(self, digest: Digest) -> None:
+        """A chunk is verified in the node cache: announce it (sharing on)."""
+        if self._announce_task is not None:
+            self._held.append(digest)
+            self._held_event.set()
+
+    async def _announce_holders(self) -> None:
+        """Announce verified chunks to their owning pods, batched every
+        ``HOLDERS_ANNOUNCE_S`` (so a pull of 1000 chunks is a handful of requests)."""
+        assert self.ring is not None and self.options.peer_advertise
+        while True:
+            await self._held_event.wait()
+            self._held_event.clear()
+            batch, self._held = self._held, []
+            with contextlib.suppress(Exception):
+                await self.ring.announce_holders(self.options.peer_advertise, batch)
+            await asyncio.sleep(HOLDERS_ANNOUNCE_S)  # batching interval, not a wait-for
 
     async def _refresh_peers(self) -> None:
         """Keep the ring's DNS peers fresh; fetch threads read ``ring.owners`` directly."""
@@ -451,6 +516,8 @@ class Engine:
     async def close(self) -> None:
         if self._dns_task is not None:
             self._dns_task.cancel()
+        if self._announce_task is not None:
+            self._announce_task.cancel()
         for job in list(self.jobs.values()):
             job.task.cancel()
         for pull in list(self.pulls.values()):
@@ -580,7 +647,9 @@ class Engine:
                 else:
                     digest = Digest.parse(str(await self.ring.resolve_ref(name)))
                 data = await self.ring.get_manifest_bytes(digest)
-                return digest, parse_manifest(data, expect=digest)
+                manifest = parse_manifest(data, expect=digest)
+                self.ring.remember(digest, manifest)
+                return digest, manifest
             except BdnError:
                 if self.store is None or self.options.strict:
                     raise
@@ -589,6 +658,8 @@ class Engine:
                             "client")
         store = self.store
         result: tuple[Digest, Manifest] = await self.io(store.resolve, name)
+        if self.ring is not None:
+            self.ring.remember(*result)
         return result
 
     # -- pulls ---------------------------------------------------------------------------
@@ -946,22 +1017,18 @@ class Engine:
         return "\n".join(lines) + "\n"
 
 
-def _make_ring_client(options: AgentOptions, store: BlobStore | None) -> Any:
-    """The cluster cache's ring client when ``cache/client.py`` exists and peers are set."""
+def _make_ring_client(options: AgentOptions, store: BlobStore | None,
+                      suspicion: Suspicion) -> RingClient | None:
+    """The one ring (peer list, DNS refresh, placement) when cache peers are set.
+
+    Manifests and refs are asked with the chunks' deadlines: a hung pod costs a
+    first-byte deadline (the read timeout of a small answer) before the next is asked.
+    """
     if not options.peers and not options.peers_dns:
         return None
-    try:
-        from cache.client import RingClient, RingClientOptions
-    except ImportError:
-        return None
-    try:
-        ring_options = RingClientOptions(
-            peers=options.peers, dns_name=options.peers_dns,
-            dns_port=options.peers_dns_port, strict_origin=options.strict,
-            connect_timeout_s=options.connect_timeout_s,
-            read_timeout_s=options.read_timeout_s, retry=options.retry)
-        return RingClient(ring_options, store)
-    except (TypeError, ValueError, BdnError) as e:
-        log.warning("cluster cache ring client unavailable (%s); using rendezvous order", e)
-        return None
-
+    ring_options = RingClientOptions(
+        peers=options.peers, dns_name=options.peers_dns,
+        dns_port=options.peers_dns_port, strict_origin=options.strict,
+        connect_timeout_s=options.connect_timeout_s,
+        read_timeout_s=options.first_byte_timeout_s, retry=options.retry)
+    return RingClient(ring_options, store, suspicion=suspicion)

@@ -3,12 +3,22 @@
 Sources for a chunk: the peers in ring order for its digest (the owner first, so the
 cluster cache fills each object on one pod), then — unless strict — the blob store.
 Which source to ask next, and when, is decided by the pure policy in
-``agent/fetchpolicy.py`` from the answers so far: a corrupt or truncated answer is
-reported to the peer that sent it (through ``on_answer``, before the chunk is asked
-again, so the cache can drop its bad copy first) and the chunk is asked of the next
-peer, then the store, then the same peer again, up to a bounded number of tries; a
-``503`` with ``Retry-After`` is waited out within a bounded total wait. When the budget
-is spent the error names the chunk, every source asked and what each answered.
+``agent/fetchpolicy.py`` from the answers so far and the peers under suspicion: a
+corrupt or truncated answer is reported to the peer that sent it (through
+``on_answer``, before the chunk is asked again, so the cache can drop its bad copy
+first) and the chunk is asked of the next peer, then the store, then the same peer
+again, up to a bounded number of tries; a ``503`` with ``Retry-After`` is waited out
+within a bounded total wait. When the budget is spent the error names the chunk, every
+source asked and what each answered.
+
+No hung peer stalls a chunk: each request has a connect timeout, a first-byte deadline
+(the response head) and a stall detector (no byte for a period derived from the
+throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`). Past the first-byte
+deadline the request is *hedged*: the same chunk is asked of the next untried peer and
+whichever starts answering first is read, the other cancelled (its connection closed).
+A stalled transfer is abandoned and re-asked at once. Either way the slow peer is
+suspected across chunks (:class:`cache.suspicion.Suspicion`), so a hung owner costs
+about one deadline per probe, not a read timeout per chunk.
 
 Why blocking threads and ``http.client`` rather than asyncio: on this path Python's
 per-byte cost decides throughput. ``HTTPResponse.readinto`` receives straight into a
@@ -24,16 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import logging
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import blake3
-import xxhash
 import zstandard
 
 from agent.errors import FetchError, StrictOriginError
@@ -44,15 +55,20 @@ from agent.fetchpolicy import (
     MISSING,
     OK,
     STORE,
+    SUSPICIOUS,
+    TIMEOUT,
     TRUNCATED,
     Answer,
+    Suspicion,
     next_source,
+    stall_timeout_s,
     summarize,
 )
 from agent.options import AgentOptions
 from bdn.errors import BdnError, NotFoundError
 from bdn.retry import is_retryable_status, parse_retry_after
 from bdn.store import BlobStore, object_key
+from cache.suspicion import TRUSTED
 from manifests.digest import Digest
 from manifests.errors import IntegrityError
 from manifests.manifest import ENCODING_RAW, MAX_CHUNK_BYTES, Chunk
@@ -60,10 +76,19 @@ from manifests.manifest import ENCODING_RAW, MAX_CHUNK_BYTES, Chunk
 log = logging.getLogger(__name__)
 
 OBJECTS_PATH = "/v1/objects/"
+HOLDERS_PATH = "/v1/holders/"
+# A holders answer is a few URLs; more than this is not a holders answer.
+MAX_HOLDERS_ANSWER_BYTES = 64 * 1024
+# Peer agents asked for one chunk before the cache pods (the pod hands out 2).
+MAX_HOLDERS_ASKED = 2
 BUFFER_GRAIN_BYTES = 1024 * 1024
 # A pool keeps this many idle buffers of one size class; beyond, they are freed.
 MAX_IDLE_BUFFERS_PER_SIZE = 32
 MISSING_STATUSES = (404, 410)
+# Weight of the newest transfer in the throughput average the stall period follows.
+RATE_EWMA_WEIGHT = 0.2
+# Transfers smaller than this say more about latency than throughput: not averaged.
+STALL_MIN_SAMPLE_BYTES = 256 * 1024
 
 OwnersFn = Callable[[Digest], Sequence[str]]
 # Called on the fetch thread after every answer (the engine counts it, and reports a
@@ -77,16 +102,6 @@ def verify_chunk_bytes(chunk: Chunk, view: memoryview, where: str) -> None:
     actual = blake3.blake3(view, max_threads=1).hexdigest()
     if actual != chunk.digest.hex:
         raise IntegrityError(str(chunk.digest), f"b3:{actual}", where=where)
-
-
-def rendezvous_order(peers: Sequence[str], digest: Digest) -> list[str]:
-    """Peers by highest-random-weight for ``digest`` (the owner first); pure.
-
-    Used only when the cluster cache's own ring client (``cache/client.py``) is absent;
-    with it, its ``owners`` decides, so agent and cache agree on placement.
-    """
-    return sorted(peers, key=lambda p: xxhash.xxh3_64_intdigest(f"{p}|{digest.hex}".encode()),
-                  reverse=True)
 
 
 def buffer_size(n: int) -> int:
@@ -158,7 +173,7 @@ class BufferPool:
 
 @dataclass
 class FetchResult:
-    tier: str                       # "cluster" or "store"
+    tier: str                       # "peer", "cluster" or "store"
     peer: str | None
     answers: list[Answer] = field(default_factory=list)
 
@@ -166,6 +181,17 @@ class FetchResult:
     def bad_peers(self) -> list[str]:
         return [a.source for a in self.answers if a.outcome in (CORRUPT, TRUNCATED)
                 and a.source != STORE]
+
+
+def _first_ready(waiting: Sequence[tuple[str, http.client.HTTPConnection]],
+                 timeout_s: float) -> tuple[str, http.client.HTTPConnection] | None:
+    """The first of the sent requests whose socket has something to read (the start of
+    an answer, or its end) within ``timeout_s``; None when none has."""
+    socks = {c.sock.fileno(): (peer, c) for peer, c in waiting if c.sock is not None}
+    if not socks:
+        return waiting[0] if waiting else None  # no socket: let the read report it
+    readable, _, _ = select.select(list(socks), [], [], timeout_s)
+    return socks[readable[0]] if readable else None
 
 
 class _Answered(Exception):
@@ -182,12 +208,21 @@ class Fetcher:
     """Fetches chunks into buffers and verifies them. Safe to call from many threads."""
 
     def __init__(self, options: AgentOptions, store: BlobStore | None,
-                 owners: OwnersFn | None = None, on_answer: AnswerFn | None = None
-                 ) -> None:
+                 owners: OwnersFn | None = None, on_answer: AnswerFn | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 suspicion: Suspicion | None = None) -> None:
         self.options = options
         self.store = store
-        self._owners = owners or (lambda d: rendezvous_order(options.peers, d))
+        # The owners come from the one ring (cache/client.py's RingClient.owners); no
+        # ring (no cache peers) means no peers to ask.
+        self._owners: OwnersFn = owners or (lambda d: [])
         self._on_answer = on_answer
+        self._clock = clock
+        self.suspicion = suspicion or Suspicion(options.suspect_s)
+        # Observed peer throughput (bytes/s, EWMA over finished transfers) for the
+        # stall period; None until one finished.
+        self.rate_bytes_per_s: float | None = None
+        self._rate_lock = threading.Lock()
         self._local = threading.local()
         self._rng = random.Random()
         # Set when the agent stops: a chunk waiting out a backoff gives up at once.
@@ -221,43 +256,120 @@ class Fetcher:
         if conn is not None:
             conn.close()
 
-    def close_thread_connections(self) -> None:
-        for peer in list(self._local.__dict__.get("conns", {})):
-            self._drop(peer)
-
     # -- one chunk -------------------------------------------------------------------
 
     def sources(self, chunk: Chunk) -> list[str]:
-        out = list(self._owners(chunk.digest))
+        """Where to ask, best first (see :meth:`plan_sources`)."""
+        return self.plan_sources(chunk)[0]
+
+    def plan_sources(self, chunk: Chunk) -> tuple[list[str], frozenset[str]]:
+        """Where to ask, best first, and which of those are peer agents.
+
+        With node-to-node sharing on (``options.peer_advertise``), first the agents the
+        owning pod says hold the chunk (not suspected ones), then the ring's owners
+        (suspected ones moved behind the others), then the blob store unless strict.
+        """
+        now = self._clock()
+        owners = self.suspicion.order(list(self._owners(chunk.digest)), now)
+        holders: list[str] = []
+        if self.options.peer_advertise and owners:
+            holders = [h for h in self._holders(owners[0], chunk)
+                       if h not in owners and self.suspicion.state(h, now) == TRUSTED]
+        out = holders + owners
+        if self.store is not None and not self.options.strict:
+            out.append(STORE)
+        return out, frozenset(holders)
+
+    def sources_without_holders(self, chunk: Chunk) -> list[str]:
+        out = self.suspicion.order(list(self._owners(chunk.digest)), self._clock())
         if self.store is not None and not self.options.strict:
             out.append(STORE)
         return out
 
+    def _holders(self, owner: str, chunk: Chunk) -> list[str]:
+        """Agents the owning pod says hold ``chunk`` (best effort: [] on any failure)."""
+        me = self.options.peer_advertise or ""
+        path = (urlsplit(owner).path.rstrip("/") + HOLDERS_PATH + str(chunk.digest)
+                + "?exclude=" + quote(me, safe=""))
+        try:
+            conn = self._conn(owner)
+            conn.request("GET", path)
+            if conn.sock is not None:
+                conn.sock.settimeout(self.options.first_byte_timeout_s)
+            resp = conn.getresponse()
+            data = resp.read(MAX_HOLDERS_ANSWER_BYTES)
+            if resp.status != 200:
+                if resp.will_close:
+                    self._drop(owner)
+                return []
+            found = json.loads(data).get("holders", [])
+        except TimeoutError:
+            self._drop(owner)
+            self.suspicion.failed(owner, self._clock())
+            return []
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            self._drop(owner)
+            return []
+        if not isinstance(found, list):
+            return []
+        return [h.rstrip("/") for h in found[:MAX_HOLDERS_ASKED]
+                if isinstance(h, str) and h.startswith(("http://", "https://"))
+                and h.rstrip("/") != me]
+
+    def stall_s(self) -> float:
+        return stall_timeout_s(self.rate_bytes_per_s, floor_s=self.options.stall_timeout_s,
+                               ceiling_s=self.options.read_timeout_s)
+
+    def _observe(self, n: int, seconds: float) -> None:
+        if n < STALL_MIN_SAMPLE_BYTES or seconds <= 0:
+            return
+        rate = n / seconds
+        with self._rate_lock:
+            old = self.rate_bytes_per_s
+            self.rate_bytes_per_s = rate if old is None else (
+                old + RATE_EWMA_WEIGHT * (rate - old))
+
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:
         """Fill ``buf[:chunk.length]`` with the chunk's verified bytes (blocking)."""
         view = buf[:chunk.length]
-        sources = self.sources(chunk)
+        sources, peers = self.plan_sources(chunk)
         budget = self.options.chunk_budget
         history: list[Answer] = []
         while True:
-            now = time.monotonic()
+            now = self._clock()
+            if history and history[-1].outcome == TIMEOUT:
+                # The hung source goes behind the others (holders are not looked up
+                # again: the ones found are still in ``peers``).
+                sources = [s for s in sources if s in peers] + [
+                    s for s in self.sources_without_holders(chunk) if s not in peers]
             step = next_source(history, sources, budget, now_s=now,
                                draw=self._rng.random())
             if step.source is None:
                 raise self._give_up(chunk, sources, history, step.reason)
             if self.closing or (step.at_s > now and self._closing.wait(step.at_s - now)):
                 raise self._give_up(chunk, sources, history, "the agent is stopping")
-            answer = self._ask(step.source, chunk, view)
-            history.append(answer)
-            if answer.outcome != OK:
-                log.warning("chunk %s: %s answered %s: %s", chunk.digest, answer.source,
-                            answer.outcome, answer.detail)
-            if self._on_answer is not None:
-                self._on_answer(chunk, answer, len(history) > 1)
-            if answer.outcome == OK:
-                if answer.source == STORE:
-                    return FetchResult(tier="store", peer=None, answers=history)
-                return FetchResult(tier="cluster", peer=answer.source, answers=history)
+            # A peer that misses its first-byte deadline is hedged with the next
+            # untried peer: whichever answers first is read, the other cancelled.
+            backup = None if step.source == STORE else next(
+                (s for s in sources if s not in (step.source, STORE)
+                 and all(a.source != s for a in history)), None)
+            for answer in self._ask(step.source, chunk, view, backup):
+                history.append(answer)
+                if answer.source != STORE:
+                    if answer.outcome in SUSPICIOUS:
+                        self.suspicion.failed(answer.source, answer.ended_s)
+                    else:
+                        self.suspicion.answered(answer.source)
+                if answer.outcome != OK:
+                    log.warning("chunk %s: %s answered %s: %s", chunk.digest,
+                                answer.source, answer.outcome, answer.detail)
+                if self._on_answer is not None:
+                    self._on_answer(chunk, answer, len(history) > 1)
+                if answer.outcome == OK:
+                    if answer.source == STORE:
+                        return FetchResult(tier="store", peer=None, answers=history)
+                    tier = "peer" if answer.source in peers else "cluster"
+                    return FetchResult(tier=tier, peer=answer.source, answers=history)
 
     def _give_up(self, chunk: Chunk, sources: Sequence[str], history: Sequence[Answer],
                  reason: str) -> FetchError:
@@ -273,41 +385,132 @@ class Fetcher:
         return FetchError(f"no tier delivered {what}", digest=str(chunk.digest),
                           attempts=attempts)
 
-    def _ask(self, source: str, chunk: Chunk, view: memoryview) -> Answer:
-        started = time.monotonic()
+    def _ask(self, source: str, chunk: Chunk, view: memoryview,
+             backup: str | None = None) -> list[Answer]:
+        """Ask ``source`` for the chunk; the answers that came of it, oldest first.
+
+        A peer that sends no first byte within the deadline is hedged: the same chunk
+        is asked of ``backup`` (the next untried peer) and whichever starts answering
+        first is read; the other request is cancelled (its connection closed). A
+        source that lost to its backup is answered :data:`TIMEOUT` (and suspected).
+        """
+        if source == STORE:
+            where = f"chunk from blob store {self.store.url if self.store else ''}"
+            return [self._classify(STORE, self._clock(), chunk, view,
+                                   lambda: self._from_store(chunk, view), where)]
+        started = self._clock()
+        sent = self._send(source, chunk)
+        if isinstance(sent, Answer):
+            return [sent]
+        deadline_s = self.options.first_byte_timeout_s
+        if _first_ready([(source, sent)], deadline_s) is not None:
+            return [self._receive_answer(source, sent, started, chunk, view)]
+        if backup is None:
+            self._drop(source)
+            return [Answer(source, TIMEOUT, started, self._clock(),
+                           f"no answer within the first-byte deadline of {deadline_s:g} s")]
+        log.info("chunk %s: %s sent no first byte within %g s; hedging with %s",
+                 chunk.digest, source, deadline_s, backup)
+        b_started = self._clock()
+        b_sent = self._send(backup, chunk)
+        waiting = [(source, sent)]
+        failed: list[Answer] = []
+        if isinstance(b_sent, Answer):
+            failed.append(b_sent)
+        else:
+            waiting.append((backup, b_sent))
+        won = _first_ready(waiting, deadline_s)
+        if won is None:
+            for peer, _ in waiting:
+                self._drop(peer)
+            now = self._clock()
+            out = [Answer(source, TIMEOUT, started, now, f"no answer within the "
+                          f"first-byte deadline of {deadline_s:g} s, nor from {backup}")]
+            if not failed:
+                failed.append(Answer(backup, TIMEOUT, b_started, now, "no answer within "
+                                     f"the first-byte deadline of {deadline_s:g} s"))
+            return out + failed
+        winner, conn = won
+        for peer, _ in waiting:
+            if peer != winner:
+                self._drop(peer)  # cancel the slower request
+        if winner == source:
+            return [*failed, self._receive_answer(source, conn, started, chunk, view)]
+        lost = Answer(source, TIMEOUT, started, self._clock(),
+                      f"no first byte within {deadline_s:g} s; {backup} answered first")
+        return [lost, self._receive_answer(backup, conn, b_started, chunk, view)]
+
+    def _send(self, peer: str, chunk: Chunk) -> http.client.HTTPConnection | Answer:
+        """Send the chunk's request to ``peer``; the connection, or what went wrong."""
+        started = self._clock()
+        conn = self._conn(peer)
+        if conn.sock is not None and _first_ready([(peer, conn)], 0) is not None:
+            # An idle kept-alive connection with something to read was closed by the
+            # server (its idle timeout): not the peer's fault, reconnect.
+            self._drop(peer)
+            conn = self._conn(peer)
+        path = urlsplit(peer).path.rstrip("/") + OBJECTS_PATH + str(chunk.digest)
         try:
-            if source == STORE:
-                self._from_store(chunk, view)
-                where = f"chunk from blob store {self.store.url if self.store else ''}"
-            else:
-                self._from_peer(source, chunk, view)
-                where = f"chunk from cache peer {source}"
+            conn.request("GET", path, headers={"Range": f"bytes=0-{chunk.length - 1}",
+                                               "Accept-Encoding": "identity"})
+        except TimeoutError:
+            self._drop(peer)
+            return Answer(peer, TIMEOUT, started, self._clock(), f"no connection within "
+                          f"{self.options.connect_timeout_s:g} s")
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(peer)
+            return Answer(peer, ERROR, started, self._clock(), f"{type(e).__name__}: {e}")
+        return conn
+
+    def _receive_answer(self, peer: str, conn: http.client.HTTPConnection, started: float,
+                        chunk: Chunk, view: memoryview) -> Answer:
+        return self._classify(peer, started, chunk, view,
+                              lambda: self._receive(peer, conn, chunk, view),
+                              f"chunk from peer {peer}")
+
+    def _classify(self, source: str, started: float, chunk: Chunk, view: memoryview,
+                  work: Callable[[], None], where: str) -> Answer:
+        """Run ``work`` (fill ``view``), verify the bytes, and classify what happened."""
+        try:
+            work()
             verify_chunk_bytes(chunk, view, where)
         except IntegrityError as e:
-            return Answer(source, CORRUPT, started, time.monotonic(), str(e))
+            return Answer(source, CORRUPT, started, self._clock(), str(e))
         except zstandard.ZstdError as e:
-            return Answer(source, CORRUPT, started, time.monotonic(),
+            return Answer(source, CORRUPT, started, self._clock(),
                           f"zstd object does not decode: {e}")
         except _Answered as e:
-            return Answer(source, e.outcome, started, time.monotonic(), str(e),
+            return Answer(source, e.outcome, started, self._clock(), str(e),
                           retry_after_s=e.retry_after_s)
         except NotFoundError as e:
-            return Answer(source, MISSING, started, time.monotonic(), str(e))
+            return Answer(source, MISSING, started, self._clock(), str(e))
+        except TimeoutError as e:
+            if source != STORE:
+                self._drop(source)
+            return Answer(source, TIMEOUT, started, self._clock(), str(e) or "timed out")
         except (OSError, http.client.HTTPException, BdnError, ValueError) as e:
             if source != STORE:
                 self._drop(source)
-            return Answer(source, ERROR, started, time.monotonic(),
+            return Answer(source, ERROR, started, self._clock(),
                           f"{type(e).__name__}: {e}")
-        return Answer(source, OK, started, time.monotonic())
+        ended = self._clock()
+        if source != STORE:
+            self._observe(chunk.length, ended - started)
+        return Answer(source, OK, started, ended)
 
-    def _from_peer(self, peer: str, chunk: Chunk, view: memoryview) -> None:
-        conn = self._conn(peer)
-        path = urlsplit(peer).path.rstrip("/") + OBJECTS_PATH + str(chunk.digest)
-        conn.request("GET", path, headers={"Range": f"bytes=0-{chunk.length - 1}",
-                                           "Accept-Encoding": "identity"})
+    def _receive(self, peer: str, conn: http.client.HTTPConnection, chunk: Chunk,
+                 view: memoryview) -> None:
+        """Read the answer to a request :meth:`_send` sent (its first byte is there)."""
         if conn.sock is not None:
-            conn.sock.settimeout(self.options.read_timeout_s)
-        resp = conn.getresponse()
+            conn.sock.settimeout(self.options.first_byte_timeout_s)
+        try:
+            resp = conn.getresponse()
+        except TimeoutError:
+            raise TimeoutError(f"the response head did not arrive within "
+                               f"{self.options.first_byte_timeout_s:g} s") from None
+        stall_s = self.stall_s()
+        if conn.sock is not None:
+            conn.sock.settimeout(stall_s)
         if resp.status not in (200, 206):
             resp.read(64 * 1024)
             if resp.will_close:
@@ -349,6 +552,10 @@ class Fetcher:
                 if not n:
                     break
                 got += n
+        except TimeoutError:
+            self._drop(peer)
+            raise TimeoutError(f"stalled: no byte for {stall_s:.1f} s after {got} of "
+                               f"{chunk.length} bytes") from None
         except (OSError, http.client.HTTPException) as e:
             self._drop(peer)
             if not got:

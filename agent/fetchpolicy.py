@@ -17,7 +17,17 @@ sockets (``agent/fetch.py`` does the I/O and the sleeping). The rules:
   only the total waiting bounds it — ``wait_max_s`` over the whole chunk — so a store blip
   of a few seconds behind the cache does not fail a pull, and a dead store still does.
 * Other answers are spaced by the backoff policy's capped, jittered delay
-  (``bdn.retry.RetryPolicy``); the random ``draw`` is an input.
+  (``bdn.retry.RetryPolicy``); the random ``draw`` is an input. A timeout is the
+  exception: the peer that hung is not asked again before every other source had its
+  turn, and the next source is asked at once (the *hedge*: a hung owner costs one
+  first-byte deadline, not a backoff on top).
+
+Across chunks, :class:`cache.suspicion.Suspicion` (one per agent, shared with the ring
+client, so a pod that hung on a manifest is passed over for chunks too) moves a peer
+that timed out or failed behind the trusted sources for a while, then lets one chunk
+probe it. :func:`stall_timeout_s` derives how long a transfer may go without a byte
+from the throughput seen so far, within a floor and a ceiling. Like
+:func:`next_source`, both take ``now`` as an input: tested with a fake clock.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from bdn.retry import RetryPolicy
+from cache.suspicion import DEFAULT_SUSPECT_S, MAX_SUSPECT_S, Suspicion
 
 STORE = "store"  # the blob store, as a source name beside the peers' URLs
 
@@ -36,9 +47,14 @@ TRUNCATED = "truncated"  # the body ended (or the connection dropped) before its
 BUSY = "busy"            # 429/503 with Retry-After: ask again later, not a fault
 ERROR = "error"          # transport failure or another HTTP status
 MISSING = "missing"      # 404/410: the source does not have the object
-OUTCOMES = (OK, CORRUPT, TRUNCATED, BUSY, ERROR, MISSING)
+# No connection within the connect timeout, no first byte by the first-byte deadline,
+# or no byte for the stall period: the source may be hung (SIGSTOP, a vanished node).
+TIMEOUT = "timeout"
+OUTCOMES = (OK, CORRUPT, TRUNCATED, BUSY, ERROR, MISSING, TIMEOUT)
 # Answers that use up one of a source's tries.
-FAULTS = (CORRUPT, TRUNCATED, ERROR)
+FAULTS = (CORRUPT, TRUNCATED, ERROR, TIMEOUT)
+# Answers that make a peer suspected across chunks; any other answer trusts it again.
+SUSPICIOUS = (TIMEOUT, ERROR)
 # Answers that say the source served bad bytes: reported to the cache that sent them.
 BAD_BYTES = (CORRUPT, TRUNCATED)
 # A busy server that sends ``Retry-After: 0`` (or none we can read) is still not asked
@@ -48,6 +64,11 @@ DEFAULT_TRIES_PER_SOURCE = 3
 DEFAULT_WAIT_MAX_S = 30.0
 DEFAULT_BACKOFF = RetryPolicy(attempts=DEFAULT_TRIES_PER_SOURCE, base_delay_s=0.1,
                               max_delay_s=2.0)
+# A transfer is stalled when no byte came for the time the observed throughput needs
+# for this many bytes, times STALL_SLOWDOWN — never less than the floor (a loaded
+# node's scheduling hiccups) nor more than the ceiling (the read timeout).
+STALL_BLOCK_BYTES = 1024 * 1024
+STALL_SLOWDOWN = 8.0
 
 
 @dataclass(frozen=True)
@@ -122,7 +143,12 @@ def next_source(history: Sequence[Answer], sources: Sequence[str],
             continue
         if sum(1 for a in mine if a.outcome in FAULTS) >= budget.tries_per_source:
             continue
-        at = max(now_s, _ready_at(mine, budget, draw)) if mine else now_s
+        if not mine:
+            at = now_s
+        elif mine[-1].outcome == TIMEOUT:
+            at = now_s  # hedge: re-ask at once (it is sorted behind untried sources)
+        else:
+            at = max(now_s, _ready_at(mine, budget, draw))
         candidates.append((len(mine), at, rank, source))
     if not candidates:
         return Step(None, now_s, f"no source left to ask (up to "
@@ -135,6 +161,21 @@ def next_source(history: Sequence[Answer], sources: Sequence[str],
             return Step(source, at)
     return Step(None, now_s, f"the next try would pass the wait budget of "
                              f"{budget.wait_max_s:g} s (waited {spent:.1f} s)")
+
+
+def stall_timeout_s(rate_bytes_per_s: float | None, *, floor_s: float,
+                    ceiling_s: float) -> float:
+    """How long a transfer may go without a byte before it counts as stalled.
+
+    ``rate_bytes_per_s``: the throughput observed on earlier transfers (None before the
+    first): the time it needs for :data:`STALL_BLOCK_BYTES`, times
+    :data:`STALL_SLOWDOWN`, clamped to ``[floor_s, ceiling_s]``; the floor before any
+    transfer finished (a stall is *no* byte at all, which a live link does not show).
+    """
+    if rate_bytes_per_s is None or rate_bytes_per_s <= 0:
+        return min(floor_s, ceiling_s)
+    wanted = STALL_SLOWDOWN * STALL_BLOCK_BYTES / rate_bytes_per_s
+    return max(floor_s, min(ceiling_s, wanted))
 
 
 def summarize(history: Sequence[Answer]) -> str:
@@ -152,3 +193,9 @@ def summarize(history: Sequence[Answer]) -> str:
         last = answers[-1].detail
         parts.append(f"{name} answered {said}" + (f" (last: {last})" if last else ""))
     return "; ".join(parts) or "no source was asked"
+
+
+__all__ = ["BAD_BYTES", "BUSY", "CORRUPT", "DEFAULT_SUSPECT_S", "ERROR", "FAULTS",
+           "MAX_SUSPECT_S", "MISSING", "OK", "OUTCOMES", "STORE", "SUSPICIOUS", "TIMEOUT",
+           "TRUNCATED", "Answer", "ChunkRetryBudget", "Step", "Suspicion", "next_source",
+           "stall_timeout_s", "summarize", "waited_s"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.fetchpolicy import (
     DEFAULT_BACKOFF,
+    DEFAULT_SUSPECT_S,
     DEFAULT_TRIES_PER_SOURCE,
     DEFAULT_WAIT_MAX_S,
     ChunkRetryBudget,
@@ -22,8 +23,24 @@ from bdn.retry import RetryPolicy
 GiB = 1024 * 1024 * 1024
 MAX_BYTES_IN_FLIGHT = 1 * GiB
 MAX_CONNECTIONS = 16
-CONNECT_TIMEOUT_S = 5.0
+# A peer on the cluster network connects in well under a millisecond; past this it is
+# gone (a vanished node drops SYNs) and the next owner is asked.
+CONNECT_TIMEOUT_S = 1.0
+# The response headers of a chunk must arrive within this: a cache pod answers a miss
+# as soon as its store read starts (it streams the fill), so only a hung pod (SIGSTOP,
+# a wedged process whose kernel still accepts) misses it. The bound: a hung pod
+# costs a pull at most ~2 s more than a pod that is gone.
+FIRST_BYTE_TIMEOUT_S = 1.5
+# A transfer with no byte for this long (at least; longer when the throughput seen so
+# far is slow, see agent/fetchpolicy.py's stall_timeout_s) is abandoned and re-asked.
+STALL_TIMEOUT_S = 2.0
+# The most any single read may wait (the stall detector's ceiling).
 READ_TIMEOUT_S = 60.0
+# A peer that timed out or failed is passed over this long, doubling per failed probe.
+SUSPECT_S = DEFAULT_SUSPECT_S
+# Node-to-node sharing: the peer listener's conventional port and upload concurrency.
+PEER_PORT = 7471
+PEER_MAX_UPLOADS = 8
 # The backoff between tries of one chunk (and the ring client's rounds for manifests);
 # how many tries and how much waiting a chunk gets are the chunk_* options below, applied
 # by ``agent/fetchpolicy.py``.
@@ -51,7 +68,10 @@ class AgentOptions:
     max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT
     max_connections: int = MAX_CONNECTIONS
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S
+    stall_timeout_s: float = STALL_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
+    suspect_s: float = SUSPECT_S
     retry: RetryPolicy = field(default_factory=lambda: DEFAULT_RETRY)
     chunk_tries_per_source: int = CHUNK_TRIES_PER_SOURCE
     chunk_retry_wait_max_s: float = CHUNK_RETRY_WAIT_MAX_S
@@ -62,6 +82,14 @@ class AgentOptions:
     verify_files: bool = False
     # Default place for mounts of requests that give relative mount locations.
     mount_root: Path | None = None
+    # Node-to-node sharing: where this agent serves verified chunks to other agents
+    # (HOST:PORT, agent/peerserver.py) and the URL other agents reach it at. With an
+    # advertised URL the agent announces the chunks it holds to their owning cache pods
+    # and asks the holders those pods name before the pods themselves.
+    peer_listen: str | None = None
+    peer_advertise: str | None = None
+    peer_max_uploads: int = PEER_MAX_UPLOADS
+    peer_upload_rate_bytes_per_s: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
@@ -72,8 +100,18 @@ class AgentOptions:
             raise ValueError("AgentOptions.max_bytes_in_flight must be ≥ 1 MiB")
         if not 1 <= self.max_connections <= 1024:
             raise ValueError("AgentOptions.max_connections must be in [1, 1024]")
-        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
-            raise ValueError("AgentOptions timeouts must be > 0")
+        for name in ("connect_timeout_s", "first_byte_timeout_s", "stall_timeout_s",
+                     "read_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value <= 3600:
+                raise ValueError(f"AgentOptions.{name} must be in (0, 3600] seconds, "
+                                 f"got {value}")
+        if self.stall_timeout_s > self.read_timeout_s:
+            raise ValueError(f"AgentOptions.stall_timeout_s ({self.stall_timeout_s}) must "
+                             f"be ≤ read_timeout_s ({self.read_timeout_s})")
+        if not 0 <= self.suspect_s <= 3600:
+            raise ValueError(f"AgentOptions.suspect_s must be in [0, 3600] seconds, got "
+                             f"{self.suspect_s}")
         if not 1 <= self.chunk_tries_per_source <= 100:
             raise ValueError("AgentOptions.chunk_tries_per_source must be in [1, 100], got "
                              f"{self.chunk_tries_per_source}")
@@ -85,7 +123,21 @@ class AgentOptions:
                 raise ValueError(f"peer {p!r} must be an http:// or https:// URL")
         if not 0 < self.peers_dns_port < 65536:
             raise ValueError("AgentOptions.peers_dns_port must be in 1..65535")
+        if self.peer_advertise is not None:
+            object.__setattr__(self, "peer_advertise", self.peer_advertise.rstrip("/"))
+            if not self.peer_advertise.startswith(("http://", "https://")):
+                raise ValueError(f"AgentOptions.peer_advertise must be an http(s):// URL, "
+                                 f"got {self.peer_advertise!r}")
+        if not 1 <= self.peer_max_uploads <= 4096:
+            raise ValueError(f"AgentOptions.peer_max_uploads must be in [1, 4096], got "
+                             f"{self.peer_max_uploads}")
+        if self.peer_upload_rate_bytes_per_s < 0:
+            raise ValueError("AgentOptions.peer_upload_rate_bytes_per_s must be ≥ 0 "
+                             "(0: unlimited)")
         has_peers = bool(self.peers) or bool(self.peers_dns)
+        if self.peer_advertise and not has_peers:
+            raise ValueError("node-to-node sharing (--peer-advertise) needs cache peers "
+                             "(--peers or --peers-dns): they keep the record of holders")
         if self.strict and not has_peers:
             raise ValueError("strict mode needs at least one cache peer (--peers)")
         if not has_peers and not self.store_url:

@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        "single-flight fills, byte ranges, disk LRU)")
     p.add_argument("--store", default=None,
                    help="blob store URL or folder (default: $BDN_STORE or ~/.bdn/store)")
+    p.add_argument("--store-endpoint-url", default=None,
+                   help="S3/GCS endpoint of an s3:// or gs:// store (as bdn mirror)")
+    p.add_argument("--store-secret", default=None,
+                   help="secret name holding the store's credentials (as bdn mirror)")
+    p.add_argument("--secrets-dir", default=None,
+                   help="folder with one file per secret (default: $BDN_SECRETS_DIR)")
     p.add_argument("--dir", required=True, help="cache folder (objects + LMDB index)")
     p.add_argument("--budget-bytes", required=True, type=parse_bytes,
                    help="most object bytes kept on disk, e.g. 500G")
@@ -98,4 +104,12 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
             **({} if args.workers is None else {"workers": args.workers}))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return serve(options, ListenAddress.parse(args.listen))
+    store = None
+    if args.store_endpoint_url or args.store_secret:
+        # Built by the function `bdn mirror` uses, so the same flags mean the same.
+        from bdn.cli_store import open_store
+
+        store = open_store(argparse.Namespace(
+            store=options.store_url, store_endpoint_url=args.store_endpoint_url,
+            store_secret=args.store_secret, secrets_dir=args.secrets_dir))
+    return serve(options, ListenAddress.parse(args.listen), store)

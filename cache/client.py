@@ -1,44 +1,39 @@
-"""The ring client: how a node agent reads objects from the cluster cache.
+"""The ring client: how a node agent reaches the cluster cache (owners, manifests, refs).
 
-Every object has an owner among the cache peers, chosen by rendezvous (highest random
-weight) hashing with xxh3 over ``(peer, digest)``: every client computes the same order
-from the same peer list, adding or removing a peer only moves the objects that peer owned,
-and the order after the owner is the failover order. Peers come from a static list or
-from the addresses a DNS name resolves to (a Kubernetes headless Service), re-resolved
-every ``dns_ttl_s``.
+Every object has an owner among the cache peers, chosen by the one placement function
+in :mod:`cache.ring` (xxh3 rendezvous; bounded loads over a manifest's chunks once the
+client has been told the manifest with :meth:`RingClient.remember`): every client
+computes the same order from the same peer list, and the order after the owner is the
+failover order. This class holds the one peer list: a static list plus the addresses a
+DNS name resolves to (a Kubernetes headless Service), re-resolved every ``dns_ttl_s``.
 
-A read tries the owner, then the next peers; a transport error, 408, 429 or 5xx moves on
-to the next peer at once (the object is cacheable anywhere). When every peer failed, the
-round is repeated after a capped, jittered backoff (``bdn.retry.RetryPolicy``, honouring
-``Retry-After``); after the last round the client reads the blob store directly, unless
-``strict_origin`` is set (then the store is never touched and the error names every peer
-tried). A 404 from a peer is final: peers read the same store.
+A request tries the owner, then the next peers (suspected ones last, see
+:mod:`cache.suspicion`); a transport error, a timeout, 408, 429 or 5xx moves on to the
+next peer at once. When every peer failed, the round is repeated after a capped,
+jittered backoff (``bdn.retry.RetryPolicy``, honouring ``Retry-After``); after the last
+round the client reads the blob store directly, unless ``strict_origin`` is set (then
+the store is never touched and the error names every peer tried). A 404 from a peer is
+final: peers read the same store.
 
-Bytes are not re-hashed here: the agent verifies every chunk it assembles and reports a
-bad copy with :meth:`RingClient.report_bad`. Manifests are small and verified here.
-
-Streaming: :meth:`RingClient.read_into` hands each block to a sink as it arrives
-(``sink(offset, data)``, offsets absolute in the object). After a failover the range is
-read again from ``start`` on the next peer — never stitched from two sources — so a sink
-must write by offset (``pwrite``), not append.
+What goes through here: manifests (verified here), refs, reports of bad copies and
+holders announcements. Chunk bytes do not: the agent fetches them on its own threads
+(``agent/fetch.py``) from the owners this client names, and verifies every one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
-import xxhash
 
 from bdn.errors import NotFoundError
 from bdn.retry import RetryPolicy, is_retryable_status, parse_retry_after
@@ -47,18 +42,24 @@ from cache.errors import (
     CacheError,
     CacheNotFoundError,
     CacheUnavailableError,
-    RangeNotSatisfiableError,
 )
+from cache.ring import (
+    Placement,
+    digest_key,
+    manifest_objects,
+    owners_of,
+    place,
+    ref_key,
+    rendezvous_order,
+)
+from cache.suspicion import Suspicion
 from manifests.digest import Digest
 from manifests.errors import DigestError, IntegrityError
-from manifests.manifest import ENCODING_RAW
+from manifests.manifest import Manifest
 from manifests.refs import Ref
 
 log = logging.getLogger(__name__)
 
-Tier = Literal["cluster", "store"]
-TIER_CLUSTER: Tier = "cluster"
-TIER_STORE: Tier = "store"
 DEFAULT_PORT = 8401
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_READ_TIMEOUT_S = 30.0
@@ -67,19 +68,13 @@ DEFAULT_DNS_TTL_S = 10.0
 # down is skipped at once, so a round only repeats when *every* peer failed.
 DEFAULT_RETRY = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=2.0)
 DEFAULT_MAX_CONNECTIONS = 64
-STREAM_BLOCK_BYTES = 1024 * 1024
 REPORT_TIMEOUT_S = 30.0
+# Chunks per holders announcement (the cache takes up to 4096).
+ANNOUNCE_BATCH = 1024
+# Manifests whose placement a client keeps (a node pulls a handful of models).
+REMEMBERED_MANIFESTS = 64
 
 T = TypeVar("T")
-Sink = Callable[[int, bytes], Awaitable[None] | None]
-
-
-def rendezvous_order(peers: Sequence[str], key: str) -> list[str]:
-    """Peers ordered by rendezvous weight for ``key`` (pure; ties broken by name)."""
-    k = key.encode()
-    scored = [(xxhash.xxh3_64_intdigest(p.encode() + b"\0" + k), p) for p in set(peers)]
-    scored.sort(key=lambda sp: (-sp[0], sp[1]))
-    return [p for _, p in scored]
 
 
 def _normalise_peer(url: str) -> str:
@@ -127,25 +122,6 @@ class RingClientOptions:
             raise ValueError("RingClientOptions.max_connections must be ≥ 1")
 
 
-@dataclass(frozen=True)
-class ReadResult:
-    """Bytes read, the tier that served them and the peer (None for the store)."""
-
-    data: bytes
-    tier: Tier
-    peer: str | None
-
-
-@dataclass(frozen=True)
-class ReadInfo:
-    """What :meth:`RingClient.read_into` delivered: ``length`` bytes from ``tier``."""
-
-    length: int
-    tier: Tier
-    peer: str | None
-    peers_failed: tuple[str, ...] = field(default=())
-
-
 class _PeerFailed(Exception):
     """One peer could not serve; try the next one."""
 
@@ -163,33 +139,6 @@ class _PeersExhausted(Exception):
         self.last_error = last_error
 
 
-class _Collector:
-    """A sink that assembles a range in memory; a restart from ``start`` truncates."""
-
-    def __init__(self, start: int) -> None:
-        self.start = start
-        self.buf = bytearray()
-
-    def __call__(self, offset: int, data: bytes) -> None:
-        rel = offset - self.start
-        if rel != len(self.buf):
-            del self.buf[rel:]
-        self.buf += data
-
-
-def _range_header(start: int, end: int | None) -> str | None:
-    if start == 0 and end is None:
-        return None
-    if end is None:
-        return f"bytes={start}-"
-    return f"bytes={start}-{end - 1}"
-
-
-async def _maybe_await(value: Awaitable[None] | None) -> None:
-    if inspect.isawaitable(value):
-        await value
-
-
 class RingClient:
     """Reads objects, manifests and refs through the cache ring (see module docstring).
 
@@ -199,7 +148,8 @@ class RingClient:
     """
 
     def __init__(self, options: RingClientOptions, store: BlobStore | None = None,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None,
+                 suspicion: Suspicion | None = None) -> None:
         if not options.peers and options.dns_name is None and (
                 options.strict_origin or store is None):
             raise ValueError("RingClient needs cache peers (peers or dns_name), or a store "
@@ -212,6 +162,16 @@ class RingClient:
         self._dns_resolved_at: float | None = None
         self._dns_lock = asyncio.Lock()
         self._rng = random.Random()
+        # Peers that timed out or failed are asked last for a while (cache/suspicion.py);
+        # the agent shares its fetcher's, so chunks and manifests agree.
+        self.suspicion = suspicion or Suspicion()
+        # Manifests this client was told about (newest last, at most REMEMBERED_MANIFESTS)
+        # and which of them each chunk key was last seen in; placements are recomputed
+        # when the peer set changes. Read from fetch threads: plain dict lookups, and a
+        # placement computed twice by a race is the same placement.
+        self._objects: dict[str, tuple[tuple[str, int], ...]] = {}
+        self._manifest_of: dict[str, str] = {}
+        self._placements: dict[str, Placement] = {}
 
     # -- peers ---------------------------------------------------------------------
 
@@ -221,8 +181,36 @@ class RingClient:
         return tuple(dict.fromkeys(self.options.peers + self._dns_peers))
 
     def owners(self, digest: Digest | str) -> list[str]:
-        """Peers in rendezvous order for ``digest`` (the owner first)."""
-        return rendezvous_order(self.peers, str(digest))
+        """Peers in failover order for ``digest`` (the owner first): the bounded-load
+        placement of the manifest it was last seen in, else plain rendezvous."""
+        key = digest_key(digest)
+        peers = self.peers
+        manifest = self._manifest_of.get(key)
+        if manifest is None:
+            return rendezvous_order(peers, key)
+        placement = self._placements.get(manifest)
+        if placement is None or set(placement.peers) != set(peers):
+            placement = place(peers, self._objects.get(manifest, ()))
+            self._placements[manifest] = placement
+        return owners_of(placement, peers, key)
+
+    def remember(self, manifest_digest: Digest | str, manifest: Manifest) -> None:
+        """Place ``manifest``'s chunks with bounded loads from now on (see
+        :mod:`cache.ring`); the cache's prefetch places the same set the same way."""
+        name = digest_key(manifest_digest)
+        if name in self._objects:
+            return
+        objects = tuple(manifest_objects(manifest))
+        while len(self._objects) >= REMEMBERED_MANIFESTS:
+            old = next(iter(self._objects))
+            del self._objects[old]
+            self._placements.pop(old, None)
+            for key, owner in list(self._manifest_of.items()):
+                if owner == old:
+                    del self._manifest_of[key]
+        self._objects[name] = objects
+        for key, _ in objects:
+            self._manifest_of[key] = name
 
     async def refresh_peers(self, *, force: bool = False) -> tuple[str, ...]:
         """Re-resolve ``dns_name`` if its answer is older than ``dns_ttl_s``.
@@ -282,109 +270,6 @@ class RingClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- objects -------------------------------------------------------------------
-
-    async def read(self, digest: Digest, start: int = 0, end: int | None = None
-                   ) -> ReadResult:
-        """Bytes ``[start, end)`` of an object (``end=None``: to its end)."""
-        collector = _Collector(start)
-        info = await self.read_into(digest, collector, start, end)
-        return ReadResult(bytes(collector.buf), info.tier, info.peer)
-
-    async def read_into(self, digest: Digest, sink: Sink, start: int = 0,
-                        end: int | None = None) -> ReadInfo:
-        """Stream bytes ``[start, end)`` of an object into ``sink(offset, data)``.
-
-        ``sink`` may be a plain function or a coroutine function; ``offset`` is absolute
-        in the object. After a failover the range restarts at ``start`` (see module
-        docstring). Raises :class:`CacheNotFoundError` when the object exists nowhere,
-        :class:`RangeNotSatisfiableError` when ``start`` is past its end, and
-        :class:`CacheUnavailableError` naming every peer tried when nothing answered.
-        """
-        digest = Digest.parse(digest)
-        if start < 0 or (end is not None and end < start):
-            raise ValueError(f"bad range [{start}, {end}) for {digest}")
-        if end is not None and end == start:
-            return ReadInfo(0, TIER_CLUSTER, None)
-        await self.refresh_peers()
-        try:
-            n, peer, tried = await self._from_peers(
-                self.owners(digest),
-                lambda peer: self._read_peer(peer, digest, start, end, sink))
-            return ReadInfo(n, TIER_CLUSTER, peer, tried)
-        except _PeersExhausted as e:
-            self._may_use_store(f"object {digest}", str(digest), e)
-            tried = tuple(e.tried)
-        data = await self._read_store(digest, start, end)
-        await _maybe_await(sink(start, data))
-        return ReadInfo(len(data), TIER_STORE, None, tried)
-
-    async def _read_peer(self, peer: str, digest: Digest, start: int, end: int | None,
-                         sink: Sink) -> int:
-        url = f"{peer}/v1/objects/{digest}"
-        headers = {}
-        rng = _range_header(start, end)
-        if rng:
-            headers["Range"] = rng
-        try:
-            async with self._get_session().get(url, headers=headers) as resp:
-                if resp.status == 404:
-                    raise CacheNotFoundError(
-                        f"object {digest} not found (peer {peer}: {await _body(resp)})",
-                        digest=str(digest), url=url)
-                if resp.status == 416:
-                    size = _size_from_content_range(resp.headers.get("Content-Range"))
-                    raise RangeNotSatisfiableError(
-                        f"range [{start}, {end}) of object {digest} is not satisfiable "
-                        f"(size {size})", digest=str(digest), size=size, url=url)
-                if resp.status not in (200, 206) or (rng and resp.status != 206):
-                    msg = f"HTTP {resp.status}: {await _body(resp)}"
-                    if is_retryable_status(resp.status) or resp.status in (200, 408, 429):
-                        raise _PeerFailed(msg, retry_after_s=parse_retry_after(
-                            resp.headers.get("Retry-After")))
-                    raise CacheError(f"object {digest} from {peer}: {msg}",
-                                     digest=str(digest), url=url)
-                pos = start
-                async for block in resp.content.iter_chunked(STREAM_BLOCK_BYTES):
-                    await _maybe_await(sink(pos, block))
-                    pos += len(block)
-                if end is not None and pos != end:
-                    raise _PeerFailed(f"short body: {pos - start} of {end - start} bytes")
-                return pos - start
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            raise _PeerFailed(f"{type(e).__name__}: {e}") from e
-
-    async def _read_store(self, digest: Digest, start: int, end: int | None) -> bytes:
-        store = self.store
-        assert store is not None
-
-        def read() -> bytes:
-            info = store.stat_object(digest)
-            if info is None:
-                raise CacheNotFoundError(f"object {digest} not found in store {store.url}",
-                                         digest=str(digest), url=store.url)
-            if info.encoding == ENCODING_RAW:
-                size = info.stored_length
-                whole = None
-            else:
-                whole = store.get_object(digest, verify=False)
-                size = len(whole)
-            if start >= size and not (start == 0 and end in (None, 0)):
-                raise RangeNotSatisfiableError(
-                    f"range [{start}, {end}) of object {digest} is not satisfiable "
-                    f"(size {size})", digest=str(digest), size=size, url=store.url)
-            stop = size if end is None else min(end, size)
-            if whole is not None:
-                return whole[start:stop] if (start, stop) != (0, size) else whole
-            return store.read_object_range(digest, start, stop)
-
-        try:
-            return await asyncio.to_thread(read)
-        except NotFoundError as e:
-            if isinstance(e, CacheNotFoundError):
-                raise
-            raise CacheNotFoundError(str(e), digest=str(digest), url=store.url) from e
-
     async def report_bad(self, digest: Digest, peer: str) -> None:
         """Tell ``peer`` its copy of ``digest`` looked bad; it re-checks and drops it.
 
@@ -401,6 +286,33 @@ class RingClient:
                                 resp.status, body)
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             log.warning("report of bad %s to %s failed: %s", digest, peer, e)
+
+    # -- holders (node-to-node sharing) ----------------------------------------------
+
+    async def announce_holders(self, agent_url: str, digests: Sequence[Digest | str]
+                               ) -> None:
+        """Tell each chunk's owning pod that ``agent_url`` holds it (complete, verified).
+
+        Best effort, like :meth:`report_bad`: a pod that misses an announcement only
+        points fewer requesters at this agent.
+        """
+        by_owner: dict[str, list[str]] = {}
+        for d in digests:
+            owners = self.owners(d)
+            if owners:
+                by_owner.setdefault(owners[0], []).append(digest_key(d))
+        for owner, keys in by_owner.items():
+            for i in range(0, len(keys), ANNOUNCE_BATCH):
+                try:
+                    async with self._get_session().post(
+                            f"{owner}/v1/holders",
+                            json={"agent": agent_url, "digests": keys[i:i + ANNOUNCE_BATCH]},
+                            timeout=aiohttp.ClientTimeout(total=REPORT_TIMEOUT_S)) as resp:
+                        if resp.status != 204:
+                            log.info("holders announcement to %s: HTTP %s %s", owner,
+                                     resp.status, await _body(resp))
+                except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                    log.info("holders announcement to %s failed: %s", owner, e)
 
     # -- manifests and refs --------------------------------------------------------
 
@@ -422,7 +334,8 @@ class RingClient:
         def from_store(store: BlobStore) -> bytes:
             return store.get_manifest_bytes(digest)
 
-        return await self._ask(str(digest), f"manifest {digest}", from_peer, from_store)
+        return await self._ask(digest_key(digest), f"manifest {digest}", from_peer,
+                               from_store)
 
     async def resolve_ref(self, ref: Ref) -> Digest:
         """The manifest digest a ref names now (peers cache refs for a few seconds)."""
@@ -440,7 +353,7 @@ class RingClient:
         def from_store(store: BlobStore) -> Digest:
             return store.get_ref(ref)
 
-        return await self._ask(f"ref:{ref}", f"ref {ref}", from_peer, from_store)
+        return await self._ask(ref_key(ref), f"ref {ref}", from_peer, from_store)
 
     async def _from_peers(self, owners: list[str], call: Callable[[str], Awaitable[T]]
                           ) -> tuple[T, str, tuple[str, ...]]:
@@ -452,16 +365,21 @@ class RingClient:
         policy = self.options.retry
         for attempt in range(1, policy.attempts + 1 if owners else 1):
             retry_after: float | None = None
-            for peer in owners:
+            for peer in self.suspicion.order(owners, time.monotonic()):
                 try:
-                    return await call(peer), peer, tuple(tried)
+                    value = await call(peer)
                 except (TimeoutError, _PeerFailed, aiohttp.ClientError, OSError) as e:
+                    if _hung_or_down(e):
+                        self.suspicion.failed(peer, time.monotonic())
                     tried.append(peer)
                     last_error = f"{peer}: {e}"
                     log.info("cache peer failed: %s", last_error)
                     ra = getattr(e, "retry_after_s", None)
                     if ra is not None:
                         retry_after = max(retry_after or 0.0, ra)
+                    continue
+                self.suspicion.answered(peer)
+                return value, peer, tuple(tried)
             if attempt < policy.attempts:
                 await asyncio.sleep(policy.delay_s(attempt, retry_after_s=retry_after,
                                                    draw=self._rng.random()))
@@ -520,9 +438,7 @@ async def _check(resp: aiohttp.ClientResponse, peer: str, what: str) -> None:
                      url=peer)
 
 
-def _size_from_content_range(value: str | None) -> int | None:
-    if value and "/" in value:
-        total = value.rsplit("/", 1)[1].strip()
-        if total.isdigit():
-            return int(total)
-    return None
+def _hung_or_down(e: BaseException) -> bool:
+    """A timeout or a transport failure (not an HTTP answer): the peer may be hung."""
+    cause = e.__cause__ if isinstance(e, _PeerFailed) and e.__cause__ is not None else e
+    return isinstance(cause, (TimeoutError, aiohttp.ClientConnectionError, OSError))

@@ -22,6 +22,11 @@ HTTP API (all digests ``b3:<hex>``):
   queue background fills of the manifest's objects, rate limited (202). ``peers``: at
   most ``MAX_PREFETCH_PEERS`` http(s) URLs (else 400); the body must arrive within
   ``body_timeout_s`` (else 408).
+- ``POST /v1/holders`` ``{"agent": "http://node:7471", "digests": ["b3:...", ...]}`` —
+  an agent holds these chunks, complete and verified (at most ``MAX_HOLDER_DIGESTS``);
+  ``GET /v1/holders/{digest}`` (``?exclude=URL``) — ``{"holders": [...]}``, a few live
+  holders, rotating; ``DELETE /v1/holders/{digest}?agent=URL`` — that agent's copy was
+  bad. A short-lived record (:mod:`cache.tracker`) so agents fetch from each other.
 - ``GET /metrics`` (Prometheus text), ``GET /healthz``.
 
 Errors are JSON ``{"error": sentence, "digest": ...}``: 404 when the store has no such
@@ -58,7 +63,6 @@ from aiohttp import web
 
 from bdn.errors import NotFoundError
 from bdn.store import OBJECTS_PREFIX, Backend, BlobStore, object_key, open_backend
-from cache.client import rendezvous_order
 from cache.disk import ACCESS_FLUSH_S, DiskOptions, DiskStore
 from cache.edge import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -80,6 +84,7 @@ from cache.errors import (
 )
 from cache.fastpath import FastPath, OpenObject, answer_hit, if_none_match
 from cache.fill import FILL_BLOCK_BYTES, Fill, FillAborted, RateLimiter, produce
+from cache.ring import digest_key, manifest_objects, place
 from cache.send import (
     OCTET_STREAM,
     OWNER_WORKER,
@@ -90,12 +95,16 @@ from cache.send import (
     parse_range,
     prepare_range,
 )
+from cache.tracker import HolderTracker
 from manifests.digest import ALGORITHM, Digest, Hasher
 from manifests.errors import BdnError, DigestError
 from manifests.manifest import ENCODING_RAW, ENCODING_ZSTD, parse_manifest
 from manifests.refs import Ref
 
 log = logging.getLogger(__name__)
+
+# Chunks one holders announcement may name (an agent batches what it verified).
+MAX_HOLDER_DIGESTS = 4096
 
 REF_TTL_S = 5.0
 MAX_CACHED_REFS = 10_000
@@ -298,6 +307,15 @@ class Metrics:
         self.fill_failures[reason] = self.fill_failures.get(reason, 0) + 1
 
 
+def _agent_url(value: object, field: str) -> str:
+    """A holders request's agent URL (the prefetch peers' rules), naming ``field``."""
+    try:
+        return check_peers([value])[0]
+    except ValueError:
+        raise ValueError(f'"{field}" must be an http(s):// URL, got {repr(value)[:80]}'
+                         ) from None
+
+
 def _error(status: int, message: str, digest: str = "",
            headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": message}
@@ -336,6 +354,7 @@ class CacheServer:
         # answered from memory for a while; /verify re-hashes an object rarely.
         self.negative = NegativeCache()
         self._verify_limit = PerKeyRateLimit(options.verify_interval_s)
+        self.holders = HolderTracker()
         self._flush_task: asyncio.Task[None] | None = None
         # Serving processes that listen now, index → pid (0: this one; cache.workers),
         # and how to collect their pending notes before /metrics is answered.
@@ -354,6 +373,9 @@ class CacheServer:
         app.router.add_route("HEAD", "/v1/manifests/{digest}", self.handle_manifest)
         app.router.add_get("/v1/refs/{namespace}/{model}/{tag}", self.handle_ref)
         app.router.add_post("/v1/prefetch", self.handle_prefetch)
+        app.router.add_post("/v1/holders", self.handle_holders_post)
+        app.router.add_get("/v1/holders/{digest}", self.handle_holders_get)
+        app.router.add_delete("/v1/holders/{digest}", self.handle_holders_delete)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/healthz", self.handle_healthz)
         app.on_startup.append(self._on_startup)
@@ -388,6 +410,7 @@ class CacheServer:
         while True:
             await asyncio.sleep(ACCESS_FLUSH_S)
             self.disk.flush()
+            self.holders.expire(time.monotonic())
 
     # -- fills ---------------------------------------------------------------------
 
@@ -766,6 +789,50 @@ class CacheServer:
 
     # -- prefetch ------------------------------------------------------------------
 
+    # -- holders (node-to-node sharing) ------------------------------------------------
+
+    async def handle_holders_post(self, request: web.Request) -> web.Response:
+        try:
+            try:
+                async with asyncio.timeout(self.options.body_timeout_s):
+                    body = await request.json()
+            except TimeoutError:
+                return _error(408, f"holders body not received within "
+                              f"{self.options.body_timeout_s:g} s",
+                              headers={"Connection": "close"})
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            agent = _agent_url(body.get("agent"), "agent")
+            digests = body.get("digests")
+            if not isinstance(digests, list) or len(digests) > MAX_HOLDER_DIGESTS:
+                raise ValueError(f'"digests" must be a list of at most '
+                                 f"{MAX_HOLDER_DIGESTS} digests")
+            keys = [str(Digest.parse(d)) for d in digests]
+        except (ValueError, BdnError) as e:
+            return _error(400, f"bad holders request: {e}")
+        self.holders.add(agent, keys, time.monotonic())
+        return web.Response(status=204)
+
+    async def handle_holders_get(self, request: web.Request) -> web.Response:
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+            exclude = request.query.get("exclude")
+            if exclude is not None:
+                exclude = _agent_url(exclude, "exclude")
+        except (ValueError, BdnError) as e:
+            return _error(400, f"bad holders request: {e}")
+        found = self.holders.holders(str(digest), time.monotonic(), exclude=exclude)
+        return web.json_response({"digest": str(digest), "holders": found})
+
+    async def handle_holders_delete(self, request: web.Request) -> web.Response:
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+            agent = _agent_url(request.query.get("agent"), "agent")
+        except (ValueError, BdnError) as e:
+            return _error(400, f"bad holders request: {e}")
+        self.holders.forget(agent, str(digest))
+        return web.Response(status=204)
+
     async def handle_prefetch(self, request: web.Request) -> web.Response:
         try:
             try:
@@ -812,8 +879,10 @@ class CacheServer:
         queued = 0
         queued_bytes = 0
         chunks = manifest.unique_chunks()
+        # The one placement every agent uses for this manifest (cache/ring.py).
+        placement = place(peers, manifest_objects(manifest)) if peers else None
         for d, chunk in chunks.items():
-            if peers and rendezvous_order(peers, str(d))[0] != me:
+            if placement is not None and placement.owner(digest_key(d)) != me:
                 continue
             if self.disk.lookup(d) is not None or d in self.fills or d in self._prefetch_pending:
                 continue

@@ -61,6 +61,7 @@ from bdn.service import (
     announce_and_wait,
     remove_socket_file,
 )
+from bdn.store import BlobStore
 from cache.disk import OBJECTS_DIR
 from cache.edge import raise_fd_limit
 from cache.errors import WorkerError
@@ -271,16 +272,18 @@ def _forward_socket() -> tuple[socket.socket, str]:
     return sock, name
 
 
-def serve(options: CacheServerOptions, listen: ListenAddress) -> int:
+def serve(options: CacheServerOptions, listen: ListenAddress,
+          store: BlobStore | None = None) -> int:
     """Run the cache on ``listen`` with ``options.workers`` processes until SIGTERM/SIGINT.
 
     Prints ``BDN_LISTENING <url>`` once, when every process listens (see
-    :mod:`bdn.service`).
+    :mod:`bdn.service`). ``store``: the blob store, when built with options (endpoint,
+    credentials) beyond ``options.store_url``.
     """
 
     async def main() -> None:
         raise_fd_limit()  # before workers start: they inherit it
-        server = CacheServer(options)
+        server = CacheServer(options, store)
         app = server.make_app()
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=SHUTDOWN_TIMEOUT_S,

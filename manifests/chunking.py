@@ -11,8 +11,13 @@ spans always tile the file from offset 0 without gaps):
   ``group_max_bytes``; a tensor of ``small_tensor_bytes`` or more is always its own
   chunk), and a group also ends after any tensor whose *name* hashes to a
   boundary; groups therefore re-synchronise after a different shard start, which keeps a
-  re-sharded model's new bytes to its headers and a few edge groups. Bytes between
-  tensors (padding) go with the preceding chunk.
+  re-sharded model's new bytes to its headers and a few edge groups. Vectors (tensors
+  of at most one dimension: norms, biases) are never grouped with matrices: they are
+  what a light fine-tune changes, and a group that mixed them would carry its matrices'
+  bytes into every such fine-tune (measured on a 34 MB model with small matrices: a
+  norms-and-biases fine-tune added 25 % of the base before, 0.06 % after; a 7B-shaped
+  model keeps its 930 objects, its vectors already sit between large tensors). Bytes
+  between tensors (padding) go with the preceding chunk.
 * **CDC** — every other file is cut by FastCDC (content-defined: an insert shifts only
   nearby cuts); files up to ``small_file_bytes`` are one chunk.
 
@@ -88,6 +93,7 @@ def plan_safetensors(header: SafetensorsHeader,
     size = header.file_size
     cuts: list[int] = [0, header.data_start]  # chunk start offsets
     group_start: int | None = None  # start of the open group of small tensors
+    group_vectors = False  # whether the open group holds vectors (norms, biases)
 
     def close_group(at: int) -> None:
         nonlocal group_start
@@ -107,10 +113,13 @@ def plan_safetensors(header: SafetensorsHeader,
                 pos += options.tensor_piece_bytes
             cuts.append(t.end)
             continue
-        if group_start is not None and t.end - group_start > options.group_max_bytes:
+        vector = len(t.shape) <= 1
+        if group_start is not None and (t.end - group_start > options.group_max_bytes
+                                        or vector != group_vectors):
             close_group(t.begin)
         if group_start is None:
             group_start = t.begin
+            group_vectors = vector
             cuts.append(t.begin)
         if _ends_group(t.name, options.group_name_modulus):
             close_group(t.end)

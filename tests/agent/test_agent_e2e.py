@@ -81,8 +81,8 @@ def test_pull_mounts_byte_identical_read_only_files(tmp_path: Path, base: Model,
     second = agent.client.start_pull(ref=base.ref, mount=str(tmp_path / "mnt2"))
     st2 = agent.client.wait(second["id"])
     assert time.monotonic() - t0 < 0.5
-    assert st2["bytes_by_tier"] == {"node": base.manifest.total_size, "cluster": 0,
-                                    "store": 0}
+    assert st2["bytes_by_tier"] == {"node": base.manifest.total_size, "peer": 0,
+                                    "cluster": 0, "store": 0}
     assert cache_requests(cache_server.url) == before + 1  # the manifest only
     assert_mount_matches(base.src, tmp_path / "mnt2")
     assert (tmp_path / "mnt2/config.json").stat().st_ino == dup_a.st_ino

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import PullError
-from cache.client import rendezvous_order
 from cache.node import NodeCache, content_key
+from cache.ring import manifest_objects, place
 from manifests.digest import Digest
 from tests.agent.agent_support import (
     Agent,
@@ -123,8 +123,9 @@ def test_dead_peer_mid_pull_fails_over_to_the_next_peer(
         assert_mount_matches(base.src, tmp_path / "m")
         st = agent.client.status(started["id"])
         assert st["bytes_by_tier"]["cluster"] == base.manifest.unique_size
+        placement = place([proxy_a.url, proxy_b.url], manifest_objects(base.manifest))
         owned_by_a = {str(d) for d in base.manifest.unique_chunks()
-                      if rendezvous_order([proxy_a.url, proxy_b.url], str(d))[0] == proxy_a.url}
+                      if placement.owner(str(d)) == proxy_a.url}
         served_by_b = set(http_json(f"{proxy_b.url}/proxy/stats")["requests"])
         assert owned_by_a & served_by_b, "chunks owned by the dead peer came from the next"
     finally:

@@ -39,7 +39,7 @@ from agent.fetchpolicy import (
 )
 from agent.options import AgentOptions
 from bdn.retry import RetryPolicy
-from cache.client import rendezvous_order
+from cache.ring import manifest_objects, place
 from manifests.digest import Digest
 from manifests.errors import ManifestError
 from manifests.manifest import MAX_CHUNK_BYTES, Chunk, file_digest, manifest_from_dict
@@ -235,8 +235,8 @@ def test_not_strict_corrupt_peer_is_replaced_by_the_next_peer_not_the_store(
         assert objects_read == {}, "no chunk was read from the blob store"
         assert st["bytes_by_tier"]["store"] == 0
         assert st["bytes_by_tier"]["cluster"] == base.manifest.unique_size
-        owned_by_bad = {d for d in _unique(base)
-                        if rendezvous_order([bad.url, good.url], d)[0] == bad.url}
+        placement = place([bad.url, good.url], manifest_objects(base.manifest))
+        owned_by_bad = {d for d in _unique(base) if placement.owner(d) == bad.url}
         assert owned_by_bad, "the corrupt peer owns some chunks"
         bad_stats = http_json(f"{bad.url}/proxy/stats")
         assert set(bad_stats["reports"]) == owned_by_bad

@@ -6,6 +6,9 @@ make a fill *stall* part-way (``--stall-after BYTES``: no body byte at or past t
 offset of any object is sent) to kill the cache in the middle of a fill — or, with
 ``--gated``, to hold every response there until the test ``POST``s ``/_gate/open``. Prints
 ``BDN_LISTENING <url>`` like every bdn service. Single ranges only (all fsspec asks).
+``GET /_stats`` counts the body bytes sent per top folder (``objects``, ``manifests``,
+``refs``): what the store's readers really read, counted outside them
+(``bench/fleet.py``'s origin bytes).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(args.root).resolve()
     gate = asyncio.Event()
+    sent: dict[str, int] = {}
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"bytes": sent})
 
     async def open_gate(request: web.Request) -> web.Response:
         gate.set()
@@ -72,6 +79,8 @@ def main() -> int:
                         await gate.wait()
                         continue
                 await resp.write(os.pread(f.fileno(), n, pos))
+                top = rel.split("/", 1)[0]
+                sent[top] = sent.get(top, 0) + n
                 pos += n
         await resp.write_eof()
         return resp
@@ -79,6 +88,7 @@ def main() -> int:
     async def make_app() -> web.Application:
         app = web.Application()
         app.router.add_post("/_gate/open", open_gate)
+        app.router.add_get("/_stats", stats)
         app.router.add_route("GET", "/{path:.*}", handle)
         app.router.add_route("HEAD", "/{path:.*}", handle)
         return app

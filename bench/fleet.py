@@ -1,0 +1,429 @@
+"""Bench: a simulated fleet — N agents pull one model at once through 3 cache pods.
+
+    sudo python bench/fleet.py [--agents 1,4,8,16,32] [--model-mib 512] [--piece-mib 8]
+        [--store-mbit 2000] [--pod-mbit 1000] [--agent-mbit 1000] [--workdir .bench/fleet]
+
+Needs root, ``ip`` and ``tc`` (iproute2). Everything runs on this machine in network
+namespaces the bench creates and names ``bdnf<pid>-*``: a hub namespace holding a
+bridge, and one namespace per process (the store, 3 cache pods, N agents), each joined
+to the bridge by a veth pair created inside the namespaces, on the private range
+10.213.0.0/16. No address outside those namespaces is ever used, and the root
+namespace's links are not touched. Each veth is shaped with ``tc tbf`` in both
+directions (the store's, the pods' and the agents' links). The blob store is a folder
+served over HTTP by ``tests/cache/store_http.py``, which counts the bytes it sends:
+the origin bytes, counted outside bdn. Agents are reached over their unix sockets
+(the filesystem is shared between namespaces).
+
+Per N it prints: pull time p50/p99/max next to the bound the shaping implies, origin
+bytes ÷ model bytes, bytes per pod and max ÷ mean, bytes by tier — with node-to-node
+sharing off and on; then a run with one pod hung (``SIGSTOP``) mid-pull and one with a
+pod killed, at the largest N. Goals (issue 17): origin ÷ model = 1.00 for every N; with
+the pods' egress capped and sharing on, p99 at N = 32 ≤ 1.3 × p99 at N = 1; balance
+≤ 1.05; hung pod ≤ +2 s against the killed one.
+
+Teardown: every process by PID (its process group), every namespace by the name this
+run gave it (the veths and the bridge go with their namespaces), also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from agent.client import AgentClient  # noqa: E402
+from bdn.mirror import Mirror, MirrorOptions  # noqa: E402
+from bdn.sources import open_source  # noqa: E402
+from bdn.store import BlobStore  # noqa: E402
+from cache.ring import manifest_objects, place  # noqa: E402
+from manifests.chunking import ChunkingOptions  # noqa: E402
+from manifests.refs import Ref  # noqa: E402
+from tests.support.procs import ServiceProcess, bdn_command  # noqa: E402
+
+MiB = 1024 * 1024
+REF = "bench/fleet:v1"
+SUBNET = "10.213"
+STORE_IP = f"{SUBNET}.0.2"
+POD_IPS = [f"{SUBNET}.0.{11 + i}" for i in range(3)]
+STORE_PORT = 8000
+POD_PORT = 8401
+PEER_PORT = 7471
+STORE_HTTP = ROOT / "tests" / "cache" / "store_http.py"
+# tbf queue: enough for a round trip at the link rate, as a switch port would buffer.
+TBF_LATENCY_MS = 50
+PULL_TIMEOUT_S = 1800.0
+ENV = {"PYTHONPATH": str(ROOT)}  # every process runs this checkout's code
+
+
+def agent_ip(i: int) -> str:
+    return f"{SUBNET}.{1 + i // 250}.{1 + i % 250}"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+class Net:
+    """The namespaces, bridge and shaped veths of one bench run (see module docstring)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.hub = f"{prefix}-hub"
+        self.namespaces: list[str] = []
+        self._veths = 0
+
+    def __enter__(self) -> Net:
+        sh("ip", "netns", "add", self.hub)
+        self.namespaces.append(self.hub)
+        sh("ip", "-n", self.hub, "link", "set", "lo", "up")
+        sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.hub, "link", "set", "br0", "up")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def teardown(self) -> None:
+        """Delete every namespace this run created, by name (veths and the bridge go with
+        them). Idempotent."""
+        while self.namespaces:
+            sh("ip", "netns", "del", self.namespaces.pop(), check=False)
+
+    def add_node(self, name: str, ip: str, mbit: int) -> str:
+        """A namespace joined to the bridge at ``ip``, its link shaped to ``mbit`` both
+        ways; returns its name."""
+        ns = f"{self.prefix}-{name}"
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        self._veths += 1
+        hub_end = f"v{self._veths}"
+        sh("ip", "-n", self.hub, "link", "add", hub_end, "type", "veth", "peer", "name",
+           "eth0", "netns", ns)
+        sh("ip", "-n", self.hub, "link", "set", hub_end, "master", "br0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/16", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        burst = max(64 * 1024, mbit * 1_000_000 // 8 // 250)
+        for where, dev in ((self.hub, hub_end), (ns, "eth0")):  # to the node; from it
+            sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+               "rate", f"{mbit}mbit", "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms")
+        return ns
+
+    def get(self, ns: str, url: str) -> str:
+        """GET ``url`` from inside ``ns`` (the root namespace has no route there)."""
+        code = ("import sys, urllib.request; "
+                "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=30)"
+                ".read().decode())")
+        return sh("ip", "netns", "exec", ns, sys.executable, "-c", code, url).stdout
+
+
+def in_ns(ns: str, cmd: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+def drop_tree(path: Path) -> None:
+    """Remove a previous run's folder (mounts are read-only: widen them first)."""
+    if path.exists():
+        for dirpath, _dirs, _files in os.walk(path):
+            os.chmod(dirpath, 0o755)
+        shutil.rmtree(path)
+
+
+def make_model(src: Path, model_mib: int, piece_mib: int) -> None:
+    from safetensors.numpy import save_file
+
+    src.mkdir(parents=True, exist_ok=True)
+    path = src / "model.safetensors"
+    if path.exists() and path.stat().st_size >= model_mib * MiB:
+        return
+    rng = np.random.default_rng(0)
+    n = max(1, model_mib // piece_mib)
+    tensors = {f"layers.{i}.weight": np.frombuffer(rng.bytes(piece_mib * MiB),
+                                                   dtype=np.float16).reshape(256, -1)
+               for i in range(n)}
+    save_file(tensors, str(path))
+
+
+def mirror(store: Path, src: Path, piece_mib: int) -> BlobStore:
+    bs = BlobStore(str(store))
+    source = open_source(str(src))
+    try:
+        Mirror(bs, MirrorOptions(chunking=ChunkingOptions(
+            tensor_piece_bytes=piece_mib * MiB))).run(source, ref=Ref.parse(REF))
+    finally:
+        source.close()
+    return bs
+
+
+@dataclass
+class RunResult:
+    times_s: list[float]
+    origin_bytes: int
+    pod_bytes: dict[str, int]
+    tiers: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    first_error: str = ""
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+class Fleet:
+    """One run's processes: store server, 3 pods, N agents (stopped by PID)."""
+
+    def __init__(self, args: argparse.Namespace, net: Net, work: Path) -> None:
+        self.args = args
+        self.net = net
+        self.work = work
+        self.procs: list[ServiceProcess] = []   # this run's pods and agents
+        self.store: ServiceProcess | None = None
+        self.store_ns = ""
+        self.pod_ns: list[str] = []
+        self.pods: list[ServiceProcess] = []
+        self.agent_ns: list[str] = []
+        self.agents: list[tuple[ServiceProcess, AgentClient]] = []
+
+    def close(self) -> None:
+        self.stop()
+        if self.store is not None:
+            self.store.stop()
+            self.store = None
+
+    def stop(self) -> None:
+        """Stop this run's pods and agents (by PID; the store server stays)."""
+        for p in reversed(self.procs):
+            if p.proc.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGCONT)  # a hung pod must hear SIGTERM
+                except ProcessLookupError:
+                    pass
+            p.stop()
+        self.procs.clear()
+
+    def start_store(self, store_dir: Path) -> None:
+        self.store_ns = self.net.add_node("store", STORE_IP, self.args.store_mbit)
+        self.store = ServiceProcess(in_ns(self.store_ns, [
+            sys.executable, str(STORE_HTTP), str(store_dir), "--listen",
+            f"{STORE_IP}:{STORE_PORT}"]), env=ENV)
+
+    def add_namespaces(self, n_agents: int) -> None:
+        for i, ip in enumerate(POD_IPS):
+            self.pod_ns.append(self.net.add_node(f"pod{i}", ip, self.args.pod_mbit))
+        for i in range(n_agents):
+            self.agent_ns.append(self.net.add_node(f"a{i}", agent_ip(i), self.args.agent_mbit))
+
+    def start(self, n: int, run: str, sharing: bool) -> Path:
+        """Fresh pods and N agents for one run; returns where the run's mounts go."""
+        d = self.work / run
+        drop_tree(d)
+        d.mkdir(parents=True)
+        store_url = f"http://{STORE_IP}:{STORE_PORT}"
+        self.pods = []
+        for i, ip in enumerate(POD_IPS):
+            p = ServiceProcess(in_ns(self.pod_ns[i], bdn_command(
+                "cache-server", "--store", store_url, "--dir", str(d / f"pod{i}"),
+                "--budget-bytes", "64G", "--listen", f"{ip}:{POD_PORT}")), env=ENV)
+            self.procs.append(p)
+            self.pods.append(p)
+        peers = ",".join(f"http://{ip}:{POD_PORT}" for ip in POD_IPS)
+        self.agents = []
+        for i in range(n):
+            sock = str(d / f"a{i}.sock")
+            extra = ["--peer-listen", f"{agent_ip(i)}:{PEER_PORT}"] if sharing else []
+            p = ServiceProcess(in_ns(self.agent_ns[i], bdn_command(
+                "agent", "--cache-dir", str(d / f"node{i}"), "--budget-bytes", "64G",
+                "--socket", sock, "--peers", peers, "--strict", *extra)), env=ENV)
+            self.procs.append(p)
+            self.agents.append((p, AgentClient(sock)))
+        return d / "mnt"
+
+    def origin_bytes(self) -> int:
+        stats = json.loads(self.net.get(self.store_ns, f"http://{STORE_IP}:{STORE_PORT}/_stats"))
+        return int(stats["bytes"].get("objects", 0))
+
+    def pod_bytes(self, skip: frozenset[int] | set[int] = frozenset()) -> dict[str, int]:
+        out = {}
+        for i, ip in enumerate(POD_IPS):
+            if i in skip:
+                continue
+            text = self.net.get(self.pod_ns[i], f"http://{ip}:{POD_PORT}/metrics")
+            out[f"pod{i}"] = int(metric(text, "bdn_cache_bytes_served_total"))
+        return out
+
+    def pull_all(self, mount_root: Path, fault: str | None = None) -> RunResult:
+        """One pull per agent, all released at the same instant; ``fault``: ``hung`` or
+        ``killed`` pod 0 once the first chunk arrived anywhere."""
+        barrier = threading.Barrier(len(self.agents) + 1)
+        first_chunk = threading.Event()
+        times: list[float] = [math.nan] * len(self.agents)
+        statuses: list[dict] = [{} for _ in self.agents]  # type: ignore[type-arg]
+        t0 = [0.0]
+
+        def one(i: int, client: AgentClient) -> None:
+            barrier.wait()
+            try:
+                started = client.start_pull(ref=REF, mount=str(mount_root / f"m{i}"))
+
+                def on_event(ev: dict) -> None:  # type: ignore[type-arg]
+                    if ev.get("event") == "chunk":
+                        first_chunk.set()
+                st = client.wait(started["id"], on_event)
+                statuses[i] = st
+                if st.get("state") == "done":
+                    times[i] = time.monotonic() - t0[0]
+            except Exception as e:
+                statuses[i] = {"state": "failed", "error": str(e)}
+
+        threads = [threading.Thread(target=one, args=(i, c), daemon=True)
+                   for i, (_, c) in enumerate(self.agents)]
+        for t in threads:
+            t.start()
+        t0[0] = time.monotonic()
+        barrier.wait()
+        skip: set[int] = set()
+        if fault is not None:
+            first_chunk.wait(PULL_TIMEOUT_S)
+            if fault == "hung":
+                os.killpg(self.pods[0].pid, signal.SIGSTOP)
+            else:
+                self.pods[0].kill9()
+            skip.add(0)
+        for t in threads:
+            t.join(PULL_TIMEOUT_S)
+        tiers: dict[str, int] = {}
+        for st in statuses:
+            for k, v in (st.get("bytes_by_tier") or {}).items():
+                tiers[k] = tiers.get(k, 0) + int(v)
+        done = [t for t in times if not math.isnan(t)]
+        errors = [str(st.get("error")) for st in statuses if st.get("state") != "done"]
+        return RunResult(done, self.origin_bytes(), self.pod_bytes(skip), tiers,
+                         failed=len(errors), first_error=errors[0] if errors else "")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def bound_s(model_bytes: int, n: int, args: argparse.Namespace, sharing: bool) -> float:
+    """The least pull time the shaping allows: every agent receives the whole model on
+    its link; without sharing the pods' links also carry N copies between them, and the
+    store's link one copy."""
+    bps = 1_000_000 / 8
+    agent = model_bytes / (args.agent_mbit * bps)
+    store = model_bytes / (args.store_mbit * bps)
+    pods = n * model_bytes / (3 * args.pod_mbit * bps)
+    return max(agent, store) if sharing else max(agent, store, pods)
+
+
+def report(label: str, n: int, res: RunResult, model_bytes: int, bound: float) -> None:
+    pods = res.pod_bytes
+    mean = statistics.mean(pods.values()) if pods else 0.0
+    balance = (max(pods.values()) / mean) if mean else math.nan
+    tiers = ", ".join(f"{k} {v / MiB:.0f}" for k, v in res.tiers.items())
+    print(f"  {label:<14} N={n:<3} p50 {pct(res.times_s, 0.5):7.2f} s  p99 "
+          f"{pct(res.times_s, 0.99):7.2f} s  max {max(res.times_s, default=math.nan):7.2f} s"
+          f"  (bound {bound:6.2f} s)  origin/model {res.origin_bytes / model_bytes:5.2f}"
+          f"  pods MiB {[round(v / MiB) for v in pods.values()]} max/mean {balance:4.2f}"
+          f"  tiers MiB: {tiers}"
+          + (f"  FAILED {res.failed}: {res.first_error[:300]}" if res.failed else ""),
+          flush=True)
+
+
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """SIGTERM ends the bench like Ctrl-C, so teardown runs."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--agents", default="1,4,8,16,32")
+    ap.add_argument("--model-mib", type=int, default=512)
+    ap.add_argument("--piece-mib", type=int, default=8)
+    ap.add_argument("--store-mbit", type=int, default=2000)
+    ap.add_argument("--pod-mbit", type=int, default=1000)
+    ap.add_argument("--agent-mbit", type=int, default=1000)
+    ap.add_argument("--workdir", default=str(ROOT / ".bench" / "fleet"))
+    ap.add_argument("--no-faults", action="store_true", help="skip the hung/killed runs")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        print("bench/fleet.py needs root and iproute2 (ip, tc): apt-get install -y iproute2",
+              file=sys.stderr)
+        return 2
+    ns_list = [int(x) for x in args.agents.split(",") if x.strip()]
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    make_model(work / "src", args.model_mib, args.piece_mib)
+    store_dir = work / "store"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    bs = mirror(store_dir, work / "src", args.piece_mib)
+    _, manifest = bs.resolve(REF)
+    model_bytes = manifest.unique_size
+    objects = manifest_objects(manifest)
+    placed = place([f"http://{ip}:{POD_PORT}" for ip in POD_IPS], objects).bytes_by_peer(
+        objects)
+    print(f"model {model_bytes / MiB:.0f} MiB in {len(objects)} chunks; links (Mbit/s): "
+          f"store {args.store_mbit}, pods {args.pod_mbit}, agents {args.agent_mbit}; "
+          f"placement max/mean {max(placed.values()) * 3 / model_bytes:.3f}", flush=True)
+    prefix = f"bdnf{os.getpid() % 100000}"
+    with interrupts_raise(), Net(prefix) as net:
+        fleet = Fleet(args, net, work / "runs")
+        try:
+            fleet.start_store(store_dir)
+            fleet.add_namespaces(max(ns_list))
+            for n in ns_list:
+                for sharing in (False, True):
+                    label = "sharing" if sharing else "no sharing"
+                    mnt = fleet.start(n, f"n{n}-{'s' if sharing else 'ns'}", sharing)
+                    before = fleet.origin_bytes()
+                    res = fleet.pull_all(mnt)
+                    res.origin_bytes -= before
+                    report(label, n, res, model_bytes, bound_s(model_bytes, n, args, sharing))
+                    fleet.stop()
+            if not args.no_faults:
+                n = max(ns_list)
+                for fault in ("killed", "hung"):
+                    mnt = fleet.start(n, f"fault-{fault}", True)
+                    before = fleet.origin_bytes()
+                    res = fleet.pull_all(mnt, fault)
+                    res.origin_bytes -= before
+                    report(f"pod {fault}", n, res, model_bytes,
+                           bound_s(model_bytes, n, args, True))
+                    fleet.stop()
+        finally:
+            fleet.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

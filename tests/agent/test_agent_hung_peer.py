@@ -1,0 +1,124 @@
+"""A hung cache pod (SIGSTOP: its kernel still accepts connections, nothing answers)
+costs a pull about one first-byte deadline more than a pod that is gone, and a chunk
+owner that sends no first byte is hedged with the next owner.
+
+Real processes on loopback: three cache servers, warmed by a prefetch so both pulls
+read from warm caches, and one agent per pull (its own node cache). Time is measured
+around each pull; the bound has generous slack for a loaded test machine, and the
+failure it guards against is a read timeout (60 s) per wave of chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from agent.fetch import Fetcher
+from agent.fetchpolicy import OK, TIMEOUT
+from agent.options import MAX_CONNECTIONS, AgentOptions
+from cache.ring import digest_key, ref_key, rendezvous_order
+from cache.suspicion import SUSPECTED
+from tests.agent.agent_support import (
+    Agent,
+    Model,
+    assert_mount_matches,
+    start_cache_server,
+)
+from tests.cache.conftest import metrics, post_json
+from tests.support.procs import ServiceProcess
+
+FIRST_BYTE_TIMEOUT_S = 1.0
+# The issue's bound (2 s) plus slack for a shared two-core machine.
+HUNG_EXTRA_BOUND_S = 2.0 + 3.0
+WARM_TIMEOUT_S = 60.0
+
+
+def _warm(cache: ServiceProcess, model: Model) -> None:
+    """Fill ``cache`` with every object of ``model`` (prefetch, then wait for it)."""
+    status, body = post_json(f"{cache.url}/v1/prefetch", {"manifest": str(model.digest)})
+    assert status == 202, body
+    deadline = time.monotonic() + WARM_TIMEOUT_S
+    while metrics(str(cache.url))["bdn_cache_prefetch_pending"] > 0:  # each probe a round trip
+        assert time.monotonic() < deadline, "prefetch did not finish"
+
+
+def _timed_pull(agent: Agent, model: Model, mount: Path) -> tuple[float, dict]:  # type: ignore[type-arg]
+    started = time.monotonic()
+    st = agent.client.wait(agent.client.start_pull(ref=model.ref, mount=str(mount))["id"])
+    took = time.monotonic() - started
+    assert st["state"] == "done", st
+    assert_mount_matches(model.src, mount)
+    return took, st
+
+
+def test_a_hung_pod_costs_at_most_about_one_deadline_more_than_a_gone_one(
+        tmp_path: Path, store: Path, base: Model, agents: list[Agent]) -> None:
+    caches = [start_cache_server(tmp_path, store, f"cache-{i}") for i in range(3)]
+    peers = tuple(str(c.url) for c in caches)
+    # Hang a pod that owns neither the ref nor the manifest, so it is the chunks' own
+    # deadline that finds it (manifests and refs share the suspicion: had it hung on
+    # the manifest, no chunk would have asked it).
+    front = {rendezvous_order(peers, ref_key(base.ref))[0],
+             rendezvous_order(peers, digest_key(base.digest))[0]}
+    hung = next(c for c in caches if c.url not in front)
+    try:
+        for c in caches:
+            _warm(c, base)
+        extra = ("--strict", "--first-byte-timeout-s", str(FIRST_BYTE_TIMEOUT_S))
+        os.killpg(hung.pid, signal.SIGSTOP)
+        try:
+            a1 = Agent(tmp_path, peers=peers, name="node-hung", extra=extra)
+            agents.append(a1)
+            t_hung, st_hung = _timed_pull(a1, base, tmp_path / "m-hung")
+        finally:
+            os.killpg(hung.pid, signal.SIGCONT)
+        hung.kill9()
+        a2 = Agent(tmp_path, peers=peers, name="node-gone", extra=extra)
+        agents.append(a2)
+        t_gone, st_gone = _timed_pull(a2, base, tmp_path / "m-gone")
+        assert st_hung["bytes_by_tier"]["cluster"] == base.manifest.unique_size
+        assert st_gone["bytes_by_tier"]["cluster"] == base.manifest.unique_size
+        assert t_hung - t_gone < HUNG_EXTRA_BOUND_S, (t_hung, t_gone)
+        counters = dict(ln.split() for ln in a1.client.metrics().splitlines()
+                        if ln.startswith("bdn_agent_") and "{" not in ln)
+        # Each fetch thread that asked it before it was suspected waited once.
+        assert 1 <= float(counters["bdn_agent_timeout_answers"]) <= MAX_CONNECTIONS
+    finally:
+        for c in caches:
+            c.stop()
+
+
+def test_a_chunk_owner_that_sends_no_first_byte_is_hedged_with_the_next(
+        tmp_path: Path, base: Model, cache_server: ServiceProcess) -> None:
+    """The fetcher alone, against a listener that accepts connections but never answers
+    (what a SIGSTOPped pod looks like from outside) and a real cache server."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # the kernel completes handshakes; nobody ever reads
+    hung = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    good = str(cache_server.url)
+    try:
+        options = AgentOptions(cache_dir=tmp_path / "n", budget_bytes=0, peers=(hung, good),
+                               strict=True, first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S)
+        fetcher = Fetcher(options, None, owners=lambda d: [hung, good])
+        chunks = list(base.manifest.unique_chunks().values())[:3]
+        chunk = chunks[0]
+        buf = bytearray(chunk.length)
+        started = time.monotonic()
+        result = fetcher.fetch_into(chunk, memoryview(buf))
+        took = time.monotonic() - started
+        assert result.peer == good and result.tier == "cluster"
+        assert [(a.source, a.outcome) for a in result.answers] == [(hung, TIMEOUT), (good, OK)]
+        # One deadline, then the backup's answer: not a read timeout.
+        assert took < FIRST_BYTE_TIMEOUT_S + 5.0, took
+        assert fetcher.suspicion.state(hung, time.monotonic()) == SUSPECTED
+        # Suspected: the next chunks go to the good peer first, without waiting.
+        for c in chunks[1:]:
+            r = fetcher.fetch_into(c, memoryview(bytearray(c.length)))
+            assert [(a.source, a.outcome) for a in r.answers] == [(good, OK)]
+        fetcher.close()
+    finally:
+        hole.close()
