@@ -99,16 +99,26 @@ def test_a_generated_api_key_is_private_and_reused(tmp_path: Path) -> None:
                                                                          "k2-bbbbbbbb")
 
 
-def test_the_kubernetes_manifest_runs_a_valid_control_server_command() -> None:
+def _bdn_containers() -> list[tuple[str, list[str]]]:
+    """(manifest name, args) of every container in deploy/base that runs the bdn CLI."""
+    found = []
+    for path in sorted((Path(__file__).parents[2] / "deploy" / "base").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            pod = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
+            for c in pod.get("containers", []) + pod.get("initContainers", []):
+                if c.get("args") and not c.get("command"):
+                    found.append((f"{path.name}:{c['name']}", c["args"]))
+    return found
+
+
+def test_every_deploy_manifest_runs_a_valid_bdn_command() -> None:
     from bdn.cli import build_parser
 
-    path = Path(__file__).parents[2] / "deploy" / "control" / "control-plane.yaml"
-    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text())}
-    assert set(docs) == {"PersistentVolumeClaim", "Deployment", "Service"}
-    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    args = build_parser().parse_args(container["args"])
-    assert args.command == "control-server" and args.handler.__name__ == "cmd_control_server"
-    assert str(args.state_dir) == "/var/lib/bdn"
+    commands = {name: build_parser().parse_args(args).command
+                for name, args in _bdn_containers()}
+    assert commands == {"agent.yaml:agent": "agent", "cache.yaml:cache": "cache-server",
+                        "control.yaml:control": "control-server",
+                        "mirror.yaml:mirror": "mirror-server"}
 
 
 def test_replica_environment_is_built_from_nothing() -> None:
