@@ -329,3 +329,67 @@ def test_actions_without_a_rolling_promotion_and_the_rest_of_the_surface(
     srv.wait_for("the previous deployment deactivated", lambda: srv.deployment(
         model_id, d1)["status"] == "INACTIVE")
 
+
+def test_cli_sets_rolling_watches_steps_and_controls_a_promotion(
+        quick_server: Any, make_model: Any, monkeypatch: Any, capsys: Any) -> None:
+    """``bdn environments update``, ``bdn promote --watch`` and the action flags, run in
+    this process through ``bdn.cli.main``."""
+    import json
+
+    from bdn.cli import main
+
+    srv = quick_server
+    monkeypatch.setenv("BDN_CONTROL_URL", srv.url)
+    monkeypatch.setenv("BDN_API_KEY", "test-key-0123456789")
+    monkeypatch.setenv("COLUMNS", "250")
+
+    def bdn(*args: str, code: int = 0) -> tuple[str, str]:
+        capsys.readouterr()
+        assert main(list(args)) == code
+        out = capsys.readouterr()
+        return out.out, out.err
+
+    v1, v2, v3 = (make_model("clirl", version=v) for v in (1, 2, 3))
+    model_id, d1 = srv.push(v1, name="clirl")
+    env = Env(srv, model_id)
+    srv.ok("PATCH", env.path, {"autoscaling_settings": {"min_replica": 2, "max_replica": 2}})
+    env.promote(d1)
+    env.wait("SUCCEEDED", 100.0)
+    _, d2 = srv.push(v2, name="clirl", deployment_name="v2")
+    _, d3 = srv.push(v3, name="clirl", deployment_name="v3")
+
+    out = json.loads(bdn("environments", "update", "clirl", "production", "--rolling",
+                         "--max-surge-percent", "50", "--stabilization-time-seconds",
+                         str(STABILIZATION_S))[0])
+    assert out["promotion_settings"]["rolling_deploy"] is True
+    assert out["promotion_settings"]["rolling_deploy_config"] == {
+        "max_surge_percent": 50, "max_unavailable_percent": 0,
+        "stabilization_time_seconds": STABILIZATION_S, "replica_overhead_percent": 0}
+    _, err = bdn("environments", "update", "clirl", "production",
+                 "--max-unavailable-percent", "60", code=1)
+    assert "max_unavailable_percent" in err and "0-50" in err
+    listing = bdn("environments", "clirl")[0]
+    assert "surge 50%" in listing
+
+    # --watch prints each step with its traffic split until SUCCEEDED.
+    _, err = bdn("promote", "clirl", "v2", "--watch")
+    assert f"RAMPING_UP step 1/2: 50% of traffic to {d2}" in err, err
+    assert "replicas previous 1, candidate 1" in err
+    assert f"SUCCEEDED step 2/2: 100% of traffic to {d2}" in err
+    assert env.detail()["current_deployment"]["id"] == d2
+
+    # The actions: pause (pending until the step completes), then cancel, watched to the
+    # end; with no promotion in progress an action is refused.
+    bdn("promote", "clirl", "v3", "--no-wait")
+    answer = json.loads(bdn("promote", "clirl", "--pause")[0])
+    assert answer["status"] in ("RELEASING", "RAMPING_UP")
+    env.wait("PAUSED", 50.0)
+    assert env.promotion()["deployment_id"] == d3
+    out, err = bdn("promote", "clirl", "--cancel", "--watch")
+    assert json.loads(out)["status"] == "RAMPING_DOWN"
+    assert "CANCELED" in err and "canceled" in err
+    assert env.detail()["current_deployment"]["id"] == d2
+    _, err = bdn("promote", "clirl", "--resume", code=1)
+    assert "no promotion" in err and "409" in err
+    _, err = bdn("promote", "clirl", "v3", "--pause", code=1)
+    assert "give no deployment" in err
