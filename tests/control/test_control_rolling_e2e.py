@@ -283,6 +283,40 @@ def test_a_rolling_promotion_continues_after_a_control_plane_restart(
     assert srv.ok("POST", f"/models/{model_id}/production/predict", {})["deployment"] == d2
 
 
+def test_unavailable_mode_removes_before_adding_and_serves_throughout(
+        quick_server: Any, make_model: Any) -> None:
+    srv = quick_server
+    v1, v2 = make_model("unavail", version=1), make_model("unavail", version=2)
+    model_id, d1 = srv.push(v1, name="unavail")
+    _, d2 = srv.push(v2, name="unavail")
+    env = Env(srv, model_id)
+    srv.ok("PATCH", env.path, {"autoscaling_settings": {"min_replica": 2, "max_replica": 2}})
+    env.promote(d1)
+    env.wait("SUCCEEDED", 100.0)
+    srv.wait_for("2 ready replicas", lambda: env.ready(d1) == 2)
+    srv.ok("PATCH", env.path, {"promotion_settings": {"rolling_deploy": True,
+                                                      "rolling_deploy_config": {
+        "max_surge_percent": 0, "max_unavailable_percent": 50,
+        "stabilization_time_seconds": STABILIZATION_S}}})
+    traffic = Traffic(srv, model_id)
+    try:
+        env.promote(d2)
+        env.act("pause")
+        env.wait("PAUSED", 50.0)
+        promotion = env.promotion()
+        assert promotion["mode"] == "unavailable" and promotion["replicas_per_step"] == 1
+        # One replica moved: the previous deployment gave it up, the candidate took it.
+        assert (env.desired(d1), env.desired(d2)) == (1, 1)
+        measured = percent_to(measure(srv, traffic), d2)
+        assert abs(measured - 50.0) <= TOLERANCE_POINTS, measured
+        env.act("resume")
+        env.wait("SUCCEEDED", 100.0)
+        assert percent_to(measure(srv, traffic), d2) == 100.0
+    finally:
+        traffic.stop()
+    assert traffic.failures() == [], traffic.failures()[:3]
+
+
 def test_deleting_an_environment_mid_rollout_hands_both_deployments_back(
         quick_server: Any, make_model: Any) -> None:
     srv = quick_server
