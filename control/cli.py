@@ -2,7 +2,8 @@
 
 ``bdn control-server`` runs the management API and the router in one daemon; the other
 commands (``push``, ``deployments``, ``autoscaling``, ``promote``, ``predict``,
-``environments``) are thin clients of its API. ``bdn environments update MODEL ENV
+``environments``) are thin clients of its API (``bdn deployments MODEL --rename DEP
+NAME`` renames one). ``bdn environments update MODEL ENV
 --rolling ...`` sets an environment's promotion settings; ``bdn promote ... --watch``
 prints a promotion's steps and traffic split as they happen, and ``bdn promote MODEL
 --pause`` (``--resume``, ``--cancel``, ``--force-cancel``, ``--force-roll-forward``)
@@ -112,6 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     group.add_argument("--activate", metavar="DEPLOYMENT")
     group.add_argument("--deactivate", metavar="DEPLOYMENT")
     group.add_argument("--delete", metavar="DEPLOYMENT")
+    group.add_argument("--rename", nargs=2, metavar=("DEPLOYMENT", "NAME"),
+                       help="give a published deployment another name (ids do not change)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=cmd_deployments)
 
@@ -418,6 +421,16 @@ def _wait_promotion(client: ControlClient, model_id: str, env: str, dep_id: str 
 
 def cmd_deployments(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.rename:
+        if not args.model:
+            raise RequestError("name the model whose deployment to rename", field="model")
+        model = client.model(args.model)
+        dep, name = args.rename
+        dep = next((d["id"] for d in client.deployments(model["id"]) if d["name"] == dep), dep)
+        renamed = client.request("PATCH", f"/v1/models/{q(model['id'])}/deployments/{q(dep)}",
+                                 {"name": name})
+        _console().print(f"deployment {renamed['id']} renamed to [bold]{renamed['name']}[/]")
+        return 0
     action = next(((verb, getattr(args, verb)) for verb in ("activate", "deactivate", "delete")
                    if getattr(args, verb)), None)
     if action is not None:

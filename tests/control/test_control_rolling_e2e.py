@@ -483,3 +483,8 @@ def test_cli_sets_rolling_watches_steps_and_controls_a_promotion(
     assert "no promotion" in err and "409" in err
     _, err = bdn("promote", "clirl", "v3", "--pause", code=1)
     assert "give no deployment" in err
+    # Rename by name or id; the id, and so every path, stays.
+    bdn("deployments", "clirl", "--rename", "v3", "v3-canceled")
+    assert srv.deployment(model_id, d3)["name"] == "v3-canceled"
+    _, err = bdn("deployments", "clirl", "--rename", d3, "v2", code=1)
+    assert "already has a deployment named 'v2'" in err
