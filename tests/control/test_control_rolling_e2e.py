@@ -317,6 +317,37 @@ def test_unavailable_mode_removes_before_adding_and_serves_throughout(
     assert traffic.failures() == [], traffic.failures()[:3]
 
 
+def test_a_candidate_that_cannot_start_fails_the_rolling_promotion_and_traffic_stays(
+        quick_server: Any, make_model: Any) -> None:
+    srv = quick_server
+    v1, broken = make_model("rollfail", version=1), make_model("rollfail", fail_load=True)
+    model_id, d1 = srv.push(v1, name="rollfail")
+    _, d2 = srv.push(broken, name="rollfail")
+    env = Env(srv, model_id)
+    srv.ok("PATCH", env.path, {"autoscaling_settings": {"min_replica": 2, "max_replica": 2},
+                               "promotion_settings": {"rolling_deploy": True,
+                                                      "rolling_deploy_config": {
+                                                          "max_surge_percent": 50}}})
+    env.promote(d1)
+    env.wait("SUCCEEDED", 100.0)
+    srv.wait_for("2 ready replicas", lambda: env.ready(d1) == 2)
+    traffic = Traffic(srv, model_id)
+    try:
+        env.promote(d2)
+        env.wait("FAILED", 0.0, timeout_s=120)
+        t0 = time.monotonic()
+        srv.wait_for("more answers", lambda: len(traffic.since(t0)) >= WINDOW_RESPONSES)
+    finally:
+        traffic.stop()
+    assert "failed to start" in env.promotion()["error"]
+    assert env.detail()["current_deployment"]["id"] == d1
+    assert {a.deployment for a in traffic.answers} == {d1}
+    assert traffic.failures() == [], traffic.failures()[:3]
+    # Autoscaling is back for both: the candidate no longer tries to start.
+    srv.wait_for("the candidate at zero", lambda: env.desired(d2) == 0)
+    assert env.desired(d1) == 2
+
+
 def test_deleting_an_environment_mid_rollout_hands_both_deployments_back(
         quick_server: Any, make_model: Any) -> None:
     srv = quick_server
