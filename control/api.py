@@ -49,7 +49,7 @@ from control.errors import ControlError, NotFoundError, RequestError
 from control.metrics import Metrics
 from control.promotion_settings import PromotionSettings
 from control.push import MAX_UPLOAD_BYTES, Pushes, parse_files
-from control.rollout import ACTIONS_BY_PATH, in_progress_promotion_json
+from control.rollout import ACTIONS_BY_PATH, Status, in_progress_promotion_json
 from control.router import Router, error_response
 from control.settings import AutoscalingSettings
 from control.store import DEVELOPMENT, PRODUCTION, DeploymentRecord, EnvironmentRecord, Store
@@ -229,7 +229,7 @@ class ManagementApi:
             "rolling": promo.rolling,
             "status": promo.status.value,
             "percent_traffic_to_new_version":
-                100.0 if promo.status.value == "SUCCEEDED" else 0.0,
+                100.0 if promo.status is Status.SUCCEEDED else 0.0,
             "error": promo.error,
             "cleanup": promo.cleanup,
             "ready_replicas": len(rt.ready) if rt else 0,
