@@ -10,7 +10,10 @@ Truss archive, ``bdn push`` sends the folder's files by content: ``POST
 streams the mirror's progress as JSON lines when asked). A ``model_dir`` the server can
 read is still accepted there and runs in place, without the agent (tests, operators).
 ``production`` and ``development`` work wherever a deployment id does, as in Baseten's
-paths.
+paths. Environments carry ``promotion_settings`` (rolling deployments, the cleanup
+strategy; ``control.promotion_settings``) and show ``in_progress_promotion`` with the
+documented statuses; ``POST .../environments/{env}/{pause,resume,cancel,force_cancel,
+force_roll_forward}_promotion`` control a promotion (``control.rollout``'s action table).
 
 Every ``/v1/`` and inference path needs ``Authorization: Api-Key <key>``; ``/metrics``
 and ``/health/*`` do not, so Prometheus and probes need no secret. Keys are compared in
@@ -44,7 +47,9 @@ from control.controller import Controller, ControllerOptions, Runtime
 from control.delivery import AgentDelivery, EmbeddedAgent
 from control.errors import ControlError, NotFoundError, RequestError
 from control.metrics import Metrics
+from control.promotion_settings import PromotionSettings
 from control.push import MAX_UPLOAD_BYTES, Pushes, parse_files
+from control.rollout import ACTIONS_BY_PATH, Status, in_progress_promotion_json
 from control.router import Router, error_response
 from control.settings import AutoscalingSettings
 from control.store import DEVELOPMENT, PRODUCTION, DeploymentRecord, EnvironmentRecord, Store
@@ -210,26 +215,41 @@ class ManagementApi:
                     self.store.get_environment(model_id, PRODUCTION).current_deployment_id,
                 "development_deployment_id": dev, "instance_type_name": None}
 
+    def promotion_json(self, env: EnvironmentRecord) -> dict[str, Any] | None:
+        """``in_progress_promotion``: the documented ``status`` and
+        ``percent_traffic_to_new_version``, and bdn's detail. The last promotion stays
+        shown, with its terminal status, until the next one starts."""
+        promo = self.c.promotions.get((env.model_id, env.name))
+        if promo is None:
+            return None
+        rt = self.c.runtimes.get(promo.deployment_id)
+        out: dict[str, Any] = {
+            "deployment_id": promo.deployment_id,
+            "previous_deployment_id": promo.previous_id,
+            "rolling": promo.rolling,
+            "status": promo.status.value,
+            "percent_traffic_to_new_version":
+                100.0 if promo.status is Status.SUCCEEDED else 0.0,
+            "error": promo.error,
+            "cleanup": promo.cleanup,
+            "ready_replicas": len(rt.ready) if rt else 0,
+            # A plain promotion's candidate needs one ready replica even at min_replica 0.
+            "needed_replicas": max(1, rt.record.settings.min_replica) if rt else None,
+        }
+        if promo.plan is not None:
+            out.update(in_progress_promotion_json(promo.plan))
+            out["needed_replicas"] = promo.plan.candidate_replicas
+        return out
+
     def environment_json(self, env: EnvironmentRecord) -> dict[str, Any]:
         current = (self.store.get_deployment(env.model_id, env.current_deployment_id)
                    if env.current_deployment_id else None)
-        promotion = None
-        status = self.c.promotions.get((env.model_id, env.name))
-        if status is not None:
-            rt = self.c.runtimes.get(status.deployment_id)
-            promotion = {"deployment_id": status.deployment_id, "status": status.status,
-                         "error": status.error,
-                         "ready_replicas": len(rt.ready) if rt else 0,
-                         "min_replica": rt.record.settings.min_replica if rt else None,
-                         # A candidate needs one ready replica even at min_replica 0.
-                         "needed_replicas": max(1, rt.record.settings.min_replica)
-                         if rt else None}
         return {"name": env.name, "created_at": env.created_at, "model_id": env.model_id,
                 "current_deployment": self.deployment_json(current) if current else None,
                 "autoscaling_settings": env.settings.to_json(),
-                "promotion_settings": {},
+                "promotion_settings": env.promotion_settings.to_json(),
                 "previous_deployment_id": env.previous_deployment_id,
-                "promotion": promotion}
+                "in_progress_promotion": self.promotion_json(env)}
 
     def resolve(self, model_id: str, deployment_id: str) -> DeploymentRecord:
         self.store.get_model(model_id)
@@ -256,6 +276,8 @@ class ManagementApi:
         r.add_get("/v1/models/{model_id}/deployments", self.list_deployments)
         r.add_post("/v1/models/{model_id}/deployments", self.create_deployment)
         r.add_get("/v1/models/{model_id}/deployments/{deployment_id}", self.get_deployment)
+        r.add_patch("/v1/models/{model_id}/deployments/{deployment_id}",
+                    self.patch_deployment)
         r.add_get("/v1/models/{model_id}/deployments/{deployment_id}/replicas",
                   self.get_replicas)
         r.add_delete("/v1/models/{model_id}/deployments/{deployment_id}",
@@ -275,6 +297,9 @@ class ManagementApi:
                      self.delete_environment)
         r.add_post("/v1/models/{model_id}/environments/{env_name}/promote",
                    self.promote_to_environment)
+        for path in ACTIONS_BY_PATH:
+            r.add_post(f"/v1/models/{{model_id}}/environments/{{env_name}}/{path}",
+                       self.promotion_action)
 
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -410,6 +435,21 @@ class ManagementApi:
         rec = self.resolve(request.match_info["model_id"], request.match_info["deployment_id"])
         return web.json_response(self.deployment_json(rec))
 
+    async def patch_deployment(self, request: web.Request) -> web.Response:
+        """Rename a deployment (the only field a deployment's PATCH takes); names are
+        cosmetic, as documented: paths keep using the id."""
+        model_id = request.match_info["model_id"]
+        rec = self.resolve(model_id, request.match_info["deployment_id"])
+        data = await json_body(request)
+        unknown = set(data) - {"name"}
+        if unknown:
+            raise RequestError("is not a deployment field that can be changed (only name)",
+                               field=sorted(unknown)[0])
+        if "name" not in data:
+            raise RequestError("is required", field="name")
+        renamed = self.c.rename(model_id, rec.id, data["name"])
+        return web.json_response(self.deployment_json(renamed))
+
     async def get_replicas(self, request: web.Request) -> web.Response:
         rec = self.resolve(request.match_info["model_id"], request.match_info["deployment_id"])
         return web.json_response({"replicas": self.replicas_json(self.c.runtimes.get(rec.id))})
@@ -475,7 +515,12 @@ class ManagementApi:
         assert name is not None
         raw = data.get("autoscaling_settings")
         settings = AutoscalingSettings.from_json(raw) if raw is not None else None
+        raw_promotion = data.get("promotion_settings")
+        promotion = (PromotionSettings.from_json(raw_promotion)
+                     if raw_promotion is not None else None)
         env = self.store.create_environment(model_id, name, settings)
+        if promotion is not None:
+            env = self.store.set_promotion_settings(model_id, name, promotion)
         return web.json_response(self.environment_json(env), status=201)
 
     async def get_environment(self, request: web.Request) -> web.Response:
@@ -491,17 +536,33 @@ class ManagementApi:
         if unknown:
             raise RequestError("is not an environment setting", field=sorted(unknown)[0])
         patch = data.get("autoscaling_settings") or {}
-        before = self.store.get_environment(model_id, env_name).settings
+        before = self.store.get_environment(model_id, env_name)
+        # Both parts are validated before either is written: a bad body changes nothing.
+        promotion = before.promotion_settings.patched(data.get("promotion_settings") or {})
+        before.settings.patched(patch)
         env = self.c.update_environment_settings(model_id, env_name, patch)
-        status = "UNCHANGED" if env.settings == before else "ACCEPTED"
+        if promotion != env.promotion_settings:
+            env = self.store.set_promotion_settings(model_id, env_name, promotion)
+        status = ("UNCHANGED" if (env.settings, env.promotion_settings)
+                  == (before.settings, before.promotion_settings) else "ACCEPTED")
         return web.json_response({"status": status,
                                   "message": f"environment {env_name!r} settings {status.lower()}",
-                                  "autoscaling_settings": env.settings.to_json()})
+                                  "autoscaling_settings": env.settings.to_json(),
+                                  "promotion_settings": env.promotion_settings.to_json()})
+
+    async def promotion_action(self, request: web.Request) -> web.Response:
+        """``{pause,resume,cancel,force_cancel,force_roll_forward}_promotion``."""
+        model_id = request.match_info["model_id"]
+        action = ACTIONS_BY_PATH[request.path.rsplit("/", 1)[1]]
+        self.store.get_model(model_id)
+        return web.json_response(
+            self.c.promotion_action(model_id, request.match_info["env_name"], action))
 
     async def delete_environment(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
         env_name = request.match_info["env_name"]
         self.store.delete_environment(model_id, env_name)
+        self.c.forget_promotion(model_id, env_name)
         return web.json_response({"name": env_name, "deleted": True})
 
 

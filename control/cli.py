@@ -2,7 +2,12 @@
 
 ``bdn control-server`` runs the management API and the router in one daemon; the other
 commands (``push``, ``deployments``, ``autoscaling``, ``promote``, ``predict``,
-``environments``) are thin clients of its API. Clients take ``--server URL`` (env
+``environments``) are thin clients of its API (``bdn deployments MODEL --rename DEP
+NAME`` renames one). ``bdn environments update MODEL ENV
+--rolling ...`` sets an environment's promotion settings; ``bdn promote ... --watch``
+prints a promotion's steps and traffic split as they happen, and ``bdn promote MODEL
+--pause`` (``--resume``, ``--cancel``, ``--force-cancel``, ``--force-roll-forward``)
+controls the promotion in progress. Clients take ``--server URL`` (env
 ``BDN_CONTROL_URL``) and ``--api-key`` (env ``BDN_API_KEY``); the key is never printed.
 Tables and progress go through rich, on stderr where they are decoration; JSON results
 go to stdout so they pipe.
@@ -22,6 +27,8 @@ from typing import Any
 from bdn.config import read_config_document
 from control.client import API_KEY_ENV, SERVER_URL_ENV, ControlClient, q
 from control.errors import ClientError, RequestError
+from control.promotion_settings import CLEANUP_STRATEGIES, CONFIG_RANGES, describe_config_range
+from control.rollout import ACTIONS_BY_PATH
 from control.settings import RANGES, describe_range
 
 DEFAULT_LISTEN = "127.0.0.1:8700"
@@ -106,6 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     group.add_argument("--activate", metavar="DEPLOYMENT")
     group.add_argument("--deactivate", metavar="DEPLOYMENT")
     group.add_argument("--delete", metavar="DEPLOYMENT")
+    group.add_argument("--rename", nargs=2, metavar=("DEPLOYMENT", "NAME"),
+                       help="give a published deployment another name (ids do not change)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=cmd_deployments)
 
@@ -139,7 +148,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--keep-previous", action="store_true",
                    help="do not scale the previous deployment down")
     p.add_argument("--no-wait", action="store_true")
-    p.set_defaults(handler=cmd_promote)
+    p.add_argument("--watch", action="store_true",
+                   help="print each change of the promotion (status, step, traffic split, "
+                   "replicas) until it ends")
+    actions = p.add_mutually_exclusive_group()
+    for path in ACTIONS_BY_PATH:
+        action = path.removesuffix("_promotion")
+        actions.add_argument("--" + action.replace("_", "-"), dest="action",
+                             action="store_const", const=path,
+                             help=f"{action.replace('_', ' ')} the environment's promotion in "
+                             "progress (no deployment argument)")
+    p.set_defaults(handler=cmd_promote, action=None)
 
     p = subparsers.add_parser("predict", help="call a model through the router")
     _client_args(p)
@@ -153,13 +172,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--timeout-s", type=float, default=900.0)
     p.set_defaults(handler=cmd_predict)
 
-    p = subparsers.add_parser("environments", help="list, create or delete environments")
+    p = subparsers.add_parser(
+        "environments", help="list, create, delete or update environments",
+        usage="bdn environments MODEL [--create NAME | --delete NAME] [--json]\n"
+              "       bdn environments update MODEL ENV [--rolling | --no-rolling] "
+              "[--max-surge-percent N | --max-unavailable-percent N] ...")
     _client_args(p)
-    p.add_argument("model", help="model name or id")
+    p.add_argument("model", help="model name or id; or 'update' followed by MODEL ENV")
+    p.add_argument("update_args", nargs="*", metavar="MODEL ENV", help=argparse.SUPPRESS)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--create", metavar="NAME")
     group.add_argument("--delete", metavar="NAME")
     p.add_argument("--json", action="store_true")
+    rolling = p.add_argument_group("update: promotion settings (rolling deployments)")
+    rolling.add_argument("--rolling", action=argparse.BooleanOptionalAction, default=None,
+                         help="promote step by step (rolling_deploy)")
+    for key in CONFIG_RANGES:
+        rolling.add_argument("--" + key.replace("_", "-"), dest=key, type=int,
+                             help=describe_config_range(key))
+    rolling.add_argument("--cleanup", choices=CLEANUP_STRATEGIES,
+                         help="what happens to the previous deployment after success "
+                         "(promotion_cleanup_strategy)")
     p.set_defaults(handler=cmd_environments)
 
 
@@ -336,30 +369,68 @@ def _watch(client: ControlClient, model_dir: Path, model_name: str) -> int:
             console.print(f"change detected: development deployment {dep['id']} reloaded")
 
 
-def _wait_promotion(client: ControlClient, model_id: str, env: str, dep_id: str) -> None:
+def describe_promotion(promo: dict[str, Any]) -> str:
+    """One line of a promotion's progress: ``RAMPING_UP step 2/4: 50% of traffic to the
+    candidate; replicas previous 2, candidate 2 (step 2/4 done; stabilizing ...)``."""
+    state = promo.get("status", "?")
+    percent = promo.get("percent_traffic_to_new_version", 0)
+    if not promo.get("rolling"):
+        return (f"{state}: {promo.get('ready_replicas', 0)}/{promo.get('needed_replicas', 1)} "
+                f"replicas of {promo.get('deployment_id')} ready, {percent:g}% of traffic to it")
+    return (f"{state} step {promo.get('step')}/{promo.get('steps')}: {percent:g}% of traffic "
+            f"to {promo.get('deployment_id')}; replicas previous "
+            f"{promo.get('previous_replicas')}, candidate {promo.get('candidate_replicas')}"
+            + (" (pause requested)" if promo.get("pause_requested") else "")
+            + (f" - {promo['reason']}" if promo.get("reason") else ""))
+
+
+def _wait_promotion(client: ControlClient, model_id: str, env: str, dep_id: str | None, *,
+                    watch: bool = False, canceling: bool = False) -> dict[str, Any]:
+    """Poll the environment until its promotion ends; with ``watch``, print every change
+    (steps, traffic split, replicas). Ends with an error unless it SUCCEEDED (or, when
+    ``canceling``, was CANCELED)."""
     from rich.console import Console
     console = Console(stderr=True)
-    with console.status(f"promoting {dep_id} to {env}...") as status:
+    last = None
+    promo: dict[str, Any] = {}
+    with console.status(f"promoting {dep_id or ''} to {env}...") as status:
         while True:
-            data = client.environment(model_id, env)
-            promo = data.get("promotion") or {}
+            promo = client.environment(model_id, env).get("in_progress_promotion") or {}
             state = promo.get("status")
-            current = (data.get("current_deployment") or {}).get("id")
-            if state == "FAILED":
-                raise ClientError(f"promotion to {env} failed: {promo.get('error')}", status=0)
-            if state == "SUCCEEDED" or (state is None and current == promo.get("deployment_id")):
+            line = describe_promotion(promo) if promo else "no promotion"
+            if watch and line != last:
+                console.print(line, markup=False, highlight=False)
+                last = line
+            if state == "SUCCEEDED" or (canceling and state == "CANCELED"):
                 break
-            status.update(f"promoting {promo.get('deployment_id', dep_id)} to {env}: "
-                          f"{promo.get('ready_replicas', 0)}/{promo.get('needed_replicas', 1)} "
-                          "replicas ready")
+            if state in ("FAILED", "CANCELED") or not promo:
+                raise ClientError(f"promotion to {env} ended {state or 'unknown'}: "
+                                  f"{promo.get('error') or promo.get('reason') or ''}",
+                                  status=0)
+            status.update(f"promoting to {env}: {line}")
             time.sleep(PROMOTION_POLL_INTERVAL_S)
-    console.print(f"deployment {promo.get('deployment_id', dep_id)} now serves [bold]{env}[/]")
+    if state == "SUCCEEDED":
+        console.print(f"deployment {promo.get('deployment_id', dep_id)} now serves "
+                      f"[bold]{env}[/]")
+    else:
+        console.print(f"promotion of {promo.get('deployment_id')} to [bold]{env}[/] canceled")
+    return promo
 
 
 # -- deployments -------------------------------------------------------------------------
 
 def cmd_deployments(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.rename:
+        if not args.model:
+            raise RequestError("name the model whose deployment to rename", field="model")
+        model = client.model(args.model)
+        dep, name = args.rename
+        dep = next((d["id"] for d in client.deployments(model["id"]) if d["name"] == dep), dep)
+        renamed = client.request("PATCH", f"/v1/models/{q(model['id'])}/deployments/{q(dep)}",
+                                 {"name": name})
+        _console().print(f"deployment {renamed['id']} renamed to [bold]{renamed['name']}[/]")
+        return 0
     action = next(((verb, getattr(args, verb)) for verb in ("activate", "deactivate", "delete")
                    if getattr(args, verb)), None)
     if action is not None:
@@ -442,6 +513,20 @@ def cmd_autoscaling_show(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     client = _client(args)
     model = client.model(args.model)
+    if args.action is not None:
+        if args.deployment or args.rollback:
+            raise RequestError("an action applies to the promotion in progress; give no "
+                               "deployment", field="--" + args.action.removesuffix(
+                                   "_promotion").replace("_", "-"))
+        answer = client.request(
+            "POST", f"/v1/models/{q(model['id'])}/environments/{q(args.environment)}/"
+            f"{args.action}")
+        print(json.dumps(answer))
+        if args.watch:
+            _wait_promotion(client, model["id"], args.environment, None, watch=True,
+                            canceling=args.action in ("cancel_promotion",
+                                                      "force_cancel_promotion"))
+        return 0
     env = client.environment(model["id"], args.environment)
     if args.rollback:
         if args.deployment:
@@ -460,8 +545,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     dep = client.request(
         "POST", f"/v1/models/{q(model['id'])}/environments/{q(args.environment)}/promote",
         {"deployment_id": target, "scale_down_previous_deployment": not args.keep_previous})
-    if not args.no_wait:
-        _wait_promotion(client, model["id"], args.environment, dep["id"])
+    if args.watch or not args.no_wait:
+        _wait_promotion(client, model["id"], args.environment, dep["id"], watch=args.watch)
     print(json.dumps({"model_id": model["id"], "deployment_id": dep["id"],
                       "environment": args.environment}))
     return 0
@@ -494,8 +579,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # -- environments ------------------------------------------------------------------------
 
+def _promotion_patch(args: argparse.Namespace) -> dict[str, Any]:
+    """``promotion_settings`` from ``environments update``'s options."""
+    patch: dict[str, Any] = {}
+    if args.rolling is not None:
+        patch["rolling_deploy"] = args.rolling
+    config = {k: getattr(args, k) for k in CONFIG_RANGES if getattr(args, k) is not None}
+    # The two modes exclude each other: naming one (non-zero) switches the other off.
+    for one, other in (("max_surge_percent", "max_unavailable_percent"),
+                       ("max_unavailable_percent", "max_surge_percent")):
+        if config.get(one) and other not in config:
+            config[other] = 0
+    if config:
+        patch["rolling_deploy_config"] = config
+    if args.cleanup is not None:
+        patch["promotion_cleanup_strategy"] = args.cleanup
+    return patch
+
+
 def cmd_environments(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.model == "update" and args.update_args:
+        if len(args.update_args) != 2:
+            raise RequestError("give the model and the environment: bdn environments "
+                               "update MODEL ENV --rolling ...", field="update")
+        model_name, env_name = args.update_args
+        patch = _promotion_patch(args)
+        if not patch:
+            raise RequestError("give at least one setting to change, e.g. --rolling "
+                               "--max-surge-percent 25", field="update")
+        model = client.model(model_name)
+        result = client.request(
+            "PATCH", f"/v1/models/{q(model['id'])}/environments/{q(env_name)}",
+            {"promotion_settings": patch})
+        print(json.dumps(result))
+        return 0
+    if args.update_args:
+        raise RequestError(f"unexpected arguments {args.update_args}; did you mean "
+                           "`bdn environments update MODEL ENV ...`?", field="update")
     model = client.model(args.model)
     base = f"/v1/models/{q(model['id'])}/environments"
     if args.create:
@@ -511,14 +632,21 @@ def cmd_environments(args: argparse.Namespace) -> int:
         print(json.dumps(envs, indent=2))
         return 0
     from rich.table import Table
-    table = Table("environment", "deployment", "status", "previous", "promotion", "min-max")
+    table = Table("environment", "deployment", "status", "previous", "promotion", "traffic",
+                  "rolling", "min-max")
     for e in envs:
         cur = e["current_deployment"] or {}
-        promo = e.get("promotion") or {}
+        promo = e.get("in_progress_promotion") or {}
         s = e["autoscaling_settings"]
+        ps = e.get("promotion_settings") or {}
+        rc = ps.get("rolling_deploy_config") or {}
+        rolling = (f"surge {rc.get('max_surge_percent')}%" if rc.get("max_surge_percent")
+                   else f"unavailable {rc.get('max_unavailable_percent')}%")
         table.add_row(e["name"], f"{cur.get('name', '')} {cur.get('id', '')}".strip(),
                       cur.get("status", ""), e.get("previous_deployment_id") or "",
                       promo.get("status", "") if promo else "",
+                      f"{promo.get('percent_traffic_to_new_version', 0):g}%" if promo else "",
+                      rolling if ps.get("rolling_deploy") else "off",
                       f"{s['min_replica']}-{s['max_replica']}")
     _console(stderr=False).print(table)
     return 0

@@ -11,10 +11,23 @@ in time here and in number by the router (``max_queue``), and the deployment is
 evaluated at once so a scaled-to-zero deployment starts a replica without waiting for
 the next tick.
 
+Promotions: a plain one warms the candidate up and then swaps the environment to it.
+A rolling one (the environment's ``promotion_settings.rolling_deploy``) is executed here
+as a persisted state machine around the pure planner (``control.rollout.plan``): every
+tick, and whenever a replica of either deployment changes, the planner gets the ready
+counts and answers both deployments' replica targets and the candidate's traffic share.
+Its state is written to the store before the targets are applied, so a restarted control
+plane continues from the step it was at. While a rolling promotion runs, both
+deployments' replica counts are *pinned* to the planner's targets (autoscaling is off
+for them, as documented, until SUCCEEDED, FAILED or CANCELED); the router splits the
+environment's requests by the planner's share (``control.traffic.pick_by_count``).
+
 Time: the policy runs on a clock of ``time.monotonic() * time_scale``. In production
 ``time_scale`` is 1; tests and demos raise it so a documented minimum (an autoscaling
 window of at least 10 s) takes a fraction of that in wall time, without weakening the
-API's validation. Queue timeouts and backend timeouts stay in wall seconds.
+API's validation. Queue timeouts and backend timeouts stay in wall seconds. Rolling
+promotions run on ``time.time() * time_scale`` instead: their persisted times must mean
+the same after a restart (stabilization_time_seconds scales like the autoscaler's).
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from control.autoscaler import Decision, Sample, ScalerState, decide
@@ -50,6 +64,27 @@ from control.errors import (
     UnavailableError,
 )
 from control.metrics import Labels, Metrics
+from control.promotion_settings import (
+    CLEANUP_DEACTIVATE,
+    CLEANUP_KEEP,
+    CLEANUP_SCALE_TO_ZERO,
+    CLEANUP_STRATEGIES,
+)
+from control.rollout import (
+    TERMINAL,
+    Action,
+    Observed,
+    Plan,
+    RolloutState,
+    RolloutStateError,
+    Status,
+    action_answer_json,
+    apply_action,
+    check_action,
+    non_rolling_outcome,
+    plan,
+    start,
+)
 from control.settings import AutoscalingSettings
 from control.store import (
     DeploymentRecord,
@@ -103,6 +138,9 @@ class Runtime:
     # A promotion keeps at least this many replicas, whatever min_replica says: a
     # candidate must show it can serve before it takes an environment.
     floor: int = 0
+    # A rolling promotion's replica target: while set, it is the count, and the
+    # autoscaler only records samples (autoscaling is frozen, as documented).
+    pinned: int | None = None
     in_flight: int = 0
     queued: int = 0
     # Requests the router holds that are not in flight yet (body still arriving, or no
@@ -122,7 +160,11 @@ class Runtime:
 
     @property
     def desired(self) -> int:
-        return max(self.scaler.replicas, self.floor) if self.record.active else 0
+        if not self.record.active:
+            return 0
+        if self.pinned is not None:
+            return self.pinned
+        return max(self.scaler.replicas, self.floor)
 
     def labels(self) -> Labels:
         return (("model_id", self.record.model_id), ("deployment_id", self.record.id))
@@ -133,10 +175,49 @@ class Runtime:
 
 
 @dataclass
-class PromotionStatus:
+class Promotion:
+    """One environment's promotion: the one in progress, or the last one (kept in memory
+    so the environment still shows how it ended, until the next one starts)."""
+
+    model_id: str
+    env_name: str
     deployment_id: str
-    status: str = "IN_PROGRESS"
+    previous_id: str | None = None
+    # What happens to the previous deployment after success (promotion_cleanup_strategy).
+    cleanup: str = CLEANUP_SCALE_TO_ZERO
+    # The planner's state: set for a rolling promotion only.
+    state: RolloutState | None = None
+    plan: Plan | None = None
+    status: Status = Status.RELEASING
     error: str | None = None
+    # Sequence numbers of the environment's requests while traffic is split.
+    counter: itertools.count[int] = field(default_factory=itertools.count)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def rolling(self) -> bool:
+        return self.state is not None
+
+    @property
+    def in_progress(self) -> bool:
+        return self.status not in TERMINAL
+
+    @property
+    def deployment_ids(self) -> tuple[str, ...]:
+        return tuple(d for d in (self.deployment_id, self.previous_id) if d is not None)
+
+    def share_new(self) -> Fraction | None:
+        """The candidate's share of the environment's requests while they are split."""
+        if self.plan is None or not self.in_progress:
+            return None
+        return self.plan.share_new
+
+    def record(self) -> dict[str, Any]:
+        """What the store keeps of it, so a restart can continue it."""
+        return {"rolling": self.rolling, "previous_deployment_id": self.previous_id,
+                "cleanup": self.cleanup,
+                "state": self.state.to_json() if self.state is not None else None}
 
 
 class Controller:
@@ -147,7 +228,7 @@ class Controller:
         self.metrics = metrics or Metrics()
         self.options = options or ControllerOptions()
         self.runtimes: dict[str, Runtime] = {}
-        self.promotions: dict[tuple[str, str], PromotionStatus] = {}
+        self.promotions: dict[tuple[str, str], Promotion] = {}
         self._promotion_tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -171,8 +252,7 @@ class Controller:
             for status in self.backend.observe(rec.id):
                 self._on_replica(status)
         for env in self.store.promotions_in_progress():
-            assert env.promoting_deployment_id is not None
-            self._spawn_promotion(env.model_id, env.name, env.promoting_deployment_id, True)
+            self._resume_promotion(env)
         self.tick()
         self._loop_task = asyncio.create_task(self._loop())
 
@@ -206,13 +286,17 @@ class Controller:
     def now_s(self) -> float:
         return time.monotonic() * self.options.time_scale
 
+    def wall_s(self) -> float:
+        """The rollout planner's clock: wall time, so persisted times survive a restart."""
+        return time.time() * self.options.time_scale
+
     # -- scaling -----------------------------------------------------------------------
 
     def tick(self) -> None:
         for rt in list(self.runtimes.values()):
             self.evaluate(rt)
 
-    def evaluate(self, rt: Runtime) -> Decision:
+    def evaluate(self, rt: Runtime) -> Decision | None:
         """Sample the deployment's load, decide its replica count, reconcile towards it."""
         now = self.now_s()
         settings = rt.record.settings
@@ -221,6 +305,11 @@ class Controller:
         horizon = now - settings.autoscaling_window
         while len(rt.samples) > 1 and rt.samples[1].at_s <= horizon:
             rt.samples.popleft()
+        if rt.pinned is not None:
+            # A rolling promotion owns the count; the samples are kept so autoscaling
+            # resumes with the load it missed.
+            self._reconcile(rt)
+            return None
         decision = decide(settings, rt.samples, rt.scaler, now)
         if decision.replicas != rt.scaler.replicas:
             log.info("deployment %s: %d -> %d replicas (%s; average in-flight %.2f)",
@@ -303,6 +392,9 @@ class Controller:
                 rt.last_error = status.error or f"replica {status.id} stopped"
                 log.error("deployment %s: %s", rt.record.id, rt.last_error)
         rt.notify()
+        for promo in self.promotions.values():
+            if promo.rolling and promo.in_progress and rt.record.id in promo.deployment_ids:
+                promo.wake.set()
 
     def _ready(self, rt: Runtime, status: ReplicaStatus) -> None:
         if self._closing:
@@ -485,6 +577,13 @@ class Controller:
             self.refresh(env.current_deployment_id)
         return env
 
+    def rename(self, model_id: str, deployment_id: str, name: object) -> DeploymentRecord:
+        rec = self.store.rename_deployment(model_id, deployment_id, name)
+        rt = self.runtimes.get(rec.id)
+        if rt is not None:
+            rt.record = rec
+        return rec
+
     def set_active(self, model_id: str, deployment_id: str, active: bool) -> DeploymentRecord:
         self.store.get_deployment(model_id, deployment_id)
         self.store.set_active(deployment_id, active)
@@ -501,6 +600,8 @@ class Controller:
         self.store.get_model(model_id)
         doomed = [d.id for d in self.store.list_deployments(model_id)]
         self.store.delete_model(model_id)
+        for key in [k for k in self.promotions if k[0] == model_id]:
+            self.forget_promotion(*key, hand_back=False)  # its deployments go too
         for dep_id in doomed:
             rt = self.runtimes.pop(dep_id, None)
             if rt is not None:
@@ -520,37 +621,100 @@ class Controller:
                 scale_down_previous: bool = True) -> DeploymentRecord:
         """Start promoting a deployment to an environment; returns the candidate.
 
-        The candidate inherits the environment's autoscaling settings and is warmed up to
-        its ``min_replica`` before traffic moves; then the previous deployment is demoted
-        and (by default) scaled to zero at once. Promoting the development deployment
-        first publishes a copy of it, as a published deployment is what environments run.
+        The candidate inherits the environment's autoscaling settings. A plain promotion
+        warms it up to its ``min_replica`` before traffic moves; then the previous
+        deployment is cleaned up (``promotion_cleanup_strategy``; by default scaled to
+        zero at once). With ``rolling_deploy`` on and a deployment already serving, the
+        environment moves step by step (see the module docstring). Promoting the
+        development deployment first publishes a copy of it, as the seed documents ("a
+        new deployment is created with a unique deployment ID"); an inactive published
+        deployment must be activated first, as documented.
         """
         rec = self.store.get_deployment(model_id, deployment_id)
-        self.store.get_environment(model_id, env_name)
+        env = self.store.get_environment(model_id, env_name)
         key = (model_id, env_name)
         running = self.promotions.get(key)
-        if running is not None and running.status == "IN_PROGRESS":
+        if running is not None and running.in_progress:
             raise ConflictError(
                 f"a promotion of deployment {running.deployment_id} to {env_name!r} is "
-                "already in progress; wait for it to finish", ident=env_name)
+                "already in progress; wait for it to finish, or cancel it with POST "
+                f"/v1/models/{model_id}/environments/{env_name}/cancel_promotion",
+                ident=env_name)
+        if not rec.active and not rec.is_development:
+            raise ConflictError(
+                f"deployment {rec.id} ({rec.name}) is inactive; activate it first with POST "
+                f"/v1/models/{model_id}/deployments/{rec.id}/activate, then promote it",
+                ident=rec.id)
+        if env.current_deployment_id == rec.id:
+            raise ConflictError(f"deployment {rec.id} already serves {env_name!r}",
+                                ident=rec.id)
         if rec.is_development:
             rec = self.store.create_deployment(model_id, rec.model_dir,
                                                settings=rec.settings, push=rec.push)
-        self.store.begin_promotion(model_id, env_name, rec.id)
-        self._spawn_promotion(model_id, env_name, rec.id, scale_down_previous)
+        previous = env.current_deployment_id
+        cleanup = env.promotion_settings.promotion_cleanup_strategy
+        promo = Promotion(model_id, env_name, rec.id, previous_id=previous,
+                          cleanup=cleanup if scale_down_previous else CLEANUP_KEEP)
+        if (env.promotion_settings.rolling_deploy and previous is not None
+                and previous in self.runtimes):
+            prev_rt = self.runtimes[previous]
+            promo.state = start(env.promotion_settings,
+                                max(prev_rt.desired, env.settings.min_replica), self.wall_s())
+            if not scale_down_previous:
+                promo.state = dataclasses.replace(promo.state, cleanup=CLEANUP_KEEP)
+        self.store.begin_promotion(model_id, env_name, rec.id, promo.record())
+        self._spawn_promotion(promo)
         return self.store.get_deployment(model_id, rec.id)
 
-    def _spawn_promotion(self, model_id: str, env_name: str, deployment_id: str,
-                         scale_down_previous: bool) -> None:
-        self.promotions[(model_id, env_name)] = PromotionStatus(deployment_id)
-        task = asyncio.create_task(
-            self._run_promotion(model_id, env_name, deployment_id, scale_down_previous))
+    def _resume_promotion(self, env: EnvironmentRecord) -> None:
+        """Continue a promotion the store says was in progress when the server stopped."""
+        assert env.promoting_deployment_id is not None
+        saved = env.promotion or {}
+        cleanup = saved.get("cleanup")
+        promo = Promotion(env.model_id, env.name, env.promoting_deployment_id,
+                          previous_id=saved.get("previous_deployment_id",
+                                                env.current_deployment_id),
+                          cleanup=cleanup if cleanup in CLEANUP_STRATEGIES
+                          else CLEANUP_SCALE_TO_ZERO)
+        if saved.get("rolling"):
+            try:
+                promo.state = RolloutState.from_json(saved.get("state"))
+            except RolloutStateError as e:
+                log.error("the rolling promotion of %s to %s cannot continue: %s",
+                          promo.deployment_id, env.name, e)
+                self.promotions[(env.model_id, env.name)] = promo
+                self.store.abort_promotion(env.model_id, env.name)
+                promo.status, promo.error = Status.FAILED, f"its saved state is unusable: {e}"
+                if (promo.deployment_id in self.runtimes
+                        and not self.store.environments_of(promo.deployment_id)):
+                    self.demote(promo.deployment_id)
+                return
+        self._spawn_promotion(promo)
+
+    def _spawn_promotion(self, promo: Promotion) -> None:
+        self.promotions[(promo.model_id, promo.env_name)] = promo
+        if promo.rolling:
+            # Pin both deployments before anything evaluates them: the autoscaler must
+            # not start (or stop) replicas the planner has not asked for.
+            for dep_id in promo.deployment_ids:
+                rt = self.runtimes.get(dep_id)
+                if rt is None and dep_id == promo.deployment_id:
+                    rec = self.store.get_deployment(promo.model_id, dep_id)
+                    rt = self.runtimes[dep_id] = Runtime(rec)
+                if rt is not None and rt.pinned is None:
+                    rt.pinned = rt.desired
+            self.refresh(promo.deployment_id)
+            self._step_rolling(promo)
+            run = self._run_rolling(promo)
+        else:
+            run = self._run_promotion(promo)
+        task = asyncio.create_task(run)
+        promo.task = task
         self._promotion_tasks.add(task)
         task.add_done_callback(self._promotion_tasks.discard)
 
-    async def _run_promotion(self, model_id: str, env_name: str, deployment_id: str,
-                             scale_down_previous: bool) -> None:
-        status = self.promotions[(model_id, env_name)]
+    async def _run_promotion(self, promo: Promotion) -> None:
+        deployment_id = promo.deployment_id
         existing = self.runtimes.get(deployment_id)
         if existing is not None:
             existing.floor = 1  # before refresh() evaluates it
@@ -573,28 +737,180 @@ class Controller:
                 # Also re-evaluate now and then: a start that failed is retried by a tick.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), self.options.tick_interval_s)
-            env = self.store.finish_promotion(model_id, env_name)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            if deployment_id in self.runtimes:
-                self.runtimes[deployment_id].floor = 0
-            self.store.abort_promotion(model_id, env_name)
-            status.status, status.error = "FAILED", str(e)
-            log.error("promotion of %s to %s failed: %s", deployment_id, env_name, e)
-            # The candidate inherited the environment's min_replica; without the
-            # promotion it should not keep restarting failing replicas.
-            if deployment_id in self.runtimes and not self.store.environments_of(deployment_id):
-                self.demote(deployment_id)
+            self._end_plain(promo, Status.FAILED, str(e))
             return
-        rt.floor = 0
-        status.status = "SUCCEEDED"
-        previous = env.previous_deployment_id
-        log.info("deployment %s now serves %s of model %s (previous: %s)", deployment_id,
-                 env_name, model_id, previous)
-        if (scale_down_previous and previous is not None and previous != deployment_id
-                and previous in self.runtimes and not self.store.environments_of(previous)):
+        self._end_plain(promo, Status.SUCCEEDED)
+
+    def _end_plain(self, promo: Promotion, outcome: Status, error: str | None = None) -> None:
+        """End a promotion that is not rolling (it ran to its end, or an action ended it)."""
+        cand = self.runtimes.get(promo.deployment_id)
+        if cand is not None:
+            cand.floor = 0
+        promo.status, promo.error = outcome, error
+        if outcome is Status.SUCCEEDED:
+            self.store.finish_promotion(promo.model_id, promo.env_name)
+            log.info("deployment %s now serves %s of model %s (previous: %s)",
+                     promo.deployment_id, promo.env_name, promo.model_id, promo.previous_id)
+            self._clean_up_previous(promo)
+            return
+        self.store.abort_promotion(promo.model_id, promo.env_name)
+        log.error("promotion of %s to %s ended %s%s", promo.deployment_id, promo.env_name,
+                  outcome.value, f": {error}" if error else "")
+        # The candidate inherited the environment's min_replica; without the promotion it
+        # should not keep (re)starting replicas.
+        if cand is not None and not self.store.environments_of(promo.deployment_id):
+            self.demote(promo.deployment_id)
+
+    def _clean_up_previous(self, promo: Promotion) -> None:
+        """After success: the documented promotion_cleanup_strategy, for a previous
+        deployment that no other environment uses."""
+        previous = promo.previous_id
+        if (previous is None or previous == promo.deployment_id
+                or previous not in self.runtimes or self.store.environments_of(previous)):
+            return
+        if promo.cleanup == CLEANUP_SCALE_TO_ZERO:
             self.demote(previous)
+        elif promo.cleanup == CLEANUP_DEACTIVATE:
+            self.set_active(promo.model_id, previous, False)
+        else:  # KEEP: it keeps its settings and replicas; autoscaling takes it from here
+            self._reconcile(self.runtimes[previous])
+
+    # -- rolling promotion -------------------------------------------------------------
+
+    async def _run_rolling(self, promo: Promotion) -> None:
+        try:
+            while promo.in_progress:
+                promo.wake.clear()
+                # Woken by a replica change of either deployment or an action; the
+                # timeout is the tick that lets time-based steps (stabilization) pass.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(promo.wake.wait(), self.options.tick_interval_s)
+                self._step_rolling(promo)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug must not leave both deployments frozen for good
+            log.exception("rolling promotion of %s to %s failed", promo.deployment_id,
+                          promo.env_name)
+            if promo.in_progress and promo.state is not None:
+                self._adopt(promo, plan(apply_action(promo.state, Action.FORCE_CANCEL,
+                                                     self.wall_s()),
+                                        self._observe(promo), self.wall_s()),
+                            error=f"the executor failed: {e}")
+
+    def _observe(self, promo: Promotion) -> Observed:
+        prev = self.runtimes.get(promo.previous_id or "")
+        cand = self.runtimes.get(promo.deployment_id)
+        failed = (cand is None or not cand.record.active
+                  or cand.failures >= PROMOTION_MAX_START_FAILURES)
+        return Observed(len(prev.ready) if prev else 0, len(cand.ready) if cand else 0,
+                        candidate_failed=failed)
+
+    def _step_rolling(self, promo: Promotion, action: Action = Action.NONE) -> Plan | None:
+        """One planner call with what is observed now; its targets applied at once."""
+        if not promo.in_progress or promo.state is None:
+            return None
+        observed = self._observe(promo)
+        result = plan(promo.state, observed, self.wall_s(), action)
+        self._adopt(promo, result)
+        return result
+
+    def _adopt(self, promo: Promotion, result: Plan, error: str | None = None) -> None:
+        """Persist a plan's state (before acting on it), then apply its targets."""
+        assert promo.state is not None
+        changed = result.state != promo.state
+        if result.status != promo.status or (promo.plan is not None and result.share_new
+                                             != promo.plan.share_new):
+            log.info("rolling promotion of %s to %s: %s, %s %% of traffic to it (%s)",
+                     promo.deployment_id, promo.env_name, result.status.value,
+                     result.percent_traffic_to_new_version, result.reason)
+        promo.state, promo.plan, promo.status = result.state, result, result.status
+        if result.status in TERMINAL:
+            self._end_rolling(promo, result, error)
+            return
+        if changed:
+            self.store.set_promotion(promo.model_id, promo.env_name, promo.deployment_id,
+                                     promo.record())
+        for dep_id, target in ((promo.previous_id, result.previous_replicas),
+                               (promo.deployment_id, result.candidate_replicas)):
+            rt = self.runtimes.get(dep_id or "")
+            if rt is not None:
+                rt.pinned = target
+                self._reconcile(rt)
+
+    def _end_rolling(self, promo: Promotion, result: Plan, error: str | None) -> None:
+        """Terminal status: autoscaling resumes from the planner's final targets."""
+        for dep_id, target in ((promo.previous_id, result.previous_replicas),
+                               (promo.deployment_id, result.candidate_replicas)):
+            rt = self.runtimes.get(dep_id or "")
+            if rt is not None:
+                rt.pinned = None
+                rt.scaler = ScalerState(replicas=target)
+        if result.status is Status.FAILED:
+            error = error or result.state.reason
+        promo.error = error
+        # The planner decided the cleanup when the promotion started.
+        promo.cleanup = result.state.cleanup
+        self._end_plain(promo, result.status, error)
+        for dep_id in promo.deployment_ids:
+            if dep_id in self.runtimes:
+                self._reconcile(self.runtimes[dep_id])
+
+    # -- promotion actions -------------------------------------------------------------
+
+    def promotion_action(self, model_id: str, env_name: str, action: Action) -> dict[str, Any]:
+        """``POST .../environments/{env}/{action}_promotion``: the documented answer."""
+        self.store.get_environment(model_id, env_name)
+        promo = self.promotions.get((model_id, env_name))
+        if promo is None or not promo.in_progress:
+            check_action(promo.status if promo is not None else None, action,
+                         rolling=promo is not None and promo.rolling, env_name=env_name)
+            raise AssertionError("check_action refuses an action without a promotion")
+        if promo.state is not None:
+            state = apply_action(promo.state, action, self.wall_s(), env_name=env_name)
+            answer = action_answer_json(state.status, pause_requested=state.pause_requested)
+            log.info("rolling promotion of %s to %s: %s requested", promo.deployment_id,
+                     env_name, action.value)
+            promo.state = state
+            self.store.set_promotion(model_id, env_name, promo.deployment_id, promo.record())
+            # Act now rather than at the next tick: what the answer says has happened has.
+            if promo.plan is not None:
+                self._adopt(promo, plan(state, self._observe(promo), self.wall_s()))
+            promo.wake.set()
+            return answer
+        check_action(promo.status, action, rolling=False, env_name=env_name)
+        outcome = non_rolling_outcome(action)
+        if promo.task is not None:
+            promo.task.cancel()
+        self._end_plain(promo, outcome, None if outcome is Status.SUCCEEDED
+                        else f"{action.path} requested")
+        return action_answer_json(outcome)
+
+    def forget_promotion(self, model_id: str, env_name: str, *,
+                         hand_back: bool = True) -> None:
+        """The environment (or its model) was deleted: stop its promotion, if any, and
+        hand its deployments back to the autoscaler where they stand."""
+        promo = self.promotions.pop((model_id, env_name), None)
+        if promo is None:
+            return
+        if promo.task is not None:
+            promo.task.cancel()
+        if not promo.in_progress or not hand_back:
+            return
+        promo.status = Status.CANCELED
+        for dep_id in promo.deployment_ids:
+            rt = self.runtimes.get(dep_id)
+            if rt is None:
+                continue
+            rt.floor = 0
+            if rt.pinned is not None:
+                rt.scaler, rt.pinned = ScalerState(replicas=rt.pinned), None
+            self._reconcile(rt)
+        if (promo.deployment_id in self.runtimes
+                and not self.store.environments_of(promo.deployment_id)):
+            self.demote(promo.deployment_id)
 
     def demote(self, deployment_id: str) -> None:
         """Scale a deployment that no longer serves an environment to zero, now."""
@@ -635,6 +951,13 @@ class Controller:
             ("bdn_waiting_requests", "Requests the router holds that are not in flight "
              "yet (body still arriving, or no ready replica) per deployment; at most "
              "--max-queue.", [(rt.labels(), rt.waiting) for rt in rts]),
+            ("bdn_promotion_percent_traffic_to_new_version", "Share of an environment's "
+             "requests routed to the candidate of its promotion, in percent.",
+             [((("model_id", p.model_id), ("environment", p.env_name)),
+               float(p.plan.percent_traffic_to_new_version) if p.plan is not None
+               else (100.0 if p.status is Status.SUCCEEDED else 0.0))
+              for p in sorted(self.promotions.values(),
+                              key=lambda p: (p.model_id, p.env_name))]),
         ]
 
 
@@ -644,7 +967,7 @@ def default_spec(controller: Controller, rec: DeploymentRecord) -> ReplicaSpec:
     environment = envs[0] if envs else next(
         (env for (model_id, env), p in controller.promotions.items()
          if model_id == rec.model_id and p.deployment_id == rec.id
-         and p.status == "IN_PROGRESS"), None)
+         and p.in_progress), None)
     spec = ReplicaSpec(model_id=rec.model_id, deployment_id=rec.id,
                        deployment_name=rec.name, model_dir=rec.model_dir,
                        revision=rec.revision, environment=environment)

@@ -1,8 +1,11 @@
 """Prometheus text exposition for the control plane, without a client library.
 
 The control plane exposes a handful of gauges (in-flight requests, desired and ready
-replicas, queue depth per deployment), counters (requests by outcome) and histograms
-(queue wait, cold start). Gauges are read from the controller's live state at scrape
+replicas, queue depth per deployment; a promotion's traffic share per environment),
+counters (requests by outcome) and histograms (queue wait, cold start). Requests that
+came through an environment's path carry an ``environment`` label as well, so one
+environment's traffic can be told apart while a rolling promotion splits it over two
+deployments. Gauges are read from the controller's live state at scrape
 time, so they cannot drift from what the router and autoscaler use; counters and
 histograms are accumulated here. Writing the text format directly (a few dozen lines)
 avoids a dependency and a second registry to keep in step.
@@ -101,7 +104,8 @@ class Metrics:
             "Time requests waited in the router queue for a ready replica.",
             QUEUE_WAIT_BUCKETS_S)
         self.requests = Counter("bdn_requests_total",
-                                "Requests routed, by deployment and HTTP status.")
+                                "Requests routed, by deployment, environment (for "
+                                "environment paths) and HTTP status.")
         self.replica_starts = Counter("bdn_replica_starts_total",
                                       "Replica starts, by deployment and outcome.")
         self.cold_start_phase = Histogram(

@@ -27,6 +27,12 @@ request counts once that much has arrived, since nothing more can be known witho
 replica. A replica that refuses the connection is replaced and the request retried on
 another one, which is safe only while no body byte beyond the held part has been sent:
 after that the request fails with 502. Large or chunked responses are streamed.
+
+During a rolling promotion an environment's requests are split between the previous
+deployment and the candidate by the rollout planner's share, chosen per request by the
+environment's request count (``control.traffic.pick_by_count``: exact over any run of
+requests, not just on average). Requests that name a deployment are never split. Request
+metrics of environment paths carry an ``environment`` label.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from aiohttp import web
 from control.controller import Controller, Runtime
 from control.errors import ControlError, NotFoundError, QueueFullError, RequestBodyError
 from control.store import DEVELOPMENT, PRODUCTION
+from control.traffic import Route, pick_by_count
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +218,13 @@ class Router:
         store = self.controller.store
         store.get_model(model_id)
         env = store.get_environment(model_id, env_name)
+        promo = self.controller.promotions.get((model_id, env_name))
+        share = promo.share_new() if promo is not None else None
+        if promo is not None and share is not None and promo.previous_id is not None:
+            # A rolling promotion splits the environment's traffic, request by request.
+            route = pick_by_count(share, next(promo.counter))
+            return self.controller.runtime(
+                promo.deployment_id if route is Route.CANDIDATE else promo.previous_id)
         if env.current_deployment_id is None:
             raise NotFoundError(f"environment {env_name!r} of model {model_id} has no "
                                 "deployment yet; promote one first", kind="environment",
@@ -219,11 +233,13 @@ class Router:
 
     async def production(self, request: web.Request) -> web.StreamResponse:
         return await self._call(request, lambda: self._env_runtime(self.model_id(request),
-                                                                   PRODUCTION))
+                                                                   PRODUCTION),
+                                environment=PRODUCTION)
 
     async def environment(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["env_name"]
-        return await self._call(request, lambda: self._env_runtime(self.model_id(request), name))
+        return await self._call(request, lambda: self._env_runtime(self.model_id(request), name),
+                                environment=name)
 
     async def development(self, request: web.Request) -> web.StreamResponse:
         def resolve() -> Runtime:
@@ -247,8 +263,8 @@ class Router:
 
     # -- forwarding --------------------------------------------------------------------
 
-    async def _call(self, request: web.Request,
-                    resolve: Callable[[], Runtime]) -> web.StreamResponse:
+    async def _call(self, request: web.Request, resolve: Callable[[], Runtime], *,
+                    environment: str | None = None) -> web.StreamResponse:
         metrics = self.controller.metrics
         options = self.controller.options
         try:
@@ -256,6 +272,8 @@ class Router:
         except ControlError as e:
             return error_response(e.status, str(e))
         labels = rt.labels()
+        if environment is not None:
+            labels = (*labels, ("environment", environment))
         if rt.waiting >= options.max_queue:
             metrics.requests.inc((*labels, ("code", "429")))
             return control_error_response(QueueFullError(

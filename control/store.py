@@ -2,7 +2,8 @@
 
 What must survive a restart of the control server lives here: the models, their
 deployments (model folder, name, active flag, autoscaling settings), their environments
-(settings, current and previous deployment, a promotion in progress). What need not
+(settings, promotion settings, current and previous deployment, a promotion in progress
+with the rollout planner's state when it is a rolling one). What need not
 survive (replicas, in-flight counts, the autoscaler's memory) lives in the controller;
 after a restart replicas are started again from ``min_replica``.
 
@@ -22,12 +23,13 @@ import secrets
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from control.errors import ConflictError, NotFoundError, RequestError
+from control.promotion_settings import PromotionSettings
 from control.settings import AutoscalingSettings
 
 PRODUCTION = "production"
@@ -65,6 +67,8 @@ CREATE TABLE IF NOT EXISTS environments (
     current_deployment_id TEXT,
     previous_deployment_id TEXT,
     promoting_deployment_id TEXT,
+    promotion_settings TEXT,
+    promotion TEXT,
     PRIMARY KEY (model_id, name)
 );
 """
@@ -121,6 +125,10 @@ class EnvironmentRecord:
     current_deployment_id: str | None
     previous_deployment_id: str | None
     promoting_deployment_id: str | None
+    promotion_settings: PromotionSettings = field(default_factory=PromotionSettings)
+    # The promotion in progress, as the controller persisted it (a rolling one carries
+    # the planner's state, so a restarted control plane continues from its step).
+    promotion: dict[str, Any] | None = None
 
 
 class Store:
@@ -137,6 +145,10 @@ class Store:
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(deployments)")}
         if "push" not in columns:  # a state file from before pushes uploaded folders
             self._db.execute("ALTER TABLE deployments ADD COLUMN push TEXT")
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(environments)")}
+        for column in ("promotion_settings", "promotion"):  # from before rolling deploys
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE environments ADD COLUMN {column} TEXT")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
 
@@ -287,6 +299,23 @@ class Store:
             db.execute("UPDATE environments SET settings = ? WHERE current_deployment_id = ?",
                        (json.dumps(settings.to_json()), deployment_id))
 
+    def rename_deployment(self, model_id: str, deployment_id: str,
+                          name: object) -> DeploymentRecord:
+        """Give a published deployment another name (ids, and so paths, stay)."""
+        rec = self.get_deployment(model_id, deployment_id)
+        if rec.is_development:
+            raise RequestError("the development deployment cannot be renamed", field="name")
+        check_name(name, "name")
+        if name == DEVELOPMENT:
+            raise RequestError("is reserved for the development deployment", field="name")
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM deployments WHERE model_id = ? AND name = ? AND "
+                          "id != ?", (model_id, name, deployment_id)).fetchone():
+                raise ConflictError(f"model {model_id} already has a deployment named "
+                                    f"{name!r}", ident=str(name))
+            db.execute("UPDATE deployments SET name = ? WHERE id = ?", (name, deployment_id))
+        return self.get_deployment(model_id, deployment_id)
+
     def set_active(self, deployment_id: str, active: bool) -> None:
         with self._tx() as db:
             db.execute("UPDATE deployments SET active = ? WHERE id = ?",
@@ -316,7 +345,10 @@ class Store:
             settings=AutoscalingSettings.from_json(json.loads(row["settings"])),
             current_deployment_id=row["current_deployment_id"],
             previous_deployment_id=row["previous_deployment_id"],
-            promoting_deployment_id=row["promoting_deployment_id"])
+            promoting_deployment_id=row["promoting_deployment_id"],
+            promotion_settings=PromotionSettings.from_json(
+                json.loads(row["promotion_settings"]) if row["promotion_settings"] else None),
+            promotion=json.loads(row["promotion"]) if row["promotion"] else None)
 
     def create_environment(self, model_id: str, name: str,
                            settings: AutoscalingSettings | None = None) -> EnvironmentRecord:
@@ -374,13 +406,24 @@ class Store:
                            (json.dumps(settings.to_json()), env.current_deployment_id))
         return self.get_environment(model_id, name)
 
+    def set_promotion_settings(self, model_id: str, name: str,
+                               settings: PromotionSettings) -> EnvironmentRecord:
+        self.get_environment(model_id, name)
+        with self._tx() as db:
+            db.execute("UPDATE environments SET promotion_settings = ? "
+                       "WHERE model_id = ? AND name = ?",
+                       (json.dumps(settings.to_json()), model_id, name))
+        return self.get_environment(model_id, name)
+
     # -- promotion ---------------------------------------------------------------------
 
-    def begin_promotion(self, model_id: str, env_name: str,
-                        deployment_id: str) -> EnvironmentRecord:
+    def begin_promotion(self, model_id: str, env_name: str, deployment_id: str,
+                        promotion: dict[str, Any] | None = None) -> EnvironmentRecord:
         """Mark a promotion in progress; the candidate inherits the environment's settings.
 
         One promotion per environment at a time: a second one is a conflict.
+        ``promotion`` (the controller's record of it) is written in the same transaction,
+        so a restart never finds a promotion without it.
         """
         self.get_deployment(model_id, deployment_id)
         with self._tx() as db:
@@ -397,8 +440,10 @@ class Store:
             if row["current_deployment_id"] == deployment_id:
                 raise ConflictError(f"deployment {deployment_id} already serves "
                                     f"{env_name!r}", ident=deployment_id)
-            db.execute("UPDATE environments SET promoting_deployment_id = ? "
-                       "WHERE model_id = ? AND name = ?", (deployment_id, model_id, env_name))
+            db.execute("UPDATE environments SET promoting_deployment_id = ?, promotion = ? "
+                       "WHERE model_id = ? AND name = ?",
+                       (deployment_id, json.dumps(promotion) if promotion else None,
+                        model_id, env_name))
             db.execute("UPDATE deployments SET settings = ?, active = 1 WHERE id = ?",
                        (row["settings"], deployment_id))
         return self.get_environment(model_id, env_name)
@@ -413,16 +458,26 @@ class Store:
                                     ident=env_name)
             previous = row["current_deployment_id"]
             db.execute("UPDATE environments SET current_deployment_id = ?, "
-                       "previous_deployment_id = ?, promoting_deployment_id = NULL "
+                       "previous_deployment_id = ?, promoting_deployment_id = NULL, "
+                       "promotion = NULL "
                        "WHERE model_id = ? AND name = ?",
                        (row["promoting_deployment_id"], previous or row["previous_deployment_id"],
                         model_id, env_name))
         return self.get_environment(model_id, env_name)
 
+    def set_promotion(self, model_id: str, env_name: str, deployment_id: str,
+                      promotion: dict[str, Any]) -> None:
+        """Persist the progress of the promotion of ``deployment_id`` (and of no other)."""
+        with self._tx() as db:
+            db.execute("UPDATE environments SET promotion = ? WHERE model_id = ? AND "
+                       "name = ? AND promoting_deployment_id = ?",
+                       (json.dumps(promotion), model_id, env_name, deployment_id))
+
     def abort_promotion(self, model_id: str, env_name: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE environments SET promoting_deployment_id = NULL "
-                       "WHERE model_id = ? AND name = ?", (model_id, env_name))
+            db.execute("UPDATE environments SET promoting_deployment_id = NULL, "
+                       "promotion = NULL WHERE model_id = ? AND name = ?",
+                       (model_id, env_name))
 
     def promotions_in_progress(self) -> list[EnvironmentRecord]:
         rows = self._db.execute("SELECT * FROM environments WHERE "

@@ -80,6 +80,7 @@ class Model:
         while PREDICT_GATE and not os.path.exists(PREDICT_GATE):
             time.sleep(0.005)
         return {{"version": VERSION, "replica": os.environ.get("BDN_REPLICA_ID"),
+                "deployment": os.environ.get("BDN_DEPLOYMENT_ID"),
                 "environment": os.environ.get("BDN_ENVIRONMENT"), "input": model_input}}
 
     def stream(self):

@@ -96,7 +96,7 @@ def test_promotion_keeps_the_url_demotes_and_rolls_back(server: Any, make_model:
     assert promoted["autoscaling_settings"]["max_replica"] == 2
     # d2 is still cold-starting: one promotion per environment at a time.
     env = server.ok("GET", env_path)
-    assert env["promotion"]["status"] == "IN_PROGRESS"
+    assert env["in_progress_promotion"]["status"] == "RELEASING"
     again = server.call("POST", f"{env_path}/promote", {"deployment_id": d1})
     assert again.status == 409 and "in progress" in again.json()["error"]
     # Meanwhile production still answers from d1.
@@ -106,7 +106,8 @@ def test_promotion_keeps_the_url_demotes_and_rolls_back(server: Any, make_model:
         "current_deployment"] or {}).get("id") == d2)
     assert server.ok("POST", predict_path(model_id), {})["version"] == 2
     env = server.ok("GET", env_path)
-    assert env["previous_deployment_id"] == d1 and env["promotion"]["status"] == "SUCCEEDED"
+    assert env["previous_deployment_id"] == d1
+    assert env["in_progress_promotion"]["status"] == "SUCCEEDED"
     # The demoted deployment scales to zero.
     server.wait_for("d1 scaled to zero", lambda: server.deployment(model_id, d1)[
         "status"] == "SCALED_TO_ZERO")
@@ -256,10 +257,11 @@ def test_queue_is_bounded_and_times_out_with_a_clear_503(tmp_path: Path, make_mo
     env_path = f"/v1/models/{model_id}/environments/production"
     srv.ok("PATCH", env_path, {"autoscaling_settings": {"min_replica": 1}})
     srv.ok("POST", f"{env_path}/promote", {"deployment_id": dep_id})
-    srv.wait_for("the promotion to fail", lambda: srv.ok("GET", env_path)["promotion"][
+    srv.wait_for("the promotion to fail", lambda: srv.ok("GET", env_path)[
+        "in_progress_promotion"][
         "status"] == "FAILED")
     env = srv.ok("GET", env_path)
-    assert env["current_deployment"] is None and "exited" in env["promotion"]["error"]
+    assert env["current_deployment"] is None and "exited" in env["in_progress_promotion"]["error"]
     # The candidate no longer keeps the environment's replicas warm (or failing).
     assert srv.deployment(model_id, dep_id)["autoscaling_settings"]["min_replica"] == 0
 

@@ -21,7 +21,7 @@ def test_a_broken_candidate_at_min_replica_0_fails_and_production_keeps_serving(
            {"deployment_id": d1})
     env_path = f"/v1/models/{model_id}/environments/production"
     srv.wait_for("the first promotion", lambda: (srv.ok("GET", env_path).get(
-        "promotion") or {}).get("status") == "SUCCEEDED")
+        "in_progress_promotion") or {}).get("status") == "SUCCEEDED")
     # The first deployment showed it can serve: one replica came up although
     # min_replica is 0.
     assert srv.deployment(model_id, d1)["autoscaling_settings"]["min_replica"] == 0
@@ -33,10 +33,10 @@ def test_a_broken_candidate_at_min_replica_0_fails_and_production_keeps_serving(
     srv.ok("POST", f"/v1/models/{model_id}/environments/production/promote",
            {"deployment_id": d2})
     srv.wait_for("the candidate to fail", lambda: (srv.ok("GET", env_path).get(
-        "promotion") or {}).get("status") == "FAILED", timeout_s=120)
+        "in_progress_promotion") or {}).get("status") == "FAILED", timeout_s=120)
     env = srv.ok("GET", env_path)
     assert env["current_deployment"]["id"] == d1
-    assert "load failed on purpose" in env["promotion"]["error"]
+    assert "load failed on purpose" in env["in_progress_promotion"]["error"]
     answer = srv.call("POST", f"/models/{model_id}/production/predict", {"x": 1})
     assert answer.status == 200 and answer.json()["version"] == 1
     # The replica learnt the environment it serves (BDN_ENVIRONMENT).

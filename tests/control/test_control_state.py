@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from control.errors import ConflictError, NotFoundError, RequestError, SettingsError
+from control.promotion_settings import PromotionSettings
 from control.settings import AutoscalingSettings
-from control.store import PRODUCTION, Store
+from control.store import PRODUCTION, SCHEMA, Store
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -125,3 +127,65 @@ def test_names_environments_and_deletion_rules(tmp_path: Path) -> None:
     dev2 = store.create_deployment(m.id, "/dev2", development=True)
     assert dev1.id == dev2.id and dev2.revision == dev1.revision + 1
     assert dev2.model_dir == "/dev2"
+
+
+def test_promotion_settings_and_a_promotion_in_progress_survive_reopening(
+        tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    store = Store(path)
+    m = store.create_model("m")
+    d1, d2 = store.create_deployment(m.id, "/m1"), store.create_deployment(m.id, "/m2")
+    rolling = PromotionSettings().patched({"rolling_deploy": True, "rolling_deploy_config": {
+        "max_surge_percent": 25}, "promotion_cleanup_strategy": "KEEP"})
+    store.set_promotion_settings(m.id, PRODUCTION, rolling)
+    store.begin_promotion(m.id, PRODUCTION, d1.id)
+    store.finish_promotion(m.id, PRODUCTION)
+    store.begin_promotion(m.id, PRODUCTION, d2.id, {"rolling": True, "step": 0})
+    # Progress is written for the promotion of d2 only.
+    store.set_promotion(m.id, PRODUCTION, d2.id, {"rolling": True, "step": 2})
+    store.set_promotion(m.id, PRODUCTION, d1.id, {"rolling": True, "step": 9})
+    store.close()
+
+    again = Store(path)
+    env = again.get_environment(m.id, PRODUCTION)
+    assert env.promotion_settings == rolling
+    assert env.promoting_deployment_id == d2.id
+    assert env.promotion == {"rolling": True, "step": 2}
+    assert [e.name for e in again.promotions_in_progress()] == [PRODUCTION]
+    again.abort_promotion(m.id, PRODUCTION)
+    env = again.get_environment(m.id, PRODUCTION)
+    assert env.promotion is None and env.promoting_deployment_id is None
+    assert env.promotion_settings == rolling  # settings outlive the promotion
+
+
+def test_a_state_file_from_before_promotion_settings_opens(tmp_path: Path) -> None:
+    """The columns are added to an older file; its environments get the defaults."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA.replace("    promotion_settings TEXT,\n    promotion TEXT,\n", ""))
+    db.execute("INSERT INTO models (id, name, created_at) VALUES ('m1', 'm', 'now')")
+    db.execute("INSERT INTO environments (model_id, name, created_at, settings) "
+               "VALUES ('m1', 'production', 'now', '{}')")
+    db.commit()
+    db.close()
+    store = Store(path)
+    env = store.get_environment("m1", PRODUCTION)
+    assert env.promotion_settings == PromotionSettings() and env.promotion is None
+
+
+def test_renaming_a_deployment(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite3")
+    m = store.create_model("m")
+    d1, d2 = store.create_deployment(m.id, "/m1"), store.create_deployment(m.id, "/m2")
+    assert store.rename_deployment(m.id, d1.id, "blue").name == "blue"
+    assert store.get_deployment(m.id, d1.id).name == "blue"
+    assert store.rename_deployment(m.id, d1.id, "blue").name == "blue"  # unchanged is fine
+    with pytest.raises(ConflictError, match="already has a deployment named 'blue'"):
+        store.rename_deployment(m.id, d2.id, "blue")
+    for bad in ("development", "Blue!", 7):
+        with pytest.raises(RequestError) as err:
+            store.rename_deployment(m.id, d2.id, bad)
+        assert err.value.field == "name"
+    dev = store.create_deployment(m.id, "/dev", development=True)
+    with pytest.raises(RequestError, match="cannot be renamed"):
+        store.rename_deployment(m.id, dev.id, "dev2")
