@@ -17,6 +17,7 @@ from control.kube import (
     Rollout,
     label_value,
     object_name,
+    rollout_kwargs,
 )
 from tests.support.procs import free_port
 
@@ -195,3 +196,14 @@ async def test_an_unreachable_api_server_is_a_backend_error_and_start_retries(
             assert "not-a-real-token" not in str(info.value)
     finally:
         await b.close()
+
+
+def test_a_rolling_promotion_passes_its_steps_to_kubernetes_only() -> None:
+    from control.backends import LocalProcessBackend
+
+    kube = KubernetesBackend(KubeBackendOptions(namespace="lab", image="r.example/bdn:1"))
+    assert rollout_kwargs(kube, 50, 0) == {"rollout": Rollout("50%", "0%")}
+    assert rollout_kwargs(LocalProcessBackend(), 50, 0) == {}
+    body = render(PushedSpec(), 2, **rollout_kwargs(kube, 50, 0))
+    assert body["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": "50%",
+                                                         "maxUnavailable": "0%"}
