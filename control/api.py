@@ -43,12 +43,13 @@ from control.backends import (
     LocalProcessBackend,
     ReplicaBackend,
 )
-from control.controller import Controller, ControllerOptions, Runtime
+from control.controller import Controller, ControllerOptions, Runtime, resources_of
 from control.delivery import AgentDelivery, EmbeddedAgent
 from control.errors import ControlError, NotFoundError, RequestError
 from control.metrics import Metrics
 from control.promotion_settings import PromotionSettings
 from control.push import MAX_UPLOAD_BYTES, Pushes, parse_files
+from control.resources import instance_type_for
 from control.rollout import ACTIONS_BY_PATH, Status, in_progress_promotion_json
 from control.router import Router, error_response
 from control.settings import AutoscalingSettings
@@ -122,6 +123,28 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def check_resources(model_dir: str) -> str:
+    """Validate a model folder's ``resources:`` at push (a 400 naming the field, e.g.
+    ``resources.accelerator``); its instance type's name. Pushed folders are checked
+    the same way in control.push, before their weights are mirrored."""
+    from bdn.config import read_config_document
+
+    try:
+        doc = read_config_document(model_dir)
+    except BdnError as e:
+        raise RequestError(f"config.yaml could not be read: {e}", field="model_dir") from None
+    data = doc.get("resources") if isinstance(doc, dict) else None
+    return instance_type_for(data or None).name
+
+
+def instance_type_name(resources: Mapping[str, Any] | None) -> str | None:
+    """``instance_type_name`` of the deployment JSON (None if the spec became invalid)."""
+    try:
+        return instance_type_for(resources).name
+    except RequestError:
+        return None
+
+
 def bool_field(data: Mapping[str, Any], name: str, default: bool) -> bool:
     value = data.get(name, default)
     if value is None:
@@ -166,7 +189,7 @@ class ManagementApi:
             "status": self.c.status_of(rt) if rt else ("ACTIVE" if rec.active else "INACTIVE"),
             "active_replica_count": len(rt.ready) if rt else 0,
             "autoscaling_settings": rec.settings.to_json(),
-            "instance_type_name": None,
+            "instance_type_name": instance_type_name(resources_of(rec)),
             "environment": envs[0] if envs else None,
             # bdn's additions: the live picture the autoscaler works from.
             "model_dir": rec.model_dir,
@@ -377,6 +400,7 @@ class ManagementApi:
                                field="model_dir")
         if not os.path.isfile(os.path.join(model_dir, "config.yaml")):
             raise RequestError(f"{model_dir} has no config.yaml", field="model_dir")
+        check_resources(model_dir)
         raw = data.get("autoscaling_settings")
         settings = AutoscalingSettings.from_json(raw) if raw is not None else None
         rec = self.c.push(model_id, model_dir, name=str_field(data, "name", required=False),

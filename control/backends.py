@@ -63,8 +63,8 @@ Stopping sends SIGTERM to the process group, then SIGKILL after a grace period, 
 releases the replica's own pulls. The command is a setting, so tests and operators can
 run a different server that speaks the same contract.
 
-:class:`KubernetesBackend` here is a stub that renders the objects; the real one
-(``control/kube.py``) implements the protocol above against an API server.
+:class:`control.kube.KubernetesBackend` implements the same protocol against a
+Kubernetes API server (one Deployment per bdn deployment; see its module).
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ class ReplicaSpec:
     environment: str | None = None
     # config.yaml's environment_variables and the declared secrets (values hidden).
     env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # config.yaml's ``resources:`` (control/resources.py): the Kubernetes backend turns
+    # it into requests, limits and a node selector; None means Truss's defaults.
+    resources: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -681,90 +684,3 @@ def _die_with_parent() -> None:
         import ctypes
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-@dataclass(frozen=True)
-class KubernetesBackendOptions:
-    namespace: str = "bdn"
-    image: str = "ghcr.io/bdn/bdn:latest"
-    port: int = 8080
-    gpu_resource: str = "nvidia.com/gpu"
-    gpus: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise RequestError("must be 1-65535", field="port")
-        if self.gpus < 0:
-            raise RequestError("must not be negative", field="gpus")
-
-
-class KubernetesBackend:
-    """A stub: renders a deployment's replicas as a Kubernetes Deployment + Service.
-
-    The real backend (``control/kube.py``) applies such objects with ``replicas`` set by
-    :meth:`ReplicaBackend.apply` and reports readiness from the pods; this one has no
-    API client, and ``apply`` says so instead of pretending.
-    """
-
-    name = "kubernetes"
-
-    def __init__(self, options: KubernetesBackendOptions | None = None) -> None:
-        self.options = options or KubernetesBackendOptions()
-
-    def render(self, spec: ReplicaSpec, replicas: int) -> list[dict[str, Any]]:
-        o = self.options
-        name = f"bdn-{spec.model_id}-{spec.deployment_id}"
-        labels = {"app.kubernetes.io/name": "bdn-replica", "bdn.dev/model": spec.model_id,
-                  "bdn.dev/deployment": spec.deployment_id}
-        probe = {"httpGet": {"path": "/health/ready", "port": o.port},
-                 "periodSeconds": 1, "failureThreshold": 1}
-        deployment = {
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": o.namespace, "labels": labels},
-            "spec": {
-                "replicas": replicas,
-                "selector": {"matchLabels": labels},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "terminationGracePeriodSeconds": int(DEFAULT_STOP_GRACE_S),
-                        "containers": [{
-                            "name": "replica", "image": o.image,
-                            "args": ["serve", spec.model_dir, "--listen", f"0.0.0.0:{o.port}"],
-                            "ports": [{"containerPort": o.port, "name": "http"}],
-                            "readinessProbe": probe,
-                            "livenessProbe": {"httpGet": {"path": "/health/live",
-                                                          "port": o.port}},
-                            "resources": {"limits": {o.gpu_resource: o.gpus}} if o.gpus else {},
-                            # Weights come through the node agent's socket (DESIGN.md).
-                            "volumeMounts": [{"name": "agent", "mountPath": "/run/bdn"}],
-                        }],
-                        "volumes": [{"name": "agent",
-                                     "hostPath": {"path": "/run/bdn", "type": "Directory"}}],
-                    },
-                },
-            },
-        }
-        service = {
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": o.namespace, "labels": labels},
-            "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": "http"}]},
-        }
-        return [deployment, service]
-
-    def subscribe(self, on_change: Callable[[ReplicaStatus], None]) -> None:
-        return None
-
-    async def apply(self, spec: ReplicaSpec, replicas: int,
-                    retire: Sequence[str] = ()) -> None:
-        raise BackendError("the Kubernetes stub only renders manifests "
-                           "(KubernetesBackend.render); it cannot run replicas itself")
-
-    def observe(self, deployment_id: str) -> list[ReplicaStatus]:
-        return []
-
-    async def remove(self, deployment_id: str) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None

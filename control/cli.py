@@ -90,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--start-retry-backoff-s", type=float, default=1.0,
                    help="first wait before starting a replica again after a failed start; "
                    "doubles per failure up to 30 s (default 1)")
+    _kube_args(p)
     p.set_defaults(handler=cmd_control_server)
 
     p = subparsers.add_parser("push", help="push a model folder as a new deployment")
@@ -195,6 +196,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                          "(promotion_cleanup_strategy)")
     p.set_defaults(handler=cmd_environments)
 
+    from control import pod
+    pod.register(subparsers)  # `bdn serve-delivered`, a replica pod's entrypoint
+
+
+def _kube_args(p: argparse.ArgumentParser) -> None:
+    """``--backend kubernetes`` and its settings (control.kube.KubeBackendOptions)."""
+    from control.kube import DEFAULT_AGENT_SOCKET_DIR, DEFAULT_NODE_WEIGHTS_DIR
+
+    p.add_argument("--backend", choices=("local", "kubernetes"), default="local",
+                   help="what runs replicas: local processes (default) or one Kubernetes "
+                   "Deployment per deployment")
+    p.add_argument("--kubeconfig", default=None, metavar="FILE",
+                   help="kubernetes: the API server's kubeconfig (default: the in-cluster "
+                   "config of this pod's ServiceAccount)")
+    p.add_argument("--namespace", default=None,
+                   help="kubernetes: where replicas' Deployments live (default bdn)")
+    p.add_argument("--replica-image", default=None, metavar="IMAGE",
+                   help="kubernetes: the replicas' image (default: this pod's own image, "
+                   "found through POD_NAME)")
+    p.add_argument("--agent-socket-dir", default=DEFAULT_AGENT_SOCKET_DIR, metavar="DIR",
+                   help="kubernetes: the node folder holding the agent's socket, mounted "
+                   f"into replicas (default {DEFAULT_AGENT_SOCKET_DIR})")
+    p.add_argument("--node-weights-dir", default=DEFAULT_NODE_WEIGHTS_DIR, metavar="DIR",
+                   help="kubernetes: the node folder where the agent places code and "
+                   f"weights, mounted read-only into replicas (default "
+                   f"{DEFAULT_NODE_WEIGHTS_DIR})")
+
+
+def _kube_backend(args: argparse.Namespace, command: tuple[str, ...] | None) -> Any:
+    """The Kubernetes backend the flags ask for, or None for local processes."""
+    if args.backend != "kubernetes":
+        return None
+    from control.kube import KubeBackendOptions, KubernetesBackend
+
+    return KubernetesBackend(KubeBackendOptions(
+        namespace=args.namespace or "bdn", kubeconfig=args.kubeconfig,
+        image=args.replica_image or "", own_pod=os.environ.get("POD_NAME", ""),
+        command=command or (), agent_socket_dir=args.agent_socket_dir,
+        node_weights_dir=args.node_weights_dir))
+
 
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None,
@@ -224,10 +265,11 @@ def cmd_control_server(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir.resolve()
     keys, source = load_or_create_api_keys(state_dir, args.api_key_file,
                                            os.environ.get(API_KEY_ENV))
-    command = (tuple(shlex.split(args.replica_command)) if args.replica_command
-               else LocalBackendOptions().command)
+    given = tuple(shlex.split(args.replica_command)) if args.replica_command else None
+    command = given or LocalBackendOptions().command
     backend = LocalBackendOptions(command=command, ready_timeout_s=args.ready_timeout_s,
                                   start_retry_backoff_s=args.start_retry_backoff_s)
+    kube = _kube_backend(args, given)
     peers = tuple(x.strip() for x in args.cache_peers.split(",") if x.strip())
     options = ServerOptions(
         state_dir=state_dir, api_keys=keys, backend=backend, store_url=args.store,
@@ -236,11 +278,12 @@ def cmd_control_server(args: argparse.Namespace) -> int:
             tick_interval_s=args.tick_interval_s, time_scale=args.time_scale,
             queue_timeout_s=args.queue_timeout_s, max_queue=args.max_queue,
             drain_timeout_s=args.drain_timeout_s))
+    agents = (args.agent or "embedded (node cache in STATE_DIR/agent)" if kube is None
+              else f"on every node (replicas: Kubernetes namespace {kube.options.namespace})")
     print(f"bdn control-server: state in {state_dir}, API keys from {source}, store "
-          f"{args.store or default_store_url()}, node agent "
-          f"{args.agent or 'embedded (node cache in STATE_DIR/agent)'}",
+          f"{args.store or default_store_url()}, node agent {agents}",
           file=sys.stderr, flush=True)
-    return serve_forever(lambda: build_app(options), listen)
+    return serve_forever(lambda: build_app(options, kube), listen)
 
 
 # -- push --------------------------------------------------------------------------------

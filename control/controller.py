@@ -35,15 +35,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
+from bdn.errors import BdnError
 from control.autoscaler import Decision, Sample, ScalerState, decide
 from control.backends import (
     FAILED,
@@ -244,17 +248,35 @@ class Controller:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        # A cluster backend connects and lists what already runs before anything is
+        # adopted (control.kube.KubernetesBackend.start).
+        if hasattr(self.backend, "start"):
+            await self.backend.start()
         for rec in self.store.list_deployments():
-            self.runtimes[rec.id] = Runtime(rec)
+            self.runtimes[rec.id] = self._adopting(rec)
         # Adopt what the backend already runs (a cluster backend's pods survive a
         # restart of the control plane; local processes do not).
         for rec in self.store.list_deployments():
             for status in self.backend.observe(rec.id):
                 self._on_replica(status)
+        # What runs for a deployment the store no longer has is an orphan: remove it.
+        if hasattr(self.backend, "prune"):
+            await self.backend.prune({r.id for r in self.store.list_deployments()})
         for env in self.store.promotions_in_progress():
             self._resume_promotion(env)
         self.tick()
         self._loop_task = asyncio.create_task(self._loop())
+
+    def _adopting(self, rec: DeploymentRecord) -> Runtime:
+        """A deployment's runtime at start: the autoscaler begins from the replica count
+        the backend already runs (a restart is not a reason to scale down at once; the
+        scale-down delay applies as usual)."""
+        rt = Runtime(rec)
+        adopted = getattr(self.backend, "adopted", None)
+        count = adopted().get(rec.id, 0) if adopted is not None else 0
+        if rec.active and count:
+            rt.scaler = ScalerState(replicas=min(count, rec.settings.max_replica))
+        return rt
 
     async def close(self) -> None:
         self._closing = True
@@ -970,7 +992,8 @@ def default_spec(controller: Controller, rec: DeploymentRecord) -> ReplicaSpec:
          and p.in_progress), None)
     spec = ReplicaSpec(model_id=rec.model_id, deployment_id=rec.id,
                        deployment_name=rec.name, model_dir=rec.model_dir,
-                       revision=rec.revision, environment=environment)
+                       revision=rec.revision, environment=environment,
+                       resources=resources_of(rec))
     if rec.push is None:
         return spec
     env = [(str(k), str(v)) for k, v in (rec.push.get("environment_variables") or {}).items()]
@@ -978,6 +1001,31 @@ def default_spec(controller: Controller, rec: DeploymentRecord) -> ReplicaSpec:
         env += controller.secret_env(rec.push.get("secrets") or ())
     return dataclasses.replace(spec, code=rec.push["code"],
                                weights=tuple(rec.push.get("weights") or ()), env=tuple(env))
+
+
+def resources_of(rec: DeploymentRecord) -> Mapping[str, Any] | None:
+    """config.yaml's ``resources:`` of a deployment: recorded at push, else read from its
+    folder (cached by the file's mtime: specs are built on every evaluation)."""
+    if rec.push is not None:
+        return rec.push.get("resources") or None
+    path = os.path.join(rec.model_dir, "config.yaml")
+    try:
+        mtime_ns = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    return _folder_resources(path, mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _folder_resources(path: str, mtime_ns: int) -> Mapping[str, Any] | None:
+    from bdn.config import read_config_document
+
+    try:
+        doc = read_config_document(Path(path))
+    except (OSError, ValueError, BdnError):
+        return None  # the config is validated where it is pushed; a spec does not judge
+    resources = doc.get("resources") if isinstance(doc, dict) else None
+    return resources if isinstance(resources, dict) and resources else None
 
 
 def inactive_error(rec: DeploymentRecord) -> NotFoundError:

@@ -65,7 +65,8 @@ class AgentDelivery:
         assert spec.code is not None
         base = self.mounts_root / spec.deployment_id / spec.code.removeprefix("b3:")[:16]
         code_dir = base / "code"
-        base.mkdir(parents=True, exist_ok=True)
+        # No mkdir here: the agent creates a mount's parents itself, and in a replica
+        # pod (control.pod) this folder is a read-only view of the node's.
         pulls: list[str] = []
         try:
             code = self.client.start_pull(ref=spec.code, mount=str(code_dir))

@@ -13,8 +13,9 @@ desired replica count, ``observe`` and ``subscribe`` to what runs, ``remove``,
   cheap to call on every evaluation. ``replicas`` is the autoscaler's number, 0 included.
 - **Pods get code and weights from the node agent, never from the control plane.** The
   agent's socket folder and the node's weights folder are hostPath volumes; a pushed
-  deployment's code is mounted by an init container (``bdn agent pull CODE --to ...``
-  through the socket); a deployment made from a folder must name one inside the node's
+  deployment's pods run ``bdn serve-delivered`` (control/pod.py): it starts the code and
+  weights pulls through the socket, runs ``bdn serve`` on them, and releases its pulls
+  when the pod stops; a deployment made from a folder must name one inside the node's
   weights folder (checked before anything is written). Model secrets come from the
   Secret ``bdn-model-secrets`` (optional), never from the Deployment's own fields.
 - **Readiness is the pod's**: the readiness probe is ``GET /health/ready``, and ready
@@ -27,8 +28,12 @@ desired replica count, ``observe`` and ``subscribe`` to what runs, ``remove``,
 - **Rollouts**: ``maxSurge``/``maxUnavailable`` come from the environment's promotion
   settings when the controller passes them, else from the options. Replicas the
   controller retires are marked with ``controller.kubernetes.io/pod-deletion-cost`` so a
-  ReplicaSet removes them first on scale-down (honoured from Kubernetes 1.22; older API
-  servers pick unready then newest pods, as the protocol allows).
+  ReplicaSet removes them first on scale-down (honoured from Kubernetes 1.22). Older API
+  servers pick by their own ranking (newest-ready first), which would stop a pod still
+  serving and leave the drained one running: there the retired pods are deleted first,
+  then the count lowered (a replacement created in between is unready, so it is what the
+  ReplicaSet removes). :func:`rollout_kwargs` is the hook a rolling promotion uses to
+  pass its surge/unavailable steps.
 - **Restarts adopt**: objects are found by label, so a new control plane's ``start``
   sees every existing Deployment and pod (``adopted()``), ``apply`` updates them in
   place (no duplicates), and ``prune(keep)`` deletes those whose bdn deployment no
@@ -47,6 +52,7 @@ import hashlib
 import json
 import logging
 import re
+import shlex
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +60,14 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
 
+from control.backends import (
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    ColdStartRecord,
+    ReplicaStatus,
+)
 from control.errors import BackendError, RequestError
 from control.resources import (
     ACCELERATOR_LABEL,
@@ -63,39 +77,6 @@ from control.resources import (
     kube_resources,
     parse_resources,
 )
-
-try:  # the declarative protocol's records (control/backends.py)
-    from control.backends import (  # type: ignore[attr-defined]
-        FAILED,
-        READY,
-        STARTING,
-        STOPPED,
-        ColdStartRecord,
-        ReplicaStatus,
-    )
-except ImportError:  # pragma: no cover - until the protocol lands in control.backends
-    STARTING, READY, FAILED, STOPPED = "starting", "ready", "failed", "stopped"
-
-    @dataclass
-    class ColdStartRecord:  # type: ignore[no-redef]
-        phases: dict[str, float] = field(default_factory=dict)
-        bytes_by_tier: dict[str, int] = field(default_factory=dict)
-
-        def to_json(self) -> dict[str, Any]:
-            return {"phases": {k: round(v, 3) for k, v in self.phases.items()},
-                    "bytes_by_tier": dict(self.bytes_by_tier)}
-
-    @dataclass(frozen=True)
-    class ReplicaStatus:  # type: ignore[no-redef]
-        id: str
-        deployment_id: str
-        revision: int
-        state: str
-        url: str = ""
-        pid: int | None = None
-        error: str | None = None
-        cold_start: ColdStartRecord | None = None
-        output: tuple[str, ...] = ()
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +95,8 @@ ANNOTATION_NAME = "bdn.dev/deployment-name"
 ANNOTATION_INSTANCE = "bdn.dev/instance-type"
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 RETIRED_DELETION_COST = "-1000000"
+# ReplicaSets honour DELETION_COST from this (major, minor) version on.
+DELETION_COST_SINCE = (1, 22)
 DEFAULT_TERMINATION_GRACE_S = 30
 DEFAULT_REMOVE_TIMEOUT_S = 120.0
 READY_PROBE_PERIOD_S = 2
@@ -148,6 +131,20 @@ class Rollout:
     @classmethod
     def from_percent(cls, max_surge_percent: int, max_unavailable_percent: int) -> Rollout:
         return cls(f"{max_surge_percent}%", f"{max_unavailable_percent}%")
+
+
+def rollout_kwargs(backend: Any, max_surge_percent: int,
+                   max_unavailable_percent: int) -> dict[str, Any]:
+    """Keyword arguments a rolling promotion adds to ``backend.apply``.
+
+    The hook for the rollout executor: ``await backend.apply(spec, n, retire,
+    **rollout_kwargs(backend, surge, unavailable))`` gives a Kubernetes Deployment the
+    environment's surge/unavailable steps (as percentages) for its rolling update; other
+    backends take no such argument and get none.
+    """
+    if getattr(backend, "name", None) != "kubernetes":
+        return {}
+    return {"rollout": Rollout.from_percent(max_surge_percent, max_unavailable_percent)}
 
 
 @dataclass(frozen=True)
@@ -237,6 +234,9 @@ class KubernetesBackend:
         self._apps: Any = None
         self._core: Any = None
         self._image = self.options.image
+        # Whether ReplicaSets honour pod-deletion-cost (Kubernetes 1.22+); until start()
+        # has asked the API server, assume not (the choice that is right either way).
+        self._deletion_cost = False
 
     # -- connection -------------------------------------------------------------------
 
@@ -268,6 +268,7 @@ class KubernetesBackend:
             self._apps, self._core = client.AppsV1Api(api), client.CoreV1Api(api)
             if not self._image:
                 self._image = await asyncio.to_thread(self._own_image)
+            self._deletion_cost = await asyncio.to_thread(self._honours_deletion_cost, api)
             found = await asyncio.to_thread(self._list_deployments)
             self._deployments = {dep_id: n for dep_id, (_, n) in found.items()}
             first_list: asyncio.Future[None] = loop.create_future()
@@ -323,8 +324,17 @@ class KubernetesBackend:
         await self.start()
         body = self.render(spec, replicas, resources=resources, rollout=rollout)
         try:
-            if retire:
-                await asyncio.to_thread(self._mark_retired, list(retire))
+            # Only this deployment's own pods are ever marked or deleted.
+            mine = [r for r in retire if r in self._pods.get(spec.deployment_id, {})]
+            if mine:
+                await asyncio.to_thread(self._mark_retired, mine)
+                if replicas > 0 and not self._deletion_cost:
+                    # Without pod-deletion-cost a ReplicaSet picks by its own ranking
+                    # (the newest-ready pod first), not the one the controller drained.
+                    # So the retired pod goes first, then the count drops: a
+                    # replacement the ReplicaSet may create meanwhile is not ready yet,
+                    # and unready pods are the first it removes on the scale-down.
+                    await asyncio.to_thread(self._delete_pods, mine)
             await asyncio.to_thread(self._upsert, body)
         except BackendError:
             raise
@@ -432,14 +442,18 @@ class KubernetesBackend:
         code = getattr(spec, "code", None)
         socket_dir, weights_dir = o.agent_socket_dir, o.node_weights_dir
         socket = f"{socket_dir}/{AGENT_SOCKET_NAME}"
-        init: list[dict[str, Any]] = []
+        listen = f"$(BDN_POD_IP):{o.port}"
         if code:
-            model_dir = f"{weights_dir}/code/{name}-r{spec.revision}"
-            init.append({"name": "code", "image": image,
-                         "args": ["agent", "pull", str(code), "--to", model_dir,
-                                  "--socket", socket],
-                         "securityContext": _container_security(),
-                         "volumeMounts": _mounts(socket_dir, weights_dir)})
+            # A pushed deployment: the pod's entrypoint has the node agent deliver code
+            # and weights, runs bdn serve on them and releases its pulls when stopped.
+            command: list[str] = []
+            args = ["serve-delivered", "--agent-socket", socket, "--mounts-root",
+                    weights_dir, "--deployment", spec.deployment_id, "--code", str(code),
+                    "--weights", json.dumps([dict(w) for w in getattr(spec, "weights", ())],
+                                            sort_keys=True),
+                    "--listen", listen]
+            if o.command:
+                args += ["--serve-command", shlex.join(o.command)]
         else:
             model_dir = str(spec.model_dir)
             if not _contained(model_dir, weights_dir):
@@ -447,11 +461,10 @@ class KubernetesBackend:
                     f"deployment {spec.deployment_id}: model folder {model_dir} is not in the "
                     f"node's weights folder {weights_dir}; a pod sees nothing of the control "
                     "plane's files (push the model so the node agent delivers it)")
-        listen = f"$(BDN_POD_IP):{o.port}"
-        if o.command:
-            command, args = list(o.command), [model_dir, "--listen", listen]
-        else:
-            command, args = [], ["serve", model_dir, "--listen", listen]
+            if o.command:
+                command, args = list(o.command), [model_dir, "--listen", listen]
+            else:
+                command, args = [], ["serve", model_dir, "--listen", listen]
         env: list[dict[str, Any]] = [
             {"name": "BDN_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "BDN_REPLICA_ID",
@@ -501,8 +514,6 @@ class KubernetesBackend:
                 {"name": "tmp", "emptyDir": {}},
             ],
         }
-        if init:
-            pod_spec["initContainers"] = init
         if kube.node_selector:
             pod_spec["nodeSelector"] = kube.node_selector
         if kube.tolerations:
@@ -588,6 +599,31 @@ class KubernetesBackend:
                 if e.status != 409:  # 409: changed meanwhile, read again
                     raise
         raise BackendError(f"Deployment {name} kept changing under {REPLACE_TRIES} updates")
+
+    def _honours_deletion_cost(self, api: Any) -> bool:
+        from kubernetes import client
+
+        try:
+            info = client.VersionApi(api).get_code(_request_timeout=REQUEST_TIMEOUT_S)
+            major = int(re.sub(r"\D", "", info.major) or 0)
+            minor = int(re.sub(r"\D", "", info.minor) or 0)
+        except Exception as e:  # unknown: take the path that is right either way
+            log.warning("could not read the API server's version (%s); retiring pods by "
+                        "deleting them", e)
+            return False
+        return (major, minor) >= DELETION_COST_SINCE
+
+    def _delete_pods(self, pod_names: list[str]) -> None:
+        from kubernetes.client.rest import ApiException
+
+        for pod in pod_names:
+            try:
+                self._core.delete_namespaced_pod(pod, self.options.namespace,
+                                                 _request_timeout=REQUEST_TIMEOUT_S)
+                log.info("deleted retired pod %s/%s", self.options.namespace, pod)
+            except ApiException as e:
+                if e.status != 404:  # already gone is what retiring wants
+                    raise
 
     def _mark_retired(self, pod_names: list[str]) -> None:
         from kubernetes.client.rest import ApiException

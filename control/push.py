@@ -49,6 +49,7 @@ from bdn.secrets import SecretResolver
 from bdn.sources import open_source
 from bdn.store import BlobStore
 from control.errors import RequestError
+from control.resources import instance_type_for
 
 UPLOADS_DIR = "uploads"
 ASSEMBLY_DIR = "pushes"
@@ -83,17 +84,20 @@ class PushRecord:
     weights: tuple[Mapping[str, Any], ...] = ()
     environment_variables: Mapping[str, str] = field(default_factory=dict)
     secret_names: tuple[str, ...] = ()
+    # config.yaml's resources: (validated at push; control/resources.py).
+    resources: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"code": self.code, "weights": [dict(w) for w in self.weights],
                 "environment_variables": dict(self.environment_variables),
-                "secrets": list(self.secret_names)}
+                "secrets": list(self.secret_names), "resources": dict(self.resources)}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> PushRecord:
         return cls(code=doc["code"], weights=tuple(doc.get("weights") or ()),
                    environment_variables=dict(doc.get("environment_variables") or {}),
-                   secret_names=tuple(doc.get("secrets") or ()))
+                   secret_names=tuple(doc.get("secrets") or ()),
+                   resources=dict(doc.get("resources") or {}))
 
 
 def file_digest(path: Path) -> str:
@@ -233,6 +237,8 @@ class Pushes:
         folder = self.assemble(files)
         try:
             config = load_model_config(folder / "config.yaml")
+            # A bad resources: is refused before anything is mirrored (400 naming it).
+            instance_type_for(config.resources or None)
             emit({"event": "code", "files": len(files)})
             # Fingerprints of the code folder's files are their upload inodes; a push
             # assembles a new folder, so the path differs: hash it (it is small).
@@ -263,7 +269,8 @@ class Pushes:
                 weights.append({**entry.to_dict(), "ref": str(result.manifest_digest)})
             return PushRecord(code=str(code), weights=tuple(weights),
                               environment_variables=dict(config.environment_variables),
-                              secret_names=tuple(str(k) for k in config.secrets))
+                              secret_names=tuple(str(k) for k in config.secrets),
+                              resources=dict(config.resources or {}))
         except BdnError:
             raise
         except (OSError, ValueError) as e:

@@ -1,4 +1,7 @@
-"""The smaller parts on their own: metrics text, the Kubernetes stub, option validation."""
+"""The smaller parts on their own: metrics text, option validation.
+
+(The Kubernetes backend's rendering is tested in tests/kube/test_kube_render.py.)
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,9 @@ import pytest
 import yaml
 
 from control.api import ServerOptions, load_or_create_api_keys
-from control.backends import (
-    KubernetesBackend,
-    KubernetesBackendOptions,
-    LocalBackendOptions,
-    ReplicaSpec,
-)
+from control.backends import LocalBackendOptions, ReplicaSpec
 from control.controller import ControllerOptions
-from control.errors import BackendError, RequestError
+from control.errors import RequestError
 from control.metrics import Histogram, Metrics, format_labels
 
 
@@ -42,28 +40,6 @@ def test_metrics_render_gauges_and_escape_labels() -> None:
     assert 'bdn_concurrent_requests{deployment_id="a"} 3' in text
     assert 'bdn_requests_total{code="200"} 1' in text
     assert format_labels({"x": 'a"b\\c'}) == '{x="a\\"b\\\\c"}'
-
-
-def test_kubernetes_backend_renders_a_deployment_and_service() -> None:
-    backend = KubernetesBackend(KubernetesBackendOptions(namespace="ml", gpus=1))
-    spec = ReplicaSpec(model_id="m1", deployment_id="d1", deployment_name="deployment-1",
-                       model_dir="/models/llama")
-    deployment, service = backend.render(spec, replicas=3)
-    assert deployment["kind"] == "Deployment" and service["kind"] == "Service"
-    assert deployment["spec"]["replicas"] == 3
-    assert deployment["metadata"]["namespace"] == "ml"
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"][:2] == ["serve", "/models/llama"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    yaml.safe_dump_all([deployment, service])  # plain data, renders as YAML
-
-
-async def test_kubernetes_backend_says_it_cannot_start_replicas() -> None:
-    spec = ReplicaSpec(model_id="m", deployment_id="d", deployment_name="n", model_dir="/x")
-    with pytest.raises(BackendError, match="only renders"):
-        await KubernetesBackend().apply(spec, 1)
 
 
 def test_options_are_validated_and_name_the_field(tmp_path: Path) -> None:
@@ -114,11 +90,17 @@ def _bdn_containers() -> list[tuple[str, list[str]]]:
 def test_every_deploy_manifest_runs_a_valid_bdn_command() -> None:
     from bdn.cli import build_parser
 
-    commands = {name: build_parser().parse_args(args).command
-                for name, args in _bdn_containers()}
-    assert commands == {"agent.yaml:agent": "agent", "cache.yaml:cache": "cache-server",
-                        "control.yaml:control": "control-server",
-                        "mirror.yaml:mirror": "mirror-server"}
+    parsed = {name: build_parser().parse_args(args) for name, args in _bdn_containers()}
+    assert {name: a.command for name, a in parsed.items()} == {
+        "agent.yaml:agent": "agent", "cache.yaml:cache": "cache-server",
+        "control.yaml:control": "control-server", "mirror.yaml:mirror": "mirror-server"}
+    control = parsed["control.yaml:control"]
+    assert control.handler.__name__ == "cmd_control_server"
+    assert str(control.state_dir) == "/var/lib/bdn"
+    # Replicas are pods: the flags select the Kubernetes backend in the pod's namespace.
+    assert control.backend == "kubernetes" and control.namespace == "$(POD_NAMESPACE)"
+    assert control.agent_socket_dir == "/run/bdn"
+    assert control.node_weights_dir == "/var/lib/bdn/mounts"
 
 
 def test_replica_environment_is_built_from_nothing() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from control.kube import (
     Rollout,
     label_value,
     object_name,
+    rollout_kwargs,
 )
 from tests.support.procs import free_port
 
@@ -32,6 +34,9 @@ class PushedSpec:
     model_dir: str = ""
     revision: int = 4
     code: str | None = "b3:" + "ab" * 32
+    weights: tuple[dict[str, str], ...] = (
+        {"source": "hf://acme/tiny@main", "mount_location": "/app/weights/tiny",
+         "ref": "b3:" + "cd" * 32},)
     environment: str | None = "production"
     env: tuple[tuple[str, str], ...] = (("GREETING", "hi"), ("BDN_SECRET_hf_token", "s3cr3t"))
     resources: Any = None
@@ -46,16 +51,19 @@ def pod_of(body: dict[str, Any]) -> dict[str, Any]:
     return dict(body["spec"]["template"]["spec"])
 
 
-def test_a_pushed_deployment_gets_its_code_from_the_node_agent() -> None:
+def test_a_pushed_deployment_gets_its_code_and_weights_from_the_node_agent() -> None:
     spec = PushedSpec(resources={"accelerator": "H100:2"})
     body = render(spec)
     pod = pod_of(body)
-    (init,) = pod["initContainers"]
-    code_dir = f"{WEIGHTS}/code/bdn-m3abcdef-d3abcdef-r4"
-    assert init["args"] == ["agent", "pull", spec.code, "--to", code_dir,
-                            "--socket", "/run/bdn/agent.sock"]
+    assert "initContainers" not in pod
     (main,) = pod["containers"]
-    assert main["args"] == ["serve", code_dir, "--listen", "$(BDN_POD_IP):8080"]
+    # The pod's entrypoint starts the pulls through the agent's socket, serves, and
+    # releases them when the pod stops (control/pod.py).
+    assert main["args"] == [
+        "serve-delivered", "--agent-socket", "/run/bdn/agent.sock", "--mounts-root", WEIGHTS,
+        "--deployment", "d3abcdef", "--code", spec.code,
+        "--weights", json.dumps(list(spec.weights), sort_keys=True),
+        "--listen", "$(BDN_POD_IP):8080"]
     assert "command" not in main  # the image's entrypoint: bdn
     # Only the agent's socket folder and the node's weights folder come from the host.
     host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
@@ -188,3 +196,14 @@ async def test_an_unreachable_api_server_is_a_backend_error_and_start_retries(
             assert "not-a-real-token" not in str(info.value)
     finally:
         await b.close()
+
+
+def test_a_rolling_promotion_passes_its_steps_to_kubernetes_only() -> None:
+    from control.backends import LocalProcessBackend
+
+    kube = KubernetesBackend(KubeBackendOptions(namespace="lab", image="r.example/bdn:1"))
+    assert rollout_kwargs(kube, 50, 0) == {"rollout": Rollout("50%", "0%")}
+    assert rollout_kwargs(LocalProcessBackend(), 50, 0) == {}
+    body = render(PushedSpec(), 2, **rollout_kwargs(kube, 50, 0))
+    assert body["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": "50%",
+                                                         "maxUnavailable": "0%"}
