@@ -17,8 +17,10 @@ runtime dependency for a replica. So:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
+from collections.abc import Iterator
 
 from bdn_chains import pydantic_numpy
 from bdn_chains.framework import (
@@ -45,7 +47,7 @@ __all__ = [
     "DeployedServiceDescriptor", "DeploymentContext", "DockerImage",
     "GenericRemoteException", "RPCOptions", "RemoteConfig", "RemoteErrorDetail",
     "bind_truss_chains", "depends", "depends_context", "install_as_truss_chains",
-    "mark_entrypoint", "pydantic_numpy", "run_local",
+    "mark_entrypoint", "pydantic_numpy", "run_local", "truss_chains_bound",
 ]
 
 ALIAS = "truss_chains"
@@ -56,6 +58,23 @@ def bind_truss_chains() -> None:
     processes only: the transport is bdn's)."""
     sys.modules[ALIAS] = sys.modules[__name__]
     sys.modules[ALIAS + ".pydantic_numpy"] = pydantic_numpy
+
+
+@contextlib.contextmanager
+def truss_chains_bound() -> Iterator[None]:
+    """``truss_chains`` is this package while the block runs, and what it was after (so
+    loading a chain in a process that also uses the real truss leaves it untouched)."""
+    names = (ALIAS, ALIAS + ".pydantic_numpy")
+    before = {n: sys.modules.get(n) for n in names}
+    bind_truss_chains()
+    try:
+        yield
+    finally:
+        for n, m in before.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
 
 
 def install_as_truss_chains() -> bool:

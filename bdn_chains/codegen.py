@@ -112,13 +112,13 @@ def _import(path: Path) -> types.ModuleType:
 
 def load_chain(path: Path, name: str | None = None) -> Chain:
     """Import a chain file and read its chainlets and entrypoint (the docs' rules)."""
-    from bdn_chains import bind_truss_chains
+    from bdn_chains import truss_chains_bound
 
     path = path.resolve()
     if not path.is_file():
         raise ChainsError(f"{path} is not a file")
-    bind_truss_chains()
-    module = _import(path)
+    with truss_chains_bound():
+        module = _import(path)
     descs = REGISTRY.descriptors(module)
     if not descs:
         raise ChainsError(f"{path} defines no chainlet (a chains.ChainletBase subclass)")

@@ -277,7 +277,7 @@ def describe(cls: type) -> ChainletDescriptor:
         _check_io_type(ret, "run_remote's return value", name)
     deps: dict[str, DependencyMarker] = {}
     has_context = False
-    init = cls.__init__
+    init = getattr(cls.__init__, "__wrapped__", cls.__init__)
     if init is not object.__init__:
         for p in list(inspect.signature(init).parameters.values())[1:]:
             if isinstance(p.default, DependencyMarker):
@@ -360,9 +360,8 @@ class ChainletBase:
             if original is not None:
                 original(self, **kw)
 
-        if original is not None:
-            __init__.__wrapped__ = original  # type: ignore[attr-defined]
-            __init__.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+        # describe() reads the user's __init__, not this wrapper.
+        __init__.__wrapped__ = original or object.__init__  # type: ignore[attr-defined]
         cls.__init__ = __init__  # type: ignore[method-assign]
 
     def run_remote(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract

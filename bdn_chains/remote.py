@@ -35,6 +35,7 @@ import msgpack
 import pydantic
 
 from bdn_chains.framework import (
+    REGISTRY,
     ContextMarker,
     DependencyMarker,
     DeploymentContext,
@@ -42,7 +43,6 @@ from bdn_chains.framework import (
     RemoteErrorDetail,
     RPCOptions,
     StackFrame,
-    describe,
     provided,
 )
 
@@ -238,7 +238,7 @@ class ChainletHost:
                  data_dir: Any = None, environment: Any = None,
                  env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
-        self.desc = describe(cls)
+        self.desc = REGISTRY.get(cls)
         self.name = self.desc.name
         base = env.get(URL_ENV)
         chain_id = env.get(CHAIN_ENV, "")
@@ -250,7 +250,7 @@ class ChainletHost:
             if isinstance(marker, ContextMarker):
                 return self.context
             assert isinstance(marker, DependencyMarker)
-            dep = describe(marker.chainlet_cls)
+            dep = REGISTRY.get(marker.chainlet_cls)
             if not base:
                 raise GenericRemoteException(
                     f"this replica was not told where the control plane is ({URL_ENV}); "

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     s.add_argument("file", type=Path, help="the Python file with the chainlets")
     s.add_argument("--watch", action="store_true",
                    help="push the development deployment and re-push on every change")
+    s.add_argument("--development", action="store_true",
+                   help="push the development deployment once, without watching")
     s.add_argument("--environment", help="promote every chainlet to this environment "
                    "(default production; not with --watch)")
     s.add_argument("--name", help="chain name (default: the entrypoint's name)")
@@ -73,11 +75,12 @@ def push_chain(client: ControlClient, file: Path, *, name: str | None, developme
 
 
 def cmd_chains_push(args: argparse.Namespace) -> int:
-    if args.watch and args.environment:
+    development = args.watch or args.development
+    if development and args.environment:
         raise RequestError("--watch pushes the development deployment, which is not "
                            "promoted; leave out --environment", field="--environment")
     client = _client(args)
-    answer = push_chain(client, args.file, name=args.name, development=args.watch,
+    answer = push_chain(client, args.file, name=args.name, development=development,
                         environment=args.environment)
     print(json.dumps(answer))
     if not args.watch:

@@ -123,3 +123,28 @@ def test_numpy_field_round_trips_json_and_binary() -> None:
     back = DataModel.model_validate(msgpack.unpackb(packed, raw=False))
     assert back.some_numbers.array.shape == (3, 2)
     assert np.array_equal(back.some_numbers.array, data.some_numbers.array)
+
+
+def test_loading_a_chain_leaves_truss_chains_as_it_was(tmp_path: Path) -> None:
+    before = sys.modules.get("truss_chains")
+    load(tmp_path, "hello")
+    assert sys.modules.get("truss_chains") is before
+
+
+def test_same_example_under_the_real_truss_chains(tmp_path: Path) -> None:
+    """The documented surface matches: the hello chain, run with truss's own run_local."""
+    truss_chains = pytest.importorskip("truss_chains")
+    if truss_chains is bdn_chains:
+        pytest.skip("truss_chains is bound to bdn_chains in this process")
+    import importlib.util
+    folder = tmp_path / "real"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "hello.py", folder / "hello_real.py")
+    spec = importlib.util.spec_from_file_location("hello_real", folder / "hello_real.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["hello_real"] = mod
+    spec.loader.exec_module(mod)
+    with truss_chains.run_local():
+        result = asyncio.run(mod.HelloWorld().run_remote(max_value=1))
+    assert result == "Hello World! "

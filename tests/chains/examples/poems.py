@@ -3,7 +3,6 @@
 import asyncio
 
 import pydantic
-
 import truss_chains as chains
 
 

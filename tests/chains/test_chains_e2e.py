@@ -1,0 +1,120 @@
+"""Chains on a real control plane on loopback: ``bdn chains push``, then invoke.
+
+Replicas are real ``bdn serve`` processes running the generated chainlet folders; the
+chainlets call each other through the control server's router. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.chains.test_chains_local import EXAMPLES
+from tests.control.conftest import API_KEY, ControlServer
+from tests.support.procs import bdn_command
+
+PUSH_TIMEOUT_S = 300
+
+
+def push(server: ControlServer, tmp_path: Path, example: str, *extra: str) -> dict[str, Any]:
+    folder = tmp_path / example
+    folder.mkdir()
+    shutil.copy(EXAMPLES / f"{example}.py", folder / f"{example}.py")
+    out = subprocess.run(
+        bdn_command("chains", "push", str(folder / f"{example}.py"), "--server", server.url,
+                    "--api-key", API_KEY, *extra),
+        capture_output=True, text=True, timeout=PUSH_TIMEOUT_S)
+    assert out.returncode == 0, (out.stdout, out.stderr, server.proc.output[-3000:])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def run_remote(server: ControlServer, path: str, body: dict[str, Any],
+               headers: dict[str, str] | None = None) -> Any:
+    return server.call("POST", path, body, headers=headers, timeout_s=PUSH_TIMEOUT_S)
+
+
+def wait_promoted(server: ControlServer, answer: dict[str, Any], env: str) -> None:
+    """Environment endpoints answer 404 until every chainlet's promotion moved traffic."""
+    for target in answer["deployment"]["chainlets"].values():
+        path = f"/v1/models/{target['model_id']}/environments/{env}"
+        server.wait_for(f"{path} to be promoted", lambda p=path, t=target: (
+            server.ok("GET", p).get("current_deployment") or {}).get("id")
+            == t["deployment_id"], timeout_s=PUSH_TIMEOUT_S)
+
+
+def test_hello_chain_pushed_and_invoked(server: ControlServer, tmp_path: Path) -> None:
+    answer = push(server, tmp_path, "hello")
+    chain_id = answer["id"]
+    assert answer["environment"] == "production"
+    assert sorted(answer["deployment"]["chainlets"]) == ["HelloWorld", "RandInt"]
+    wait_promoted(server, answer, "production")
+    r = run_remote(server, f"/chains/{chain_id}/production/run_remote", {"max_value": 4})
+    assert r.status == 200, r.body
+    text = r.json()
+    n = text.count("Hello World! ")
+    assert 1 <= n <= 4 and text == "Hello World! " * n
+    dep_id = answer["deployment"]["id"]
+    for path, headers in [(f"/chains/{chain_id}/deployment/{dep_id}/run_remote", None),
+                          ("/production/run_remote", {"Host": f"chain-{chain_id}.local"})]:
+        r = run_remote(server, path, {"max_value": 1}, headers)
+        assert (r.status, r.json()) == (200, "Hello World! "), r.body
+    # Each chainlet is an ordinary deployment with its own model.
+    models = {m["name"] for m in server.ok("GET", "/v1/models")["models"]}
+    assert {"hello-world--hello-world", "hello-world--rand-int"} <= models
+
+
+def test_poems_chain_development(server: ControlServer, tmp_path: Path) -> None:
+    answer = push(server, tmp_path, "poems", "--name", "poems", "--development")
+    r = run_remote(server, f"/chains/{answer['id']}/development/run_remote",
+                   {"words": ["bird", "plane"]})
+    assert (r.status, r.json()) == (200, ["a poem about bird", "a poem about plane"]), r.body
+
+
+def test_error_bubbles_up_as_documented(server: ControlServer, tmp_path: Path) -> None:
+    answer = push(server, tmp_path, "itest_chain", "--development")
+    path = f"/chains/{answer['id']}/development/run_remote"
+    r = run_remote(server, path, {"length": 5})
+    assert (r.status, r.json()) == (200, 10), r.body
+    r = run_remote(server, path, {"length": 100})
+    assert r.status == 500, r.body
+    error = r.json()["error"]
+    assert error["exception_cls_name"] == "ValueError"
+    assert error["chainlet"] == "ItestChain"
+    message = error["exception_message"]
+    assert "Error in dependency Chainlet `TextToNum`" in message
+    assert "Error in dependency Chainlet `TextReplicator`" in message
+    assert "Chainlet-Traceback (most recent call last):" in message
+    assert message.rstrip().endswith("ValueError: This input is too long: 100.")
+    assert any(f["name"] == "run_remote" for f in error["user_stack_trace"])
+
+
+def test_fan_out_runs_in_parallel(server: ControlServer, tmp_path: Path) -> None:
+    # Each Worker call waits until all 8 have arrived (fanout.py): 8 sequential calls
+    # would time out in the first one, so an answer means they ran at once.
+    answer = push(server, tmp_path, "fanout", "--development")
+    r = run_remote(server, f"/chains/{answer['id']}/development/run_remote", {"n": 8})
+    assert (r.status, r.json()) == (200, [i * i for i in range(8)]), r.body
+
+
+def test_dependency_scales_to_zero_and_cold_starts(server: ControlServer,
+                                                   tmp_path: Path) -> None:
+    answer = push(server, tmp_path, "hello", "--name", "hello-zero", "--development")
+    path = f"/chains/{answer['id']}/development/run_remote"
+    assert run_remote(server, path, {"max_value": 1}).json() == "Hello World! "
+    dep = answer["deployment"]["chainlets"]["RandInt"]
+    model_id, dep_id = dep["model_id"], dep["deployment_id"]
+    server.ok("PATCH", f"/v1/models/{model_id}/deployments/{dep_id}/autoscaling_settings",
+              {"scale_down_delay": 0, "autoscaling_window": 10})
+    server.wait_for("RandInt to scale to zero", lambda: server.deployment(
+        model_id, dep_id)["active_replica_count"] == 0 and server.deployment(
+        model_id, dep_id)["desired_replica_count"] == 0, timeout_s=120)
+    started = time.monotonic()
+    r = run_remote(server, path, {"max_value": 1})
+    assert (r.status, r.json()) == (200, "Hello World! "), r.body
+    info = server.deployment(model_id, dep_id)
+    assert len(info["cold_start_seconds"]) == 2, info
+    assert time.monotonic() - started < PUSH_TIMEOUT_S
