@@ -16,6 +16,7 @@ which passes stubs that call the dependency's deployment through the control pla
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import inspect
@@ -208,6 +209,8 @@ class ChainletDescriptor:
     has_context: bool
     is_async: bool
     input_names: tuple[str, ...]
+    # A streaming run_remote (an async generator) yields this type: str or bytes.
+    stream_item: type | None = None
 
     @property
     def is_entrypoint(self) -> bool:
@@ -270,9 +273,16 @@ def describe(cls: type) -> ChainletDescriptor:
     if "return" not in hints:
         raise ChainsError("run_remote has no return annotation", chainlet=name)
     ret = hints["return"]
-    if inspect.isasyncgenfunction(run) or typing.get_origin(ret) in (
-            typing.get_origin(typing.AsyncIterator[int]),):
-        pass  # a streaming output: items are str or bytes
+    stream_item = None
+    if inspect.isasyncgenfunction(run):
+        # Streams carry text or bytes, as the serving runtime writes them out.
+        args = typing.get_args(ret)
+        if typing.get_origin(ret) is not collections.abc.AsyncIterator or args not in (
+                (str,), (bytes,)):
+            raise ChainsError("a streaming run_remote (an async generator) must be "
+                              "annotated -> AsyncIterator[str] or AsyncIterator[bytes]",
+                              chainlet=name)
+        stream_item = args[0]
     else:
         _check_io_type(ret, "run_remote's return value", name)
     deps: dict[str, DependencyMarker] = {}
@@ -291,7 +301,8 @@ def describe(cls: type) -> ChainletDescriptor:
                 raise ChainsError(f"__init__ argument {p.name!r} must default to "
                                   "chains.depends(...) or chains.depends_context()",
                                   chainlet=name)
-    return ChainletDescriptor(cls, name, deps, has_context, is_async, tuple(inputs))
+    return ChainletDescriptor(cls, name, deps, has_context, is_async, tuple(inputs),
+                              stream_item)
 
 
 class _Registry:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import codecs
 import json
 import os
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -125,12 +126,14 @@ class Stub:
     """A dependency as its caller sees it: ``run_remote`` over HTTP, sync or async."""
 
     def __init__(self, name: str, url: str, api_key: str | None, options: RPCOptions,
-                 output: Any, is_async: bool) -> None:
+                 output: Any, is_async: bool, stream_item: type | None = None) -> None:
         self.name = name
+        self.stream_item = stream_item
         self.url = url
         self.api_key = api_key
         self.options = options
-        self._output = pydantic.TypeAdapter(output) if output is not None else None
+        self._output = (pydantic.TypeAdapter(output)
+                        if output is not None and stream_item is None else None)
         self._is_async = is_async
         self._session: aiohttp.ClientSession | None = None
 
@@ -202,10 +205,31 @@ class Stub:
         assert last is not None
         raise last
 
+    async def _stream(self, kwargs: Mapping[str, Any]) -> AsyncIterator[Any]:
+        """A streaming dependency: its chunks as they arrive (no retry once begun)."""
+        data, headers = self._request(kwargs)
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        timeout = aiohttp.ClientTimeout(total=self.options.timeout_sec)
+        async with self._session.post(self.url, data=data, headers=headers,
+                                      timeout=timeout) as resp:
+            if resp.status >= 400:
+                self._answer(resp.status, resp.content_type, await resp.read())
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            async for chunk in resp.content.iter_any():
+                if self.stream_item is bytes:
+                    yield chunk
+                elif text := decoder.decode(chunk):
+                    yield text
+            if self.stream_item is not bytes and (rest := decoder.decode(b"", final=True)):
+                yield rest
+
     def run_remote(self, *args: Any, **kwargs: Any) -> Any:
         if args:
             raise TypeError(f"{self.name}.run_remote takes keyword arguments or positional "
                             "ones matching its signature")
+        if self.stream_item is not None:
+            return self._stream(kwargs)
         if self._is_async:
             return self._call_async(kwargs)
         return self._call_sync(kwargs)
@@ -258,7 +282,8 @@ class ChainletHost:
             run = marker.chainlet_cls.run_remote
             output = _return_type(run)
             stub = Stub(dep.name, chain_url(base, chain_id, chain_dep, dep.name),
-                        env.get(KEY_ENV), marker.options, output, dep.is_async)
+                        env.get(KEY_ENV), marker.options, output, dep.is_async,
+                        dep.stream_item)
             return _PositionalStub(stub, dep.input_names)
 
         with provided(provide):
@@ -275,6 +300,13 @@ class ChainletHost:
         return {k: self._inputs[k].validate_python(v) for k, v in body.items()}
 
     async def predict_async(self, body: Any) -> Any:
+        if self.desc.stream_item is not None:
+            # The server streams an async generator as it yields; an error before the
+            # first item still fails the request (500), a later one cuts the stream.
+            try:
+                return self.chainlet.run_remote(**self._arguments(body))
+            except Exception as e:
+                raise ChainletFailed(error_detail(e, self.name)) from None
         try:
             result = await self.chainlet.run_remote(**self._arguments(body))
         except Exception as e:

@@ -21,8 +21,9 @@ wakes a chainlet scaled to zero like any request.
 Replicas learn where the control plane is and a key for it from their environment
 (``bdn_chains.remote.URL_ENV``/``KEY_ENV``), added when the replica starts (a chainlet's
 pushed config declares the marker secret :data:`TRANSPORT_SECRET`), never stored with the
-deployment. The URL is ``BDN_CHAINS_URL`` of the server's environment when set, else the
-address a chain request reached the server on.
+deployment. The URL is ``BDN_CHAINS_URL`` of the server's environment when set (a
+Service name on Kubernetes), else the address the server bound, else the address a chain
+request reached it on.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class ChainsApi:
         self.pushes = pushes
         self.router = router
         self.url: str | None = os.environ.get(URL_ENV) or None
+        self.app: web.Application | None = None
         self._key = api_keys[0] if api_keys else None
         inner: Callable[[Sequence[str]], list[tuple[str, str]]] | None = controller.secret_env
 
@@ -116,14 +118,23 @@ class ChainsApi:
             out: list[tuple[str, str]] = []
             if TRANSPORT_SECRET in names:
                 names.remove(TRANSPORT_SECRET)
-                if self.url:
-                    out.append((URL_ENV, self.url))
+                url = self.control_url()
+                if url:
+                    out.append((URL_ENV, url))
                 if self._key:
                     out.append((KEY_ENV, self._key))
             return out + (inner(names) if inner is not None else [])
         controller.secret_env = secret_env
 
+    def control_url(self) -> str | None:
+        """Where replicas reach this server: configured, else the bound address
+        (``bdn.service`` records it on the app), else where a chain request came in."""
+        if self.url is None and self.app is not None:
+            self.url = self.app.get("bdn.url")
+        return self.url
+
     def add_routes(self, app: web.Application) -> None:
+        self.app = app
         r = app.router
         r.add_post("/v1/chains", self.push)
         r.add_get("/v1/chains", self.list_chains)
@@ -137,7 +148,7 @@ class ChainsApi:
                    "/run_remote", self.chainlet)
 
     def _learn_url(self, request: web.Request) -> None:
-        if self.url is not None or request.transport is None:
+        if self.control_url() is not None or request.transport is None:
             return
         sock = request.transport.get_extra_info("sockname")
         if sock:

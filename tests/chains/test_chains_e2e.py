@@ -22,7 +22,7 @@ PUSH_TIMEOUT_S = 300
 
 def push(server: ControlServer, tmp_path: Path, example: str, *extra: str) -> dict[str, Any]:
     folder = tmp_path / example
-    folder.mkdir()
+    folder.mkdir(parents=True)
     shutil.copy(EXAMPLES / f"{example}.py", folder / f"{example}.py")
     out = subprocess.run(
         bdn_command("chains", "push", str(folder / f"{example}.py"), "--server", server.url,
@@ -118,3 +118,83 @@ def test_dependency_scales_to_zero_and_cold_starts(server: ControlServer,
     info = server.deployment(model_id, dep_id)
     assert len(info["cold_start_seconds"]) == 2, info
     assert time.monotonic() - started < PUSH_TIMEOUT_S
+
+
+def test_binary_io_and_custom_errors(server: ControlServer, tmp_path: Path) -> None:
+    import urllib.request
+
+    import msgpack
+    import numpy as np
+
+    answer = push(server, tmp_path, "binaryio", "--development")
+    url = f"{server.url}/chains/{answer['id']}/development/run_remote"
+    numbers = np.arange(6, dtype=np.float64).reshape(3, 2)
+    # As the docs' binary client sends it: the model's python dump, msgpack'ed.
+    body = {"data": {"some_numbers": {"shape": [3, 2], "dtype": "<f8",
+                                      "data": numbers.tobytes()},
+                     "other_field": "Example"}, "text": "hi"}
+
+    def call(text: str) -> dict[str, Any]:
+        req = urllib.request.Request(
+            url, data=msgpack.packb({**body, "text": text}, use_bin_type=True),
+            method="POST", headers={"Content-Type": "application/octet-stream",
+                                    "Authorization": f"Api-Key {API_KEY}"})
+        with urllib.request.urlopen(req, timeout=PUSH_TIMEOUT_S) as resp:
+            assert resp.headers.get_content_type() == "application/octet-stream"
+            return dict(msgpack.unpackb(resp.read(), raw=False))
+
+    out = call("hi")
+    assert out["other_field"] == "HI"
+    arr = out["some_numbers"]
+    import base64
+    got = np.frombuffer(base64.b64decode(arr["data_b64"]), dtype=arr["dtype"]).reshape(
+        arr["shape"])
+    assert np.array_equal(got, numbers + 10)
+    # A custom exception class cannot be resolved by the caller: GenericRemoteException.
+    assert call("custom")["other_field"] == "generic: ShoutError: (showing chained " \
+        "remote errors, root error at the bottom)"
+
+
+def test_streaming_through_a_dependency(server: ControlServer, tmp_path: Path) -> None:
+    answer = push(server, tmp_path, "streaming", "--development")
+    r = run_remote(server, f"/chains/{answer['id']}/development/run_remote",
+                   {"text": "one two three"})
+    assert (r.status, r.body) == (200, b"ONE\nTWO\nTHREE\n")
+
+
+def test_environment_push_and_second_push(server: ControlServer, tmp_path: Path) -> None:
+    first = push(server, tmp_path / "a", "hello", "--name", "hello-env",
+                 "--environment", "staging")
+    assert first["environment"] == "staging"
+    wait_promoted(server, first, "staging")
+    path = f"/chains/{first['id']}/environments/staging/run_remote"
+    assert run_remote(server, path, {"max_value": 1}).json() == "Hello World! "
+    second = push(server, tmp_path / "b", "hello", "--name", "hello-env",
+                  "--environment", "staging")
+    assert second["id"] == first["id"]
+    old = {t["deployment_id"] for t in first["deployment"]["chainlets"].values()}
+    new = {t["deployment_id"] for t in second["deployment"]["chainlets"].values()}
+    assert second["deployment"]["id"] != first["deployment"]["id"] and not old & new
+    wait_promoted(server, second, "staging")
+    assert run_remote(server, path, {"max_value": 1}).json() == "Hello World! "
+    chain = server.ok("GET", f"/v1/chains/{first['id']}")
+    assert len(chain["deployments"]) == 2
+
+
+def test_development_repush_patches_code(server: ControlServer, tmp_path: Path) -> None:
+    first = push(server, tmp_path, "hello", "--name", "hello-dev", "--development")
+    path = f"/chains/{first['id']}/development/run_remote"
+    assert run_remote(server, path, {"max_value": 1}).json() == "Hello World! "
+    source = tmp_path / "hello" / "hello.py"
+    source.write_text(source.read_text().replace('"Hello World! "', '"Hi! "'))
+    out = subprocess.run(
+        bdn_command("chains", "push", str(source), "--server", server.url, "--api-key",
+                    API_KEY, "--name", "hello-dev", "--development"),
+        capture_output=True, text=True, timeout=PUSH_TIMEOUT_S)
+    assert out.returncode == 0, out.stderr
+    second = json.loads(out.stdout.strip().splitlines()[-1])
+    # The same development deployments, patched: no new chain or chainlet deployments.
+    assert second["deployment"] == {**first["deployment"],
+                                    "created_at": second["deployment"]["created_at"]}
+    server.wait_for("the patched code to answer", lambda: run_remote(
+        server, path, {"max_value": 1}).json() == "Hi! ", timeout_s=PUSH_TIMEOUT_S)
