@@ -60,6 +60,8 @@ class Model:
             getattr(module, {chainlet!r}), secrets=self._kwargs.get("secrets"),
             data_dir=self._kwargs.get("data_dir"),
             environment=self._kwargs.get("environment"))
+        # Typed by run_remote's arguments, so bad input is a 400 naming the field.
+        self.predict = self._host.typed_predict()
 
 {predict}
 '''

@@ -289,8 +289,24 @@ class ChainletHost:
         with provided(provide):
             self.chainlet = cls()
         self._inputs = _input_adapters(cls.run_remote)
+        self.input_model = _input_model(self.name, cls.run_remote)
+
+    def typed_predict(self) -> Any:
+        """``predict`` annotated with the request model of ``run_remote``'s arguments:
+        the serving runtime validates a request into it (400 naming the fields) before
+        the chainlet runs."""
+        if self.desc.is_async:
+            async def predict(model_input: Any) -> Any:
+                return await self.predict_async(model_input)
+        else:
+            def predict(model_input: Any) -> Any:
+                return self.predict_sync(model_input)
+        predict.__annotations__ = {"model_input": self.input_model, "return": Any}
+        return predict
 
     def _arguments(self, body: Any) -> dict[str, Any]:
+        if isinstance(body, self.input_model):
+            return {k: getattr(body, k) for k in type(body).model_fields}
         if not isinstance(body, dict):
             raise TypeError(f"the request body must be an object keyed by {self.name}."
                             f"run_remote's arguments {list(self.desc.input_names)}")
@@ -325,6 +341,20 @@ def _return_type(func: Any) -> Any:
     import typing
     hints = typing.get_type_hints(func)
     return hints.get("return")
+
+
+def _input_model(name: str, func: Any) -> type[pydantic.BaseModel]:
+    import inspect
+    import typing
+    hints = typing.get_type_hints(func)
+    fields: dict[str, Any] = {}
+    for p in list(inspect.signature(func).parameters.values())[1:]:
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (hints[p.name], default)
+    return pydantic.create_model(  # type: ignore[call-overload, no-any-return]
+        f"{name}Input", __config__=pydantic.ConfigDict(extra="forbid",
+                                                     arbitrary_types_allowed=True),
+        **fields)
 
 
 def _input_adapters(func: Any) -> dict[str, pydantic.TypeAdapter[Any]]:

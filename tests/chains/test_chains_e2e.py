@@ -198,3 +198,13 @@ def test_development_repush_patches_code(server: ControlServer, tmp_path: Path) 
                                     "created_at": second["deployment"]["created_at"]}
     server.wait_for("the patched code to answer", lambda: run_remote(
         server, path, {"max_value": 1}).json() == "Hi! ", timeout_s=PUSH_TIMEOUT_S)
+
+
+def test_bad_input_is_refused_naming_the_field(server: ControlServer, tmp_path: Path) -> None:
+    answer = push(server, tmp_path, "hello", "--name", "hello-input", "--development")
+    path = f"/chains/{answer['id']}/development/run_remote"
+    r = run_remote(server, path, {"max_value": "many"})
+    assert r.status == 400, r.body
+    assert [e["loc"] for e in r.json()["errors"]] == [["max_value"]]
+    r = run_remote(server, path, {"max_value": 1, "extra": 2})
+    assert r.status == 400 and r.json()["errors"][0]["loc"] == ["extra"], r.body
