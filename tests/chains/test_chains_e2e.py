@@ -208,3 +208,47 @@ def test_bad_input_is_refused_naming_the_field(server: ControlServer, tmp_path: 
     assert [e["loc"] for e in r.json()["errors"]] == [["max_value"]]
     r = run_remote(server, path, {"max_value": 1, "extra": 2})
     assert r.status == 400 and r.json()["errors"][0]["loc"] == ["extra"], r.body
+
+
+WEIGHTS_CHAIN = '''
+import truss_chains as chains
+
+
+class Lookup(chains.ChainletBase):
+    remote_config = chains.RemoteConfig(assets=chains.Assets(weights=[
+        {{"source": {source!r}, "mount_location": "/app/weights/table"}}]))
+
+    async def run_remote(self, key: str) -> str:
+        return key.upper()
+
+
+@chains.mark_entrypoint
+class Front(chains.ChainletBase):
+    def __init__(self, lookup=chains.depends(Lookup)) -> None:
+        self._lookup = lookup
+
+    async def run_remote(self, key: str) -> str:
+        return "front:" + await self._lookup.run_remote(key)
+'''
+
+
+def test_chainlet_weights_come_through_the_agent(server: ControlServer,
+                                                 tmp_path: Path) -> None:
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "table.bin").write_bytes(bytes(range(256)) * 64)
+    src = tmp_path / "weights_chain"
+    src.mkdir()
+    (src / "weights_chain.py").write_text(WEIGHTS_CHAIN.format(source=f"file://{table}"))
+    out = subprocess.run(
+        bdn_command("chains", "push", str(src / "weights_chain.py"), "--server", server.url,
+                    "--api-key", API_KEY, "--development"),
+        capture_output=True, text=True, timeout=PUSH_TIMEOUT_S)
+    assert out.returncode == 0, (out.stderr, server.proc.output[-3000:])
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_remote(server, f"/chains/{answer['id']}/development/run_remote", {"key": "k"})
+    assert (r.status, r.json()) == (200, "front:K"), r.body
+    target = answer["deployment"]["chainlets"]["Lookup"]
+    dep = server.deployment(target["model_id"], target["deployment_id"])
+    assert dep["weights"][0]["manifest"].startswith("b3:")
+    assert sum(dep["last_cold_start"]["bytes_by_tier"].values()) >= 256 * 64, dep
