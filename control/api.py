@@ -43,6 +43,7 @@ from control.backends import (
     LocalProcessBackend,
     ReplicaBackend,
 )
+from control.chains import ChainsApi
 from control.controller import Controller, ControllerOptions, Runtime, resources_of
 from control.delivery import AgentDelivery, EmbeddedAgent
 from control.errors import ControlError, NotFoundError, RequestError
@@ -649,6 +650,7 @@ async def build_app(options: ServerOptions,
                           client_max_size=1 << 30)
     ManagementApi(controller, pushes).add_routes(app)
     router.add_routes(app)
+    ChainsApi(controller, pushes, router, options.api_keys).add_routes(app)
 
     async def metrics_handler(request: web.Request) -> web.Response:
         return web.Response(text=metrics.render(controller.gauges()),

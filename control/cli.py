@@ -173,6 +173,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--timeout-s", type=float, default=900.0)
     p.set_defaults(handler=cmd_predict)
 
+    from control.chains_cli import register as register_chains
+    register_chains(subparsers)
+
     p = subparsers.add_parser(
         "environments", help="list, create, delete or update environments",
         usage="bdn environments MODEL [--create NAME | --delete NAME] [--json]\n"

@@ -71,6 +71,19 @@ CREATE TABLE IF NOT EXISTS environments (
     promotion TEXT,
     PRIMARY KEY (model_id, name)
 );
+CREATE TABLE IF NOT EXISTS chains (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chain_deployments (
+    id TEXT PRIMARY KEY,
+    chain_id TEXT NOT NULL REFERENCES chains(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL,
+    is_development INTEGER NOT NULL,
+    entrypoint TEXT NOT NULL,
+    chainlets TEXT NOT NULL
+);
 """
 
 
@@ -483,3 +496,64 @@ class Store:
         rows = self._db.execute("SELECT * FROM environments WHERE "
                                 "promoting_deployment_id IS NOT NULL").fetchall()
         return [self._environment(r) for r in rows]
+
+    # -- chains (control.chains): a chain deployment names one deployment per chainlet --
+
+    def create_chain(self, name: str) -> tuple[str, str]:
+        check_name(name, "name")
+        chain_id = new_id()
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM chains WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return row["id"], name
+            db.execute("INSERT INTO chains (id, name, created_at) VALUES (?, ?, ?)",
+                       (chain_id, name, utc_now()))
+        return chain_id, name
+
+    def get_chain(self, chain_id: str) -> dict[str, Any]:
+        row = self._db.execute("SELECT * FROM chains WHERE id = ? OR name = ?",
+                               (chain_id, chain_id)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no chain {chain_id!r}", kind="chain", ident=chain_id)
+        return dict(row)
+
+    def list_chains(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM chains ORDER BY created_at")]
+
+    def add_chain_deployment(self, chain_id: str, *, development: bool, entrypoint: str,
+                             chainlets: dict[str, dict[str, str]],
+                             deployment_id: str | None = None) -> dict[str, Any]:
+        """Record a chain deployment (under ``deployment_id`` when the chainlets were
+        told it already); a development one replaces the previous record."""
+        with self._tx() as db:
+            if development:
+                row = db.execute("SELECT id FROM chain_deployments WHERE chain_id = ? AND "
+                                 "is_development = 1", (chain_id,)).fetchone()
+                if row is not None:
+                    db.execute("UPDATE chain_deployments SET entrypoint = ?, chainlets = ? "
+                               "WHERE id = ?", (entrypoint, json.dumps(chainlets), row["id"]))
+                    return self.get_chain_deployment(chain_id, row["id"])
+            dep_id = deployment_id or new_id()
+            db.execute("INSERT INTO chain_deployments (id, chain_id, created_at, "
+                       "is_development, entrypoint, chainlets) VALUES (?, ?, ?, ?, ?, ?)",
+                       (dep_id, chain_id, utc_now(), int(development), entrypoint,
+                        json.dumps(chainlets)))
+        return self.get_chain_deployment(chain_id, dep_id)
+
+    def get_chain_deployment(self, chain_id: str, deployment_id: str) -> dict[str, Any]:
+        if deployment_id == DEVELOPMENT:
+            row = self._db.execute("SELECT * FROM chain_deployments WHERE chain_id = ? AND "
+                                   "is_development = 1", (chain_id,)).fetchone()
+        else:
+            row = self._db.execute("SELECT * FROM chain_deployments WHERE chain_id = ? AND "
+                                   "id = ?", (chain_id, deployment_id)).fetchone()
+        if row is None:
+            raise NotFoundError(f"chain {chain_id} has no deployment {deployment_id!r}",
+                                kind="chain deployment", ident=deployment_id)
+        return {**dict(row), "is_development": bool(row["is_development"]),
+                "chainlets": json.loads(row["chainlets"])}
+
+    def list_chain_deployments(self, chain_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT id FROM chain_deployments WHERE chain_id = ? "
+                                "ORDER BY created_at", (chain_id,)).fetchall()
+        return [self.get_chain_deployment(chain_id, r["id"]) for r in rows]

@@ -33,7 +33,9 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "cache": frozenset({"manifests", "bdn"}),
     "agent": frozenset({"manifests", "bdn", "cache"}),
     "serving": frozenset({"manifests", "bdn", "agent"}),
-    "control": frozenset({"bdn", "agent"}),
+    "control": frozenset({"bdn", "agent", "bdn_chains"}),
+    # The documented Chains API (``truss_chains``-compatible) that users import.
+    "bdn_chains": frozenset({"bdn"}),
 }
 
 # (importing module, imported package) → why it is tolerated for now. Each entry is to be
