@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -591,8 +591,21 @@ class ManagementApi:
         return web.json_response({"name": env_name, "deleted": True})
 
 
+def chain_transport_key(keys: Sequence[str]) -> str:
+    """The key chainlet replicas call each other with: derived from the server's first API
+    key (so it outlives a restart, like the pods that hold it) but not that key, and
+    accepted only on ``…/run_remote`` routes — user code in a chainlet can call chains,
+    never the management API."""
+    return hmac.new(keys[0].encode(), b"bdn chains transport", "sha256").hexdigest()
+
+
+def _is_chain_call(request: web.Request) -> bool:
+    return request.method == "POST" and request.path.endswith("/run_remote")
+
+
 def auth_middleware(keys: tuple[str, ...]) -> Any:
     encoded = [k.encode() for k in keys]
+    transport = chain_transport_key(keys).encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -608,6 +621,8 @@ def auth_middleware(keys: tuple[str, ...]) -> Any:
         ok = False
         for key in encoded:
             ok |= hmac.compare_digest(given_b, key)
+        if not ok and _is_chain_call(request):
+            ok = hmac.compare_digest(given_b, transport)
         if not ok:
             return error_response(401, "the API key is not valid")
         return await handler(request)
@@ -650,7 +665,8 @@ async def build_app(options: ServerOptions,
                           client_max_size=1 << 30)
     ManagementApi(controller, pushes).add_routes(app)
     router.add_routes(app)
-    ChainsApi(controller, pushes, router, options.api_keys).add_routes(app)
+    ChainsApi(controller, pushes, router,
+              chain_transport_key(options.api_keys)).add_routes(app)
 
     async def metrics_handler(request: web.Request) -> web.Response:
         return web.Response(text=metrics.render(controller.gauges()),

@@ -103,14 +103,15 @@ class ChainsApi:
     """``/v1/chains`` (push, list) and ``/chains/...`` (invocation)."""
 
     def __init__(self, controller: Controller, pushes: Pushes | None, router: Router,
-                 api_keys: Sequence[str]) -> None:
+                 transport_key: str | None) -> None:
         self.c = controller
         self.store = controller.store
         self.pushes = pushes
         self.router = router
         self.url: str | None = os.environ.get(URL_ENV) or None
         self.app: web.Application | None = None
-        self._key = api_keys[0] if api_keys else None
+        # Replicas get a key good for run_remote calls only (control.api), never an API key.
+        self._key = transport_key
         inner: Callable[[Sequence[str]], list[tuple[str, str]]] | None = controller.secret_env
 
         def secret_env(names: Sequence[str]) -> list[tuple[str, str]]:

@@ -252,3 +252,21 @@ def test_chainlet_weights_come_through_the_agent(server: ControlServer,
     dep = server.deployment(target["model_id"], target["deployment_id"])
     assert dep["weights"][0]["manifest"].startswith("b3:")
     assert sum(dep["last_cold_start"]["bytes_by_tier"].values()) >= 256 * 64, dep
+
+
+def test_chainlet_replicas_hold_a_key_that_only_calls_chains(server: ControlServer,
+                                                             tmp_path: Path) -> None:
+    """Chainlet code gets a transport key for run_remote calls, never the admin key: with
+    it, user code could not list, push, promote or delete anything of anyone's."""
+    answer = push(server, tmp_path, "transport_key", "--development")
+    path = f"/chains/{answer['id']}/development/run_remote"
+    r = run_remote(server, path, {})
+    assert r.status == 200, r.body
+    seen = r.json()
+    key = seen["transport_key"]
+    assert key and key != API_KEY and not seen["admin_key_seen"]
+    assert server.call("POST", path, {}, key=key, timeout_s=PUSH_TIMEOUT_S).status == 200
+    for method, admin_path in [("GET", "/v1/models"), ("GET", "/v1/chains"),
+                               ("POST", "/v1/chains")]:
+        r = server.call(method, admin_path, {} if method == "POST" else None, key=key)
+        assert r.status == 401, (admin_path, r.status, r.body)
