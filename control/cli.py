@@ -120,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     target.add_argument("--environment", help="set an environment's settings instead")
     for name in RANGES:
         s.add_argument("--" + name.replace("_", "-"), dest=name, type=int,
-                       help=f"{describe_range(name)}")
+                       help=describe_range(name).replace("%", "%%"))
     s.set_defaults(handler=cmd_autoscaling_set)
     s = sub.add_parser("show", help="print a deployment's settings")
     _client_args(s)
@@ -394,7 +394,7 @@ def cmd_deployments(args: argparse.Namespace) -> int:
 
 
 def describe_cold_start(record: dict[str, Any] | None) -> str:
-    """``weights 1.20s, load 0.30s, model_init 0.05s; node 1.2 GB, store 0 B``."""
+    """``weights 1.20s, load 0.30s, model_init 0.05s; node 1.20 GiB, store 0 B``."""
     if not record:
         return ""
     from bdn.progress import human_bytes

@@ -65,3 +65,13 @@ def test_pull_goes_through_the_running_agent(tmp_path: Path, base: Model,
     agent.stop()
     gone = _bdn("agent", "status", "--socket", agent.socket)
     assert gone.returncode == 1 and "did not answer" in gone.stderr
+
+
+def test_pull_events_prints_ndjson_only(tmp_path: Path, base: Model, store: Path) -> None:
+    out = _bdn("pull", base.ref, "--to", str(tmp_path / "m"), "--standalone", "--events",
+               "--store", str(store), "--cache-dir", str(tmp_path / "node"))
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    assert events and all("event" in e for e in events)
+    assert events[-1]["event"] == "summary" and events[-1]["state"] == "done"
+    assert_mount_matches(base.src, tmp_path / "m")
