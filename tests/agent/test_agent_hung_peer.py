@@ -27,7 +27,8 @@ from tests.agent.agent_support import (
     assert_mount_matches,
     start_cache_server,
 )
-from tests.cache.conftest import metrics, post_json
+from tests.support.cache import metrics
+from tests.support.http import post_json
 from tests.support.procs import ServiceProcess
 
 FIRST_BYTE_TIMEOUT_S = 1.0

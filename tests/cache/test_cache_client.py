@@ -17,7 +17,8 @@ from cache.ring import rendezvous_order
 from manifests.digest import Digest
 from manifests.manifest import Chunk, FileEntry, build_manifest
 from manifests.refs import Ref
-from tests.cache.conftest import StartCache, http_get, metrics, put_object
+from tests.support.cache import StartCache, metrics, put_object
+from tests.support.http import http_get
 from tests.support.procs import free_port
 
 FAST = RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.05)

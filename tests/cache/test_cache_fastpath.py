@@ -17,7 +17,8 @@ import pytest
 
 from bdn.store import BlobStore
 from cache.fastpath import parse_head
-from tests.cache.conftest import StartCache, http_get, metrics, put_object
+from tests.support.cache import StartCache, metrics, put_object
+from tests.support.http import http_get
 
 N = 1024 * 1024 + 333
 FAST_SERVER = "bdn-cache"

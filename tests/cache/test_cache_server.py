@@ -23,15 +23,8 @@ from cache.server import parse_metrics
 from manifests.digest import Digest, Hasher
 from manifests.manifest import Chunk, FileEntry, build_manifest
 from manifests.refs import Ref
-from tests.cache.conftest import (
-    BROKEN,
-    StartCache,
-    http_get,
-    metrics,
-    post_json,
-    put_object,
-    slow_reader,
-)
+from tests.support.cache import StartCache, metrics, put_object
+from tests.support.http import BROKEN, http_get, post_json, slow_reader
 from tests.support.procs import free_port
 
 MIB = 1024 * 1024

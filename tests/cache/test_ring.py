@@ -29,7 +29,8 @@ from cache.ring import (
 )
 from manifests.digest import Digest
 from manifests.manifest import Chunk, FileEntry, build_manifest
-from tests.cache.conftest import StartCache, post_json, put_object
+from tests.support.cache import StartCache, put_object
+from tests.support.http import post_json
 
 MiB = 1024 * 1024
 

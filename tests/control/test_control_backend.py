@@ -24,7 +24,7 @@ from control.backends import (
     ReplicaSpec,
     ReplicaStatus,
 )
-from tests.control.conftest import STANDIN
+from tests.support.control import STANDIN
 
 WAIT_S = 60.0
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.control.conftest import API_KEY, ControlServer, real_serve_available
 from tests.mirror.fixtures_hf import HubFixture
+from tests.support.control import API_KEY, ControlServer, real_serve_available
 from tests.support.models import write_model_dir
 from tests.support.procs import bdn_command
 

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.control.conftest import API_KEY
 from tests.serving.test_serving_limits import read_response
+from tests.support.control import API_KEY
 
 STEADY = {"min_replica": 1, "max_replica": 3, "concurrency_target": 1,
           "target_utilization_percentage": 100}

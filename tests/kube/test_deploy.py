@@ -23,7 +23,7 @@ import yaml
 
 from control.backends import ReplicaSpec
 from control.kube import KubeBackendOptions, KubernetesBackend
-from tests.kube.conftest import NODES, Lab
+from tests.support.kube import NODES, Lab
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAYS = ("lab", "cluster")

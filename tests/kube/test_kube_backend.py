@@ -16,7 +16,7 @@ import pytest
 
 from control.backends import ReplicaSpec
 from control.kube import READY, KubeBackendOptions, KubernetesBackend, object_name
-from tests.kube.conftest import NODES, Lab
+from tests.support.kube import NODES, Lab
 
 REPLICA_STANDIN = Path(__file__).resolve().parents[1] / "control" / "replica_standin.py"
 READY_TIMEOUT_S = 120.0

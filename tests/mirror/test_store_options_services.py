@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.client import AgentClient
-from tests.cache.conftest import http_get
+from tests.support.http import http_get
 from tests.support.models import write_model_dir
 from tests.support.procs import ServiceProcess, bdn_command
 

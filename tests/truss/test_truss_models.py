@@ -299,7 +299,7 @@ def test_an_async_generator_streams(serve: Callable[..., ServiceProcess],
 
 
 def test_generators_stream_through_the_router(corpus: Path, tmp_path: Path) -> None:
-    from tests.control.conftest import API_KEY, ControlServer
+    from tests.support.control import API_KEY, ControlServer
 
     server = ControlServer(tmp_path / "state")
     try:
