@@ -7,11 +7,16 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from bdn.config import parse_weights
 from bdn.mirror_key import mirror_ref
 from bdn.store import BlobStore
 from tests.agent.agent_support import Agent, Model, assert_mount_matches
 from tests.support.procs import ServiceProcess, bdn_command
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def _bdn(*args: str) -> subprocess.CompletedProcess[str]:

@@ -35,6 +35,9 @@ from tests.support.cache import StartCache, metrics, put_object
 from tests.support.http import http_get, post_json
 from tests.support.procs import ServiceProcess
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # -- item 7: validators match the whole string ----------------------------------------
 
 HEX = "ab" * 32

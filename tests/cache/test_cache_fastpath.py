@@ -20,6 +20,9 @@ from cache.fastpath import parse_head
 from tests.support.cache import StartCache, metrics, put_object
 from tests.support.http import http_get
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 N = 1024 * 1024 + 333
 FAST_SERVER = "bdn-cache"
 # Differ by nature between the two paths.

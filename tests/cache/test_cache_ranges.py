@@ -15,6 +15,9 @@ from cache.server import parse_range
 from tests.support.cache import StartCache, put_object
 from tests.support.http import http_get
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 N = 3 * 1024 * 1024 + 17  # several fill blocks, not block aligned
 
 # (Range header, expected slice) — every boundary the issue names, and then some.

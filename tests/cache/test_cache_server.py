@@ -27,6 +27,9 @@ from tests.support.cache import StartCache, metrics, put_object
 from tests.support.http import BROKEN, http_get, post_json, slow_reader
 from tests.support.procs import free_port
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 MIB = 1024 * 1024
 
 

@@ -29,6 +29,9 @@ from tests.cache.test_cache_ranges import SATISFIABLE, UNSATISFIABLE, N
 from tests.support.cache import StartCache, metrics, put_object
 from tests.support.http import http_get, post_json, slow_reader
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 MIB = 1024 * 1024
 # Each new connection lands on a given one of two processes with probability 1/2.
 MAX_CONNECT_TRIES = 200

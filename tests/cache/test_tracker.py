@@ -57,6 +57,7 @@ def test_memory_is_bounded_and_bad_copies_are_forgotten() -> None:
         HolderTracker(ttl_s=0)
 
 
+@pytest.mark.slow
 def test_the_cache_server_keeps_the_record(store: BlobStore, start_cache: StartCache) -> None:
     cache = start_cache(store.url)
     assert post_json(f"{cache.url}/v1/holders", {"agent": A, "digests": [D1, D2]})[0] == 204

@@ -18,6 +18,9 @@ from bdn.cli import build_parser
 from tests.support.models import write_model_dir
 from tests.support.procs import bdn_command, free_port
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # A size in the binary units every summary and bar uses.
 BINARY_SIZE = re.compile(r"\d+(\.\d+)? (B|KiB|MiB|GiB|TiB)\b")
 DECIMAL_UNIT = re.compile(r"\d (kB|MB|GB|TB)\b")

@@ -25,6 +25,9 @@ from control.backends import ReplicaSpec
 from control.kube import KubeBackendOptions, KubernetesBackend
 from tests.support.kube import NODES, Lab
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAYS = ("lab", "cluster")
 REPLICA_STANDIN = Path(__file__).resolve().parents[1] / "control" / "replica_standin.py"

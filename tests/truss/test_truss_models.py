@@ -38,6 +38,9 @@ from serving.errors import ModelLoadError, SecretNotFound
 from serving.runtime import ModelRuntime
 from tests.support.procs import ServiceProcess, bdn_command
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 CORPUS = Path(__file__).with_name("corpus")
 FOLDERS = sorted(p.name for p in CORPUS.iterdir() if (p / "config.yaml").is_file())
 READY = "BDN_READY"
