@@ -35,6 +35,11 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def quiet() -> bool:
+    """Whether ``-q`` was given: decoration on stderr (bars, spinners) stays off."""
+    return _quiet
+
+
 def progress_enabled(console: Console) -> bool:
     """Whether a bar may be drawn on ``console``: a terminal, and ``-q`` not given."""
     return not _quiet and console.is_terminal

@@ -175,7 +175,10 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 def _console(stderr: bool = True) -> Any:
     from rich.console import Console
-    return Console(stderr=stderr)
+
+    from bdn.progress import quiet
+    # stderr carries decoration only (spinners, milestones): `bdn -q` silences it.
+    return Console(stderr=stderr, quiet=stderr and quiet())
 
 
 # -- control-server ----------------------------------------------------------------------
@@ -337,8 +340,7 @@ def _watch(client: ControlClient, model_dir: Path, model_name: str) -> int:
 
 
 def _wait_promotion(client: ControlClient, model_id: str, env: str, dep_id: str) -> None:
-    from rich.console import Console
-    console = Console(stderr=True)
+    console = _console()
     with console.status(f"promoting {dep_id} to {env}...") as status:
         while True:
             data = client.environment(model_id, env)
