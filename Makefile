@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench bench-remote bench-gpu bench-fleet clean kube-bin
+.PHONY: venv demo test test-fast typecheck lint bench bench-remote bench-gpu bench-fleet clean kube-bin
 
 venv: $(STAMP)
 
@@ -21,7 +21,17 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
+
+# The inner loop: everything but the tests marked slow (real service processes, clusters,
+# large files); under 30 s on a 2-core machine.
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+# manifests/ and the pure policies, strictly ([tool.mypy] in pyproject.toml).
+typecheck: venv
+	$(PY) -m mypy
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,7 @@ from agent.options import (
     SUSPECT_S,
     AgentOptions,
 )
-from bdn.progress import human_bytes
+from bdn.progress import byte_columns, human_bytes, human_rate, progress_enabled
 from bdn.store import BlobStore
 
 DEFAULT_CACHE_DIR = str(Path.home() / ".bdn" / "node")
@@ -264,23 +264,16 @@ class _TierBar:
         from rich.console import Console
 
         self.console = Console(stderr=True)
-        self.enabled = enabled and self.console.is_terminal
+        self.enabled = enabled and progress_enabled(self.console)
         self.progress: Any = None
         self.task: Any = None
         self.tiers = {"node": 0, "peer": 0, "cluster": 0, "store": 0}
 
     def __enter__(self) -> _TierBar:
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-            self.progress = Progress(TextColumn("[bold]pull"), BarColumn(), DownloadColumn(),
-                                     TransferSpeedColumn(), TimeRemainingColumn(),
+            from rich.progress import Progress, TextColumn
+
+            self.progress = Progress(*byte_columns("[bold]pull"),
                                      TextColumn("{task.description}"), console=self.console,
                                      transient=True)
             self.progress.__enter__()
@@ -327,6 +320,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
             options = options_from_args(args)
             status = run_standalone(options, body, on_event,
                                     store=store_from_args(args, options))
+    if args.events:
+        # --events is NDJSON to the end: the final status is one more event.
+        printer({"event": "summary", **status})
+        return 0
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -334,7 +331,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     where = "via the agent" if use_agent else "standalone"
     print(f"pulled {args.target} {where}: {status['files_total']} files, "
           f"{human_bytes(status['bytes_total'])} in {status['elapsed_s']:.2f} s "
-          f"({status['throughput_bps'] / 1e9:.2f} GB/s)")
+          f"({human_rate(status['throughput_bps'])})")
     print(f"  bytes by tier: node {human_bytes(tiers['node'])}, peer "
           f"{human_bytes(tiers.get('peer', 0))}, cluster "
           f"{human_bytes(tiers['cluster'])}, store {human_bytes(tiers['store'])}")

@@ -2,8 +2,8 @@
 
 Defaults are sized for one GPU node on a fast link: about 1 GiB of chunk bytes in
 flight (the issue's figure: enough to keep a 100 Gb/s link busy across a round trip,
-small against a node's memory) and 16 connections (measured on loopback here: 8 ranged
-requests already saturate page-cache writes; more only adds contention).
+small against a node's memory) and 16 connections (ranged requests saturate page-cache
+writes well before that; more only adds contention — figures in bench/README.md).
 """
 
 from __future__ import annotations

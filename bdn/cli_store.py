@@ -1,13 +1,25 @@
-"""CLI commands of the ``bdn`` package: mirror, export, manifest show, store stats."""
+"""CLI commands of the ``bdn`` package: mirror, export, manifest show, store stats/refs.
+
+Also :func:`store_failure`, which ``bdn.cli.main`` uses to turn a store SDK's own
+exception (no credentials, an endpoint that refuses) into one line naming the store, its
+endpoint and where its credentials came from: every command that takes ``--store``
+shares the flags defined here, so it is the one place that knows what they mean.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+import traceback
+from pathlib import Path
 from typing import Any
 
-from bdn.progress import byte_progress, human_bytes
+from bdn.errors import SourceError, StoreError
+from bdn.progress import byte_progress, human_bytes, human_rate
+from bdn.secrets import scrub
 from bdn.store import BlobStore, default_store_url
 from manifests.digest import Digest
 from manifests.refs import Ref
@@ -68,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _store_arg(st)
     st.set_defaults(handler=cmd_store_stats)
     refs = ssub.add_parser("refs", help="list refs")
+    refs.add_argument("--json", action="store_true",
+                      help='print [{"ref": ..., "digest": ...}, ...]')
     _store_arg(refs)
     refs.set_defaults(handler=cmd_store_refs)
 
@@ -94,6 +108,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     from bdn.sources import open_source
 
     ref = Ref.parse(args.ref)
+    _check_source_spelling(args.source)
     if args.server:
         from bdn.mirror_client import mirror_via_server
 
@@ -120,13 +135,13 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         print(json.dumps({"event": "summary", **result.to_dict()} if events
                          else result.to_dict()), flush=True)
         return 0
-    rate = s.logical_bytes / s.seconds / 1e9 if s.seconds else 0.0
+    rate = s.logical_bytes / s.seconds if s.seconds else 0.0
     print(f"mirrored {args.source} → {ref} = {result.manifest_digest}")
     print(f"  {s.files} files, {human_bytes(s.logical_bytes)} logical "
           f"({s.files_reused} files known by fingerprint)")
     print(f"  uploaded {human_bytes(s.bytes_uploaded)} in {s.objects_new} new objects; "
           f"reused {s.objects_reused} objects ({human_bytes(s.bytes_reused)})")
-    print(f"  {s.seconds:.2f} s, {rate:.2f} GB/s")
+    print(f"  {s.seconds:.2f} s, {human_rate(rate)}")
     return 0
 
 
@@ -195,6 +210,69 @@ def cmd_store_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_store_refs(args: argparse.Namespace) -> int:
-    for ref, digest in open_store(args).list_refs():
+    refs = list(open_store(args).list_refs())
+    if args.json:
+        print(json.dumps([{"ref": str(ref), "digest": str(digest)} for ref, digest in refs]))
+        return 0
+    for ref, digest in refs:
         print(f"{ref}\t{digest}")
     return 0
+
+
+# A bare ``owner/repo``: what a Hugging Face repo id looks like.
+_HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _check_source_spelling(source: str) -> None:
+    """A source that is neither a URI nor an existing path but looks like a Hugging
+    Face repo id gets a suggestion instead of "not a directory"."""
+    if "://" in source or Path(source).exists() or not _HF_REPO_ID.fullmatch(source):
+        return
+    raise SourceError(f"{source} is neither a URI nor a local folder; for the Hugging "
+                      f"Face repo, write hf://{source}", source=source)
+
+
+# Packages whose own exceptions (or frames) mark a failure inside a remote store's SDK.
+STORE_SDK_PACKAGES = frozenset({"botocore", "aiobotocore", "boto3", "s3fs", "gcsfs",
+                                "google", "aiohttp", "fsspec", "urllib3", "requests"})
+
+
+def store_failure(args: argparse.Namespace, exc: BaseException) -> StoreError | None:
+    """A :class:`StoreError` saying which store failed how and with which credentials,
+    when ``exc`` came out of a store SDK under ``bdn.store``; else None (a bug of ours
+    keeps its traceback)."""
+    modules = [frame.f_globals.get("__name__", "")
+               for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    roots = {m.partition(".")[0] for m in modules}
+    from_sdk = type(exc).__module__.partition(".")[0] in STORE_SDK_PACKAGES or (
+        isinstance(exc, OSError) and bool(roots & STORE_SDK_PACKAGES))
+    if not from_sdk or "bdn.store" not in modules:
+        return None
+    url = getattr(args, "store", None) or default_store_url()
+    endpoint = getattr(args, "store_endpoint_url", None)
+    what = " ".join(scrub(str(exc)).split()) or "no detail"
+    at = f" (endpoint {endpoint})" if endpoint else ""
+    return StoreError(f"store {url}{at} failed: {type(exc).__name__}: {what}; credentials "
+                      f"from {credential_source(url, getattr(args, 'store_secret', None))}",
+                      url=url)
+
+
+def credential_source(url: str, secret_name: str | None) -> str:
+    """Where the credentials for store ``url`` come from, in words; never their value."""
+    if secret_name:
+        return f"secret {secret_name} (--store-secret)"
+    scheme = url.partition("://")[0] if "://" in url else "file"
+    if scheme in ("s3", "r2"):
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            return "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment"
+        if os.environ.get("AWS_PROFILE"):
+            return f"AWS profile {os.environ['AWS_PROFILE']} (AWS_PROFILE)"
+        return ("the default AWS chain (AWS_* environment, ~/.aws/credentials, instance "
+                "role); give --store-secret NAME to use a secret")
+    if scheme in ("gs", "gcs"):
+        if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            return (f"key file {os.environ['GOOGLE_APPLICATION_CREDENTIALS']} "
+                    "(GOOGLE_APPLICATION_CREDENTIALS)")
+        return ("Google application default credentials (gcloud, metadata server); give "
+                "--store-secret NAME to use a key")
+    return "this process's file permissions"

@@ -101,10 +101,6 @@ class Fill:
     def ok(self) -> bool:
         return self.done.is_set() and self.error is None
 
-    @property
-    def in_memory(self) -> bool:
-        return self.slot is None and self.final_path is None
-
     def promote(self) -> None:
         """A foreground request is waiting: stop throttling this fill."""
         self.background = False

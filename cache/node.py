@@ -187,11 +187,6 @@ class NodeCache:
         with self.env.begin() as txn:
             return txn.get(digest.hex.encode(), db=self._files) is not None
 
-    def file_record(self, digest: Digest) -> dict[str, Any] | None:
-        with self.env.begin() as txn:
-            rec: dict[str, Any] | None = _u(txn.get(digest.hex.encode(), db=self._files))
-            return rec
-
     def complete_files(self, digests: Iterable[Digest]) -> set[Digest]:
         with self.env.begin() as txn:
             return {d for d in digests if txn.get(d.hex.encode(), db=self._files) is not None}

@@ -13,8 +13,8 @@ Two layers:
   owned, and the order after the owner is the failover order. Used alone for anything
   asked one at a time (manifests, refs, an object outside any manifest).
 * :func:`place` — rendezvous with *bounded loads* over a whole manifest's objects:
-  plain per-key hashing of 64 chunks over 3 pods leaves the busiest pod about 19 %
-  above the mean (measured by ``bench/fleet.py``; the binomial spread of ~21 draws), so
+  plain per-key hashing of a manifest's few dozen chunks leaves the busiest pod well
+  above the mean (the binomial spread of a few draws per pod; ``bench/fleet.py``), so
   each object, largest first, goes to the first peer in its rendezvous order whose
   bytes stay within ``load_factor`` × the mean. The result depends only on the peer set
   and the set of ``(key, size)`` pairs — not on their order — so an agent and a cache

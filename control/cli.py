@@ -130,7 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     target.add_argument("--environment", help="set an environment's settings instead")
     for name in RANGES:
         s.add_argument("--" + name.replace("_", "-"), dest=name, type=int,
-                       help=f"{describe_range(name)}")
+                       help=describe_range(name).replace("%", "%%"))
     s.set_defaults(handler=cmd_autoscaling_set)
     s = sub.add_parser("show", help="print a deployment's settings")
     _client_args(s)
@@ -252,7 +252,10 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 def _console(stderr: bool = True) -> Any:
     from rich.console import Console
-    return Console(stderr=stderr)
+
+    from bdn.progress import quiet
+    # stderr carries decoration only (spinners, milestones): `bdn -q` silences it.
+    return Console(stderr=stderr, quiet=stderr and quiet())
 
 
 # -- control-server ----------------------------------------------------------------------
@@ -435,8 +438,7 @@ def _wait_promotion(client: ControlClient, model_id: str, env: str, dep_id: str 
     """Poll the environment until its promotion ends; with ``watch``, print every change
     (steps, traffic split, replicas). Ends with an error unless it SUCCEEDED (or, when
     ``canceling``, was CANCELED)."""
-    from rich.console import Console
-    console = Console(stderr=True)
+    console = _console()
     last = None
     promo: dict[str, Any] = {}
     with console.status(f"promoting {dep_id or ''} to {env}...") as status:
@@ -511,7 +513,7 @@ def cmd_deployments(args: argparse.Namespace) -> int:
 
 
 def describe_cold_start(record: dict[str, Any] | None) -> str:
-    """``weights 1.20s, load 0.30s, model_init 0.05s; node 1.2 GB, store 0 B``."""
+    """``weights 1.20s, load 0.30s, model_init 0.05s; node 1.20 GiB, store 0 B``."""
     if not record:
         return ""
     from bdn.progress import human_bytes

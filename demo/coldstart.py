@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bdn.childproc import ChildProcess, ServiceStartError
-from bdn.progress import human_bytes
+from bdn.progress import human_bytes, human_rate
 from bdn.service import LOADED_PREFIX, READY_PREFIX
 
 READY_TIMEOUT_S = 180.0
@@ -108,7 +108,7 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str) -> int:
 
         print(f"   weights pulled: {status['files_done']} files, "
               f"{human_bytes(status['bytes_total'])} at "
-              f"{status.get('throughput_bps', 0) / 1e6:.0f} MB/s — bytes by tier: "
+              f"{human_rate(status.get('throughput_bps', 0))} — bytes by tier: "
               f"{tiers(status)}")
         print(f"   replica ready {t_ready:.2f} s after the pull started "
               f"(process start and imports included); the server's own phases:")

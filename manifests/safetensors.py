@@ -108,7 +108,7 @@ def header_length(prefix: bytes, file_size: int, *, path: str = "",
     if file_size < PREFIX_BYTES or len(prefix) < PREFIX_BYTES:
         raise SafetensorsError(f"file of {file_size} bytes is too short for the 8-byte "
                                "header length", path=path, offset=0)
-    (n,) = struct.unpack("<Q", bytes(prefix[:PREFIX_BYTES]))
+    n: int = struct.unpack("<Q", bytes(prefix[:PREFIX_BYTES]))[0]
     if n > max_header_bytes:
         raise SafetensorsError(f"header length {n} exceeds the limit of {max_header_bytes} "
                                "bytes", path=path, offset=0)
@@ -133,7 +133,12 @@ def _object(pairs: list[tuple[str, Any]]) -> _Object:
     out = _Object(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
-        out.duplicates = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+        repeated: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                repeated.add(k)
+            seen.add(k)
+        out.duplicates = frozenset(repeated)
     return out
 
 

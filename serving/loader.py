@@ -19,8 +19,8 @@ How bytes move, by destination:
 * **CPU, ``direct``** — the same owned buffer, filled with ``O_DIRECT`` reads in
   block-aligned pieces that never overlap: the device writes straight into the buffer,
   skipping the page cache's copy and bookkeeping. On a cold file this is what keeps up
-  with the disk (measured here, 2 GiB cold: 1.2 GB/s against 0.7 GB/s buffered); on a
-  cached one it would re-read the disk, so ``auto`` uses it only for files it found cold.
+  with the disk (buffered reads fall behind it); on a cached one it would re-read the
+  disk, so ``auto`` uses it only for files it found cold.
 * **CPU, ``auto``** (the default) — measures. If a sample of the first large file is
   entirely in the page cache (``mincore``), it maps: mapping cached pages copies
   nothing, so copying cannot win. Otherwise it times both on two equal, adjacent
@@ -73,9 +73,9 @@ Strategy = Literal["auto", "mmap", "read", "direct", "bounce"]
 STRATEGIES: tuple[str, ...] = ("auto", "mmap", "read", "direct", "bounce")
 
 MIB = 1 << 20
-# Reads of a cold file are bound by I/O depth, not cores (measured here on 2 cores, a
-# cold 350 MB file: 2 workers 1.5 s, 8 workers 0.8 s); workers block in preadv/madvise
-# with the GIL released, so more of them than cores costs little when warm.
+# Reads of a cold file are bound by I/O depth, not cores (bench/README.md); workers block
+# in preadv/madvise with the GIL released, so more of them than cores costs little when
+# warm.
 DEFAULT_WORKERS = max(8, min(16, os.cpu_count() or 8))
 # Per bounce buffer; two per worker. Large enough that one H2D copy amortises its launch,
 # small enough that workers × 2 of them stay a modest amount of pinned memory.
@@ -742,8 +742,8 @@ def _spawn(fn: Callable[..., None], *args: Any) -> threading.Event:
     """Run ``fn(*args)`` in a new thread; the returned event is set when it returns.
 
     ``threading.Thread.start`` waits until the new thread has run; on a busy machine
-    that handshake cost several milliseconds per thread (measured: 66 ms for nine on
-    two loaded cores) — more than loading a cached 2 GiB file takes. ``_thread`` starts
+    that handshake costs several milliseconds per thread — more than loading a cached
+    file of a few GiB takes (bench/README.md). ``_thread`` starts
     without waiting; the event replaces ``join``.
     """
     done = threading.Event()

@@ -7,11 +7,16 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from bdn.config import parse_weights
 from bdn.mirror_key import mirror_ref
 from bdn.store import BlobStore
 from tests.agent.agent_support import Agent, Model, assert_mount_matches
 from tests.support.procs import ServiceProcess, bdn_command
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def _bdn(*args: str) -> subprocess.CompletedProcess[str]:
@@ -65,3 +70,13 @@ def test_pull_goes_through_the_running_agent(tmp_path: Path, base: Model,
     agent.stop()
     gone = _bdn("agent", "status", "--socket", agent.socket)
     assert gone.returncode == 1 and "did not answer" in gone.stderr
+
+
+def test_pull_events_prints_ndjson_only(tmp_path: Path, base: Model, store: Path) -> None:
+    out = _bdn("pull", base.ref, "--to", str(tmp_path / "m"), "--standalone", "--events",
+               "--store", str(store), "--cache-dir", str(tmp_path / "node"))
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    assert events and all("event" in e for e in events)
+    assert events[-1]["event"] == "summary" and events[-1]["state"] == "done"
+    assert_mount_matches(base.src, tmp_path / "m")

@@ -34,6 +34,9 @@ from tests.support.models import write_model_dir
 from tests.support.procs import ServiceProcess
 from tests.support.tmpfs import MiB, fill, free_bytes, mounted_tmpfs
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 KILLS = 10
 
 

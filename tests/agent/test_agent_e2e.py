@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.client import AgentClient
 from cache.node import NodeCache
 from tests.agent.agent_support import (
@@ -23,6 +25,9 @@ from tests.agent.agent_support import (
     start_proxy,
 )
 from tests.support.procs import ServiceProcess
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def test_pull_mounts_byte_identical_read_only_files(tmp_path: Path, base: Model,

@@ -27,6 +27,9 @@ from tests.agent.agent_support import (
 )
 from tests.support.procs import ServiceProcess
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def _completed_chunks(cache_dir: Path, model: Model) -> set[Digest]:
     """Chunks the node has verified (journaled, or in complete files), read after a kill."""

@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.fetch import Fetcher
 from agent.fetchpolicy import OK, TIMEOUT
 from agent.options import MAX_CONNECTIONS, AgentOptions
@@ -27,8 +29,12 @@ from tests.agent.agent_support import (
     assert_mount_matches,
     start_cache_server,
 )
-from tests.cache.conftest import metrics, post_json
+from tests.support.cache import metrics
+from tests.support.http import post_json
 from tests.support.procs import ServiceProcess
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 FIRST_BYTE_TIMEOUT_S = 1.0
 # The bound (2 s) plus slack for a shared two-core machine.

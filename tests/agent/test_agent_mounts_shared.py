@@ -20,6 +20,9 @@ from agent.errors import PullError
 from manifests.digest import Digest
 from tests.agent.agent_support import Agent, Model, plant_broken_model
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ROUNDS = 20
 PULLS_PER_ROUND = 3
 

@@ -25,6 +25,9 @@ from tests.agent.agent_support import (
 )
 from tests.support.procs import ServiceProcess, free_port
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ANNOUNCE_TIMEOUT_S = 30.0
 
 

@@ -33,6 +33,9 @@ from manifests.digest import Digest
 from manifests.manifest import Chunk, canonical_json, file_digest
 from tests.agent.agent_support import Agent, Model, assert_mount_matches, plant_broken_model
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def _options(tmp_path: Path, store: Path, budget: int = 1 << 30,
              cache: Path | None = None) -> AgentOptions:

@@ -53,6 +53,9 @@ from tests.agent.agent_support import (
 )
 from tests.support.procs import ServiceProcess, bdn_command, free_port
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 MiB = 1024 * 1024
 STORE_HTTP = str(Path(__file__).parents[1] / "cache" / "store_http.py")
 

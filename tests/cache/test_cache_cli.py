@@ -11,6 +11,9 @@ from cache.cli import parse_bytes
 from cache.server import CacheServerOptions
 from tests.support.procs import ServiceProcess, bdn_command
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(("text", "value"), [
     ("1024", 1024), ("512M", 512 << 20), ("10GiB", 10 << 30), ("1.5T", int(1.5 * (1 << 40))),

@@ -17,8 +17,12 @@ from cache.ring import rendezvous_order
 from manifests.digest import Digest
 from manifests.manifest import Chunk, FileEntry, build_manifest
 from manifests.refs import Ref
-from tests.cache.conftest import StartCache, http_get, metrics, put_object
+from tests.support.cache import StartCache, metrics, put_object
+from tests.support.http import http_get
 from tests.support.procs import free_port
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 FAST = RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.05)
 PEERS = [f"http://10.0.0.{i}:8401" for i in range(1, 6)]

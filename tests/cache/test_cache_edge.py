@@ -30,9 +30,13 @@ from control.store import check_name
 from manifests.digest import Digest
 from manifests.errors import DigestError, RefError
 from manifests.refs import Ref
-from tests.cache.conftest import StartCache, http_get, metrics, post_json, put_object
 from tests.cache.test_cache_fastpath import RawConnection
+from tests.support.cache import StartCache, metrics, put_object
+from tests.support.http import http_get, post_json
 from tests.support.procs import ServiceProcess
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 # -- item 7: validators match the whole string ----------------------------------------
 

@@ -17,7 +17,11 @@ import pytest
 
 from bdn.store import BlobStore
 from cache.fastpath import parse_head
-from tests.cache.conftest import StartCache, http_get, metrics, put_object
+from tests.support.cache import StartCache, metrics, put_object
+from tests.support.http import http_get
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 N = 1024 * 1024 + 333
 FAST_SERVER = "bdn-cache"

@@ -12,7 +12,11 @@ from hypothesis import strategies as st
 from bdn.store import BlobStore
 from cache.errors import RangeNotSatisfiableError
 from cache.server import parse_range
-from tests.cache.conftest import StartCache, http_get, put_object
+from tests.support.cache import StartCache, put_object
+from tests.support.http import http_get
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 N = 3 * 1024 * 1024 + 17  # several fill blocks, not block aligned
 

@@ -23,16 +23,12 @@ from cache.server import parse_metrics
 from manifests.digest import Digest, Hasher
 from manifests.manifest import Chunk, FileEntry, build_manifest
 from manifests.refs import Ref
-from tests.cache.conftest import (
-    BROKEN,
-    StartCache,
-    http_get,
-    metrics,
-    post_json,
-    put_object,
-    slow_reader,
-)
+from tests.support.cache import StartCache, metrics, put_object
+from tests.support.http import BROKEN, http_get, post_json, slow_reader
 from tests.support.procs import free_port
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
 

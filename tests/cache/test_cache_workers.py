@@ -25,15 +25,12 @@ import pytest
 from bdn.store import BlobStore, object_key
 from cache.server import CacheServerOptions, parse_metrics
 from manifests.digest import Digest, Hasher
-from tests.cache.conftest import (
-    StartCache,
-    http_get,
-    metrics,
-    post_json,
-    put_object,
-    slow_reader,
-)
 from tests.cache.test_cache_ranges import SATISFIABLE, UNSATISFIABLE, N
+from tests.support.cache import StartCache, metrics, put_object
+from tests.support.http import http_get, post_json, slow_reader
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
 # Each new connection lands on a given one of two processes with probability 1/2.

@@ -12,6 +12,7 @@ import asyncio
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,8 @@ from cache.ring import (
 )
 from manifests.digest import Digest
 from manifests.manifest import Chunk, FileEntry, build_manifest
-from tests.cache.conftest import StartCache, post_json, put_object
+from tests.support.cache import StartCache, put_object
+from tests.support.http import post_json
 
 MiB = 1024 * 1024
 
@@ -133,6 +135,7 @@ def test_plain_rendezvous_is_unbalanced_which_is_why_manifests_are_placed() -> N
     assert worst_plain > 1.05
 
 
+@pytest.mark.slow
 def test_three_cache_pods_prefetch_exactly_what_the_placement_gives_them(
         store: BlobStore, start_cache: StartCache) -> None:
     chunks = []

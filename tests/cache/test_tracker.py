@@ -10,7 +10,8 @@ import pytest
 
 from bdn.store import BlobStore
 from cache.tracker import HolderTracker
-from tests.cache.conftest import StartCache, http_get, post_json
+from tests.support.cache import StartCache
+from tests.support.http import http_get, post_json
 
 D1, D2, D3 = (f"b3:{c * 64}" for c in "123")
 A, B, C = "http://10.0.0.1:7471", "http://10.0.0.2:7471", "http://10.0.0.3:7471"
@@ -56,6 +57,7 @@ def test_memory_is_bounded_and_bad_copies_are_forgotten() -> None:
         HolderTracker(ttl_s=0)
 
 
+@pytest.mark.slow
 def test_the_cache_server_keeps_the_record(store: BlobStore, start_cache: StartCache) -> None:
     cache = start_cache(store.url)
     assert post_json(f"{cache.url}/v1/holders", {"agent": A, "digests": [D1, D2]})[0] == 204

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.chains.test_chains_local import EXAMPLES
-from tests.control.conftest import API_KEY, ControlServer
+from tests.support.control import API_KEY, ControlServer
 from tests.support.procs import bdn_command
 
 PUSH_TIMEOUT_S = 300

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from control.backends import (
     FAILED,
     READY,
@@ -24,7 +26,10 @@ from control.backends import (
     ReplicaSpec,
     ReplicaStatus,
 )
-from tests.control.conftest import STANDIN
+from tests.support.control import STANDIN
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 WAIT_S = 60.0
 

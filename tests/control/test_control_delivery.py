@@ -21,13 +21,15 @@ from typing import Any
 
 import pytest
 
-from tests.control.conftest import API_KEY, ControlServer, real_serve_available
 from tests.mirror.fixtures_hf import HubFixture
+from tests.support.control import API_KEY, ControlServer, real_serve_available
 from tests.support.models import write_model_dir
 from tests.support.procs import bdn_command
 
-pytestmark = pytest.mark.skipif(not real_serve_available(),
-                                reason="needs bdn serve (the serving package)")
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not real_serve_available(),
+                                 reason="needs bdn serve (the serving package)")]
 
 MODEL_PY = '''
 import os

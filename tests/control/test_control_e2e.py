@@ -10,7 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.procs import ServiceProcess, bdn_command
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 FAST_DOWN = {"autoscaling_window": 10, "scale_down_delay": 0}
 

@@ -10,6 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def test_a_broken_candidate_at_min_replica_0_fails_and_production_keeps_serving(
         tmp_path: Path, make_model: Any, start_server: Any) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.control.conftest import ControlServer
+from tests.support.control import ControlServer
 
 FOUR = {"min_replica": 4, "max_replica": 4}
 STABILIZATION_S = 20

@@ -16,8 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.control.conftest import API_KEY
+import pytest
+
 from tests.serving.test_serving_limits import read_response
+from tests.support.control import API_KEY
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 STEADY = {"min_replica": 1, "max_replica": 3, "concurrency_target": 1,
           "target_utilization_percentage": 100}

@@ -23,6 +23,9 @@ from manifests.refs import Ref
 from tests.support.models import llama_tensors, write_model_dir, write_sharded
 from tests.support.procs import ServiceProcess, bdn_command
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 KiB = 1024
 SMALL = ChunkingOptions(tensor_piece_bytes=64 * KiB, group_max_bytes=16 * KiB,
                         cdc_min_bytes=4 * KiB, cdc_avg_bytes=16 * KiB, cdc_max_bytes=64 * KiB,

@@ -105,6 +105,7 @@ signal.pause()
 """
 
 
+@pytest.mark.slow
 def test_temporaries_of_killed_writers_are_swept_by_the_next_mirror_run(
         tmp_path: Path, other_fs: Path) -> None:
     src = tmp_path / "model"  # on the disk; the store on the tmpfs: EXDEV for every copy

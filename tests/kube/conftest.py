@@ -13,30 +13,16 @@ import random
 import secrets
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.kube import KubeCluster, kube_cluster, require_kube
+from tests.support.kube import NODES, Lab, kube_cluster, require_kube
 from tests.support.procs import ServiceProcess
 
 STANDIN = Path(__file__).resolve().parents[1] / "kube_standin.py"
-NODES = ("gpu-l4-0", "gpu-l4-1")
 GPUS_PER_NODE = 8
 SA_TIMEOUT_S = 60
-
-
-@dataclass
-class Lab:
-    """The cluster, the stand-in kubelet and a node's host folders."""
-
-    cluster: KubeCluster
-    kubelet: ServiceProcess
-    api: Any
-    ip_prefix: str
-    node_root: Path
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,10 @@ import yaml
 
 from control.backends import ReplicaSpec
 from control.kube import KubeBackendOptions, KubernetesBackend
-from tests.kube.conftest import NODES, Lab
+from tests.support.kube import NODES, Lab
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAYS = ("lab", "cluster")

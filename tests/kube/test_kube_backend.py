@@ -16,7 +16,10 @@ import pytest
 
 from control.backends import ReplicaSpec
 from control.kube import READY, KubeBackendOptions, KubernetesBackend, object_name
-from tests.kube.conftest import NODES, Lab
+from tests.support.kube import NODES, Lab
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 REPLICA_STANDIN = Path(__file__).resolve().parents[1] / "control" / "replica_standin.py"
 READY_TIMEOUT_S = 120.0

@@ -25,8 +25,8 @@ from agent.client import AgentClient
 from control.backends import ReplicaSpec
 from control.kube import KubeBackendOptions, KubernetesBackend, object_name
 from control.resources import GPU_RESOURCE
-from tests.control.conftest import API_KEY, ControlServer, real_serve_available
-from tests.kube.conftest import NODES, Lab
+from tests.support.control import API_KEY, ControlServer, real_serve_available
+from tests.support.kube import NODES, Lab
 from tests.support.models import write_model_dir
 from tests.support.procs import ServiceProcess, bdn_command
 

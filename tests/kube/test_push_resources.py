@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from control.resources import instance_type_for
-from tests.control.conftest import API_KEY, ControlServer
+from tests.support.control import API_KEY, ControlServer
 from tests.support.procs import bdn_command
 
 

@@ -22,6 +22,9 @@ from bdn.transfer.options import DownloadOptions
 from manifests.refs import Ref
 from tests.support.procs import ServiceProcess, free_port, wait_http
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 DL = DownloadOptions(part_bytes=64 * 1024, concurrency=4,
                      retry=RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05))
 IAM_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [

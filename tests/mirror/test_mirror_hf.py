@@ -24,6 +24,9 @@ from bdn.transfer.cancel import MirrorCancelled
 from bdn.transfer.options import DownloadOptions
 from manifests.refs import Ref
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05)
 PART = 256 * 1024
 

@@ -23,6 +23,9 @@ from bdn.transfer.options import DownloadOptions
 from bdn.transfer.spool import flush_spool_deletes
 from manifests.refs import Ref
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 PARTS = DownloadOptions(part_bytes=64 * 1024, concurrency=4)
 
 

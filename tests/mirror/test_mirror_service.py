@@ -24,6 +24,9 @@ from bdn.store import BlobStore, StoreOptions
 from manifests.refs import Ref
 from tests.support.procs import ServiceProcess, bdn_command
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 KEY_TEAM = "bdn_test_key_team_0123456789abcdef"
 KEY_OTHER = "bdn_test_key_other_0123456789abcdef"
 HF_TOKEN = "hf_ServiceSecretToken0123456789"

@@ -37,6 +37,9 @@ from tests.mirror.test_mirror_service import (
 )
 from tests.support.procs import bdn_command, free_port
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 OTHER_TOKEN = "hf_OtherTenantToken0123456789"
 OPERATOR_TOKEN = "hf_OperatorOnlyToken0123456789"
 HEALTH_TIMEOUT_S = 5.0

@@ -11,10 +11,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.client import AgentClient
-from tests.cache.conftest import http_get
+from tests.support.http import http_get
 from tests.support.models import write_model_dir
 from tests.support.procs import ServiceProcess, bdn_command
+
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def test_cache_server_and_agent_take_mirrors_store_flags(

@@ -24,7 +24,8 @@ import pytest
 from tests.serving.test_serving_server import http, make_model, predict
 from tests.support.procs import ServiceProcess, bdn_command
 
-pytestmark = pytest.mark.timeout(120)
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 GATED_PREDICT = """
 import os, time

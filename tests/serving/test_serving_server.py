@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from tests.serving.serving_helpers import EventHandler, TCPEvents
 from tests.support.procs import ServiceProcess, bdn_command
 
-pytestmark = pytest.mark.timeout(120)
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def http(method: str, url: str, body: bytes | None = None,

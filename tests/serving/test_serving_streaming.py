@@ -35,7 +35,8 @@ from tests.serving.serving_helpers import (
 )
 
 N_TENSORS = 12
-pytestmark = pytest.mark.timeout(60)
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 def make_entries(n: int = N_TENSORS, size: int = 40_000) -> dict:

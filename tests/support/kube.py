@@ -212,3 +212,18 @@ def kube_cluster(work: Path) -> Iterator[KubeCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+# The stand-in GPU nodes of tests/kube/conftest.py's ``lab`` fixture.
+NODES = ("gpu-l4-0", "gpu-l4-1")
+
+
+@dataclass
+class Lab:
+    """The cluster, the stand-in kubelet and a node's host folders."""
+
+    cluster: KubeCluster
+    kubelet: ServiceProcess
+    api: Any
+    ip_prefix: str
+    node_root: Path

@@ -38,6 +38,9 @@ from serving.errors import ModelLoadError, SecretNotFound
 from serving.runtime import ModelRuntime
 from tests.support.procs import ServiceProcess, bdn_command
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 CORPUS = Path(__file__).with_name("corpus")
 FOLDERS = sorted(p.name for p in CORPUS.iterdir() if (p / "config.yaml").is_file())
 READY = "BDN_READY"
@@ -299,7 +302,7 @@ def test_an_async_generator_streams(serve: Callable[..., ServiceProcess],
 
 
 def test_generators_stream_through_the_router(corpus: Path, tmp_path: Path) -> None:
-    from tests.control.conftest import API_KEY, ControlServer
+    from tests.support.control import API_KEY, ControlServer
 
     server = ControlServer(tmp_path / "state")
     try:

@@ -21,6 +21,9 @@ import pytest
 
 from tests.support.procs import bdn_command
 
+# Real service processes (or servers in-process): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 _spec = importlib.util.spec_from_file_location(
     "bdn_test_fixtures_hf", Path(__file__).parents[1] / "mirror" / "fixtures_hf.py")
 assert _spec is not None and _spec.loader is not None
