@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.chains.test_chains_local import EXAMPLES
 from tests.support.control import API_KEY, ControlServer
 from tests.support.procs import bdn_command
+
+pytestmark = pytest.mark.slow
 
 PUSH_TIMEOUT_S = 300
 

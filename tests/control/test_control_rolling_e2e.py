@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.control import ControlServer
+
+pytestmark = pytest.mark.slow
 
 FOUR = {"min_replica": 4, "max_replica": 4}
 STABILIZATION_S = 20

@@ -30,8 +30,8 @@ from tests.support.kube import NODES, Lab
 from tests.support.models import write_model_dir
 from tests.support.procs import ServiceProcess, bdn_command
 
-pytestmark = pytest.mark.skipif(not real_serve_available(),
-                                reason="needs bdn serve (the serving package)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not real_serve_available(),
+                                reason="needs bdn serve (the serving package)")]
 
 READY_TIMEOUT_S = 240.0
 FAST_DOWN = {"autoscaling_window": 10, "scale_down_delay": 0}

@@ -16,6 +16,8 @@ from control.resources import instance_type_for
 from tests.support.control import API_KEY, ControlServer
 from tests.support.procs import bdn_command
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlServer]:

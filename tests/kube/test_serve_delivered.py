@@ -11,6 +11,8 @@ import pytest
 
 from tests.support.procs import bdn_command
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(("weights", "says"), [
     ("{not json", "--weights: is not valid JSON at offset 1"),
