@@ -193,7 +193,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                          help="promote step by step (rolling_deploy)")
     for key in CONFIG_RANGES:
         rolling.add_argument("--" + key.replace("_", "-"), dest=key, type=int,
-                             help=describe_config_range(key))
+                             help=describe_config_range(key).replace("%", "%%"))
     rolling.add_argument("--cleanup", choices=CLEANUP_STRATEGIES,
                          help="what happens to the previous deployment after success "
                          "(promotion_cleanup_strategy)")
