@@ -32,6 +32,7 @@ from agent.options import (
     SUSPECT_S,
     AgentOptions,
 )
+from bdn.cli_store import add_store_args
 from bdn.progress import byte_columns, human_bytes, human_rate, progress_enabled
 from bdn.store import BlobStore
 
@@ -62,13 +63,7 @@ def _node_args(p: argparse.ArgumentParser) -> None:
                    help="cluster cache peers: URL[,URL...] (http://host:port)")
     p.add_argument("--peers-dns", default=None, metavar="NAME[:PORT]",
                    help="a DNS name whose addresses are cache peers (headless Service)")
-    p.add_argument("--store", default=None, help="blob store URL or folder")
-    p.add_argument("--store-endpoint-url", default=None,
-                   help="S3/GCS endpoint of an s3:// or gs:// store (as bdn mirror)")
-    p.add_argument("--store-secret", default=None,
-                   help="secret name holding the store's credentials (as bdn mirror)")
-    p.add_argument("--secrets-dir", default=None,
-                   help="folder with one file per secret (default: $BDN_SECRETS_DIR)")
+    add_store_args(p, secrets_dir=True)
     p.add_argument("--strict", action="store_true",
                    help="never read the blob store: fail when the cache peers cannot serve")
     p.add_argument("--max-bytes-in-flight", type=_parse_size, default=MAX_BYTES_IN_FLIGHT,

@@ -25,13 +25,18 @@ from manifests.digest import Digest
 from manifests.refs import Ref
 
 
-def _store_arg(p: argparse.ArgumentParser) -> None:
+def add_store_args(p: argparse.ArgumentParser, *, secrets_dir: bool = False) -> None:
+    """The store flags every command and daemon takes alike (``open_store`` reads them);
+    ``secrets_dir`` adds ``--secrets-dir`` for commands with no source secrets of their own."""
     p.add_argument("--store", default=None,
                    help="blob store URL or folder (default: $BDN_STORE or ~/.bdn/store)")
     p.add_argument("--store-endpoint-url", default=None,
                    help="S3/GCS endpoint of an s3:// or gs:// store (compatible stores)")
     p.add_argument("--store-secret", default=None,
                    help="secret name holding the store's credentials (S3 JSON / GCS key)")
+    if secrets_dir:
+        p.add_argument("--secrets-dir", default=None,
+                       help="folder with one file per secret (default: $BDN_SECRETS_DIR)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,13 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--server", default=None, metavar="URL",
                    help="run the mirror on this mirror service (API key in "
                         "$BDN_MIRROR_API_KEY) instead of in this process")
-    _store_arg(p)
+    add_store_args(p)
     p.set_defaults(handler=cmd_mirror)
 
     p = sub.add_parser("export", help="write a mirrored model's files into a folder")
     p.add_argument("ref", help="namespace/model:tag or b3:<manifest digest>")
     p.add_argument("dest", help="destination folder")
-    _store_arg(p)
+    add_store_args(p)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("manifest", help="inspect manifests")
@@ -70,19 +75,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     show.add_argument("--base", help="compare against this ref: bytes shared vs new")
     show.add_argument("--chunks", action="store_true", help="list every chunk")
     show.add_argument("--json", action="store_true", help="print the manifest document")
-    _store_arg(show)
+    add_store_args(show)
     show.set_defaults(handler=cmd_manifest_show)
 
     p = sub.add_parser("store", help="inspect the blob store")
     ssub = p.add_subparsers(dest="store_cmd", metavar="SUBCOMMAND", required=True)
     st = ssub.add_parser("stats", help="objects, bytes stored, logical bytes referenced")
     st.add_argument("--json", action="store_true")
-    _store_arg(st)
+    add_store_args(st)
     st.set_defaults(handler=cmd_store_stats)
     refs = ssub.add_parser("refs", help="list refs")
     refs.add_argument("--json", action="store_true",
                       help='print [{"ref": ..., "digest": ...}, ...]')
-    _store_arg(refs)
+    add_store_args(refs)
     refs.set_defaults(handler=cmd_store_refs)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from bdn.cli_store import add_store_args
 from bdn.errors import ConfigError
 from bdn.service import ListenAddress
 from bdn.store import default_store_url
@@ -43,14 +44,7 @@ def parse_bytes(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("cache-server", help="run a cluster cache server (read-through, "
                        "single-flight fills, byte ranges, disk LRU)")
-    p.add_argument("--store", default=None,
-                   help="blob store URL or folder (default: $BDN_STORE or ~/.bdn/store)")
-    p.add_argument("--store-endpoint-url", default=None,
-                   help="S3/GCS endpoint of an s3:// or gs:// store (as bdn mirror)")
-    p.add_argument("--store-secret", default=None,
-                   help="secret name holding the store's credentials (as bdn mirror)")
-    p.add_argument("--secrets-dir", default=None,
-                   help="folder with one file per secret (default: $BDN_SECRETS_DIR)")
+    add_store_args(p, secrets_dir=True)
     p.add_argument("--dir", required=True, help="cache folder (objects + LMDB index)")
     p.add_argument("--budget-bytes", required=True, type=parse_bytes,
                    help="most object bytes kept on disk, e.g. 500G")
