@@ -4,8 +4,7 @@
 API (``agent.client.AgentClient``, run in a worker thread since it blocks):
 
 - the *code* manifest is pulled into ``MOUNTS/<deployment>/<code digest>/code`` and
-  awaited (a model folder is small, and ``bdn serve`` needs its ``config.yaml``), but
-  only after the weights' pulls were asked for, so the transfer does not wait on it;
+  awaited (a model folder is small, and ``bdn serve`` needs its ``config.yaml``);
 - the *weights* (the config's entries, each pinned by ``ref`` to the manifest digest
   resolved at push) are pulled with ``prewarm=false`` under
   ``MOUNTS/<deployment>/<code digest>/weights`` and *not* awaited: ``bdn serve`` starts
@@ -68,41 +67,34 @@ class AgentDelivery:
         code_dir = base / "code"
         # No mkdir here: the agent creates a mount's parents itself, and in a replica
         # pod (control.pod) this folder is a read-only view of the node's.
-        started: list[str] = []
+        pulls: list[str] = []
         try:
+            code = self.client.start_pull(ref=spec.code, mount=str(code_dir))
+            pulls.append(code["id"])
+            self.client.wait(code["id"])
             args: list[str] = []
             weights_pull = None
-            awaited: list[str] = []
             if spec.weights:
-                # Asked for before the code, which is awaited below: the weights need
-                # nothing from it, so their transfer starts a code pull sooner.
                 first = self.client.start_pull(weights=[dict(spec.weights[0])],
                                                mount_root=str(base / "weights"))
-                started.append(first["id"])
+                pulls.append(first["id"])
                 weights_pull = first["id"]
                 for entry in spec.weights[1:]:
                     more = self.client.start_pull(weights=[dict(entry)],
                                                   mount_root=str(base / "weights"))
-                    started.append(more["id"])
-                    awaited.append(more["id"])
+                    pulls.append(more["id"])
+                    self.client.wait(more["id"])
                 mount = str(spec.weights[0]["mount_location"]).lstrip("/")
                 args = ["--pull-events", self.client.events_url(first["id"]),
                         "--weights-dir", str(base / "weights" / mount)]
-            code = self.client.start_pull(ref=spec.code, mount=str(code_dir))
-            started.append(code["id"])
-            self.client.wait(code["id"])
-            for pid in awaited:
-                self.client.wait(pid)
         except BaseException as e:
-            for pid in started:
+            for pid in pulls:
                 with contextlib.suppress(Exception):
                     self.client.release(pid)
             if isinstance(e, Exception):
                 raise BackendError(f"the node agent could not deliver deployment "
                                    f"{spec.deployment_id}: {e}", replica=replica_id) from None
             raise
-        # The code's pull first: _record reads the rest as the weights' pulls.
-        pulls = [code["id"], *(pid for pid in started if pid != code["id"])]
         prepared = Prepared(model_dir=str(code_dir), args=tuple(args), pulls=tuple(pulls),
                             weights_pull=weights_pull)
         return prepared
