@@ -32,8 +32,20 @@ it; then, in one run, alternating, ``--e2e-runs`` times each:
   finds everything mirrored), then one predict, timed to its response.
 
 Goal: (c) <= 1.1 x max(a, b): process start, imports and loading hidden under the
-transfer. Prints the three medians, the ratio, and (c)'s cold-start phases (medians).
-``--only e2e`` runs this part alone.
+transfer. Prints the three medians, the ratio, (c)'s cold-start phases (medians), and
+the CPU seconds each case used (all its processes; for (c), those of the control
+server, its agent and the replica while the predict was answered). ``--only e2e`` runs
+this part alone.
+
+With ``--store-rate RATE`` (bytes/s, e.g. ``300M``) the part runs a second time with the
+store behind a link of that rate: the same store folder served over HTTP by
+``tests/cache/store_http.py --rate`` and read through it by (a)'s ``bdn pull`` and by
+(c)'s node agent alike ((c) then runs ``bdn agent`` itself, with the flags the embedded
+one gets but that store URL, and gives the control server ``--agent``; pushes still go
+to the folder). On loopback the pull is CPU-bound (hashing and copying at GB/s), so
+on a small machine (c)'s pull and ``bdn serve``'s imports compete for the same cores;
+in production the pull waits on the network. Both ratios are printed, each against
+the (a) and (b) of its own round, and both must meet the goal.
 """
 
 from __future__ import annotations
@@ -58,6 +70,10 @@ from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from cache.cli import parse_bytes  # noqa: E402
+
+STORE_HTTP = ROOT / "tests" / "cache" / "store_http.py"
 
 MiB = 1024**2
 TENSOR_ELEMS = 2048 * 2048  # 8 MiB of fp16 per tensor
@@ -143,11 +159,13 @@ def direct_run(model_dir: Path) -> float:
 class Control:
     """A control server process for the benchmark."""
 
-    def __init__(self, state_dir: Path, store: Path | None = None) -> None:
+    def __init__(self, state_dir: Path, store: Path | None = None,
+                 agent: str | None = None) -> None:
         env = dict(os.environ, BDN_API_KEY=API_KEY, PYTHONUNBUFFERED="1")
+        extra = ["--agent", agent] if agent is not None else []
         self.proc = subprocess.Popen(
             serve_cmd("control-server", "--listen", "127.0.0.1:0", "--state-dir",
-                      str(state_dir), "--store", str(store or state_dir / "store")),
+                      str(state_dir), "--store", str(store or state_dir / "store"), *extra),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
             start_new_session=True, cwd=ROOT)
         assert self.proc.stdout is not None
@@ -295,6 +313,79 @@ async def load_part(args: argparse.Namespace, model_dir: Path, ctl: Control) -> 
             "timeline": timeline, "cold_starts_s": cold}
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one live process and its live descendants (Linux
+    /proc; 0 for a process gone or where there is no /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                total += sum(process_cpu_s(int(c)) for c in f.read().split())
+    except (OSError, ValueError, IndexError):
+        pass
+    return total
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class StoreLink:
+    """The store folder served over HTTP at a capped rate (``store_http.py --rate``)."""
+
+    def __init__(self, store: Path, bytes_per_s: int) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(STORE_HTTP), str(store), "--listen", "127.0.0.1:0",
+             "--rate", str(bytes_per_s)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            start_new_session=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("BDN_LISTENING"):
+                self.url = line.split()[1]
+                break
+        else:
+            raise RuntimeError("store_http.py did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(30)
+
+
+class Agent:
+    """``bdn agent`` as the control server's embedded agent runs it (control.delivery.
+    EmbeddedAgent: node cache, socket, store), but reading ``store_url``."""
+
+    def __init__(self, state_dir: Path, store_url: str) -> None:
+        cache = state_dir / "agent" / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        self.socket = str(state_dir / "agent" / "agent.sock")
+        self.proc = subprocess.Popen(
+            serve_cmd("agent", "--cache-dir", str(cache), "--socket", self.socket,
+                      "--store", store_url),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("BDN_LISTENING"):
+                break
+        else:
+            raise RuntimeError("bdn agent did not start")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(60)
+
+
 def bdn_push(ctl: Control, model_dir: Path) -> tuple[str, str]:
     env = dict(os.environ, BDN_API_KEY=API_KEY, BDN_CONTROL_URL=ctl.url)
     out = subprocess.run(serve_cmd("push", str(model_dir)), env=env, capture_output=True,
@@ -303,34 +394,65 @@ def bdn_push(ctl: Control, model_dir: Path) -> tuple[str, str]:
     return doc["model_id"], doc["deployment_id"]
 
 
-def pull_run(model_dir: Path, store: Path, scratch: Path) -> float:
-    """(a): ``bdn pull`` alone into an empty node cache; seconds from spawn to exit."""
+def pull_run(model_dir: Path, store: str, scratch: Path) -> tuple[float, float]:
+    """(a): ``bdn pull`` alone into an empty node cache; seconds from spawn to exit, and
+    its CPU seconds."""
     cache, to = scratch / "pull-cache", scratch / "pull-mnt"
+    cpu0 = children_cpu_s()
     t0 = time.perf_counter()
     subprocess.run(serve_cmd("pull", str(model_dir / "config.yaml"), "--standalone",
-                             "--to", str(to), "--cache-dir", str(cache), "--store", str(store),
+                             "--to", str(to), "--cache-dir", str(cache), "--store", store,
                              "--json"), check=True, capture_output=True, cwd=ROOT)
     took = time.perf_counter() - t0
+    cpu = children_cpu_s() - cpu0
     subprocess.run(["rm", "-rf", str(cache), str(to)], check=True)
-    return took
+    return took, cpu
 
 
-def control_e2e_run(model_dir: Path, store: Path, scratch: Path) -> tuple[float, dict[str, Any]]:
-    """(c): a fresh control server (empty node cache), push untimed, predict timed."""
+def serve_run(model_dir: Path) -> tuple[float, float]:
+    """(b): :func:`direct_run`, and the CPU seconds of its process."""
+    cpu0 = children_cpu_s()
+    took = direct_run(model_dir)
+    return took, children_cpu_s() - cpu0
+
+
+def control_e2e_run(model_dir: Path, store: Path, scratch: Path, link: StoreLink | None
+                    ) -> tuple[float, float, dict[str, Any]]:
+    """(c): a fresh control server (empty node cache), push untimed, predict timed.
+
+    With ``link`` the node agent is one of our own reading the store through it (an
+    embedded agent reads the control server's store folder). Returns the seconds, the
+    CPU seconds of every process of (c) while the predict was answered, and the
+    replica's cold-start record.
+    """
     state = scratch / "control"
-    ctl = Control(state, store)
+    agent = Agent(state, link.url) if link is not None else None
+    try:
+        ctl = Control(state, store, f"unix:{agent.socket}" if agent is not None else None)
+    except BaseException:
+        if agent is not None:
+            agent.stop()
+        raise
+
+    def cpu_now() -> float:
+        return process_cpu_s(ctl.proc.pid) + (process_cpu_s(agent.proc.pid)
+                                              if agent is not None else 0.0)
     try:
         model_id, dep_id = bdn_push(ctl, model_dir)
+        cpu0 = cpu_now()
         t0 = time.perf_counter()
         http("POST", f"{ctl.url}/models/{model_id}/deployment/{dep_id}/predict", {})
         took = time.perf_counter() - t0
+        cpu = cpu_now() - cpu0
         replicas = http("GET", f"{ctl.url}/v1/models/{model_id}/deployments/{dep_id}/"
                         "replicas")["replicas"]
         record = replicas[0]["cold_start"]
     finally:
         ctl.stop()
+        if agent is not None:
+            agent.stop()
         subprocess.run(["rm", "-rf", str(state)], check=True)
-    return took, record
+    return took, cpu, record
 
 
 def e2e_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -339,7 +461,8 @@ def e2e_part(args: argparse.Namespace) -> dict[str, Any]:
     store = root / "store"
     scratch = root / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    print(f"end to end: {args.e2e_mb} MiB of weights, {args.e2e_runs} runs each", flush=True)
+    print(f"end to end: {args.e2e_mb} MiB of weights, {args.e2e_runs} runs each, "
+          f"{os.cpu_count()} CPUs", flush=True)
     # Mirror once, untimed: every later push and pull finds the weights in the store.
     ctl = Control(scratch / "first", store)
     try:
@@ -348,35 +471,63 @@ def e2e_part(args: argparse.Namespace) -> dict[str, Any]:
         ctl.stop()
         subprocess.run(["rm", "-rf", str(scratch / "first")], check=True)
     direct_run(model_dir)  # warm the page cache and Python's bytecode cache, untimed
+    results = {"uncapped": e2e_round(args, model_dir, store, scratch, None)}
+    if args.store_rate is not None:
+        link = StoreLink(store, args.store_rate)
+        try:
+            results["capped"] = e2e_round(args, model_dir, store, scratch, link)
+        finally:
+            link.stop()
+        results["store_rate_bytes_per_s"] = args.store_rate
+    results["ratio"] = max(r["ratio"] for r in results.values() if isinstance(r, dict))
+    return results
+
+
+def e2e_round(args: argparse.Namespace, model_dir: Path, store: Path, scratch: Path,
+              link: StoreLink | None) -> dict[str, Any]:
+    """(a), (b), (c) alternating, ``--e2e-runs`` times each; the store is the folder or,
+    with ``link``, the folder behind a capped link."""
+    where = ("store folder, uncapped" if link is None else
+             f"store over HTTP at {args.store_rate / MiB:.0f} MiB/s")
     a: list[float] = []
     b: list[float] = []
     c: list[float] = []
+    cpu: dict[str, list[float]] = {"a": [], "b": [], "c": []}
     records: list[dict[str, Any]] = []
     for i in range(args.e2e_runs):
         order = ("a", "b", "c") if i % 2 == 0 else ("c", "b", "a")
         for which in order:
             if which == "a":
-                a.append(pull_run(model_dir, store, scratch))
+                took, used = pull_run(model_dir, link.url if link else str(store), scratch)
+                a.append(took)
             elif which == "b":
-                b.append(direct_run(model_dir))
+                took, used = serve_run(model_dir)
+                b.append(took)
             else:
-                took, record = control_e2e_run(model_dir, store, scratch)
+                took, used, record = control_e2e_run(model_dir, store, scratch, link)
                 c.append(took)
                 records.append(record)
-        print(f"  run {i + 1}/{args.e2e_runs}: (a) pull {a[-1]:.3f} s, (b) serve from "
-              f"disk {b[-1]:.3f} s, (c) scale from zero {c[-1]:.3f} s", flush=True)
+            cpu[which].append(used)
+        print(f"  {where}, run {i + 1}/{args.e2e_runs}: (a) pull {a[-1]:.3f} s, (b) serve "
+              f"from disk {b[-1]:.3f} s, (c) scale from zero {c[-1]:.3f} s", flush=True)
     ma, mb, mc = statistics.median(a), statistics.median(b), statistics.median(c)
     ratio = mc / max(ma, mb)
     phases = {p: statistics.median(r["phases"].get(p, 0.0) for r in records)
-              for p in ("slot", "weights", "load", "model_init", "total")}
+              for p in ("slot", "spawn", "weights", "waiting_for_weights", "load",
+                        "model_init", "total")}
     tiers = {t: statistics.median(r["bytes_by_tier"].get(t, 0) for r in records)
              for t in ("node", "peer", "cluster", "store")}
-    print(f"end to end, medians of {args.e2e_runs}: (a) bdn pull {ma:.3f} s, (b) bdn serve "
-          f"from disk {mb:.3f} s, (c) scale from zero {mc:.3f} s; (c)/max(a, b) = "
-          f"{ratio:.3f} (goal <= 1.1: {'met' if ratio <= 1.1 else 'NOT met'})")
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"end to end ({where}), medians of {args.e2e_runs}: (a) bdn pull {ma:.3f} s, "
+          f"(b) bdn serve from disk {mb:.3f} s, (c) scale from zero {mc:.3f} s; "
+          f"(c)/max(a, b) = {ratio:.3f} (goal <= 1.1: {'met' if ratio <= 1.1 else 'NOT met'})")
     print("  (c)'s phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
           + "; bytes by tier: " + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in tiers.items()))
-    return {"pull_s": a, "serve_s": b, "control_s": c, "median_pull_s": ma,
+    print(f"  CPU seconds (median, all processes of the case): (a) {mcpu['a']:.2f}, "
+          f"(b) {mcpu['b']:.2f}, (c) {mcpu['c']:.2f} (a + b = {mcpu['a'] + mcpu['b']:.2f}; "
+          f"on {os.cpu_count()} CPUs (c) needs at least "
+          f"{mcpu['c'] / (os.cpu_count() or 1):.2f} s)", flush=True)
+    return {"pull_s": a, "serve_s": b, "control_s": c, "cpu_s": cpu, "median_pull_s": ma,
             "median_serve_s": mb, "median_control_s": mc, "ratio": ratio,
             "phases": phases, "bytes_by_tier": tiers}
 
@@ -403,9 +554,14 @@ def main() -> int:
     ap.add_argument("--e2e-mb", type=int, default=1024,
                     help="weights of the end-to-end part (default 1024: at least 1 GiB)")
     ap.add_argument("--e2e-runs", type=int, default=3)
+    ap.add_argument("--store-rate", type=parse_bytes, default=None, metavar="BYTES_PER_S",
+                    help="also run the end-to-end part with the store behind a link of "
+                         "this rate, e.g. 300M (bytes/s), for (a) and (c) alike")
     ap.add_argument("--only", choices=("cold", "load", "e2e"), default=None,
                     help="run one part alone")
     args = ap.parse_args()
+    if args.store_rate is not None and args.store_rate <= 0:
+        ap.error("--store-rate must be a positive number of bytes per second")
     results: dict[str, Any] = {}
     if args.only in (None, "cold", "load"):
         model_dir = make_model(args.dir, args.weights_mb)

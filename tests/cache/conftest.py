@@ -52,10 +52,12 @@ def start_store_http(procs: list[ServiceProcess]) -> Callable[..., ServiceProces
     """Serve a store folder over HTTP (see store_http.py)."""
 
     def start(root: str | Path, stall_after: int | None = None,
-              gated: bool = False) -> ServiceProcess:
+              gated: bool = False, rate: int | None = None) -> ServiceProcess:
         cmd = [sys.executable, STORE_HTTP, str(root), "--listen", "127.0.0.1:0"]
         if stall_after is not None:
             cmd += ["--stall-after", str(stall_after)]
+        if rate is not None:
+            cmd += ["--rate", str(rate)]
         if gated:
             cmd.append("--gated")
         p = ServiceProcess(cmd, env={"PYTHONPATH": os.getcwd()})

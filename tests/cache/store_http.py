@@ -9,6 +9,12 @@ offset of any object is sent) to kill the cache in the middle of a fill — or, 
 ``GET /_stats`` counts the body bytes sent per top folder (``objects``, ``manifests``,
 ``refs``): what the store's readers really read, counted outside them
 (``bench/fleet.py``'s origin bytes).
+
+``--rate BYTES_PER_S`` (e.g. ``300M``) caps what all responses together send, as one
+network link to a remote store would: a token bucket shared by every connection, in
+blocks of ``SEND_BLOCK_BYTES``. On loopback a store is as fast as the CPU can copy, so
+a benchmark of a transfer that should hide other work (``bench/coldstart.py``'s
+``--store-rate``) needs the link's limit put back.
 """
 
 from __future__ import annotations
@@ -21,8 +27,27 @@ from pathlib import Path
 from aiohttp import web
 
 from bdn.service import ListenAddress, serve_forever
+from cache.cli import parse_bytes
 
 SEND_BLOCK_BYTES = 256 * 1024
+
+
+class SharedRate:
+    """A byte rate shared by every response: each block waits until the link would have
+    sent it. Bytes are reserved first and paid for by waiting, so concurrent senders
+    queue in order and together never exceed ``bytes_per_s`` (beyond one block)."""
+
+    def __init__(self, bytes_per_s: int) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._free_at = 0.0  # loop time at which the link has sent everything reserved
+
+    async def take(self, n: int) -> None:
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._free_at)
+        self._free_at = start + n / self.bytes_per_s
+        # This block may go out once the blocks reserved before it have been sent.
+        if start > now:
+            await asyncio.sleep(start - now)
 
 
 def main() -> int:
@@ -31,8 +56,13 @@ def main() -> int:
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--stall-after", type=int, default=None)
     ap.add_argument("--gated", action="store_true")
+    ap.add_argument("--rate", type=parse_bytes, default=None, metavar="BYTES_PER_S",
+                    help="cap the bytes per second of all responses together (e.g. 300M)")
     args = ap.parse_args()
+    if args.rate is not None and args.rate <= 0:
+        ap.error("--rate must be a positive number of bytes per second")
     root = Path(args.root).resolve()
+    rate = SharedRate(args.rate) if args.rate is not None else None
     gate = asyncio.Event()
     sent: dict[str, int] = {}
 
@@ -78,6 +108,8 @@ def main() -> int:
                             await asyncio.Event().wait()  # stall forever: the test kills us
                         await gate.wait()
                         continue
+                if rate is not None:
+                    await rate.take(n)
                 await resp.write(os.pread(f.fileno(), n, pos))
                 top = rel.split("/", 1)[0]
                 sent[top] = sent.get(top, 0) + n
