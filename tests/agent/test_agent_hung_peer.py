@@ -1,6 +1,7 @@
 """A hung cache pod (SIGSTOP: its kernel still accepts connections, nothing answers)
 costs a pull about one first-byte deadline more than a pod that is gone, and a chunk
-owner that sends no first byte is hedged with the next owner.
+owner that sends no first byte is hedged with the next owner (only-if-cached: the next
+owner fills it only once the hung one is suspected).
 
 Real processes on loopback: three cache servers, warmed by a prefetch so both pulls
 read from warm caches, and one agent per pull (its own node cache). Time is measured
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.fetch import Fetcher
-from agent.fetchpolicy import OK, TIMEOUT
+from agent.fetchpolicy import OK, TIMEOUT, UNCACHED
 from agent.options import MAX_CONNECTIONS, AgentOptions
 from cache.ring import digest_key, ref_key, rendezvous_order
 from cache.suspicion import SUSPECTED
@@ -117,9 +118,13 @@ def test_a_chunk_owner_that_sends_no_first_byte_is_hedged_with_the_next(
         result = fetcher.fetch_into(chunk, memoryview(buf))
         took = time.monotonic() - started
         assert result.peer == good and result.tier == "cluster"
-        assert [(a.source, a.outcome) for a in result.answers] == [(hung, TIMEOUT), (good, OK)]
-        # One deadline, then the backup's answer: not a read timeout.
-        assert took < FIRST_BYTE_TIMEOUT_S + 5.0, took
+        # The hedge is only-if-cached (the good pod is not the owner, and has not filled
+        # it): refused. The owner gets one more deadline, shows no sign of life, and is
+        # suspected; then the good pod is the one to fill it.
+        assert [(a.source, a.outcome) for a in result.answers] == [
+            (good, UNCACHED), (hung, TIMEOUT), (good, OK)]
+        # Two deadlines, then the next owner's answer: not a read timeout.
+        assert took < 2 * FIRST_BYTE_TIMEOUT_S + 5.0, took
         assert fetcher.suspicion.state(hung, time.monotonic()) == SUSPECTED
         # Suspected: the next chunks go to the good peer first, without waiting.
         for c in chunks[1:]:
