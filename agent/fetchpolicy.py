@@ -21,8 +21,9 @@ sockets (``agent/fetch.py`` does the I/O and the sleeping). The rules:
   for this chunk (:func:`filler`). Every other pod is asked ``only-if-cached``
   (:attr:`Step.cached_only`); its 504 is :data:`UNCACHED`, which costs no try: that
   pod is asked again only once it is the filler (its owner before it is suspected,
-  missing or out of tries). So however many agents hedge or re-ask, each chunk is read
-  from the store once (issue 17: origin ÷ model = 1.00).
+  missing or out of tries, or it served bad bytes for the chunk). So however many
+  agents hedge or re-ask, each chunk is read from the store once when nothing fails
+  (issue 17: origin ÷ model = 1.00).
 * Other answers are spaced by the backoff policy's capped, jittered delay
   (``bdn.retry.RetryPolicy``); the random ``draw`` is an input. A timeout is the
   exception: the peer that hung is not asked again before every other source had its
@@ -148,11 +149,18 @@ def _passed_over(mine: Sequence[Answer], budget: ChunkRetryBudget) -> bool:
 def filler(history: Sequence[Answer], fillers: Sequence[str],
            budget: ChunkRetryBudget) -> str | None:
     """The one pod that may fill the chunk from the store now: the first of
-    ``fillers`` (pods in placement order, suspected ones last) not passed over."""
-    for pod in fillers:
-        if not _passed_over([a for a in history if a.source == pod], budget):
-            return pod
-    return None
+    ``fillers`` (pods in placement order, suspected ones last) not passed over, among
+    those that served the fewest bad bytes for it — a pod whose copy was corrupt or
+    cut off hands the turn on (a fault costs a fill; a fault-free pull never does)."""
+    best: tuple[int, int, str] | None = None
+    for rank, pod in enumerate(fillers):
+        mine = [a for a in history if a.source == pod]
+        if _passed_over(mine, budget):
+            continue
+        key = (sum(1 for a in mine if a.outcome in BAD_BYTES), rank, pod)
+        if best is None or key < best:
+            best = key
+    return best[2] if best is not None else None
 
 
 def next_source(history: Sequence[Answer], sources: Sequence[str],

@@ -141,6 +141,15 @@ def test_only_one_pod_may_fill_a_chunk_the_others_are_asked_only_if_cached() -> 
     assert filler(bad, pods, budget) == B
     step = next_source(bad, pods, budget, now_s=bad[-1].ended_s, draw=0.5, fillers=pods)
     assert (step.source, step.cached_only) == (B, False)
+    # A pod that served bad bytes hands the turn on (its copy is reported and dropped);
+    # when every pod did, the turn comes back to the first.
+    corrupt_a = [Answer(A, CORRUPT, 0.0, 0.1)]
+    assert filler(corrupt_a, pods, budget) == B
+    step = next_source(corrupt_a, pods, budget, now_s=0.1, draw=0.5, fillers=pods)
+    assert (step.source, step.cached_only) == (B, False)
+    both_bad = [*corrupt_a, Answer(B, CORRUPT, 0.1, 0.2)]
+    assert filler(both_bad, pods, budget) == C
+    assert filler(both_bad, [A, B], budget) == A
     # Peer agents (not fillers) and the store are never asked only-if-cached.
     step = next_source([], ["http://agent:7471", A, STORE], budget, now_s=0.0, draw=0.5,
                        fillers=[A])
