@@ -213,11 +213,12 @@ def _first_ready(waiting: Sequence[tuple[str, http.client.HTTPConnection]],
 class _Answered(Exception):
     """One try ended without verified bytes; ``outcome`` classifies it for the policy."""
 
-    def __init__(self, outcome: str, detail: str, retry_after_s: float | None = None
-                 ) -> None:
+    def __init__(self, outcome: str, detail: str, retry_after_s: float | None = None,
+                 *, alive: bool = False) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.retry_after_s = retry_after_s
+        self.alive = alive
 
 
 class Fetcher:
@@ -364,8 +365,8 @@ class Fetcher:
         """Whether ``answer`` makes its peer suspected: a transport error, or a timeout
         of a peer that sent nothing on any connection in the last deadline."""
         if answer.outcome == TIMEOUT:
-            return not self.alive(answer.source,
-                                  answer.ended_s - self.options.first_byte_timeout_s)
+            return not (answer.alive or self.alive(
+                answer.source, answer.ended_s - self.options.first_byte_timeout_s))
         return answer.outcome in SUSPICIOUS
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:
@@ -544,7 +545,7 @@ class Fetcher:
                           f"zstd object does not decode: {e}")
         except _Answered as e:
             return Answer(source, e.outcome, started, self._clock(), str(e),
-                          retry_after_s=e.retry_after_s)
+                          retry_after_s=e.retry_after_s, alive=e.alive)
         except NotFoundError as e:
             return Answer(source, MISSING, started, self._clock(), str(e))
         except TimeoutError as e:
@@ -621,6 +622,12 @@ class Fetcher:
                 self._heard_s[peer] = self._clock()
         except TimeoutError:
             self._drop(peer)
+            if not got:
+                # It answered, then sent no body: a pod waiting on its store for the
+                # fill it streams. Re-asked, but not suspected (that would only move
+                # the fill to the next pod: a second store read).
+                raise _Answered(TIMEOUT, f"stalled: the head came, then no body byte for "
+                                f"{stall_s:.1f} s", alive=True) from None
             raise TimeoutError(f"stalled: no byte for {stall_s:.1f} s after {got} of "
                                f"{chunk.length} bytes") from None
         except (OSError, http.client.HTTPException) as e:

@@ -91,6 +91,9 @@ class Answer:
     ended_s: float
     detail: str = ""
     retry_after_s: float | None = None
+    # A timeout of a source that showed it is alive meanwhile (it sent the response
+    # head, then no body byte: a pod waiting on its own fill): slow, not hung.
+    alive: bool = False
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:

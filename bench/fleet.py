@@ -2,6 +2,7 @@
 
     sudo python bench/fleet.py [--agents 1,4,8,16,32] [--model-mib 512] [--piece-mib 8]
         [--store-mbit 2000] [--pod-mbit 1000] [--agent-mbit 1000] [--workdir .bench/fleet]
+        [--no-faults] [--verbose]
 
 Needs root, ``ip`` and ``tc`` (iproute2). Everything runs on this machine in network
 namespaces the bench creates and names ``bdnf<pid>-*``: a hub namespace holding a
@@ -362,6 +363,11 @@ class Fleet:
         errors = [str(st.get("error")) for st in statuses if st.get("state") != "done"]
         res = RunResult(done, self.origin_bytes(), self.pod_bytes(skip), tiers,
                         failed=len(errors), first_error=errors[0] if errors else "")
+        if self.args.verbose:  # why chunks were asked twice: each agent's complaints
+            for p, _ in self.agents:
+                for ln in p.lines:
+                    if "answered" in ln or "hedging" in ln:
+                        print("   ", ln.strip()[:300], flush=True)
         for _, client in self.agents:
             with contextlib.suppress(Exception):
                 text = client.metrics()
@@ -424,6 +430,8 @@ def main() -> int:
     ap.add_argument("--agent-mbit", type=int, default=1000)
     ap.add_argument("--workdir", default=str(ROOT / ".bench" / "fleet"))
     ap.add_argument("--no-faults", action="store_true", help="skip the hung/killed runs")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also print every agent's warnings about answers and hedges")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
         print("bench/fleet.py needs root and iproute2 (ip, tc): apt-get install -y iproute2",

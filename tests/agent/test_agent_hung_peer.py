@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -22,8 +23,9 @@ import pytest
 from agent.fetch import Fetcher
 from agent.fetchpolicy import OK, TIMEOUT, UNCACHED
 from agent.options import MAX_CONNECTIONS, AgentOptions
+from bdn.store import BlobStore
 from cache.ring import digest_key, ref_key, rendezvous_order
-from cache.suspicion import SUSPECTED
+from cache.suspicion import SUSPECTED, TRUSTED
 from tests.agent.agent_support import (
     Agent,
     Model,
@@ -133,3 +135,73 @@ def test_a_chunk_owner_that_sends_no_first_byte_is_hedged_with_the_next(
         fetcher.close()
     finally:
         hole.close()
+
+
+class _HeadThenWait:
+    """A peer that answers its first connection's request with a response head and then
+    no body until the client gives up (closes), as a pod waiting on its store for the
+    fill it streams looks; later connections get the whole answer."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed: the test is over
+            self.connections += 1
+            with conn:
+                n = len(self.body)
+                head = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {n}\r\n"
+                        f"Content-Range: bytes 0-{n - 1}/{n}\r\n\r\n").encode()
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    buf += more
+                if self.connections == 1:
+                    conn.sendall(head)
+                    while conn.recv(65536):  # until the client closes
+                        pass
+                else:
+                    conn.sendall(head + self.body)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(timeout=10)
+
+
+def test_a_pod_that_sends_the_head_then_waits_is_re_asked_not_suspected(
+        tmp_path: Path, store: Path, base: Model, cache_server: ServiceProcess) -> None:
+    """A body that does not start after the head is a stall (re-asked), but the pod
+    answered: it is not suspected, and the next pod is asked only-if-cached — moving
+    the fill there would read the store twice."""
+    chunk = next(c for c in base.manifest.unique_chunks().values() if c.length > 1024)
+    body = b"".join(BlobStore(str(store)).iter_object(chunk.digest))
+    slow = _HeadThenWait(body)
+    good = str(cache_server.url)
+    try:
+        options = AgentOptions(cache_dir=tmp_path / "n", budget_bytes=0,
+                               peers=(slow.url, good), strict=True,
+                               first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S,
+                               stall_timeout_s=0.5)
+        fetcher = Fetcher(options, None, owners=lambda d: [slow.url, good])
+        result = fetcher.fetch_into(chunk, memoryview(bytearray(chunk.length)))
+        assert [(a.source, a.outcome) for a in result.answers] == [
+            (slow.url, TIMEOUT), (good, UNCACHED), (slow.url, OK)]
+        assert result.answers[0].alive
+        assert fetcher.suspicion.state(slow.url, time.monotonic()) == TRUSTED
+        assert metrics(good)["bdn_cache_misses_total"] == 0  # the good pod filled nothing
+        fetcher.close()
+    finally:
+        slow.close()
