@@ -28,8 +28,10 @@ such a 504 the owner is still the one to fill it, so it is waited for a while lo
 one more first-byte deadline, and beyond that for as long as it shows it is alive (a
 byte from it on any connection within the last deadline — a loaded pod keeps sending,
 a hung one sends nothing), up to the read timeout. Likewise a deadline missed by a pod
-that is sending on other connections does not make it suspected: under load it is
-slow, not hung, and moving its chunks to the next pod would only fill them twice.
+that is sending on other connections does not make it suspected, nor does a body that
+does not start after its head (the pod waits on its store for the fill it streams):
+under load it is slow, not hung, and moving its chunks to the next pod would only fill
+them twice. Such a chunk is re-asked: the other pods only-if-cached, then the owner.
 
 Why blocking threads and ``http.client`` rather than asyncio: on this path Python's
 per-byte cost decides throughput. ``HTTPResponse.readinto`` receives straight into a
