@@ -75,6 +75,7 @@ from agent.fetchpolicy import (
     STORE,
     TIMEOUT,
     TRUNCATED,
+    UNCACHED,
     Answer,
 )
 from agent.options import AgentOptions
@@ -111,7 +112,7 @@ REPORT_WAIT_S = 5.0
 # The agent counter each kind of failed answer is counted in (bdn_agent_<name>).
 ANSWER_COUNTERS = {CORRUPT: "integrity_failures", TRUNCATED: "truncated_answers",
                    BUSY: "busy_answers", ERROR: "error_answers", MISSING: "missing_answers",
-                   TIMEOUT: "timeout_answers"}
+                   TIMEOUT: "timeout_answers", UNCACHED: "uncached_answers"}
 
 
 # -- requests ---------------------------------------------------------------------------

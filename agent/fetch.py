@@ -20,6 +20,19 @@ A stalled transfer is abandoned and re-asked at once. Either way the slow peer i
 suspected across chunks (:class:`cache.suspicion.Suspicion`), so a hung owner costs
 about one deadline per probe, not a read timeout per chunk.
 
+Hedging never costs a second store read. Only one pod may fill a chunk — its owner, or
+once the owner is suspected or passed over, the next in placement order
+(:func:`agent.fetchpolicy.filler`); a hedge or re-ask to any other pod carries
+``Cache-Control: only-if-cached`` and is answered from that pod's cache or 504. After
+such a 504 the owner is still the one to fill it, so it is waited for a while longer:
+one more first-byte deadline, and beyond that for as long as it shows it is alive (a
+byte from it on any connection within the last deadline — a loaded pod keeps sending,
+a hung one sends nothing), up to the read timeout. Likewise a deadline missed by a pod
+that is sending on other connections does not make it suspected, nor does a body that
+does not start after its head (the pod waits on its store for the fill it streams):
+under load it is slow, not hung, and moving its chunks to the next pod would only fill
+them twice. Such a chunk is re-asked: the other pods only-if-cached, then the owner.
+
 Why blocking threads and ``http.client`` rather than asyncio: on this path Python's
 per-byte cost decides throughput. ``HTTPResponse.readinto`` receives straight into a
 reusable buffer (``recv_into``: no intermediate ``bytes``), and ``os.pwrite`` and BLAKE3
@@ -58,8 +71,10 @@ from agent.fetchpolicy import (
     SUSPICIOUS,
     TIMEOUT,
     TRUNCATED,
+    UNCACHED,
     Answer,
     Suspicion,
+    filler,
     next_source,
     stall_timeout_s,
     summarize,
@@ -85,6 +100,9 @@ BUFFER_GRAIN_BYTES = 1024 * 1024
 # A pool keeps this many idle buffers of one size class; beyond, they are freed.
 MAX_IDLE_BUFFERS_PER_SIZE = 32
 MISSING_STATUSES = (404, 410)
+# A cache pod's answer to an only-if-cached ask it cannot answer from its cache.
+UNCACHED_STATUS = 504
+ONLY_IF_CACHED = {"Cache-Control": "only-if-cached"}
 # Weight of the newest transfer in the throughput average the stall period follows.
 RATE_EWMA_WEIGHT = 0.2
 # Transfers smaller than this say more about latency than throughput: not averaged.
@@ -197,11 +215,12 @@ def _first_ready(waiting: Sequence[tuple[str, http.client.HTTPConnection]],
 class _Answered(Exception):
     """One try ended without verified bytes; ``outcome`` classifies it for the policy."""
 
-    def __init__(self, outcome: str, detail: str, retry_after_s: float | None = None
-                 ) -> None:
+    def __init__(self, outcome: str, detail: str, retry_after_s: float | None = None,
+                 *, alive: bool = False) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.retry_after_s = retry_after_s
+        self.alive = alive
 
 
 class Fetcher:
@@ -227,6 +246,9 @@ class Fetcher:
         self._rng = random.Random()
         # Set when the agent stops: a chunk waiting out a backoff gives up at once.
         self._closing = threading.Event()
+        # When a byte last came from each peer, on any connection (monotonic seconds):
+        # a pod that is slow to answer one request but sends on others is alive.
+        self._heard_s: dict[str, float] = {}
 
     def close(self) -> None:
         self._closing.set()
@@ -297,6 +319,7 @@ class Fetcher:
             if conn.sock is not None:
                 conn.sock.settimeout(self.options.first_byte_timeout_s)
             resp = conn.getresponse()
+            self.heard(owner)
             data = resp.read(MAX_HOLDERS_ANSWER_BYTES)
             if resp.status != 200:
                 if resp.will_close:
@@ -305,7 +328,10 @@ class Fetcher:
             found = json.loads(data).get("holders", [])
         except TimeoutError:
             self._drop(owner)
-            self.suspicion.failed(owner, self._clock())
+            now = self._clock()
+            # A pod busy sending on other connections is slow, not hung.
+            if not self.alive(owner, now - self.options.first_byte_timeout_s):
+                self.suspicion.failed(owner, now)
             return []
         except (OSError, http.client.HTTPException, ValueError, AttributeError):
             self._drop(owner)
@@ -329,38 +355,61 @@ class Fetcher:
             self.rate_bytes_per_s = rate if old is None else (
                 old + RATE_EWMA_WEIGHT * (rate - old))
 
+    def heard(self, peer: str) -> None:
+        """A byte (a response head, body bytes) came from ``peer`` just now."""
+        self._heard_s[peer] = self._clock()
+
+    def alive(self, peer: str, since_s: float) -> bool:
+        """Whether a byte came from ``peer`` at or after ``since_s``."""
+        return self._heard_s.get(peer, float("-inf")) >= since_s
+
+    def _suspect(self, answer: Answer) -> bool:
+        """Whether ``answer`` makes its peer suspected: a transport error, or a timeout
+        of a peer that sent nothing on any connection in the last deadline."""
+        if answer.outcome == TIMEOUT:
+            return not (answer.alive or self.alive(
+                answer.source, answer.ended_s - self.options.first_byte_timeout_s))
+        return answer.outcome in SUSPICIOUS
+
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:
         """Fill ``buf[:chunk.length]`` with the chunk's verified bytes (blocking)."""
         view = buf[:chunk.length]
         sources, peers = self.plan_sources(chunk)
         budget = self.options.chunk_budget
         history: list[Answer] = []
+        reorder = False
         while True:
             now = self._clock()
-            if history and history[-1].outcome == TIMEOUT:
-                # The hung source goes behind the others (holders are not looked up
+            if reorder:
+                # A suspected source goes behind the others (holders are not looked up
                 # again: the ones found are still in ``peers``).
                 sources = [s for s in sources if s in peers] + [
                     s for s in self.sources_without_holders(chunk) if s not in peers]
+                reorder = False
+            fillers = [s for s in sources if s not in peers and s != STORE]
             step = next_source(history, sources, budget, now_s=now,
-                               draw=self._rng.random())
+                               draw=self._rng.random(), fillers=fillers)
             if step.source is None:
                 raise self._give_up(chunk, sources, history, step.reason)
             if self.closing or (step.at_s > now and self._closing.wait(step.at_s - now)):
                 raise self._give_up(chunk, sources, history, "the agent is stopping")
             # A peer that misses its first-byte deadline is hedged with the next
-            # untried peer: whichever answers first is read, the other cancelled.
+            # untried peer (only-if-cached unless its turn to fill has come).
             backup = None if step.source == STORE else next(
                 (s for s in sources if s not in (step.source, STORE)
                  and all(a.source != s for a in history)), None)
-            for answer in self._ask(step.source, chunk, view, backup):
+            may_fill = filler(history, fillers, budget)
+            backup_cached_only = backup in fillers and backup != may_fill
+            for answer in self._ask(step.source, chunk, view, step.cached_only,
+                                    backup, backup_cached_only):
                 history.append(answer)
                 if answer.source != STORE:
-                    if answer.outcome in SUSPICIOUS:
+                    if self._suspect(answer):
                         self.suspicion.failed(answer.source, answer.ended_s)
-                    else:
+                        reorder = True
+                    elif answer.outcome != TIMEOUT:
                         self.suspicion.answered(answer.source)
-                if answer.outcome != OK:
+                if answer.outcome not in (OK, UNCACHED):
                     log.warning("chunk %s: %s answered %s: %s", chunk.digest,
                                 answer.source, answer.outcome, answer.detail)
                 if self._on_answer is not None:
@@ -385,63 +434,78 @@ class Fetcher:
         return FetchError(f"no tier delivered {what}", digest=str(chunk.digest),
                           attempts=attempts)
 
-    def _ask(self, source: str, chunk: Chunk, view: memoryview,
-             backup: str | None = None) -> list[Answer]:
+    def _ask(self, source: str, chunk: Chunk, view: memoryview, cached_only: bool = False,
+             backup: str | None = None, backup_cached_only: bool = False) -> list[Answer]:
         """Ask ``source`` for the chunk; the answers that came of it, oldest first.
 
         A peer that sends no first byte within the deadline is hedged: the same chunk
-        is asked of ``backup`` (the next untried peer) and whichever starts answering
-        first is read; the other request is cancelled (its connection closed). A
-        source that lost to its backup is answered :data:`TIMEOUT` (and suspected).
+        is asked of ``backup`` (the next untried peer). Bytes from the backup win: the
+        source's request is cancelled (its connection closed) and it is answered
+        :data:`TIMEOUT`. Any other answer of the backup (a 504 to only-if-cached, an
+        error) leaves the source the one asked: it is waited for one more deadline,
+        and beyond while it shows it is alive (see the module docstring).
         """
         if source == STORE:
             where = f"chunk from blob store {self.store.url if self.store else ''}"
             return [self._classify(STORE, self._clock(), chunk, view,
                                    lambda: self._from_store(chunk, view), where)]
         started = self._clock()
-        sent = self._send(source, chunk)
+        sent = self._send(source, chunk, cached_only)
         if isinstance(sent, Answer):
             return [sent]
         deadline_s = self.options.first_byte_timeout_s
         if _first_ready([(source, sent)], deadline_s) is not None:
-            return [self._receive_answer(source, sent, started, chunk, view)]
-        if backup is None:
-            self._drop(source)
-            return [Answer(source, TIMEOUT, started, self._clock(),
-                           f"no answer within the first-byte deadline of {deadline_s:g} s")]
-        log.info("chunk %s: %s sent no first byte within %g s; hedging with %s",
-                 chunk.digest, source, deadline_s, backup)
-        b_started = self._clock()
-        b_sent = self._send(backup, chunk)
-        waiting = [(source, sent)]
-        failed: list[Answer] = []
-        if isinstance(b_sent, Answer):
-            failed.append(b_sent)
-        else:
-            waiting.append((backup, b_sent))
-        won = _first_ready(waiting, deadline_s)
-        if won is None:
-            for peer, _ in waiting:
-                self._drop(peer)
+            return [self._receive_answer(source, sent, started, chunk, view, cached_only)]
+        out: list[Answer] = []
+        if backup is not None:
+            log.info("chunk %s: %s sent no first byte within %g s; hedging with %s%s",
+                     chunk.digest, source, deadline_s, backup,
+                     " (only-if-cached)" if backup_cached_only else "")
+            b_started = self._clock()
+            b_sent = self._send(backup, chunk, backup_cached_only)
+            if isinstance(b_sent, Answer):
+                out.append(b_sent)
+            else:
+                won = _first_ready([(source, sent), (backup, b_sent)], deadline_s)
+                if won is not None and won[0] == source:
+                    self._drop(backup)  # cancel the slower request
+                    return [self._receive_answer(source, sent, started, chunk, view,
+                                                 cached_only)]
+                if won is None:
+                    self._drop(backup)
+                    out.append(Answer(backup, TIMEOUT, b_started, self._clock(),
+                                      f"no answer within the first-byte deadline of "
+                                      f"{deadline_s:g} s"))
+                else:
+                    answer = self._receive_answer(backup, b_sent, b_started, chunk, view,
+                                                  backup_cached_only)
+                    if answer.outcome == OK:
+                        self._drop(source)  # cancel the slower request
+                        lost = Answer(source, TIMEOUT, started, self._clock(),
+                                      f"no first byte within {deadline_s:g} s; {backup} "
+                                      "answered first")
+                        return [lost, answer]
+                    out.append(answer)
+        # Still the source's to answer: one more deadline, then as long as it is alive.
+        grace_end = started + 2 * deadline_s
+        cap = started + self.options.read_timeout_s
+        while True:
             now = self._clock()
-            out = [Answer(source, TIMEOUT, started, now, f"no answer within the "
-                          f"first-byte deadline of {deadline_s:g} s, nor from {backup}")]
-            if not failed:
-                failed.append(Answer(backup, TIMEOUT, b_started, now, "no answer within "
-                                     f"the first-byte deadline of {deadline_s:g} s"))
-            return out + failed
-        winner, conn = won
-        for peer, _ in waiting:
-            if peer != winner:
-                self._drop(peer)  # cancel the slower request
-        if winner == source:
-            return [*failed, self._receive_answer(source, conn, started, chunk, view)]
-        lost = Answer(source, TIMEOUT, started, self._clock(),
-                      f"no first byte within {deadline_s:g} s; {backup} answered first")
-        return [lost, self._receive_answer(backup, conn, b_started, chunk, view)]
+            if now >= cap or (now >= grace_end and not self.alive(source, now - deadline_s)):
+                break
+            wait = min(cap, grace_end if now < grace_end else now + deadline_s) - now
+            if _first_ready([(source, sent)], wait) is not None:
+                return [*out, self._receive_answer(source, sent, started, chunk, view,
+                                                   cached_only)]
+        self._drop(source)
+        return [*out, Answer(source, TIMEOUT, started, self._clock(),
+                             f"no first byte within {self._clock() - started:.1f} s "
+                             f"(first-byte deadline {deadline_s:g} s)")]
 
-    def _send(self, peer: str, chunk: Chunk) -> http.client.HTTPConnection | Answer:
-        """Send the chunk's request to ``peer``; the connection, or what went wrong."""
+    def _send(self, peer: str, chunk: Chunk, cached_only: bool = False
+              ) -> http.client.HTTPConnection | Answer:
+        """Send the chunk's request to ``peer`` (``only-if-cached`` if ``cached_only``);
+        the connection, or what went wrong."""
         started = self._clock()
         conn = self._conn(peer)
         if conn.sock is not None and _first_ready([(peer, conn)], 0) is not None:
@@ -452,7 +516,8 @@ class Fetcher:
         path = urlsplit(peer).path.rstrip("/") + OBJECTS_PATH + str(chunk.digest)
         try:
             conn.request("GET", path, headers={"Range": f"bytes=0-{chunk.length - 1}",
-                                               "Accept-Encoding": "identity"})
+                                               "Accept-Encoding": "identity",
+                                               **(ONLY_IF_CACHED if cached_only else {})})
         except TimeoutError:
             self._drop(peer)
             return Answer(peer, TIMEOUT, started, self._clock(), f"no connection within "
@@ -463,9 +528,10 @@ class Fetcher:
         return conn
 
     def _receive_answer(self, peer: str, conn: http.client.HTTPConnection, started: float,
-                        chunk: Chunk, view: memoryview) -> Answer:
+                        chunk: Chunk, view: memoryview, cached_only: bool = False
+                        ) -> Answer:
         return self._classify(peer, started, chunk, view,
-                              lambda: self._receive(peer, conn, chunk, view),
+                              lambda: self._receive(peer, conn, chunk, view, cached_only),
                               f"chunk from peer {peer}")
 
     def _classify(self, source: str, started: float, chunk: Chunk, view: memoryview,
@@ -481,7 +547,7 @@ class Fetcher:
                           f"zstd object does not decode: {e}")
         except _Answered as e:
             return Answer(source, e.outcome, started, self._clock(), str(e),
-                          retry_after_s=e.retry_after_s)
+                          retry_after_s=e.retry_after_s, alive=e.alive)
         except NotFoundError as e:
             return Answer(source, MISSING, started, self._clock(), str(e))
         except TimeoutError as e:
@@ -499,7 +565,7 @@ class Fetcher:
         return Answer(source, OK, started, ended)
 
     def _receive(self, peer: str, conn: http.client.HTTPConnection, chunk: Chunk,
-                 view: memoryview) -> None:
+                 view: memoryview, cached_only: bool = False) -> None:
         """Read the answer to a request :meth:`_send` sent (its first byte is there)."""
         if conn.sock is not None:
             conn.sock.settimeout(self.options.first_byte_timeout_s)
@@ -508,6 +574,7 @@ class Fetcher:
         except TimeoutError:
             raise TimeoutError(f"the response head did not arrive within "
                                f"{self.options.first_byte_timeout_s:g} s") from None
+        self.heard(peer)
         stall_s = self.stall_s()
         if conn.sock is not None:
             conn.sock.settimeout(stall_s)
@@ -518,6 +585,8 @@ class Fetcher:
             retry_after = parse_retry_after(resp.getheader("Retry-After"))
             if resp.status in MISSING_STATUSES:
                 raise _Answered(MISSING, f"HTTP {resp.status}")
+            if cached_only and resp.status == UNCACHED_STATUS:
+                raise _Answered(UNCACHED, "not cached there (asked only-if-cached)")
             if is_retryable_status(resp.status) and retry_after is not None:
                 raise _Answered(BUSY, f"HTTP {resp.status}, Retry-After {retry_after:g} s",
                                 retry_after_s=retry_after)
@@ -552,8 +621,15 @@ class Fetcher:
                 if not n:
                     break
                 got += n
+                self._heard_s[peer] = self._clock()
         except TimeoutError:
             self._drop(peer)
+            if not got:
+                # It answered, then sent no body: a pod waiting on its store for the
+                # fill it streams. Re-asked, but not suspected (that would only move
+                # the fill to the next pod: a second store read).
+                raise _Answered(TIMEOUT, f"stalled: the head came, then no body byte for "
+                                f"{stall_s:.1f} s", alive=True) from None
             raise TimeoutError(f"stalled: no byte for {stall_s:.1f} s after {got} of "
                                f"{chunk.length} bytes") from None
         except (OSError, http.client.HTTPException) as e:

@@ -16,6 +16,14 @@ sockets (``agent/fetch.py`` does the I/O and the sleeping). The rules:
   again once the server's ``Retry-After`` has passed (capped by the backoff policy), and
   only the total waiting bounds it — ``wait_max_s`` over the whole chunk — so a store blip
   of a few seconds behind the cache does not fail a pull, and a dead store still does.
+* Only one cache pod at a time may *fill* a chunk from the store — the first of the
+  ``fillers`` (the pods in placement order, suspected ones last) not yet passed over
+  for this chunk (:func:`filler`). Every other pod is asked ``only-if-cached``
+  (:attr:`Step.cached_only`); its 504 is :data:`UNCACHED`, which costs no try: that
+  pod is asked again only once it is the filler (its owner before it is suspected,
+  missing or out of tries, or it served bad bytes for the chunk). So however many
+  agents hedge or re-ask, each chunk is read from the store once when nothing fails
+  (issue 17: origin ÷ model = 1.00).
 * Other answers are spaced by the backoff policy's capped, jittered delay
   (``bdn.retry.RetryPolicy``); the random ``draw`` is an input. A timeout is the
   exception: the peer that hung is not asked again before every other source had its
@@ -47,10 +55,12 @@ TRUNCATED = "truncated"  # the body ended (or the connection dropped) before its
 BUSY = "busy"            # 429/503 with Retry-After: ask again later, not a fault
 ERROR = "error"          # transport failure or another HTTP status
 MISSING = "missing"      # 404/410: the source does not have the object
+# 504 to an only-if-cached ask: that pod does not hold it and was not asked to fill it.
+UNCACHED = "uncached"
 # No connection within the connect timeout, no first byte by the first-byte deadline,
 # or no byte for the stall period: the source may be hung (SIGSTOP, a vanished node).
 TIMEOUT = "timeout"
-OUTCOMES = (OK, CORRUPT, TRUNCATED, BUSY, ERROR, MISSING, TIMEOUT)
+OUTCOMES = (OK, CORRUPT, TRUNCATED, BUSY, ERROR, MISSING, TIMEOUT, UNCACHED)
 # Answers that use up one of a source's tries.
 FAULTS = (CORRUPT, TRUNCATED, ERROR, TIMEOUT)
 # Answers that make a peer suspected across chunks; any other answer trusts it again.
@@ -81,6 +91,9 @@ class Answer:
     ended_s: float
     detail: str = ""
     retry_after_s: float | None = None
+    # A timeout of a source that showed it is alive meanwhile (it sent the response
+    # head, then no body byte: a pod waiting on its own fill): slow, not hung.
+    alive: bool = False
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -105,11 +118,13 @@ class ChunkRetryBudget:
 
 @dataclass(frozen=True)
 class Step:
-    """Ask ``source`` at ``at_s`` (≥ now); ``source`` None: give up, ``reason`` says why."""
+    """Ask ``source`` at ``at_s`` (≥ now); ``source`` None: give up, ``reason`` says why.
+    ``cached_only``: ask it ``only-if-cached`` (a pod whose turn to fill it is not)."""
 
     source: str | None
     at_s: float
     reason: str = ""
+    cached_only: bool = False
 
 
 def waited_s(history: Sequence[Answer]) -> float:
@@ -128,28 +143,56 @@ def _ready_at(mine: Sequence[Answer], budget: ChunkRetryBudget, draw: float) -> 
     return last.ended_s + delay
 
 
+def _passed_over(mine: Sequence[Answer], budget: ChunkRetryBudget) -> bool:
+    """Whether a source is done with for this chunk: missing there, or out of tries."""
+    return (any(a.outcome == MISSING for a in mine)
+            or sum(1 for a in mine if a.outcome in FAULTS) >= budget.tries_per_source)
+
+
+def filler(history: Sequence[Answer], fillers: Sequence[str],
+           budget: ChunkRetryBudget) -> str | None:
+    """The one pod that may fill the chunk from the store now: the first of
+    ``fillers`` (pods in placement order, suspected ones last) not passed over, among
+    those that served the fewest bad bytes for it — a pod whose copy was corrupt or
+    cut off hands the turn on (a fault costs a fill; a fault-free pull never does)."""
+    best: tuple[int, int, str] | None = None
+    for rank, pod in enumerate(fillers):
+        mine = [a for a in history if a.source == pod]
+        if _passed_over(mine, budget):
+            continue
+        key = (sum(1 for a in mine if a.outcome in BAD_BYTES), rank, pod)
+        if best is None or key < best:
+            best = key
+    return best[2] if best is not None else None
+
+
 def next_source(history: Sequence[Answer], sources: Sequence[str],
-                budget: ChunkRetryBudget, *, now_s: float, draw: float) -> Step:
+                budget: ChunkRetryBudget, *, now_s: float, draw: float,
+                fillers: Sequence[str] = ()) -> Step:
     """The next source to ask for a chunk and when, or give up (``source`` None).
 
     ``history``: every answer so far for this chunk, oldest first; ``sources``: in
     preference order (peers in ring order, then :data:`STORE` when it may be used);
-    ``draw``: a random number in [0, 1] for the backoff's jitter.
+    ``draw``: a random number in [0, 1] for the backoff's jitter; ``fillers``: the
+    cache pods among ``sources``, in the order they may fill it (see :func:`filler`) —
+    the others of them are asked ``only-if-cached``.
     """
+    may_fill = filler(history, fillers, budget)
     candidates: list[tuple[int, float, int, str]] = []
     for rank, source in enumerate(sources):
         mine = [a for a in history if a.source == source]
-        if any(a.outcome == MISSING for a in mine):
+        if _passed_over(mine, budget):
             continue
-        if sum(1 for a in mine if a.outcome in FAULTS) >= budget.tries_per_source:
-            continue
-        if not mine:
+        if mine and mine[-1].outcome == UNCACHED and source != may_fill:
+            continue  # it said it does not hold it; ask again only to fill
+        counted = [a for a in mine if a.outcome != UNCACHED]
+        if not counted or mine[-1].outcome == UNCACHED:
             at = now_s
-        elif mine[-1].outcome == TIMEOUT:
+        elif counted[-1].outcome == TIMEOUT:
             at = now_s  # hedge: re-ask at once (it is sorted behind untried sources)
         else:
-            at = max(now_s, _ready_at(mine, budget, draw))
-        candidates.append((len(mine), at, rank, source))
+            at = max(now_s, _ready_at(counted, budget, draw))
+        candidates.append((len(counted), at, rank, source))
     if not candidates:
         return Step(None, now_s, f"no source left to ask (up to "
                                  f"{budget.tries_per_source} tries per source; a missing "
@@ -158,7 +201,7 @@ def next_source(history: Sequence[Answer], sources: Sequence[str],
     last_end = history[-1].ended_s if history else now_s
     for _, at, _, source in sorted(candidates):
         if spent + max(0.0, at - last_end) <= budget.wait_max_s:
-            return Step(source, at)
+            return Step(source, at, cached_only=source in fillers and source != may_fill)
     return Step(None, now_s, f"the next try would pass the wait budget of "
                              f"{budget.wait_max_s:g} s (waited {spent:.1f} s)")
 
@@ -197,5 +240,5 @@ def summarize(history: Sequence[Answer]) -> str:
 
 __all__ = ["BAD_BYTES", "BUSY", "CORRUPT", "DEFAULT_SUSPECT_S", "ERROR", "FAULTS",
            "MAX_SUSPECT_S", "MISSING", "OK", "OUTCOMES", "STORE", "SUSPICIOUS", "TIMEOUT",
-           "TRUNCATED", "Answer", "ChunkRetryBudget", "Step", "Suspicion", "next_source",
-           "stall_timeout_s", "summarize", "waited_s"]
+           "TRUNCATED", "UNCACHED", "Answer", "ChunkRetryBudget", "Step", "Suspicion",
+           "filler", "next_source", "stall_timeout_s", "summarize", "waited_s"]

@@ -2,6 +2,7 @@
 
     sudo python bench/fleet.py [--agents 1,4,8,16,32] [--model-mib 512] [--piece-mib 8]
         [--store-mbit 2000] [--pod-mbit 1000] [--agent-mbit 1000] [--workdir .bench/fleet]
+        [--no-faults] [--verbose]
 
 Needs root, ``ip`` and ``tc`` (iproute2). Everything runs on this machine in network
 namespaces the bench creates and names ``bdnf<pid>-*``: a hub namespace holding a
@@ -23,11 +24,19 @@ the pods' egress capped and sharing on, p99 at N = 32 ≤ 1.3 × p99 at N = 1; b
 
 Teardown: every process by PID (its process group), every namespace by the name this
 run gave it (the veths and the bridge go with their namespaces), also on Ctrl-C.
+
+Disk: each run's folder (``<workdir>/runs/<run>``: its pods' caches, its agents' node
+caches and mounts) is removed as soon as the run's figures are taken (and on Ctrl-C),
+so the disk holds one run at a time — kept, a 512 MiB model at N = 1…32 filled 63 GB.
+Before anything is written, free space under ``--workdir`` is checked against what the
+largest run needs (:func:`run_bytes_needed`); if it does not fit, the bench says so
+and stops. The model source and the mirrored store are kept between invocations.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -69,6 +78,9 @@ STORE_HTTP = ROOT / "tests" / "cache" / "store_http.py"
 # tbf queue: enough for a round trip at the link rate, as a switch port would buffer.
 TBF_LATENCY_MS = 50
 PULL_TIMEOUT_S = 1800.0
+# Free space kept beyond a run's estimate (logs, LMDB files, the filesystem's own).
+DISK_HEADROOM_BYTES = 1024 * MiB
+RUNS_DIR = "runs"
 ENV = {"PYTHONPATH": str(ROOT)}  # every process runs this checkout's code
 
 
@@ -146,6 +158,23 @@ def drop_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def run_bytes_needed(model_bytes: int, n_agents: int, pods: int = len(POD_IPS)) -> int:
+    """Disk one run may fill: every agent's node cache holds the model once (its mount
+    is hardlinks into it, on the same disk), and every pod may hold all of it (each
+    holds about a third; after a pod is killed the others refill its share)."""
+    return (n_agents + pods) * model_bytes + DISK_HEADROOM_BYTES
+
+
+def check_free_space(work: Path, need_bytes: int, what: str) -> str | None:
+    """None if ``need_bytes`` fit under ``work``; else the sentence that says not."""
+    free = shutil.disk_usage(work).free
+    if free >= need_bytes:
+        return None
+    return (f"bench/fleet.py: not enough free space under {work}: {what} needs about "
+            f"{need_bytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free. Use "
+            f"--workdir on a larger disk, fewer --agents or a smaller --model-mib.")
+
+
 def make_model(src: Path, model_mib: int, piece_mib: int) -> None:
     from safetensors.numpy import save_file
 
@@ -180,6 +209,9 @@ class RunResult:
     tiers: dict[str, int] = field(default_factory=dict)
     failed: int = 0
     first_error: str = ""
+    # Agents' answers that were first-byte timeouts, and pods' 504s to only-if-cached.
+    timeouts: int = 0
+    uncached: int = 0
 
 
 def metric(text: str, name: str) -> float:
@@ -203,12 +235,23 @@ class Fleet:
         self.pods: list[ServiceProcess] = []
         self.agent_ns: list[str] = []
         self.agents: list[tuple[ServiceProcess, AgentClient]] = []
+        self.run_dir: Path | None = None  # the run folder this bench made, if any
 
     def close(self) -> None:
         self.stop()
+        self.discard_run()
         if self.store is not None:
             self.store.stop()
             self.store = None
+        with contextlib.suppress(OSError):
+            self.work.rmdir()  # the runs folder, if the bench made it and it is empty
+
+    def discard_run(self) -> None:
+        """Remove the current run's folder (pods' caches, node caches, mounts), by the
+        name this bench gave it; its processes must be stopped first."""
+        if self.run_dir is not None:
+            drop_tree(self.run_dir)
+            self.run_dir = None
 
     def stop(self) -> None:
         """Stop this run's pods and agents (by PID; the store server stays)."""
@@ -238,6 +281,7 @@ class Fleet:
         d = self.work / run
         drop_tree(d)
         d.mkdir(parents=True)
+        self.run_dir = d
         store_url = f"http://{STORE_IP}:{STORE_PORT}"
         self.pods = []
         for i, ip in enumerate(POD_IPS):
@@ -317,8 +361,19 @@ class Fleet:
                 tiers[k] = tiers.get(k, 0) + int(v)
         done = [t for t in times if not math.isnan(t)]
         errors = [str(st.get("error")) for st in statuses if st.get("state") != "done"]
-        return RunResult(done, self.origin_bytes(), self.pod_bytes(skip), tiers,
-                         failed=len(errors), first_error=errors[0] if errors else "")
+        res = RunResult(done, self.origin_bytes(), self.pod_bytes(skip), tiers,
+                        failed=len(errors), first_error=errors[0] if errors else "")
+        if self.args.verbose:  # why chunks were asked twice: each agent's complaints
+            for p, _ in self.agents:
+                for ln in p.lines:
+                    if "answered" in ln or "hedging" in ln:
+                        print("   ", ln.strip()[:300], flush=True)
+        for _, client in self.agents:
+            with contextlib.suppress(Exception):
+                text = client.metrics()
+                res.timeouts += int(metric(text, "bdn_agent_timeout_answers"))
+                res.uncached += int(metric(text, "bdn_agent_uncached_answers"))
+        return res
 
 
 def pct(values: list[float], q: float) -> float:
@@ -348,7 +403,7 @@ def report(label: str, n: int, res: RunResult, model_bytes: int, bound: float) -
           f"{pct(res.times_s, 0.99):7.2f} s  max {max(res.times_s, default=math.nan):7.2f} s"
           f"  (bound {bound:6.2f} s)  origin/model {res.origin_bytes / model_bytes:5.2f}"
           f"  pods MiB {[round(v / MiB) for v in pods.values()]} max/mean {balance:4.2f}"
-          f"  tiers MiB: {tiers}"
+          f"  tiers MiB: {tiers}  timeouts {res.timeouts} uncached {res.uncached}"
           + (f"  FAILED {res.failed}: {res.first_error[:300]}" if res.failed else ""),
           flush=True)
 
@@ -375,6 +430,8 @@ def main() -> int:
     ap.add_argument("--agent-mbit", type=int, default=1000)
     ap.add_argument("--workdir", default=str(ROOT / ".bench" / "fleet"))
     ap.add_argument("--no-faults", action="store_true", help="skip the hung/killed runs")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also print every agent's warnings about answers and hedges")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
         print("bench/fleet.py needs root and iproute2 (ip, tc): apt-get install -y iproute2",
@@ -383,6 +440,17 @@ def main() -> int:
     ns_list = [int(x) for x in args.agents.split(",") if x.strip()]
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # The source and the store (2 × the model) unless kept from an earlier invocation,
+    # plus the largest run; each run's folder is removed before the next starts.
+    model_est = args.model_mib * MiB
+    kept = sum(p.stat().st_size for d in (work / "src", work / "store") if d.exists()
+               for p in d.rglob("*") if p.is_file())
+    need = max(0, 2 * model_est - kept) + run_bytes_needed(model_est, max(ns_list))
+    refusal = check_free_space(work, need, f"the model ({args.model_mib} MiB, mirrored) "
+                               f"and one run of N = {max(ns_list)}")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     make_model(work / "src", args.model_mib, args.piece_mib)
     store_dir = work / "store"
     shutil.rmtree(store_dir, ignore_errors=True)
@@ -397,7 +465,7 @@ def main() -> int:
           f"placement max/mean {max(placed.values()) * 3 / model_bytes:.3f}", flush=True)
     prefix = f"bdnf{os.getpid() % 100000}"
     with interrupts_raise(), Net(prefix) as net:
-        fleet = Fleet(args, net, work / "runs")
+        fleet = Fleet(args, net, work / RUNS_DIR)
         try:
             fleet.start_store(store_dir)
             fleet.add_namespaces(max(ns_list))
@@ -410,6 +478,7 @@ def main() -> int:
                     res.origin_bytes -= before
                     report(label, n, res, model_bytes, bound_s(model_bytes, n, args, sharing))
                     fleet.stop()
+                    fleet.discard_run()
             if not args.no_faults:
                 n = max(ns_list)
                 for fault in ("killed", "hung"):
@@ -420,6 +489,7 @@ def main() -> int:
                     report(f"pod {fault}", n, res, model_bytes,
                            bound_s(model_bytes, n, args, True))
                     fleet.stop()
+                    fleet.discard_run()
         finally:
             fleet.close()
     return 0

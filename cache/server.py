@@ -11,7 +11,10 @@ HTTP API (all digests ``b3:<hex>``):
   another validator or a date gives the whole object. A digest the store lacks is
   answered 404 from memory for ``NEGATIVE_TTL_S`` after it was looked up. A cached object is
   sent with ``sendfile``; a miss starts (or joins) the object's one fill and streams from
-  it as bytes arrive. ``X-Bdn-Cache`` says ``hit``, ``miss`` or ``coalesced``.
+  it as bytes arrive. ``X-Bdn-Cache`` says ``hit``, ``miss`` or ``coalesced``. With
+  ``Cache-Control: only-if-cached`` (RFC 9111 §5.2.1.7) a miss is answered 504 instead
+  of starting a fill (a fill in flight is joined): agents send it to every pod but the
+  one whose turn it is to fill, so a hedge never becomes a second store read.
 - ``GET /v1/manifests/{digest}`` — a manifest's bytes (manifests are objects).
 - ``GET /v1/refs/{namespace}/{model}/{tag}`` — ``{"ref", "digest"}``, cached for
   ``ref_ttl_s`` (refs move; a short TTL bounds how stale a scale-up can be).
@@ -316,6 +319,15 @@ def _agent_url(value: object, field: str) -> str:
                          ) from None
 
 
+def only_if_cached(request: web.Request) -> bool:
+    """Whether the request carries ``Cache-Control: only-if-cached`` (RFC 9111
+    §5.2.1.7): answer from what is cached (or a fill already in flight, which costs no
+    further store read), else 504 — never start a fill."""
+    return any(d.strip().lower() == "only-if-cached"
+               for v in request.headers.getall("Cache-Control", [])
+               for d in v.split(","))
+
+
 def _error(status: int, message: str, digest: str = "",
            headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": message}
@@ -577,6 +589,11 @@ class CacheServer:
         if digest not in self.fills and self.negative.absent(digest, time.monotonic()):
             return _error(404, f"object {digest} not found in blob store {self.store.url} "
                           f"(looked up less than {self.negative.ttl_s:g} s ago)", str(digest))
+        if digest not in self.fills and only_if_cached(request):
+            # Not the pod asked to fill this object (a hedge, or a second ask): a miss
+            # here must not become a second store read of it.
+            return _error(504, f"object {digest} is not cached here (only-if-cached)",
+                          str(digest))
         fill, state = self._join(digest)
         return await self._serve_fill(request, fill, content_type, state)
 

@@ -3,7 +3,7 @@ corrupt, truncate, refuse (503) or slow down object responses. Run as a real pro
 prints ``BDN_LISTENING <url>``.
 
     python agent_proxy.py --upstream http://127.0.0.1:PORT [--flip] [--corrupt N]
-        [--truncate N] [--busy-for-s S] [--delay-ms N]
+        [--truncate N] [--busy-for-s S] [--delay-ms N] [--hold-ms N]
 
 Faults apply to ``GET /v1/objects/{digest}`` answers, per digest:
 
@@ -16,6 +16,12 @@ Faults apply to ``GET /v1/objects/{digest}`` answers, per digest:
   first one arrived: a store blip behind the cache, as the agent sees it.
 * ``--delay-ms N`` holds each object response that long before sending (so a test can
   kill the agent mid-pull).
+* ``--hold-ms N`` forwards each object request at once (so the pod behind starts its
+  fill) but holds the answer that long before sending it: a pod that is alive and
+  filling but slow to answer, as a loaded pod looks to an agent's first-byte deadline.
+
+``Cache-Control`` is forwarded both ways with ``Range`` (an agent's ``only-if-cached``
+must reach the pod).
 
 ``GET /proxy/stats`` returns ``{"requests": {digest: n}, "reports": {digest: n},
 "flipped": [digest, ...], "truncated": [...], "busy": n, "paths": {path: n}}``;
@@ -36,7 +42,9 @@ import aiohttp
 from aiohttp import web
 
 FORWARDED_HEADERS = ("content-range", "content-type", "etag", "accept-ranges",
-                     "content-encoding")
+                     "content-encoding", "cache-control")
+# Request headers passed on to the upstream.
+FORWARDED_REQUEST_HEADERS = ("range", "accept-encoding", "cache-control")
 BUSY_RETRY_AFTER_S = 1
 
 
@@ -48,6 +56,7 @@ def main() -> int:
     ap.add_argument("--truncate", type=int, default=0)
     ap.add_argument("--busy-for-s", type=float, default=0.0)
     ap.add_argument("--delay-ms", type=int, default=0)
+    ap.add_argument("--hold-ms", type=int, default=0)
     args = ap.parse_args()
     corrupt = -1 if args.corrupt < 0 else max(args.corrupt, 1 if args.flip else 0)
     requests: dict[str, int] = {}
@@ -78,35 +87,37 @@ def main() -> int:
         if args.delay_ms:
             await asyncio.sleep(args.delay_ms / 1000)
         headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("range", "accept-encoding")}
+                   if k.lower() in FORWARDED_REQUEST_HEADERS}
         async with session.get(f"{args.upstream}/v1/objects/{digest}",
                                headers=headers) as up:
             body = bytearray(await up.read())
             out = {k: v for k, v in up.headers.items() if k.lower() in FORWARDED_HEADERS}
-            if up.status not in (200, 206) or not body:
-                return web.Response(status=up.status, body=bytes(body), headers=out)
-            n = served[digest] = served.get(digest, 0) + 1
-            if corrupt < 0 or n <= corrupt:
-                if digest not in flipped:
-                    flipped.append(digest)
-                body[len(body) // 2] ^= 0x01
-            elif n <= corrupt + args.truncate:
-                if digest not in truncated:
-                    truncated.append(digest)
-                resp = web.StreamResponse(status=up.status, headers=out)
-                resp.content_length = len(body)
-                await resp.prepare(request)
-                await resp.write(bytes(body[:len(body) // 2]))
-                assert request.transport is not None
-                request.transport.close()  # the peer went away mid-body
-                return resp
+        if args.hold_ms:
+            await asyncio.sleep(args.hold_ms / 1000)  # the slowness being simulated
+        if up.status not in (200, 206) or not body:
             return web.Response(status=up.status, body=bytes(body), headers=out)
+        n = served[digest] = served.get(digest, 0) + 1
+        if corrupt < 0 or n <= corrupt:
+            if digest not in flipped:
+                flipped.append(digest)
+            body[len(body) // 2] ^= 0x01
+        elif n <= corrupt + args.truncate:
+            if digest not in truncated:
+                truncated.append(digest)
+            resp = web.StreamResponse(status=up.status, headers=out)
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            await resp.write(bytes(body[:len(body) // 2]))
+            assert request.transport is not None
+            request.transport.close()  # the peer went away mid-body
+            return resp
+        return web.Response(status=up.status, body=bytes(body), headers=out)
 
     async def passthrough(request: web.Request) -> web.StreamResponse:
         assert session is not None
         paths[request.path] = paths.get(request.path, 0) + 1
         headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("range", "accept-encoding")}
+                   if k.lower() in FORWARDED_REQUEST_HEADERS}
         async with session.request(request.method, f"{args.upstream}{request.path_qs}",
                                    headers=headers, allow_redirects=False) as up:
             body = await up.read()

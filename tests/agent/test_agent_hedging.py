@@ -11,11 +11,15 @@ from __future__ import annotations
 import pytest
 
 from agent.fetchpolicy import (
+    CORRUPT,
+    MISSING,
     OK,
     STORE,
     TIMEOUT,
+    UNCACHED,
     Answer,
     ChunkRetryBudget,
+    filler,
     next_source,
     stall_timeout_s,
 )
@@ -107,6 +111,53 @@ def test_after_a_timeout_the_next_owner_is_asked_at_once_and_the_hung_one_last()
     many = [Answer(A, TIMEOUT, float(i), float(i) + 1) for i in range(budget.tries_per_source)]
     step = next_source(many, [A], budget, now_s=100.0, draw=0.5)
     assert step.source is None and "no source left" in step.reason
+
+
+def test_only_one_pod_may_fill_a_chunk_the_others_are_asked_only_if_cached() -> None:
+    clock = FakeClock()
+    budget = ChunkRetryBudget()
+    pods = [A, B, C]
+    step = next_source([], pods, budget, now_s=clock.now, draw=0.5, fillers=pods)
+    assert (step.source, step.cached_only) == (A, False)  # the owner fills
+    # The owner is slow but alive (not suspected, same order); the hedge to B was
+    # refused (504): B is not asked again, C is asked only-if-cached, then A again.
+    slow = Answer(A, TIMEOUT, clock.now, clock.advance(3.0))
+    refused = Answer(B, UNCACHED, clock.now - 1.4, clock.now - 1.4)
+    history = [refused, slow]
+    step = next_source(history, pods, budget, now_s=clock.now, draw=0.5, fillers=pods)
+    assert (step.source, step.cached_only) == (C, True)
+    history.append(Answer(C, UNCACHED, clock.now, clock.advance(0.01)))
+    step = next_source(history, pods, budget, now_s=clock.now, draw=0.5, fillers=pods)
+    assert (step.source, step.cached_only, step.at_s) == (A, False, clock.now)
+    # Once the owner is suspected it goes last: B's turn to fill has come, at once,
+    # though it said it does not hold the chunk (504s cost no try).
+    order = [B, C, A]
+    step = next_source(history, order, budget, now_s=clock.now, draw=0.5, fillers=order)
+    assert (step.source, step.cached_only, step.at_s) == (B, False, clock.now)
+    assert filler(history, order, budget) == B
+    # A pod missing the object, or out of tries for it, hands the turn on.
+    assert filler([Answer(A, MISSING, 0.0, 1.0)], pods, budget) == B
+    bad = [Answer(A, CORRUPT, float(i), float(i)) for i in range(budget.tries_per_source)]
+    assert filler(bad, pods, budget) == B
+    step = next_source(bad, pods, budget, now_s=bad[-1].ended_s, draw=0.5, fillers=pods)
+    assert (step.source, step.cached_only) == (B, False)
+    # A pod that served bad bytes hands the turn on (its copy is reported and dropped);
+    # when every pod did, the turn comes back to the first.
+    corrupt_a = [Answer(A, CORRUPT, 0.0, 0.1)]
+    assert filler(corrupt_a, pods, budget) == B
+    step = next_source(corrupt_a, pods, budget, now_s=0.1, draw=0.5, fillers=pods)
+    assert (step.source, step.cached_only) == (B, False)
+    both_bad = [*corrupt_a, Answer(B, CORRUPT, 0.1, 0.2)]
+    assert filler(both_bad, pods, budget) == C
+    assert filler(both_bad, [A, B], budget) == A
+    # Peer agents (not fillers) and the store are never asked only-if-cached.
+    step = next_source([], ["http://agent:7471", A, STORE], budget, now_s=0.0, draw=0.5,
+                       fillers=[A])
+    assert (step.source, step.cached_only) == ("http://agent:7471", False)
+    # B refused while A was to fill; then A turned out to miss it: now B fills.
+    done = [Answer(B, UNCACHED, 0.0, 0.1), Answer(A, MISSING, 0.0, 0.2)]
+    step = next_source(done, [A, B], budget, now_s=0.2, draw=0.5, fillers=[A, B])
+    assert (step.source, step.cached_only) == (B, False)
 
 
 def test_the_stall_period_follows_the_observed_throughput_within_floor_and_ceiling() -> None:

@@ -1,6 +1,7 @@
 """A hung cache pod (SIGSTOP: its kernel still accepts connections, nothing answers)
 costs a pull about one first-byte deadline more than a pod that is gone, and a chunk
-owner that sends no first byte is hedged with the next owner.
+owner that sends no first byte is hedged with the next owner (only-if-cached: the next
+owner fills it only once the hung one is suspected).
 
 Real processes on loopback: three cache servers, warmed by a prefetch so both pulls
 read from warm caches, and one agent per pull (its own node cache). Time is measured
@@ -13,16 +14,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from agent.fetch import Fetcher
-from agent.fetchpolicy import OK, TIMEOUT
+from agent.fetchpolicy import OK, TIMEOUT, UNCACHED
 from agent.options import MAX_CONNECTIONS, AgentOptions
+from bdn.store import BlobStore
 from cache.ring import digest_key, ref_key, rendezvous_order
-from cache.suspicion import SUSPECTED
+from cache.suspicion import SUSPECTED, TRUSTED
 from tests.agent.agent_support import (
     Agent,
     Model,
@@ -117,9 +120,13 @@ def test_a_chunk_owner_that_sends_no_first_byte_is_hedged_with_the_next(
         result = fetcher.fetch_into(chunk, memoryview(buf))
         took = time.monotonic() - started
         assert result.peer == good and result.tier == "cluster"
-        assert [(a.source, a.outcome) for a in result.answers] == [(hung, TIMEOUT), (good, OK)]
-        # One deadline, then the backup's answer: not a read timeout.
-        assert took < FIRST_BYTE_TIMEOUT_S + 5.0, took
+        # The hedge is only-if-cached (the good pod is not the owner, and has not filled
+        # it): refused. The owner gets one more deadline, shows no sign of life, and is
+        # suspected; then the good pod is the one to fill it.
+        assert [(a.source, a.outcome) for a in result.answers] == [
+            (good, UNCACHED), (hung, TIMEOUT), (good, OK)]
+        # Two deadlines, then the next owner's answer: not a read timeout.
+        assert took < 2 * FIRST_BYTE_TIMEOUT_S + 5.0, took
         assert fetcher.suspicion.state(hung, time.monotonic()) == SUSPECTED
         # Suspected: the next chunks go to the good peer first, without waiting.
         for c in chunks[1:]:
@@ -128,3 +135,73 @@ def test_a_chunk_owner_that_sends_no_first_byte_is_hedged_with_the_next(
         fetcher.close()
     finally:
         hole.close()
+
+
+class _HeadThenWait:
+    """A peer that answers its first connection's request with a response head and then
+    no body until the client gives up (closes), as a pod waiting on its store for the
+    fill it streams looks; later connections get the whole answer."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed: the test is over
+            self.connections += 1
+            with conn:
+                n = len(self.body)
+                head = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {n}\r\n"
+                        f"Content-Range: bytes 0-{n - 1}/{n}\r\n\r\n").encode()
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    buf += more
+                if self.connections == 1:
+                    conn.sendall(head)
+                    while conn.recv(65536):  # until the client closes
+                        pass
+                else:
+                    conn.sendall(head + self.body)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(timeout=10)
+
+
+def test_a_pod_that_sends_the_head_then_waits_is_re_asked_not_suspected(
+        tmp_path: Path, store: Path, base: Model, cache_server: ServiceProcess) -> None:
+    """A body that does not start after the head is a stall (re-asked), but the pod
+    answered: it is not suspected, and the next pod is asked only-if-cached — moving
+    the fill there would read the store twice."""
+    chunk = next(c for c in base.manifest.unique_chunks().values() if c.length > 1024)
+    body = b"".join(BlobStore(str(store)).iter_object(chunk.digest))
+    slow = _HeadThenWait(body)
+    good = str(cache_server.url)
+    try:
+        options = AgentOptions(cache_dir=tmp_path / "n", budget_bytes=0,
+                               peers=(slow.url, good), strict=True,
+                               first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S,
+                               stall_timeout_s=0.5)
+        fetcher = Fetcher(options, None, owners=lambda d: [slow.url, good])
+        result = fetcher.fetch_into(chunk, memoryview(bytearray(chunk.length)))
+        assert [(a.source, a.outcome) for a in result.answers] == [
+            (slow.url, TIMEOUT), (good, UNCACHED), (slow.url, OK)]
+        assert result.answers[0].alive
+        assert fetcher.suspicion.state(slow.url, time.monotonic()) == TRUSTED
+        assert metrics(good)["bdn_cache_misses_total"] == 0  # the good pod filled nothing
+        fetcher.close()
+    finally:
+        slow.close()

@@ -123,6 +123,8 @@ def test_fast_path_answers_as_aiohttp_does(served: tuple[str, str, bytes]) -> No
             ("GET", {"Range": "bytes=" + "9" * 5000 + "-"}),        # 416
             ("HEAD", {}),
             ("HEAD", {"Range": "bytes=100-199"}),
+            ("GET", {"Cache-Control": "only-if-cached"}),           # a hit: served
+            ("GET", {"Cache-Control": "max-age=0, only-if-cached", "Range": "bytes=3-9"}),
         ]
         for method, headers in cases:
             a = fast.request(target, headers, method)

@@ -406,3 +406,45 @@ def test_cached_file_gone_from_disk_is_503_then_filled_again(
     assert status == 503 and headers.get("Retry-After") and b"vanished" in body
     status, headers, body = http_get(f"{cache.url}/v1/objects/{digest}")
     assert (status, body, headers["X-Bdn-Cache"]) == (200, data, "miss")
+
+
+async def test_only_if_cached_never_fills(
+        tmp_path: Path, store: BlobStore, start_cache: StartCache,
+        start_store_http) -> None:  # type: ignore[no-untyped-def]
+    """``Cache-Control: only-if-cached`` (RFC 9111 §5.2.1.7), as agents send on a hedge
+    or a second ask to a pod that does not own the object: a miss is answered 504 and
+    reads nothing from the store; a fill in flight is joined (it costs no store read);
+    a cached object is served as always."""
+    data = os.urandom(2 * MIB)
+    digest = put_object(store, data)
+    # Every object response of the store stops after 1 MiB until the gate opens.
+    origin = start_store_http(store.url, stall_after=MIB, gated=True)
+    cache = start_cache(origin.url, tmp_path / "cachedir")
+    url = f"{cache.url}/v1/objects/{digest}"
+    only = {"Cache-Control": "only-if-cached"}
+    for method in ("GET", "HEAD"):
+        status, headers, body = http_get(url, only, method)
+        assert status == 504, (method, status, body)
+        if method == "GET":
+            assert b"only-if-cached" in body and str(digest).encode() in body
+    m = metrics(cache.url)
+    assert m["bdn_cache_store_object_reads_total"] == 0
+    assert m["bdn_cache_misses_total"] == 0
+
+    async def now(name: str) -> float:
+        return (await asyncio.to_thread(metrics, cache.url))[name]  # a round trip each
+
+    async with aiohttp.ClientSession() as session:
+        filler = asyncio.create_task(fetch(session, url))
+        deadline = time.monotonic() + 30
+        while await now("bdn_cache_fills_in_flight") < 1:
+            assert time.monotonic() < deadline, "the fill did not start"
+        joined = asyncio.create_task(fetch(session, url, only))
+        while await now("bdn_cache_coalesced_waiters_total") < 1:
+            assert time.monotonic() < deadline, "only-if-cached did not join the fill"
+        assert (await asyncio.to_thread(post_json, f"{origin.url}/_gate/open"))[0] == 200
+        assert [await filler, await joined] == [("ok", 200, digest)] * 2
+    status, headers, body = http_get(url, only)
+    assert status == 200 and body == data and headers["X-Bdn-Cache"] == "hit"
+    m = metrics(cache.url)
+    assert m["bdn_cache_store_object_reads_total"] == 1
