@@ -9,9 +9,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from bdn.store import BlobStore, object_key
 from manifests.digest import Digest
-from tests.cache.conftest import http_get, put_object
+from tests.support.cache import put_object
+from tests.support.http import http_get
+
+pytestmark = pytest.mark.slow
 
 MIB = 1024 * 1024
 RATE_BYTES_PER_S = 8 * MIB
