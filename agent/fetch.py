@@ -12,13 +12,14 @@ within a bounded total wait. When the budget is spent the error names the chunk,
 source asked and what each answered.
 
 No hung peer stalls a chunk: each request has a connect timeout, a first-byte deadline
-(the response head) and a stall detector (no byte for a period derived from the
-throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`). Past the first-byte
-deadline the request is *hedged*: the same chunk is asked of the next untried peer and
-whichever starts answering first is read, the other cancelled (its connection closed).
-A stalled transfer is abandoned and re-asked at once. Either way the slow peer is
-suspected across chunks (:class:`cache.suspicion.Suspicion`), so a hung owner costs
-about one deadline per probe, not a read timeout per chunk.
+(the response head: ``first_byte_timeout_s``, raised to what heads take when links are
+full, :class:`agent.fetchpolicy.HeadLatency`) and a stall detector (no byte for a period
+derived from the throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`).
+Past the first-byte deadline the request is *hedged*: the same chunk is asked of the
+next untried peer and whichever starts answering first is read, the other cancelled (its
+connection closed). A stalled transfer is abandoned and re-asked at once. Either way the
+slow peer is suspected across chunks (:class:`cache.suspicion.Suspicion`), so a hung
+owner costs about one deadline per probe, not a read timeout per chunk.
 
 Hedging never costs a second store read. Only one pod may fill a chunk — its owner, or
 once the owner is suspected or passed over, the next in placement order
