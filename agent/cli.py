@@ -82,7 +82,8 @@ def _node_args(p: argparse.ArgumentParser) -> None:
                         f"(default {CONNECT_TIMEOUT_S:g})")
     p.add_argument("--first-byte-timeout-s", type=float, default=FIRST_BYTE_TIMEOUT_S,
                    help="seconds a peer may take to start answering a chunk before the "
-                        f"next owner is asked (default {FIRST_BYTE_TIMEOUT_S:g})")
+                        "next owner is asked; the least: it grows to what answers take "
+                        f"when links are full (default {FIRST_BYTE_TIMEOUT_S:g})")
     p.add_argument("--stall-timeout-s", type=float, default=STALL_TIMEOUT_S,
                    help="least seconds without a byte before a transfer counts as "
                         "stalled; longer when the observed throughput is low "

@@ -12,13 +12,14 @@ within a bounded total wait. When the budget is spent the error names the chunk,
 source asked and what each answered.
 
 No hung peer stalls a chunk: each request has a connect timeout, a first-byte deadline
-(the response head) and a stall detector (no byte for a period derived from the
-throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`). Past the first-byte
-deadline the request is *hedged*: the same chunk is asked of the next untried peer and
-whichever starts answering first is read, the other cancelled (its connection closed).
-A stalled transfer is abandoned and re-asked at once. Either way the slow peer is
-suspected across chunks (:class:`cache.suspicion.Suspicion`), so a hung owner costs
-about one deadline per probe, not a read timeout per chunk.
+(the response head: ``first_byte_timeout_s``, raised to what heads take when links are
+full, :class:`agent.fetchpolicy.HeadLatency`) and a stall detector (no byte for a period
+derived from the throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`).
+Past the first-byte deadline the request is *hedged*: the same chunk is asked of the
+next untried peer and whichever starts answering first is read, the other cancelled (its
+connection closed). A stalled transfer is abandoned and re-asked at once. Either way the
+slow peer is suspected across chunks (:class:`cache.suspicion.Suspicion`), so a hung
+owner costs about one deadline per probe, not a read timeout per chunk.
 
 Hedging never costs a second store read. Only one pod may fill a chunk — its owner, or
 once the owner is suspected or passed over, the next in placement order
@@ -73,6 +74,7 @@ from agent.fetchpolicy import (
     TRUNCATED,
     UNCACHED,
     Answer,
+    HeadLatency,
     Suspicion,
     filler,
     next_source,
@@ -249,6 +251,8 @@ class Fetcher:
         # When a byte last came from each peer, on any connection (monotonic seconds):
         # a pod that is slow to answer one request but sends on others is alive.
         self._heard_s: dict[str, float] = {}
+        # What response heads take to arrive (the first-byte deadline follows it).
+        self._head_latency = HeadLatency()
 
     def close(self) -> None:
         self._closing.set()
@@ -313,13 +317,15 @@ class Fetcher:
         me = self.options.peer_advertise or ""
         path = (urlsplit(owner).path.rstrip("/") + HOLDERS_PATH + str(chunk.digest)
                 + "?exclude=" + quote(me, safe=""))
+        started = self._clock()
         try:
             conn = self._conn(owner)
             conn.request("GET", path)
             if conn.sock is not None:
-                conn.sock.settimeout(self.options.first_byte_timeout_s)
+                conn.sock.settimeout(self.first_byte_s())
             resp = conn.getresponse()
             self.heard(owner)
+            self._observe_head(self._clock() - started)
             data = resp.read(MAX_HOLDERS_ANSWER_BYTES)
             if resp.status != 200:
                 if resp.will_close:
@@ -327,11 +333,12 @@ class Fetcher:
                 return []
             found = json.loads(data).get("holders", [])
         except TimeoutError:
+            # Not suspected for this: the lookup is optional, and a suspected owner
+            # hands its fills to the next pod (a second store read). The chunk's own
+            # request to it, hedged and given its grace, finds out whether it is hung.
             self._drop(owner)
-            now = self._clock()
-            # A pod busy sending on other connections is slow, not hung.
-            if not self.alive(owner, now - self.options.first_byte_timeout_s):
-                self.suspicion.failed(owner, now)
+            log.info("chunk %s: no holders answer from %s within %.1f s", chunk.digest,
+                     owner, self.first_byte_s())
             return []
         except (OSError, http.client.HTTPException, ValueError, AttributeError):
             self._drop(owner)
@@ -355,6 +362,16 @@ class Fetcher:
             self.rate_bytes_per_s = rate if old is None else (
                 old + RATE_EWMA_WEIGHT * (rate - old))
 
+    def first_byte_s(self) -> float:
+        """The first-byte deadline now: what heads have taken (``srtt + 4 × rttvar``),
+        at least the configured ``first_byte_timeout_s``, at most the read timeout."""
+        return self._head_latency.deadline_s(floor_s=self.options.first_byte_timeout_s,
+                                             ceiling_s=self.options.read_timeout_s)
+
+    def _observe_head(self, latency_s: float) -> None:
+        with self._rate_lock:
+            self._head_latency = self._head_latency.observe(latency_s)
+
     def heard(self, peer: str) -> None:
         """A byte (a response head, body bytes) came from ``peer`` just now."""
         self._heard_s[peer] = self._clock()
@@ -368,7 +385,7 @@ class Fetcher:
         of a peer that sent nothing on any connection in the last deadline."""
         if answer.outcome == TIMEOUT:
             return not (answer.alive or self.alive(
-                answer.source, answer.ended_s - self.options.first_byte_timeout_s))
+                answer.source, answer.ended_s - self.first_byte_s()))
         return answer.outcome in SUSPICIOUS
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:
@@ -453,7 +470,7 @@ class Fetcher:
         sent = self._send(source, chunk, cached_only)
         if isinstance(sent, Answer):
             return [sent]
-        deadline_s = self.options.first_byte_timeout_s
+        deadline_s = self.first_byte_s()
         if _first_ready([(source, sent)], deadline_s) is not None:
             return [self._receive_answer(source, sent, started, chunk, view, cached_only)]
         out: list[Answer] = []
@@ -531,7 +548,8 @@ class Fetcher:
                         chunk: Chunk, view: memoryview, cached_only: bool = False
                         ) -> Answer:
         return self._classify(peer, started, chunk, view,
-                              lambda: self._receive(peer, conn, chunk, view, cached_only),
+                              lambda: self._receive(peer, conn, chunk, view, cached_only,
+                                                    started),
                               f"chunk from peer {peer}")
 
     def _classify(self, source: str, started: float, chunk: Chunk, view: memoryview,
@@ -565,16 +583,19 @@ class Fetcher:
         return Answer(source, OK, started, ended)
 
     def _receive(self, peer: str, conn: http.client.HTTPConnection, chunk: Chunk,
-                 view: memoryview, cached_only: bool = False) -> None:
-        """Read the answer to a request :meth:`_send` sent (its first byte is there)."""
+                 view: memoryview, cached_only: bool, started: float) -> None:
+        """Read the answer to a request :meth:`_send` sent at ``started`` (its first byte
+        is there)."""
+        head_s = self.first_byte_s()
         if conn.sock is not None:
-            conn.sock.settimeout(self.options.first_byte_timeout_s)
+            conn.sock.settimeout(head_s)
         try:
             resp = conn.getresponse()
         except TimeoutError:
             raise TimeoutError(f"the response head did not arrive within "
-                               f"{self.options.first_byte_timeout_s:g} s") from None
+                               f"{head_s:.1f} s") from None
         self.heard(peer)
+        self._observe_head(self._clock() - started)
         stall_s = self.stall_s()
         if conn.sock is not None:
             conn.sock.settimeout(stall_s)

@@ -79,6 +79,10 @@ DEFAULT_BACKOFF = RetryPolicy(attempts=DEFAULT_TRIES_PER_SOURCE, base_delay_s=0.
 # node's scheduling hiccups) nor more than the ceiling (the read timeout).
 STALL_BLOCK_BYTES = 1024 * 1024
 STALL_SLOWDOWN = 8.0
+# RFC 6298's gains and deviation factor, for the head latency (HeadLatency).
+HEAD_ALPHA = 0.125
+HEAD_BETA = 0.25
+HEAD_K = 4.0
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,35 @@ def stall_timeout_s(rate_bytes_per_s: float | None, *, floor_s: float,
     return max(floor_s, min(ceiling_s, wanted))
 
 
+@dataclass(frozen=True)
+class HeadLatency:
+    """How long response heads take to arrive, as TCP estimates its round trip (RFC
+    6298): a smoothed mean and mean deviation over the heads seen so far.
+
+    Why: a fixed first-byte deadline fires on pods that are only queued — when N nodes
+    pull at once the pods' links are full and a head waits behind bodies (seconds on
+    the fleet bench) — and every false timeout moves a fill to the next pod. The
+    deadline follows what heads really take (:meth:`deadline_s`), never below the
+    configured floor, so an idle cluster still finds a hung pod within the floor.
+    """
+
+    srtt_s: float | None = None
+    rttvar_s: float = 0.0
+
+    def observe(self, latency_s: float) -> HeadLatency:
+        if self.srtt_s is None:
+            return HeadLatency(latency_s, latency_s / 2)
+        rttvar = (1 - HEAD_BETA) * self.rttvar_s + HEAD_BETA * abs(self.srtt_s - latency_s)
+        return HeadLatency((1 - HEAD_ALPHA) * self.srtt_s + HEAD_ALPHA * latency_s, rttvar)
+
+    def deadline_s(self, *, floor_s: float, ceiling_s: float) -> float:
+        """``srtt + 4 × rttvar`` within ``[floor_s, ceiling_s]``; the floor before any
+        head arrived."""
+        if self.srtt_s is None:
+            return min(floor_s, ceiling_s)
+        return max(floor_s, min(ceiling_s, self.srtt_s + HEAD_K * self.rttvar_s))
+
+
 def summarize(history: Sequence[Answer]) -> str:
     """What each source answered, e.g. ``http://p:8401 answered 3× corrupt (last: …)``."""
     by_source: dict[str, list[Answer]] = {}
@@ -240,5 +273,6 @@ def summarize(history: Sequence[Answer]) -> str:
 
 __all__ = ["BAD_BYTES", "BUSY", "CORRUPT", "DEFAULT_SUSPECT_S", "ERROR", "FAULTS",
            "MAX_SUSPECT_S", "MISSING", "OK", "OUTCOMES", "STORE", "SUSPICIOUS", "TIMEOUT",
-           "TRUNCATED", "UNCACHED", "Answer", "ChunkRetryBudget", "Step", "Suspicion",
+           "TRUNCATED", "UNCACHED", "Answer", "ChunkRetryBudget", "HeadLatency", "Step",
+           "Suspicion",
            "filler", "next_source", "stall_timeout_s", "summarize", "waited_s"]

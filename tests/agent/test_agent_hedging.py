@@ -19,6 +19,7 @@ from agent.fetchpolicy import (
     UNCACHED,
     Answer,
     ChunkRetryBudget,
+    HeadLatency,
     filler,
     next_source,
     stall_timeout_s,
@@ -170,3 +171,26 @@ def test_the_stall_period_follows_the_observed_throughput_within_floor_and_ceili
     # In between: proportional.
     assert stall_timeout_s(1024 * 1024, floor_s=2.0, ceiling_s=60.0) == pytest.approx(8.0)
     assert stall_timeout_s(0, floor_s=2.0, ceiling_s=1.0) == 1.0
+
+
+def test_the_first_byte_deadline_follows_what_heads_take_within_floor_and_ceiling() -> None:
+    est = HeadLatency()
+    # No head seen yet: the configured deadline.
+    assert est.deadline_s(floor_s=1.5, ceiling_s=60.0) == 1.5
+    # An idle cluster (heads in milliseconds): still the floor, so a hung pod is found
+    # within it.
+    for _ in range(20):
+        est = est.observe(0.005)
+    assert est.deadline_s(floor_s=1.5, ceiling_s=60.0) == 1.5
+    # Full links: heads queue behind bodies for seconds; the deadline follows (srtt +
+    # 4 × rttvar), so a pod that is only queued is not taken for hung.
+    for latency in (2.0, 3.0, 2.5, 4.0, 3.0, 2.0, 3.5):
+        est = est.observe(latency)
+    assert est.srtt_s is not None
+    want = est.srtt_s + 4 * est.rttvar_s
+    assert 3.0 < want < 60.0
+    assert est.deadline_s(floor_s=1.5, ceiling_s=60.0) == pytest.approx(want)
+    assert est.deadline_s(floor_s=1.5, ceiling_s=5.0) == 5.0
+    # RFC 6298's first sample: srtt = R, rttvar = R / 2.
+    first = HeadLatency().observe(0.8)
+    assert (first.srtt_s, first.rttvar_s) == (0.8, 0.4)
