@@ -59,7 +59,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 from aiohttp import web
@@ -806,19 +806,31 @@ class CacheServer:
 
     # -- prefetch ------------------------------------------------------------------
 
+    # -- JSON bodies of the unauthenticated POST routes ---------------------------------
+
+    async def _json_object(self, request: web.Request) -> dict[str, Any] | None:
+        """The request's JSON object, read within the body timeout; None when the body did
+        not arrive in time. Raises ValueError for anything but a JSON object."""
+        try:
+            async with asyncio.timeout(self.options.body_timeout_s):
+                body = await request.json()
+        except TimeoutError:
+            return None
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        return body
+
+    def _body_timeout(self, what: str) -> web.Response:
+        return _error(408, f"{what} body not received within "
+                      f"{self.options.body_timeout_s:g} s", headers={"Connection": "close"})
+
     # -- holders (node-to-node sharing) ------------------------------------------------
 
     async def handle_holders_post(self, request: web.Request) -> web.Response:
         try:
-            try:
-                async with asyncio.timeout(self.options.body_timeout_s):
-                    body = await request.json()
-            except TimeoutError:
-                return _error(408, f"holders body not received within "
-                              f"{self.options.body_timeout_s:g} s",
-                              headers={"Connection": "close"})
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
+            body = await self._json_object(request)
+            if body is None:
+                return self._body_timeout("holders")
             agent = _agent_url(body.get("agent"), "agent")
             digests = body.get("digests")
             if not isinstance(digests, list) or len(digests) > MAX_HOLDER_DIGESTS:
@@ -852,15 +864,9 @@ class CacheServer:
 
     async def handle_prefetch(self, request: web.Request) -> web.Response:
         try:
-            try:
-                async with asyncio.timeout(self.options.body_timeout_s):
-                    body = await request.json()
-            except TimeoutError:
-                return _error(408, f"prefetch body not received within "
-                              f"{self.options.body_timeout_s:g} s",
-                              headers={"Connection": "close"})
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
+            body = await self._json_object(request)
+            if body is None:
+                return self._body_timeout("prefetch")
             if "manifest" in body:
                 mdigest = Digest.parse(body["manifest"])
             elif "ref" in body:
