@@ -18,9 +18,12 @@ of it corrupting, truncating or refusing (503 + ``Retry-After``) object answers,
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,21 +74,34 @@ def _unique(model: Model) -> set[str]:
     return {str(d) for d in model.manifest.unique_chunks()}
 
 
+@contextlib.contextmanager
+def _strict_pull(tmp_path: Path, base: Model, cache_server: ServiceProcess,
+                 agents: list[Agent], *proxy_args: str,
+                 ) -> Iterator[tuple[Agent, dict[str, Any], dict[str, Any]]]:
+    """A ``--strict`` agent whose one peer is the cache behind the fault proxy (started
+    with ``proxy_args``) pulls ``base`` into ``tmp_path/m``; yields the agent, the pull's
+    final status and the proxy's stats."""
+    proxy = start_proxy(cache_server.url, *proxy_args)
+    try:
+        agent = Agent(tmp_path, peers=(proxy.url,), extra=("--strict",))
+        agents.append(agent)
+        st = agent.client.wait(agent.client.start_pull(ref=base.ref,
+                                                       mount=str(tmp_path / "m"))["id"])
+        yield agent, st, http_json(f"{proxy.url}/proxy/stats")
+    finally:
+        proxy.stop()
+
+
 # -- strict mode, one peer: end to end -----------------------------------------------------
 
 
 def test_strict_one_peer_corrupt_once_then_good_succeeds_and_reports(
         tmp_path: Path, base: Model, cache_server: ServiceProcess,
         agents: list[Agent]) -> None:
-    proxy = start_proxy(cache_server.url, "--corrupt", "1")
-    try:
-        agent = Agent(tmp_path, peers=(proxy.url,), extra=("--strict",))
-        agents.append(agent)
-        st = agent.client.wait(agent.client.start_pull(ref=base.ref,
-                                                       mount=str(tmp_path / "m"))["id"])
+    with _strict_pull(tmp_path, base, cache_server, agents,
+                      "--corrupt", "1") as (agent, st, stats):
         assert st["state"] == "done"
         assert_mount_matches(base.src, tmp_path / "m")
-        stats = http_json(f"{proxy.url}/proxy/stats")
         unique = _unique(base)
         assert set(stats["flipped"]) == unique
         assert set(stats["reports"]) == unique, "every bad answer was reported to the cache"
@@ -98,22 +114,15 @@ def test_strict_one_peer_corrupt_once_then_good_succeeds_and_reports(
         assert _metric(text, "bdn_agent_chunks_failed") == 0
         pool = _metric(text, "bdn_agent_buffer_pool_bytes")
         assert 0 < pool <= _metric(text, "bdn_agent_buffer_pool_max_bytes")
-    finally:
-        proxy.stop()
 
 
 def test_strict_one_peer_truncated_answer_is_reported_and_asked_again(
         tmp_path: Path, base: Model, cache_server: ServiceProcess,
         agents: list[Agent]) -> None:
-    proxy = start_proxy(cache_server.url, "--truncate", "1")
-    try:
-        agent = Agent(tmp_path, peers=(proxy.url,), extra=("--strict",))
-        agents.append(agent)
-        st = agent.client.wait(agent.client.start_pull(ref=base.ref,
-                                                       mount=str(tmp_path / "m"))["id"])
+    with _strict_pull(tmp_path, base, cache_server, agents,
+                      "--truncate", "1") as (agent, st, stats):
         assert st["state"] == "done"
         assert_mount_matches(base.src, tmp_path / "m")
-        stats = http_json(f"{proxy.url}/proxy/stats")
         unique = _unique(base)
         assert set(stats["truncated"]) == unique
         assert set(stats["reports"]) == unique, "every truncated answer was reported"
@@ -121,29 +130,20 @@ def test_strict_one_peer_truncated_answer_is_reported_and_asked_again(
         assert _metric(text, "bdn_agent_truncated_answers") == len(unique)
         assert _metric(text, "bdn_agent_bad_reports") == len(unique)
         assert _metric(text, "bdn_agent_integrity_failures") == 0
-    finally:
-        proxy.stop()
 
 
 def test_strict_one_peer_rides_out_a_few_seconds_of_503_retry_after(
         tmp_path: Path, base: Model, cache_server: ServiceProcess,
         agents: list[Agent]) -> None:
-    proxy = start_proxy(cache_server.url, "--busy-for-s", "2.5")
-    try:
-        agent = Agent(tmp_path, peers=(proxy.url,), extra=("--strict",))
-        agents.append(agent)
-        st = agent.client.wait(agent.client.start_pull(ref=base.ref,
-                                                       mount=str(tmp_path / "m"))["id"])
+    with _strict_pull(tmp_path, base, cache_server, agents,
+                      "--busy-for-s", "2.5") as (agent, st, stats):
         assert st["state"] == "done", st
         assert_mount_matches(base.src, tmp_path / "m")
-        stats = http_json(f"{proxy.url}/proxy/stats")
         assert stats["busy"] > 0
         assert not stats["reports"], "a 503 is not corruption"
         text = agent.client.metrics()
         assert _metric(text, "bdn_agent_busy_answers") == stats["busy"]
         assert _metric(text, "bdn_agent_chunks_failed") == 0
-    finally:
-        proxy.stop()
 
 
 def test_strict_one_peer_permanent_corruption_fails_naming_chunk_peer_and_answers(
