@@ -6,15 +6,21 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast typecheck lint bench bench-remote bench-gpu bench-fleet clean kube-bin
+.PHONY: venv lock demo test test-fast typecheck lint bench bench-remote bench-gpu bench-fleet clean kube-bin
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package of a known-good install: left free, pip's resolver
+# can spend half an hour backtracking through boto releases and then give up
+# (resolution-too-deep). `make lock` rewrites it from the current venv.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[all,test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,test]'
 	touch $(STAMP)
+
+lock: venv
+	$(PY) -m pip freeze --exclude-editable | grep -v '^bdn==' > constraints.txt
 
 demo: venv
 	$(PY) -m demo

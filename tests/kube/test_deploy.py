@@ -160,6 +160,12 @@ def test_the_dockerfile_copies_what_exists_and_runs_bdn() -> None:
             for source in line.split()[1:-1]:
                 assert (repo / source).exists(), source
     assert 'ENTRYPOINT ["bdn"]' in text
+    # Every package the wheel ships is copied in, and the install is pinned like make's.
+    copied = {line.split()[1] for line in text.splitlines() if line.startswith("COPY ")}
+    shipped = {path.parent.name for path in repo.glob("*/__init__.py")
+               if path.parent.name not in {"tests", "bench", "demo"}}
+    assert shipped <= copied, shipped - copied
+    assert "-c constraints.txt" in text
     extras = re.search(r"ARG EXTRAS=(\S+)", text)
     assert extras is not None
     pyproject = (repo / "pyproject.toml").read_text()
