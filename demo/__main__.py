@@ -14,7 +14,8 @@
    replica from an empty node cache, a second replica starts from the node cache, and
    the deployment scales back to zero. Phases and bytes by tier are printed for each.
 
-Everything lives under ``.demo/`` in the working directory and is stopped at the end.
+Everything lives under ``.demo/`` in the working directory and is stopped at the end;
+the next run replaces that folder, and refuses one it did not make.
 The example model folder (``demo/minilm``) is package data, so the same demo runs from
 an installed wheel (``pip install 'bdn[demo]'`` then ``bdn-demo``) as from the repository
 (``make demo``, ``python -m demo``). ``--mirror-only`` stops after the two mirrors,
@@ -39,6 +40,9 @@ from bdn.progress import human_bytes
 from demo import example
 
 WORKDIR = Path(".demo")
+# Written into WORKDIR when the demo makes it. Installed, the demo runs in whatever folder
+# its user is in, so it replaces only a .demo/ that carries this file.
+WORKDIR_MARKER = ".made-by-bdn-demo"
 BASE_REF = "demo/minilm:base"
 TUNED_REF = "demo/minilm:finetune"
 CHANGED_TENSORS = ("encoder.layer.5.output.dense.weight", "encoder.layer.5.output.dense.bias",
@@ -89,11 +93,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def fresh_workdir(workdir: Path) -> None:
+    """An empty ``workdir`` with the marker, replacing one that an earlier run made."""
+    if workdir.is_symlink() or (workdir.exists() and not (workdir / WORKDIR_MARKER).is_file()):
+        raise SystemExit(f"{workdir.resolve()} exists and was not made by the demo "
+                         f"(no {WORKDIR_MARKER}); move it away or run the demo in another "
+                         "folder")
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir()
+    (workdir / WORKDIR_MARKER).write_text("bdn-demo's work folder, replaced on each run\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # A fresh store each run, so the figures always show a first mirror.
-    shutil.rmtree(WORKDIR, ignore_errors=True)
-    WORKDIR.mkdir()
+    fresh_workdir(WORKDIR)
     store = str((WORKDIR / "store").resolve())
     src = model_dir()
     print(f"bdn demo — store {store}")
