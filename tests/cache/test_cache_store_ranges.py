@@ -102,10 +102,11 @@ def remote(request: pytest.FixtureRequest, tmp_path: Path, start_store_http: Any
 
 def _object_reads(log: list[list[Any]], digest: Digest) -> int:
     """Body bytes of the store's answers that carried the object's content: GETs of its
-    key. Listings (the key in a query) and GCS's JSON metadata (under ``/storage/v1/``)
-    are not content."""
-    return sum(int(n) for method, path, _rng, _status, n in log
-               if method == "GET" and digest.hex in path.partition("?")[0]
+    key, answered 200 or 206. Error bodies, listings (the key in a query) and GCS's JSON
+    metadata (under ``/storage/v1/``) are not content."""
+    return sum(int(n) for method, path, _rng, status, n in log
+               if method == "GET" and status in (200, 206)
+               and digest.hex in path.partition("?")[0]
                and not path.startswith("/storage/v1/"))
 
 
