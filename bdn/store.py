@@ -16,7 +16,10 @@ find it with one listing-free probe and the manifest records what was stored.
 
 The local backend uses ``os`` calls directly: it is the default and the hot path of
 ``bdn mirror``, and fsspec's local filesystem adds overhead per call that shows at
-thousands of objects. Remote roots go through fsspec with the same interface.
+thousands of objects. Remote roots go through fsspec with the same interface, except
+that objects are streamed by exact ranged GETs (:class:`RangeReader`) rather than
+fsspec's file objects, whose read-ahead fetches bytes nobody asked for: a cache pod
+reads each object from the store once, byte for byte, holding one range at a time.
 
 Its temporary files live in one folder per top-level prefix (``objects/.tmp/``,
 ``refs/.tmp/``, …), named ``<name>.tmp-<host>-<pid>-<random>``: an object is renamed from
