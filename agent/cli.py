@@ -194,9 +194,7 @@ def store_from_args(args: argparse.Namespace, options: AgentOptions) -> BlobStor
         return None
     from bdn.cli_store import open_store
 
-    return open_store(argparse.Namespace(
-        store=options.store_url, store_endpoint_url=args.store_endpoint_url,
-        store_secret=args.store_secret, secrets_dir=args.secrets_dir))
+    return open_store(args, url=options.store_url)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

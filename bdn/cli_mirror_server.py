@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 
+from bdn.cli_store import add_store_args
 from bdn.transfer.options import DEFAULT_CONCURRENCY, DEFAULT_PART_BYTES
 
 
@@ -14,12 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("mirror-server", help="run the mirror service (authenticated HTTP API)")
     p.add_argument("--listen", default="127.0.0.1:8470", help="HOST:PORT or unix:PATH "
                    "(port 0 picks a free one; the bound URL is printed as BDN_LISTENING)")
-    p.add_argument("--store", default=None,
-                   help="blob store URL or folder (default: $BDN_STORE or ~/.bdn/store)")
-    p.add_argument("--store-endpoint-url", default=None,
-                   help="S3/GCS endpoint for the store (S3-compatible stores, emulators)")
-    p.add_argument("--store-secret", default=None,
-                   help="secret name with the store's credentials (S3 JSON or GCS key)")
+    add_store_args(p)
     p.add_argument("--state-dir", default=os.path.expanduser("~/.bdn/mirror-server"),
                    help="where jobs (LMDB) and spooled downloads live")
     p.add_argument("--keys", required=True, help="API keys file (YAML; see mirror-keygen)")

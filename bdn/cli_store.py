@@ -91,8 +91,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     refs.set_defaults(handler=cmd_store_refs)
 
 
-def open_store(args: argparse.Namespace) -> BlobStore:
-    url = args.store or default_store_url()
+def open_store(args: argparse.Namespace, url: str | None = None) -> BlobStore:
+    """The blob store the flags of :func:`add_store_args` name: ``--store`` (or ``url``,
+    a daemon's resolved default), with ``--store-endpoint-url`` and the credentials of
+    ``--store-secret`` read from ``--secrets-dir``. Every command and daemon opens its
+    store here, so the same flags mean the same store everywhere."""
+    url = url or args.store or default_store_url()
     endpoint = getattr(args, "store_endpoint_url", None)
     secret_name = getattr(args, "store_secret", None)
     if not endpoint and not secret_name:

@@ -16,7 +16,10 @@ find it with one listing-free probe and the manifest records what was stored.
 
 The local backend uses ``os`` calls directly: it is the default and the hot path of
 ``bdn mirror``, and fsspec's local filesystem adds overhead per call that shows at
-thousands of objects. Remote roots go through fsspec with the same interface.
+thousands of objects. Remote roots go through fsspec with the same interface, except
+that objects are streamed by exact ranged GETs (:class:`RangeReader`) rather than
+fsspec's file objects, whose read-ahead fetches bytes nobody asked for: a cache pod
+reads each object from the store once, byte for byte, holding one range at a time.
 
 Its temporary files live in one folder per top-level prefix (``objects/.tmp/``,
 ``refs/.tmp/``, …), named ``<name>.tmp-<host>-<pid>-<random>``: an object is renamed from
@@ -34,13 +37,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
 import secrets
 import shutil
 import socket
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +94,13 @@ INCOMING_NAME = "incoming"
 # for this long belongs to a mirror that died.
 STALE_INCOMING_S = 3600.0
 READ_BLOCK_BYTES = 4 * 1024 * 1024
+# The most bytes one ranged GET of a remote store asks for when an object is streamed:
+# large enough that a request's latency is small beside its transfer, small enough that
+# a reader holds at most this much of an object in memory.
+RANGE_SIZE_BYTES = 8 * 1024 * 1024
+# Sizes of remote objects this process looked up, kept so that opening one just
+# stat'ed costs no second request (objects are immutable: a key's size never changes).
+KNOWN_SIZES_MAX = 4096
 DEFAULT_STORE_ENV = "BDN_STORE"
 
 
@@ -410,8 +423,90 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+class RangeReader(io.RawIOBase):
+    """A remote object of known ``size`` read as a file, by exact ranged GETs.
+
+    fsspec's own file objects read ahead (a block of 5 MiB or more past what was asked,
+    or again after a seek), so a cache pod filling an object from an ``http://`` store
+    read up to a third more than the object. This asks ``fetch(start, end)`` for
+    consecutive ranges of at most ``range_bytes`` that tile ``[0, size)`` exactly, and
+    hands out each range in whatever pieces the caller reads: every byte of the object
+    crosses the network once, nothing past its end, and at most one range is held in
+    memory. A store that ignores ``Range`` and sends the whole object is tolerated (the
+    object is then held whole, once); any other length is a :class:`StoreError` naming
+    the offset.
+    """
+
+    def __init__(self, fetch: Callable[[int, int], bytes], size: int, *, url: str = "",
+                 key: str = "", range_bytes: int = RANGE_SIZE_BYTES) -> None:
+        super().__init__()
+        if size < 0 or range_bytes <= 0:
+            raise ValueError("RangeReader: size ≥ 0 and range_bytes > 0")
+        self._fetch = fetch
+        self.size = size
+        self.url = url
+        self.key = key
+        self.range_bytes = range_bytes
+        self._buf = b""
+        self._buf_at = 0  # object offset of _buf[0]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> memoryview:
+        """The bytes at the current position that are already fetched (fetching the next
+        range if none are); empty at the end of the object."""
+        off = self._pos - self._buf_at
+        if 0 <= off < len(self._buf):
+            return memoryview(self._buf)[off:]
+        if self._pos >= self.size:
+            return memoryview(b"")
+        end = min(self.size, self._pos + self.range_bytes)
+        data = self._fetch(self._pos, end)
+        if len(data) == end - self._pos:
+            self._buf, self._buf_at = bytes(data), self._pos
+        elif len(data) == self.size:
+            # The store ignored Range and sent the whole object: keep it, ask no more.
+            log.info("store %s sent all of %s for a range: it does not serve ranges",
+                     self.url, self.key)
+            self._buf, self._buf_at = bytes(data), 0
+        else:
+            raise StoreError(
+                f"store {self.url} sent {len(data):,d} bytes of {self.key} for the range "
+                f"at byte {self._pos:,d} of {end - self._pos:,d} bytes (object of "
+                f"{self.size:,d})", url=self.url, key=self.key)
+        return memoryview(self._buf)[self._pos - self._buf_at:]
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
+        view = self._fill()[:n]
+        self._pos += len(view)
+        return bytes(view)
+
+    def readall(self) -> bytes:
+        parts = []
+        while block := self.read(self.range_bytes):
+            parts.append(block)
+        return b"".join(parts)
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        view = self._fill()[:len(out)]
+        out[:len(view)] = view
+        self._pos += len(view)
+        return len(view)
+
+    def close(self) -> None:
+        self._buf = b""
+        super().close()
+
+
 class FsspecBackend:
-    """Any fsspec filesystem (s3://, gs://, memory://). One PUT per object is atomic."""
+    """Any fsspec filesystem (s3://, gs://, http://, memory://). One PUT per object is
+    atomic. Objects are read by exact ranges (:class:`RangeReader`), never through
+    fsspec's read-ahead file objects."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         import fsspec
@@ -427,6 +522,8 @@ class FsspecBackend:
             self.fs, root = fsspec.core.url_to_fs(self.url, **opts)
         self.root = root.rstrip("/")
         self._http = scheme in ("http", "https")
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self._sizes_lock = threading.Lock()
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -444,7 +541,16 @@ class FsspecBackend:
                 raise StoreError(f"store {self.url} unreachable: {type(cause).__name__}: "
                                  f"{cause}", url=self.url, key=key) from e
             return None
-        return int(info.get("size") or 0) if info.get("type") != "directory" else None
+        if info.get("type") == "directory":
+            return None
+        size = int(info.get("size") or 0)
+        if key.startswith(OBJECTS_PREFIX):
+            with self._sizes_lock:
+                self._sizes[key] = size
+                self._sizes.move_to_end(key)
+                if len(self._sizes) > KNOWN_SIZES_MAX:
+                    self._sizes.popitem(last=False)
+        return size
 
     def put(self, key: str, data: bytes | memoryview, *, fsync: bool = False) -> bool:
         self.fs.pipe_file(self._path(key), bytes(data))
@@ -465,11 +571,15 @@ class FsspecBackend:
                                 key=key) from None
 
     def open(self, key: str) -> BinaryIO:
-        try:
-            return self.fs.open(self._path(key), "rb")  # type: ignore[no-any-return]
-        except FileNotFoundError:
+        with self._sizes_lock:
+            size = self._sizes.get(key)
+        if size is None:
+            size = self.size(key)
+        if size is None:
             raise NotFoundError(f"{key} not found in store {self.url}", url=self.url,
-                                key=key) from None
+                                key=key)
+        return RangeReader(lambda start, end: self.get_range(key, start, end),  # type: ignore[return-value]
+                           size, url=self.url, key=key)
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         try:

@@ -103,7 +103,5 @@ def cmd_cache_server(args: argparse.Namespace) -> int:
         # Built by the function `bdn mirror` uses, so the same flags mean the same.
         from bdn.cli_store import open_store
 
-        store = open_store(argparse.Namespace(
-            store=options.store_url, store_endpoint_url=args.store_endpoint_url,
-            store_secret=args.store_secret, secrets_dir=args.secrets_dir))
+        store = open_store(args, url=options.store_url)
     return serve(options, ListenAddress.parse(args.listen), store)

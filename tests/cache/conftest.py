@@ -1,6 +1,7 @@
 """Fixtures for the cluster cache tests: a blob store folder, real cache-server and
-HTTP-store processes on free loopback ports (stopped by PID at teardown). Helpers that
-tests call directly live in tests/support/cache.py and tests/support/http.py."""
+HTTP-store processes on free loopback ports (stopped by PID at teardown); the S3 and
+GCS servers of tests/support/buckets.py, re-exported. Helpers that tests call directly
+live in tests/support/cache.py and tests/support/http.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bdn.store import BlobStore
+from tests.support.buckets import gcs_server, s3_server  # noqa: F401 (re-exported)
 from tests.support.cache import STORE_HTTP, StartCache
 from tests.support.procs import ServiceProcess, bdn_command
 

