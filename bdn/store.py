@@ -49,6 +49,7 @@ from typing import Any, BinaryIO, Protocol
 import blake3
 import zstandard
 
+from bdn import settings
 from bdn.errors import NotFoundError, StoreError, StoreFullError
 from bdn.fsutil import pid_alive
 from manifests.digest import Digest
@@ -88,11 +89,10 @@ INCOMING_NAME = "incoming"
 # for this long belongs to a mirror that died.
 STALE_INCOMING_S = 3600.0
 READ_BLOCK_BYTES = 4 * 1024 * 1024
-DEFAULT_STORE_ENV = "BDN_STORE"
 
 
 def default_store_url() -> str:
-    return os.environ.get(DEFAULT_STORE_ENV) or str(Path.home() / ".bdn" / "store")
+    return settings.STORE.get()
 
 
 @dataclass(frozen=True)
