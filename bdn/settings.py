@@ -176,13 +176,3 @@ def secret_from_env(name: str, env: Mapping[str, str] | None = None) -> str | No
     process's environment, read now); None when unset. Never logged."""
     return (os.environ if env is None else env).get(secret_env_name(name))
 
-
-def settings_doc() -> list[dict[str, Any]]:
-    """Every setting's name, doc, default and whether it is set here (values of secret
-    settings are never included)."""
-    out = []
-    for s in SETTINGS:
-        default = s.default_factory() if s.default_factory is not None else s.default
-        out.append({"name": s.name, "doc": s.doc, "default": default,
-                    "set": bool(os.environ.get(s.name, "").strip()), "secret": s.secret})
-    return out

@@ -52,7 +52,9 @@ class ConflictError(ControlError):
         self.ident = ident
 
 
-class AuthError(errors.AuthError, ControlError):
+# SourceError's status may be None (a refusal that was not an HTTP answer); here it is
+# always the 401 (or given status) the API answers with.
+class AuthError(errors.AuthError, ControlError):  # type: ignore[misc]
     """No API key, or a wrong one. The message never contains the key."""
 
     def __init__(self, message: str, *, status: int = 401) -> None:
