@@ -35,29 +35,16 @@ from agent.options import (
 from bdn.cli_store import add_store_args
 from bdn.progress import byte_columns, human_bytes, human_rate, progress_enabled
 from bdn.store import BlobStore
+from bdn.units import byte_size_arg
 
 DEFAULT_CACHE_DIR = str(Path.home() / ".bdn" / "node")
 DEFAULT_BUDGET_BYTES = 100 * 1024 ** 3
 
 
-def _parse_size(text: str) -> int:
-    units = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1] if t[-1:] in units else t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500G, 1073741824)"
-                                         ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("sizes must be ≥ 0")
-    return value
-
-
 def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None,
                    help=f"node cache directory (default {DEFAULT_CACHE_DIR})")
-    p.add_argument("--budget-bytes", type=_parse_size, default=None,
+    p.add_argument("--budget-bytes", type=byte_size_arg, default=None,
                    help="node cache byte budget, e.g. 500G (default 100G)")
     p.add_argument("--peers", default="",
                    help="cluster cache peers: URL[,URL...] (http://host:port)")
@@ -66,7 +53,7 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     add_store_args(p, secrets_dir=True)
     p.add_argument("--strict", action="store_true",
                    help="never read the blob store: fail when the cache peers cannot serve")
-    p.add_argument("--max-bytes-in-flight", type=_parse_size, default=MAX_BYTES_IN_FLIGHT,
+    p.add_argument("--max-bytes-in-flight", type=byte_size_arg, default=MAX_BYTES_IN_FLIGHT,
                    help="cap on chunk bytes requested but not yet written (default 1G)")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                    help=f"connections (fetch threads) to cache peers (default "
@@ -98,7 +85,7 @@ def _node_args(p: argparse.ArgumentParser) -> None:
                         "--peer-listen when its host is an address, e.g. the pod IP)")
     p.add_argument("--peer-max-uploads", type=int, default=PEER_MAX_UPLOADS,
                    help=f"chunks sent to other agents at once (default {PEER_MAX_UPLOADS})")
-    p.add_argument("--peer-upload-rate", type=_parse_size, default=0, metavar="BYTES_PER_S",
+    p.add_argument("--peer-upload-rate", type=byte_size_arg, default=0, metavar="BYTES_PER_S",
                    help="average upload rate to other agents, e.g. 500M (default: "
                         "unlimited)")
     p.add_argument("--suspect-s", type=float, default=SUSPECT_S,

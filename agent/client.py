@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from agent.errors import AccessDenied, AgentUnavailable, PullError, RequestError
+from bdn import settings
 
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
@@ -35,7 +36,7 @@ TOKEN_HEADER = "X-Bdn-Pull-Token"
 
 
 def default_socket() -> str:
-    return os.environ.get(DEFAULT_SOCKET_ENV) or DEFAULT_SOCKET
+    return settings.AGENT_SOCKET.get() or DEFAULT_SOCKET
 
 
 class _UnixConnection(http.client.HTTPConnection):

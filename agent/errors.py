@@ -2,11 +2,13 @@
 
 Each carries what a caller needs to act (the digest, the peer, the path, the bytes
 asked for and available) as attributes, so the daemon can report them as JSON and the
-CLI as one sentence.
+CLI as one sentence. :class:`RequestError` is the shared class of :mod:`bdn.errors`
+(field, message and ``status`` defined there) with :class:`AgentError` added.
 """
 
 from __future__ import annotations
 
+from bdn import errors
 from cache.node_errors import BudgetError, DiskFullError, NodeCacheError
 from manifests.errors import BdnError
 
@@ -27,12 +29,14 @@ class PullError(AgentError):
         self.pull_id = pull_id
 
 
-class RequestError(AgentError, ValueError):
+class RequestError(errors.RequestError, AgentError):
     """A pull request (JSON body, idempotency key, mount) is invalid; HTTP 400."""
 
 
 class IdempotencyConflict(RequestError):
     """An ``Idempotency-Key`` was reused with a different request body; HTTP 409."""
+
+    status = 409
 
 
 class FetchError(AgentError):

@@ -1,4 +1,14 @@
-"""Errors of the ``bdn`` package; all derive from :class:`manifests.errors.BdnError`."""
+"""Errors of the ``bdn`` package; all derive from :class:`manifests.errors.BdnError`.
+
+Errors that mean the same thing in several packages are defined once here, with every
+field any of them carries: :class:`RequestError` (a malformed request or argument),
+:class:`NotFoundError` (something named does not exist) and :class:`AuthError`
+(credentials missing or refused). ``agent.errors`` and ``control.errors`` subclass them
+only to add their package's root (``AgentError``, ``ControlError``), so ``except
+RequestError`` from any of the three modules catches what it caught before, and the
+fields, message format and HTTP ``status`` are written once. The shared class comes
+first in those subclasses' bases, so its ``status`` and ``__init__`` are the ones used.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +33,9 @@ __all__ = [
     "NotFoundError",
     "PathError",
     "RefError",
+    "RequestError",
     "SafetensorsError",
+    "SettingError",
     "SourceError",
     "StoreError",
     "StoreFullError",
@@ -42,6 +54,27 @@ class ConfigError(BdnError, ValueError):
         prefix = ".".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.index = index
+        self.field = field
+
+
+class SettingError(ConfigError):
+    """A ``BDN_*`` environment variable holds a value its setting cannot take; names the
+    variable (``variable``, also the message's prefix)."""
+
+    def __init__(self, message: str, *, variable: str) -> None:
+        super().__init__(message, field=variable)
+        self.variable = variable
+
+
+class RequestError(BdnError, ValueError):
+    """A request (an API body, an argument, a flag) is malformed; names the field.
+
+    ``status`` is the HTTP status a server answers it with."""
+
+    status = 400
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(f"{field}: {message}" if field else message)
         self.field = field
 
 
@@ -66,7 +99,17 @@ class StoreFullError(StoreError):
 
 
 class NotFoundError(StoreError, KeyError):
-    """An object, manifest or ref is not in the store."""
+    """Something named does not exist: an object, manifest or ref in the store (``url``,
+    ``key``), or a model, deployment or environment of the control plane (``kind``,
+    ``ident``). ``status`` is the HTTP status a server answers it with."""
+
+    status = 404
+
+    def __init__(self, message: str, *, url: str = "", key: str = "", kind: str = "",
+                 ident: str = "") -> None:
+        super().__init__(message, url=url, key=key)
+        self.kind = kind
+        self.ident = ident
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
@@ -84,7 +127,10 @@ class SourceError(BdnError):
 
 
 class AuthError(SourceError):
-    """Credentials were missing or refused. The message never contains the secret."""
+    """Credentials were missing or refused. The message never contains the secret.
+
+    ``status`` is the HTTP status of the refusal: what an upstream source answered
+    (None when it was not an HTTP answer), or what one of bdn's own servers answers."""
 
 
 class MirrorError(BdnError):

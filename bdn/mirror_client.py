@@ -138,10 +138,11 @@ def mirror_via_server(args: Any, ref: Any) -> int:
     """``bdn mirror SOURCE --ref R --server URL``: submit, wait, print the summary."""
     import os
 
+    from bdn import settings
     from bdn.errors import ConfigError
     from bdn.progress import human_bytes
 
-    api_key = os.environ.get(API_KEY_ENV)
+    api_key = settings.MIRROR_API_KEY.get()
     if not api_key:
         raise ConfigError(f"--server needs an API key in ${API_KEY_ENV}")
     source = args.source if "://" in args.source else "file://" + os.path.abspath(args.source)

@@ -42,10 +42,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from bdn import settings
 from bdn.errors import AuthError
 
-SECRETS_DIR_ENV = "BDN_SECRETS_DIR"
-SECRET_ENV_PREFIX = "BDN_SECRET_"
 REDACTED = "***"
 # Shorter values are not scrubbed from text: replacing "a" everywhere would garble
 # messages and such a value is not a real credential anyway.
@@ -57,8 +56,8 @@ _registered: set[str] = set()
 
 
 def env_name(name: str) -> str:
-    """``BDN_SECRET_<NAME>`` for a secret name."""
-    return SECRET_ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+    """``BDN_SECRET_<NAME>`` for a secret name (:func:`bdn.settings.secret_env_name`)."""
+    return settings.secret_env_name(name)
 
 
 def register_secret_value(value: str) -> None:
@@ -222,16 +221,13 @@ class SecretResolver:
 
     @classmethod
     def from_env(cls, secrets_dir: str | None = None) -> SecretResolver:
-        return cls(secrets_dir=secrets_dir or os.environ.get(SECRETS_DIR_ENV) or None)
+        return cls(secrets_dir=secrets_dir or settings.SECRETS_DIR.get())
 
     def for_namespace(self, namespace: str) -> SecretResolver:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", namespace):
             raise AuthError(f"namespace {namespace!r} is not valid")
         folder = os.path.join(self.secrets_dir, namespace) if self.secrets_dir else None
         return SecretResolver(secrets_dir=folder, env={}, namespace=namespace)
-
-    def _env(self) -> Mapping[str, str]:
-        return self.env if self.env is not None else os.environ
 
     def get(self, name: str) -> Secret:
         prefix = secret_namespace(name)
@@ -254,7 +250,7 @@ class SecretResolver:
                 return self._read_file(name, path)
             except FileNotFoundError:
                 pass
-        value = self._env().get(env_name(name))
+        value = settings.secret_from_env(name, self.env)
         if value is not None:
             register_secret_value(value)
             return Secret(name, value)

@@ -55,6 +55,7 @@ from typing import Any, BinaryIO, Protocol
 import blake3
 import zstandard
 
+from bdn import settings
 from bdn.errors import NotFoundError, StoreError, StoreFullError
 from bdn.fsutil import pid_alive
 from manifests.digest import Digest
@@ -101,11 +102,10 @@ RANGE_SIZE_BYTES = 8 * 1024 * 1024
 # Sizes of remote objects this process looked up, kept so that opening one just
 # stat'ed costs no second request (objects are immutable: a key's size never changes).
 KNOWN_SIZES_MAX = 4096
-DEFAULT_STORE_ENV = "BDN_STORE"
 
 
 def default_store_url() -> str:
-    return os.environ.get(DEFAULT_STORE_ENV) or str(Path.home() / ".bdn" / "store")
+    return settings.STORE.get()
 
 
 @dataclass(frozen=True)

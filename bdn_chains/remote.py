@@ -24,7 +24,6 @@ import asyncio
 import builtins
 import codecs
 import json
-import os
 import traceback
 import urllib.error
 import urllib.request
@@ -35,6 +34,7 @@ import aiohttp
 import msgpack
 import pydantic
 
+from bdn import settings
 from bdn_chains.framework import (
     REGISTRY,
     ContextMarker,
@@ -47,10 +47,10 @@ from bdn_chains.framework import (
     provided,
 )
 
-URL_ENV = "BDN_CHAINS_URL"
-KEY_ENV = "BDN_CHAINS_API_KEY"
-CHAIN_ENV = "BDN_CHAIN_ID"
-CHAIN_DEPLOYMENT_ENV = "BDN_CHAIN_DEPLOYMENT_ID"
+URL_ENV = settings.CHAINS_URL.name
+KEY_ENV = settings.CHAINS_API_KEY.name
+CHAIN_ENV = settings.CHAIN_ID.name
+CHAIN_DEPLOYMENT_ENV = settings.CHAIN_DEPLOYMENT_ID.name
 ERROR_KEY = "error"
 MSGPACK_CONTENT_TYPE = "application/octet-stream"
 RETRYABLE_STATUS = frozenset({502, 503, 504})
@@ -261,12 +261,12 @@ class ChainletHost:
     def __init__(self, cls: type, *, secrets: Mapping[str, str] | None = None,
                  data_dir: Any = None, environment: Any = None,
                  env: Mapping[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
         self.desc = REGISTRY.get(cls)
         self.name = self.desc.name
-        base = env.get(URL_ENV)
-        chain_id = env.get(CHAIN_ENV, "")
-        chain_dep = env.get(CHAIN_DEPLOYMENT_ENV, "")
+        base = settings.CHAINS_URL.get(env)
+        chain_id = settings.CHAIN_ID.get(env)
+        chain_dep = settings.CHAIN_DEPLOYMENT_ID.get(env)
+        api_key = settings.CHAINS_API_KEY.get(env)
         self.context = DeploymentContext(data_dir=data_dir, secrets=dict(secrets or {}),
                                          environment=environment)
 
@@ -282,7 +282,7 @@ class ChainletHost:
             run = marker.chainlet_cls.run_remote
             output = _return_type(run)
             stub = Stub(dep.name, chain_url(base, chain_id, chain_dep, dep.name),
-                        env.get(KEY_ENV), marker.options, output, dep.is_async,
+                        api_key, marker.options, output, dep.is_async,
                         dep.stream_item)
             return _PositionalStub(stub, dep.input_names)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 
 from bdn.cli_store import add_store_args
 from bdn.errors import ConfigError
 from bdn.service import ListenAddress
 from bdn.store import default_store_url
+from bdn.units import byte_size_arg
 from cache.edge import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HEADER_TIMEOUT_S,
@@ -28,17 +28,9 @@ from cache.server import (
 from cache.workers import serve
 
 DEFAULT_LISTEN = "127.0.0.1:8401"
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """``1073741824``, ``512M``, ``10GiB``, ``1.5T`` → bytes (binary units)."""
-    m = _SIZE_RE.fullmatch(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 10G, 512MiB)")
-    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
-    return int(float(m.group(1)) * _UNITS[unit])
+# ``1073741824``, ``512M``, ``10GiB``, ``1.5T`` → bytes: the one parser (bdn.units),
+# under the name tests and bench scripts import it by.
+parse_bytes = byte_size_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

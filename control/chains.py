@@ -32,12 +32,12 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
 
+from bdn import settings
 from bdn_chains.remote import (
     CHAIN_DEPLOYMENT_ENV,
     CHAIN_ENV,
@@ -108,7 +108,7 @@ class ChainsApi:
         self.store = controller.store
         self.pushes = pushes
         self.router = router
-        self.url: str | None = os.environ.get(URL_ENV) or None
+        self.url: str | None = settings.CHAINS_URL.get()
         self.app: web.Application | None = None
         # Replicas get a key good for run_remote calls only (control.api), never an API key.
         self._key = transport_key

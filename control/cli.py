@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bdn import settings
 from bdn.config import read_config_document
 from control.client import API_KEY_ENV, SERVER_URL_ENV, ControlClient, q
 from control.errors import ClientError, RequestError
@@ -35,8 +36,8 @@ DEFAULT_LISTEN = "127.0.0.1:8700"
 # XDG's place for state that should persist across restarts, outside any checkout.
 DEFAULT_STATE_DIR = str(Path(os.environ.get("XDG_STATE_HOME")
                              or Path.home() / ".local" / "state") / "bdn" / "control")
-STATE_DIR_ENV = "BDN_CONTROL_STATE"
-REPLICA_COMMAND_ENV = "BDN_REPLICA_COMMAND"
+STATE_DIR_ENV = settings.CONTROL_STATE.name
+REPLICA_COMMAND_ENV = settings.REPLICA_COMMAND.name
 PROMOTION_POLL_INTERVAL_S = 0.25
 WATCH_POLL_INTERVAL_S = 1.0
 
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--listen", default=DEFAULT_LISTEN,
                    help=f"HOST:PORT or unix:PATH (default {DEFAULT_LISTEN}; port 0 = any)")
     p.add_argument("--state-dir", type=Path,
-                   default=Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)),
+                   default=Path(settings.CONTROL_STATE.get() or DEFAULT_STATE_DIR),
                    help=f"where the SQLite state lives (env {STATE_DIR_ENV}; "
                    f"default {DEFAULT_STATE_DIR})")
     p.add_argument("--api-key-file", type=Path,
@@ -68,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="folder of secrets (one file per name) that pushed configs may "
                    "declare (else BDN_SECRET_<NAME> of this server's environment)")
     p.add_argument("--replica-command",
-                   default=os.environ.get(REPLICA_COMMAND_ENV),
+                   default=settings.REPLICA_COMMAND.get(),
                    help="command that runs one replica; MODEL_DIR --listen HOST:0 is appended "
                    f"(env {REPLICA_COMMAND_ENV}; default: this Python's `bdn serve`)")
     p.add_argument("--tick-interval-s", type=float, default=1.0,
@@ -270,7 +271,7 @@ def cmd_control_server(args: argparse.Namespace) -> int:
     listen = ListenAddress.parse(args.listen)
     state_dir: Path = args.state_dir.resolve()
     keys, source = load_or_create_api_keys(state_dir, args.api_key_file,
-                                           os.environ.get(API_KEY_ENV))
+                                           settings.API_KEY.get())
     given = tuple(shlex.split(args.replica_command)) if args.replica_command else None
     command = given or LocalBackendOptions().command
     backend = LocalBackendOptions(command=command, ready_timeout_s=args.ready_timeout_s,

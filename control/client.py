@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bdn import settings
 from control.errors import ClientError
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8700"
@@ -31,9 +32,9 @@ STREAM_TIMEOUT_S = 3600.0
 class ControlClient:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.base_url = (base_url or os.environ.get(SERVER_URL_ENV)
+        self.base_url = (base_url or settings.CONTROL_URL.get()
                          or DEFAULT_SERVER_URL).rstrip("/")
-        self._api_key = api_key or os.environ.get(API_KEY_ENV) or ""
+        self._api_key = api_key or settings.API_KEY.get() or ""
         self.timeout_s = timeout_s
 
     def __repr__(self) -> str:  # never show the key

@@ -3,10 +3,15 @@
 Every error carries the HTTP status the management API answers with, so handlers map an
 exception to a response in one place and the CLI can print the same sentence the server
 sent. All derive from :class:`manifests.errors.BdnError` (via ``bdn.errors``).
+
+:class:`RequestError`, :class:`NotFoundError` and :class:`AuthError` are the shared
+classes of :mod:`bdn.errors` (fields, message and ``status`` defined there) with
+:class:`ControlError` added, so ``except ControlError`` still catches them.
 """
 
 from __future__ import annotations
 
+from bdn import errors
 from bdn.errors import BdnError
 
 
@@ -28,23 +33,13 @@ class SettingsError(ControlError, ValueError):
         self.allowed = allowed
 
 
-class RequestError(ControlError, ValueError):
+class RequestError(errors.RequestError, ControlError):
     """A request body or argument is malformed; names the field."""
 
-    def __init__(self, message: str, *, field: str = "") -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
 
-
-class NotFoundError(ControlError, LookupError):
-    """A model, deployment or environment does not exist (or is inactive)."""
-
-    status = 404
-
-    def __init__(self, message: str, *, kind: str, ident: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.ident = ident
+class NotFoundError(errors.NotFoundError, ControlError):
+    """A model, deployment or environment does not exist (or is inactive); names its
+    ``kind`` and ``ident``."""
 
 
 class ConflictError(ControlError):
@@ -57,10 +52,13 @@ class ConflictError(ControlError):
         self.ident = ident
 
 
-class AuthError(ControlError):
+# SourceError's status may be None (a refusal that was not an HTTP answer); here it is
+# always the 401 (or given status) the API answers with.
+class AuthError(errors.AuthError, ControlError):  # type: ignore[misc]
     """No API key, or a wrong one. The message never contains the key."""
 
-    status = 401
+    def __init__(self, message: str, *, status: int = 401) -> None:
+        super().__init__(message, status=status)
 
 
 class UnavailableError(ControlError):

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bdn import settings
 from control.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,8 @@ async def serve_delivered(*, agent_socket: str, mounts_root: Path, deployment_id
     from control.backends import ReplicaSpec
     from control.delivery import AgentDelivery
 
-    replica_id = os.environ.get("BDN_REPLICA_ID") or socket.gethostname()
-    spec = ReplicaSpec(model_id=os.environ.get("BDN_MODEL_ID", ""),
+    replica_id = settings.REPLICA_ID.get() or socket.gethostname()
+    spec = ReplicaSpec(model_id=settings.MODEL_ID.get(),
                        deployment_id=deployment_id, deployment_name="", model_dir="",
                        code=code, weights=tuple(weights))
     delivery = AgentDelivery(f"unix:{agent_socket}", mounts_root)

@@ -15,9 +15,10 @@ Where the weights come from, in order:
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
+from bdn import settings
+from bdn.units import byte_size_arg
 from manifests.errors import BdnError
 
 
@@ -29,18 +30,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--listen", default="127.0.0.1:8080",
                    help="HOST:PORT (port 0: a free one) or unix:PATH (default %(default)s)")
-    p.add_argument("--weights-dir", default=os.environ.get("BDN_WEIGHTS_DIR"),
+    p.add_argument("--weights-dir", default=settings.WEIGHTS_DIR.get(),
                    help="folder holding the first weights: entry's files (overrides its "
                         "mount_location; default $BDN_WEIGHTS_DIR)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the loader puts tensors (auto: cuda if available)")
-    p.add_argument("--pull-events", default=os.environ.get("BDN_PULL_EVENTS"),
+    p.add_argument("--pull-events", default=settings.PULL_EVENTS.get(),
                    metavar="URL",
                    help="node agent event stream of the weights pull "
                         "(http://HOST:PORT/v1/pulls/ID/events or "
                         "http+unix://<quoted socket path>/v1/pulls/ID/events)")
-    p.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
-                   help="refuse request bodies larger than N bytes with 413 "
+    p.add_argument("--max-body-bytes", type=byte_size_arg, default=None, metavar="N",
+                   help="refuse request bodies larger than N bytes (e.g. 64M) with 413 "
                         "(default 64 MiB)")
     p.add_argument("--max-queue", type=int, default=None, metavar="N",
                    help="requests that may wait (reading their body, parsed, or queued "

@@ -33,7 +33,6 @@ import asyncio
 import importlib.metadata
 import importlib.util
 import inspect
-import json
 import logging
 import os
 import re
@@ -47,6 +46,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
+from bdn import settings
 from bdn.config import ModelConfig, load_model_config
 from bdn.secrets import register_secret_value
 from serving.errors import ModelDirError, ModelLoadError, SecretNotFound
@@ -58,7 +58,6 @@ SECRETS_DIR_DEFAULT = "/secrets"
 # Truss passes these to Model.__init__ when accepted; bdn adds ``weights``.
 MODEL_KWARGS = ("config", "data_dir", "secrets", "environment", "lazy_data_resolver",
                 "weights")
-ENVIRONMENT_VAR = "BDN_ENVIRONMENT"
 _REQUIREMENT_NAME_RE = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
@@ -136,7 +135,7 @@ class Secrets(Mapping[str, str]):
     def __init__(self, names: Mapping[str, Any]) -> None:
         self._declared = dict(names)
         self._names = tuple(names)
-        self._dir = Path(os.environ.get("BDN_SECRETS_DIR", SECRETS_DIR_DEFAULT))
+        self._dir = Path(settings.SECRETS_DIR.get() or SECRETS_DIR_DEFAULT)
 
     def __getitem__(self, name: str) -> str:
         if name not in self._declared:
@@ -146,7 +145,7 @@ class Secrets(Mapping[str, str]):
             value = p.read_text(encoding="utf-8").strip()
             register_secret_value(value)  # so the log scrubber knows it
             return value
-        env = os.environ.get("BDN_SECRET_" + name.upper().replace("-", "_").replace(".", "_"))
+        env = settings.secret_from_env(name)
         if env is not None:
             register_secret_value(env)
             return env
@@ -203,14 +202,7 @@ def missing_requirements(requirements: tuple[str, ...]) -> list[str]:
 def environment_from_env() -> dict[str, Any] | None:
     """The deployment's environment from ``$BDN_ENVIRONMENT`` (JSON object, or a bare
     name), None when unset."""
-    env_name = os.environ.get(ENVIRONMENT_VAR)
-    if not env_name:
-        return None
-    try:
-        parsed = json.loads(env_name)
-    except ValueError:
-        return {"name": env_name}
-    return parsed if isinstance(parsed, dict) else {"name": env_name}
+    return settings.ENVIRONMENT.get()
 
 
 def _accepts(params: Mapping[str, inspect.Parameter], name: str) -> bool:
