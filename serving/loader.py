@@ -515,6 +515,8 @@ class TensorStream:
             # readers' preadv it stalls their I/O. A helper touches it ahead of them, so
             # zeroing overlaps the disk (2 GiB cold, direct: 1.31 → 1.50 GB/s here).
             self._helpers.append(_spawn(self._prefault, f.buf, _align_up(limit)))
+        if not nonempty:
+            return  # nothing to read (and, direct, no buffer to tile)
         items = (_split_aligned(f, nonempty, _align_up(limit)) if mode == "direct"
                  else _split(f, nonempty, limit))
         for item in items:
