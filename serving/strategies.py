@@ -176,7 +176,7 @@ class MmapReads(_SharedReads):
     def prepare(self, f: LoadFile, nonempty: list[LoadTensor]) -> bool:
         f.mm = map_private(f.opened)
         # Each file is checked: a later shard may not be cached when the first was.
-        return (self.lazy and self.ctx.instant and f.mm is not None
+        return (self.lazy and self.ctx.instant
                 and resident_fraction(f.mm, 0, f.opened.size) == 1.0)
 
     def read(self, f: LoadFile, r: ReadRange[LoadTensor]) -> None:
