@@ -38,6 +38,12 @@ Streaming: with a :class:`~serving.readiness.ReadinessSource`, every read first 
 until its byte range is verified, so tensors load while the file is still arriving.
 Work is ordered by file and offset, the order in which the agent completes it.
 
+Where the pieces live: this module is the entry points and :class:`TensorStream`, which
+chooses a strategy per file and drives its plan with a planner thread and workers. The
+plan (which byte ranges, delivering which tensor bytes) is :mod:`serving.plan`, pure;
+the ``auto`` measurement is :mod:`serving.calibrate`; each strategy above is one class
+in :mod:`serving.strategies`; the system calls they share are :mod:`serving.rawio`.
+
 Alignment: a tensor whose bytes are not aligned to its element size in the file (legal,
 if unusual) is copied into its own allocation rather than handed out misaligned.
 Byte order is the host's (little-endian, as the format specifies).
@@ -47,9 +53,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import ctypes
 import logging
-import mmap
 import os
 import queue
 import threading
@@ -61,11 +65,27 @@ from typing import Any, Literal
 import torch
 
 from manifests.errors import SafetensorsError
-from manifests.safetensors import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo
-from serving.dtypes import TorchLayout, torch_layout
+from manifests.safetensors import MAX_HEADER_BYTES, SafetensorsHeader
+from serving.calibrate import calibrate
+from serving.dtypes import torch_layout
 from serving.errors import ReadinessTimeout, ServingError, WeightsFileError
 from serving.files import OpenedFile, WeightFiles, open_file, resolve
+from serving.plan import ReadRange, data_extent
+from serving.rawio import PAGE_BYTES, mappable, open_direct
 from serving.readiness import FilesReady, ReadinessSource
+from serving.strategies import (
+    BounceReads,
+    BufferedReads,
+    DirectReads,
+    LoadContext,
+    LoadFile,
+    LoadTensor,
+    MmapReads,
+    Part,
+    Reader,
+    ReadStrategy,
+    Run,
+)
 
 log = logging.getLogger("bdn.serving.loader")
 
@@ -82,21 +102,8 @@ DEFAULT_WORKERS = max(8, min(16, os.cpu_count() or 8))
 BOUNCE_BUFFER_BYTES = 16 * MIB
 # Unit of parallel work for reads into owned buffers and for populating mappings.
 READ_CHUNK_BYTES = 16 * MIB
-# The auto strategy measures this much with each method; files smaller than twice it
-# are mapped (copying a small file cannot win enough to matter).
-CALIBRATION_SAMPLE_BYTES = 16 * MIB
 # Workers blocked on readiness wake this often to notice that the load was cancelled.
 CANCEL_POLL_S = 0.25
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
-HUGE_PAGE_BYTES = 2 * MIB
-PAGE_BYTES = mmap.PAGESIZE
-# Residency (is a file in the page cache?) is sampled: this many windows of this size.
-RESIDENCY_SAMPLES = 16
-RESIDENCY_WINDOW_BYTES = 256 << 10
-# O_DIRECT needs offsets, lengths and buffer addresses aligned to the device's logical
-# block; 4 KiB covers every common device.
-DIRECT_ALIGN_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -206,40 +213,6 @@ def open_weights(source: SourceArg, *, readiness: ReadinessSource | None = None,
 
 # -- internals ---------------------------------------------------------------------------
 
-@dataclass(eq=False)
-class _Tensor:
-    info: TensorInfo
-    layout: TorchLayout
-    remaining: int  # bytes not yet delivered
-    dest: torch.Tensor | None = None  # raw uint8 destination (read/bounce)
-    events: list[Any] = field(default_factory=list)  # CUDA events of its copies
-
-
-@dataclass(eq=False)
-class _File:
-    opened: OpenedFile
-    tensors: list[_Tensor]
-    mode: str
-    buf: torch.Tensor | None = None  # owned uint8 buffer (read) covering [lo, hi)
-    lo: int = 0
-    mm: mmap.mmap | None = None
-    # CUDA: recorded on the consumer's stream after the destinations were allocated.
-    # Freed memory the allocator hands out may still be read by kernels queued on that
-    # stream, so copies on a worker's stream must wait for this event first.
-    alloc_event: Any = None
-    direct_fd: int | None = None  # the file reopened with O_DIRECT (direct)
-
-
-@dataclass(eq=False)
-class _Item:
-    """A byte range of one file and the tensor parts inside it."""
-
-    file: _File
-    begin: int
-    end: int
-    parts: list[tuple[_Tensor, int, int]]  # tensor, absolute begin, absolute end
-
-
 _DONE = object()
 
 
@@ -282,7 +255,13 @@ class _Activity:
 
 
 class TensorStream:
-    """A running load. Iterate for ``(name, tensor)``; ``close()`` cancels and joins."""
+    """A running load. Iterate for ``(name, tensor)``; ``close()`` cancels and joins.
+
+    It chooses a read strategy per file (:mod:`serving.strategies`, measured by
+    :mod:`serving.calibrate` for ``auto``) and drives the file's plan
+    (:mod:`serving.plan`): a planner thread parses headers and queues byte ranges,
+    workers read them, and completed tensors come out in completion order.
+    """
 
     def __init__(self, source: SourceArg, readiness: ReadinessSource,
                  options: LoadOptions) -> None:
@@ -302,7 +281,7 @@ class TensorStream:
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._files: list[_File] = []
+        self._files: list[LoadFile] = []
         self._names: dict[str, str] = {}
         self._pending_total: int | None = None  # known once every header is parsed
         self._yielded = 0
@@ -310,9 +289,14 @@ class TensorStream:
         self._finished = False
         self._strategy: str | None = None if options.strategy == "auto" else options.strategy
         self._lazy_map = False  # auto found the files cached: map without populating
+        self._consumer_stream: Any = None
         if self._cuda:
             self._strategy = "bounce"
             self._consumer_stream = torch.cuda.current_stream(self._device)
+        self._ctx = LoadContext(runs=self._runs, deliver=self._deliver,
+                                spawn_helper=self._spawn_helper, stop=self._stop,
+                                instant=self._instant)
+        self._reads: dict[str, ReadStrategy] = {}  # by name, made on first use
         self._helpers: list[threading.Event] = []
         # Workers start with the first piece of work: a load of cached files that maps
         # them lazily needs none, and starting threads is not free on a busy machine.
@@ -428,7 +412,7 @@ class TensorStream:
             opened = open_file(path, _Sliced(self.readiness, self._wait),
                                max_header_bytes=opts.max_header_bytes)
             with self._lock:
-                self._files.append(f := _File(opened, [], mode=""))
+                self._files.append(f := LoadFile(opened, []))
             self.headers[path] = opened.header
             self._check_names(opened, files)
             self.stats.files += 1
@@ -436,7 +420,10 @@ class TensorStream:
             self.stats.bytes += sum(t.nbytes for t in opened.header.tensors)
             total += len(opened.header.tensors)
             if self._strategy is None:
-                self._strategy = self._calibrate(opened)
+                cal = calibrate(opened, _Sliced(self.readiness, self._wait),
+                                instant=self._instant)
+                self._strategy, self._lazy_map = cal.strategy, cal.lazy_map
+                self.stats.calibration = dict(cal.figures)
             self._schedule(f)
         if files.weight_map is not None:
             for name, shard in files.weight_map.items():
@@ -461,148 +448,79 @@ class TensorStream:
                     raise SafetensorsError(f"the index puts this tensor in {want}",
                                            path=opened.path, tensor=t.name, offset=t.begin)
 
-    def _schedule(self, f: _File) -> None:
+    def _choose(self, f: LoadFile) -> ReadStrategy:
+        """The load's strategy, or buffered reads where it cannot serve this file."""
         opened = f.opened
         mode = self._strategy or "mmap"
-        if mode == "mmap" and not _mappable(opened):
-            mode = "read"
+        if mode == "mmap" and not mappable(opened):
+            mode = "read"  # still growing: a mapping would expose missing bytes
         if mode == "direct":
-            f.direct_fd = _open_direct(opened) if self._instant else None
+            f.direct_fd = open_direct(opened) if self._instant else None
             if f.direct_fd is None:
                 mode = "read"
-        f.mode = mode
-        tensors = [_Tensor(info, torch_layout(info), info.nbytes)
+        return self._reader(mode)
+
+    def _reader(self, name: str) -> ReadStrategy:
+        reads = self._reads.get(name)
+        if reads is not None:
+            return reads
+        opts, ctx = self.options, self._ctx
+        if name == "mmap":
+            reads = MmapReads(ctx, opts.read_chunk_bytes, lazy=self._lazy_map)
+        elif name == "read":
+            reads = BufferedReads(ctx, opts.read_chunk_bytes)
+        elif name == "direct":
+            reads = DirectReads(ctx, opts.read_chunk_bytes)
+        elif name == "bounce":
+            reads = BounceReads(ctx, opts.bounce_buffer_bytes, device=self._device,
+                                consumer_stream=self._consumer_stream)
+        else:  # LoadOptions admits no other name
+            raise ValueError(f"no read strategy {name!r}")
+        self._reads[name] = reads
+        return reads
+
+    def _schedule(self, f: LoadFile) -> None:
+        opened = f.opened
+        f.reads = reads = self._choose(f)
+        tensors = [LoadTensor(info, torch_layout(info), info.nbytes)
                    for info in opened.header.tensors]
         f.tensors = tensors
         nonempty = [t for t in tensors if t.info.nbytes]
-        if self._instant and nonempty and mode != "direct":
+        if self._instant and nonempty and reads.readahead:
             # Ask the kernel to read the whole data section ahead, asynchronously: a cold
             # file then streams at the device's queue depth instead of at the pace of
             # our page faults or reads (measured here, 2 GiB cold: 6.6 s → 3.9 s). Cheap
             # when cached (a lookup, no I/O). Not for direct reads, which bypass the cache.
+            lo, hi = data_extent(nonempty)
             with contextlib.suppress(OSError, AttributeError):
-                os.posix_fadvise(opened.fd, nonempty[0].info.begin,
-                                 max(t.info.end for t in nonempty) - nonempty[0].info.begin,
-                                 os.POSIX_FADV_WILLNEED)
-        if mode == "mmap":
-            f.mm = mmap.mmap(opened.fd, opened.size, flags=mmap.MAP_PRIVATE,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        elif mode == "read" and nonempty:
-            f.lo = nonempty[0].info.begin
-            f.buf = _owned_buffer(max(t.info.end for t in nonempty) - f.lo)
-        elif mode == "direct" and nonempty:
-            f.lo = nonempty[0].info.begin // DIRECT_ALIGN_BYTES * DIRECT_ALIGN_BYTES
-            hi = _align_up(max(t.info.end for t in nonempty))
-            f.buf = _owned_buffer(max(hi - f.lo, HUGE_PAGE_BYTES))[:hi - f.lo]
-        elif mode == "bounce":
-            for t in nonempty:
-                t.dest = self._alloc_dest(t.info.nbytes)
-            if self._cuda:
-                f.alloc_event = torch.cuda.Event()
-                f.alloc_event.record(self._consumer_stream)
-        # Each file is checked: a later shard may not be cached when the first was.
-        lazy = (mode == "mmap" and self._lazy_map and self._instant and f.mm is not None
-                and _resident_fraction(f.mm, 0, opened.size) == 1.0)
+                os.posix_fadvise(opened.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+        in_place = reads.prepare(f, nonempty)
         for t in tensors:
-            if lazy or not t.info.nbytes:
+            if in_place or not t.info.nbytes:
                 self._complete(f, t)
-        if lazy:
-            return
-        limit = (self.options.bounce_buffer_bytes if mode == "bounce"
-                 else self.options.read_chunk_bytes)
-        if f.buf is not None and f.buf.numel() >= 2 * limit:
-            # Fresh memory is zeroed by the kernel on first touch; done inside the
-            # readers' preadv it stalls their I/O. A helper touches it ahead of them, so
-            # zeroing overlaps the disk (2 GiB cold, direct: 1.31 → 1.50 GB/s here).
-            self._helpers.append(_spawn(self._prefault, f.buf, _align_up(limit)))
-        items = (_split_aligned(f, nonempty, _align_up(limit)) if mode == "direct"
-                 else _split(f, nonempty, limit))
-        for item in items:
+        if in_place or not nonempty:
+            return  # nothing to read (and, direct, no buffer to tile)
+        for r in reads.plan(f, nonempty):
             if not self._workers:
                 self._workers = [_spawn(self._worker, i) for i in range(self.options.workers)]
-            self._work.put(item)
+            self._work.put((f, r))
 
-    def _alloc_dest(self, nbytes: int) -> torch.Tensor:
-        if self._cuda:
-            with torch.cuda.stream(self._consumer_stream):
-                return torch.empty(nbytes, dtype=torch.uint8, device=self._device)
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def _calibrate(self, opened: OpenedFile) -> str:
-        """Pick a CPU strategy for this load by measuring (see the module docstring)."""
-        ts = [t for t in opened.header.tensors if t.nbytes]
-        if not ts or not _mappable(opened):
-            return "read" if ts else "mmap"
-        lo, hi = ts[0].begin, max(t.end for t in ts)
-        n = CALIBRATION_SAMPLE_BYTES
-        if hi - lo < 2 * n:
-            return "mmap"
-        try:
-            self._wait(lambda s: self.readiness.wait_range(opened.path, lo, lo + 2 * n,
-                                                           timeout_s=s))
-        except ReadinessTimeout:
-            return "mmap"
-        a = lo - lo % PAGE_BYTES
-        t0 = time.perf_counter()
-        with mmap.mmap(opened.fd, opened.size, flags=mmap.MAP_PRIVATE,
-                       prot=mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-            resident = _resident_fraction(mm, a, hi - a)
-            if resident == 1.0:
-                # Every page is cached: mapping copies nothing, so copying cannot win; and
-                # nothing needs reading, so tensors map lazily (populating page tables up
-                # front measured 0.12 s for 2 GiB; faulting them in on use is cheaper).
-                self.stats.calibration = {"resident": 1.0}
-                self._lazy_map = True
-                return "mmap"
-            _populate(mm, a, n)
-        t_map = time.perf_counter() - t0
-        direct_fd = _open_direct(opened) if self._instant else None
-        t0 = time.perf_counter()
-        buf = _owned_buffer(max(n, HUGE_PAGE_BYTES))[:n]
-        if direct_fd is not None:
-            try:
-                _pread_direct(direct_fd, memoryview(buf.numpy()), a + n, n, opened.path)
-            finally:
-                os.close(direct_fd)
-        else:
-            _pread_into(opened.fd, memoryview(buf.numpy()), a + n, opened.path)
-        del buf
-        t_read = time.perf_counter() - t0
-        self.stats.calibration = {"resident": resident, "mmap_s": t_map, "read_s": t_read}
-        # The faster wins. (A tie-break towards the mapping, which costs no memory of its
-        # own, picked it on cold files here although direct reads finished 25% sooner:
-        # one sample understates what parallel direct reads gain.)
-        if t_read < t_map:
-            return "direct" if direct_fd is not None else "read"
-        return "mmap"
-
-    def _prefault(self, buf: torch.Tensor, step: int) -> None:
-        base, n = buf.data_ptr(), buf.numel()
-        if base % PAGE_BYTES:
-            return
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            for off in range(0, n, step):
-                if self._stop.is_set() or libc.madvise(
-                        ctypes.c_void_p(base + off), ctypes.c_size_t(min(step, n - off)),
-                        MADV_POPULATE_WRITE) != 0:
-                    return  # cancelled, or a kernel without POPULATE_WRITE: readers fault
-        except (OSError, AttributeError):
-            return
+    def _spawn_helper(self, fn: Callable[..., None], *args: Any) -> None:
+        self._helpers.append(_spawn(fn, *args))
 
     # -- workers ------------------------------------------------------------------------
-    def _runs(self, item: _Item) -> Iterator[tuple[int, int, list[tuple[_Tensor, int, int]]]]:
-        """Split an item into runs of parts whose bytes are verified, waiting as needed.
+    def _runs(self, f: LoadFile, r: ReadRange[LoadTensor]) -> Iterator[Run]:
+        """Split a range into runs of parts whose bytes are verified, waiting as needed.
 
-        With files already complete the whole item is one run. While streaming, a run
+        With files already complete the whole range is one run. While streaming, a run
         starts with the next part (waiting for it) and takes every following part that
         is already verified, so a small tensor never waits for its neighbours' bytes.
         """
-        path = item.file.opened.path
+        path = f.opened.path
         if self._instant:
-            yield item.begin, item.end, item.parts
+            yield r.begin, r.end, r.parts
             return
-        parts = item.parts
+        parts = r.parts
         i = 0
         while i < len(parts):
             _, b, e = parts[i]
@@ -621,82 +539,30 @@ class TensorStream:
             return False
 
     def _worker(self, index: int) -> None:
-        bufs: list[torch.Tensor] = []
-        events: list[Any] = [None, None]
-        stream = None
-        turn = 0
+        # A strategy's reader per worker: bounce buffers are never shared between two.
+        readers: dict[ReadStrategy, Reader] = {}
         try:
             while True:
                 item = self._work.get()
                 if item is _DONE or self._stop.is_set():
                     return
                 with self._activity.busy():
-                    f: _File = item.file
-                    fd, path = f.opened.fd, f.opened.path
-                    if f.mode == "mmap":
-                        assert f.mm is not None
-                        for b, e, parts in self._runs(item):
-                            _populate(f.mm, b, e - b)
-                            self._deliver(f, parts, None)
-                        continue
-                    if f.mode == "read":
-                        assert f.buf is not None
-                        whole = memoryview(f.buf.numpy())
-                        for b, e, parts in self._runs(item):
-                            _pread_into(fd, whole[b - f.lo:e - f.lo], b, path)
-                            self._deliver(f, parts, None)
-                        continue
-                    if f.mode == "direct":
-                        assert f.buf is not None and f.direct_fd is not None
-                        whole = memoryview(f.buf.numpy())
-                        need = max(pe for _, _, pe in item.parts) - item.begin
-                        _pread_direct(f.direct_fd, whole[item.begin - f.lo:item.end - f.lo],
-                                      item.begin, need, path)
-                        self._deliver(f, item.parts, None)
-                        continue
-                    if not bufs:
-                        bufs = [self._bounce_buffer() for _ in range(2)]
-                        if self._cuda:
-                            stream = torch.cuda.Stream(self._device)
-                    k = turn % 2
-                    turn += 1
-                    if events[k] is not None:
-                        # The copy out of this buffer must finish before it is refilled.
-                        events[k].synchronize()
-                    staging = bufs[k][:item.end - item.begin]
-                    whole = memoryview(staging.numpy())
-                    for b, e, parts in self._runs(item):
-                        _pread_into(fd, whole[b - item.begin:e - item.begin], b, path)
-                        with (torch.cuda.stream(stream) if stream is not None
-                              else contextlib.nullcontext()):
-                            if stream is not None:
-                                stream.wait_event(f.alloc_event)
-                            for t, pb, pe in parts:
-                                assert t.dest is not None
-                                t.dest[pb - t.info.begin:pe - t.info.begin].copy_(
-                                    staging[pb - item.begin:pe - item.begin],
-                                    non_blocking=True)
-                        ev = None
-                        if stream is not None:
-                            ev = torch.cuda.Event()
-                            ev.record(stream)
-                        events[k] = ev
-                        self._deliver(f, parts, ev)
+                    f, r = item
+                    reads = f.reads
+                    reader = readers.get(reads)
+                    if reader is None:
+                        reader = readers[reads] = reads.reader()
+                    reader.read(f, r)
         except _Cancelled:
             pass
         except BaseException as e:
             self._fail(e)
         finally:
-            for ev in events:
-                if ev is not None:
-                    ev.synchronize()
+            for reader in readers.values():
+                reader.close()
 
-    def _bounce_buffer(self) -> torch.Tensor:
-        return torch.empty(self.options.bounce_buffer_bytes, dtype=torch.uint8,
-                           pin_memory=self._cuda)
-
-    def _deliver(self, f: _File, parts: list[tuple[_Tensor, int, int]], event: Any) -> None:
-        done: list[_Tensor] = []
+    def _deliver(self, f: LoadFile, parts: list[Part], event: Any) -> None:
+        done: list[LoadTensor] = []
         with self._lock:
             for t, b, e in parts:
                 t.remaining -= e - b
@@ -707,24 +573,16 @@ class TensorStream:
         for t in done:
             self._complete(f, t)
 
-    def _complete(self, f: _File, t: _Tensor) -> None:
+    def _complete(self, f: LoadFile, t: LoadTensor) -> None:
         self._out.put((t.info.name, self._materialize(f, t), tuple(t.events)))
         t.dest = None
 
-    def _materialize(self, f: _File, t: _Tensor) -> torch.Tensor:
+    def _materialize(self, f: LoadFile, t: LoadTensor) -> torch.Tensor:
         lay = t.layout
-        n = t.info.nbytes
-        if n == 0:
+        if t.info.nbytes == 0:
             return torch.empty(lay.shape, dtype=lay.dtype, device=self._device)
-        if f.mode == "mmap":
-            assert f.mm is not None
-            raw = torch.frombuffer(f.mm, dtype=torch.uint8, count=n, offset=t.info.begin)
-        elif f.mode in ("read", "direct"):
-            assert f.buf is not None
-            raw = f.buf[t.info.begin - f.lo:t.info.end - f.lo]
-        else:
-            assert t.dest is not None
-            raw = t.dest
+        assert f.reads is not None
+        raw = f.reads.raw(f, t)
         if raw.data_ptr() % max(lay.itemsize, 1):
             raw = raw.clone()  # a fresh allocation is aligned for every dtype
         return raw.view(lay.dtype).reshape(lay.shape)
@@ -788,178 +646,3 @@ class _Sliced:
 
     def close(self) -> None:
         self._inner.close()
-
-
-def _split(f: _File, tensors: list[_Tensor], limit: int) -> Iterator[_Item]:
-    """Group tensors (sorted by offset) into ranges of at most ``limit`` bytes.
-
-    Small neighbours share a range (one read, one copy launch); a large tensor is cut
-    into ``limit``-sized parts, and its last part ends its range, so that when streaming
-    a tensor never waits for bytes of the next one. A gap between tensors is read only
-    inside one range.
-    """
-    cur: _Item | None = None
-    for t in tensors:
-        b = t.info.begin
-        split = False
-        while b < t.info.end:
-            if cur is not None and b - cur.begin >= limit:
-                yield cur
-                cur = None
-                split = b > t.info.begin
-            if cur is None:
-                cur = _Item(f, b, b, [])
-            e = min(t.info.end, cur.begin + limit)
-            cur.parts.append((t, b, e))
-            cur.end = e
-            b = e
-        if split and cur is not None:
-            yield cur
-            cur = None
-    if cur is not None:
-        yield cur
-
-
-def _align_up(n: int) -> int:
-    return -(-n // DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES
-
-
-def _split_aligned(f: _File, tensors: list[_Tensor], chunk: int) -> Iterator[_Item]:
-    """Tile the data as block-aligned ranges of ``chunk`` bytes that never overlap.
-
-    O_DIRECT transfers whole blocks, so a range reads the block it shares with its
-    neighbour. If ranges overlapped, a later read could rewrite bytes of a tensor that
-    was already yielded (and perhaps modified in place); tiling makes every byte of the
-    buffer written exactly once.
-    """
-    assert f.buf is not None
-    hi = f.lo + f.buf.numel()
-    i = 0
-    for b in range(f.lo, hi, chunk):
-        e = min(b + chunk, hi)
-        while i < len(tensors) and tensors[i].info.end <= b:
-            i += 1
-        parts = []
-        j = i
-        while j < len(tensors) and tensors[j].info.begin < e:
-            t = tensors[j]
-            lo, up = max(t.info.begin, b), min(t.info.end, e)
-            if lo < up:
-                parts.append((t, lo, up))
-            j += 1
-        if parts:
-            yield _Item(f, b, e, parts)
-
-
-def _open_direct(opened: OpenedFile) -> int | None:
-    """The same file opened again with O_DIRECT, or None where that is not possible."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None
-    try:
-        return os.open(f"/proc/self/fd/{opened.fd}", os.O_RDONLY | os.O_CLOEXEC | flag)
-    except OSError:  # tmpfs and some filesystems refuse O_DIRECT
-        return None
-
-
-def _pread_direct(fd: int, mv: memoryview, offset: int, need: int, path: str) -> None:
-    """Fill ``mv`` (block-aligned) from ``offset`` with O_DIRECT; at least ``need`` bytes.
-
-    The last range may run past the end of the file: the read then comes back short,
-    which is fine once the bytes the tensors need are in.
-    """
-    got = 0
-    n = len(mv)
-    while got < n:
-        k = os.preadv(fd, [mv[got:]], offset + got)
-        got += k
-        if k == 0 or got % DIRECT_ALIGN_BYTES:
-            break  # end of file
-    if got < need:
-        raise SafetensorsError(f"file ends early: needed bytes up to {offset + need}",
-                               path=path, offset=offset + got)
-
-
-def _mappable(opened: OpenedFile) -> bool:
-    """A mapping is safe only if the bytes it exposes already exist in the file."""
-    try:
-        return os.fstat(opened.fd).st_size >= opened.size
-    except OSError:
-        return False
-
-
-def _populate(mm: mmap.mmap, offset: int, length: int) -> None:
-    """Fault ``[offset, offset+length)`` of a mapping in now, not on first use."""
-    a = offset - offset % PAGE_BYTES
-    n = min(len(mm) - a, length + (offset - a))
-    if n <= 0:
-        return
-    try:
-        mm.madvise(MADV_POPULATE_READ, a, n)
-    except OSError:  # older kernel: touch one byte per page instead
-        view = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=a)
-        view[::PAGE_BYTES].sum()
-
-
-def _resident_fraction(mm: mmap.mmap, offset: int, length: int) -> float:
-    """Share of sampled pages of ``[offset, offset+length)`` in the page cache (mincore).
-
-    Samples ``RESIDENCY_SAMPLES`` evenly spaced windows rather than every page: asking
-    about every page of 2 GiB took 70 ms here, the samples well under one. Returns -1.0
-    where it cannot be asked (then the caller measures instead).
-    """
-    offset -= offset % PAGE_BYTES
-    length = min(length, len(mm) - offset)
-    if length <= 0:
-        return -1.0
-    window = min(RESIDENCY_WINDOW_BYTES, length)
-    step = max(window, (length - window) // max(1, RESIDENCY_SAMPLES - 1))
-    step -= step % PAGE_BYTES
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pages = (window + PAGE_BYTES - 1) // PAGE_BYTES
-        vec = (ctypes.c_ubyte * pages)()
-        anchor = ctypes.c_char.from_buffer(mm)
-        try:
-            base = ctypes.addressof(anchor)
-            seen = resident = 0
-            for start in range(offset, offset + length - window + 1, max(step, PAGE_BYTES)):
-                if libc.mincore(ctypes.c_void_p(base + start), ctypes.c_size_t(window),
-                                vec) != 0:
-                    return -1.0
-                seen += pages
-                # One byte per page, bit 0 = resident (the other bits are reserved, zero).
-                resident += pages - bytes(vec).count(0)
-                if seen >= RESIDENCY_SAMPLES * pages:
-                    break
-        finally:
-            del anchor  # the export would keep the mapping from closing
-        return resident / seen if seen else -1.0
-    except (OSError, AttributeError, TypeError, ValueError):
-        return -1.0
-
-
-def _owned_buffer(nbytes: int) -> torch.Tensor:
-    """Fresh uint8 memory advised to use huge pages (see the module docstring)."""
-    if nbytes < HUGE_PAGE_BYTES:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    # Private and anonymous: a shared mapping would be shmem, which THP does not cover.
-    mm = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES,
-                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError, AttributeError):
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    base = torch.frombuffer(mm, dtype=torch.uint8)
-    skew = (-base.data_ptr()) % HUGE_PAGE_BYTES
-    return base[skew:skew + nbytes]
-
-
-def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
-    got = 0
-    n = len(mv)
-    while got < n:
-        k = os.preadv(fd, [mv[got:]], offset + got)
-        if k == 0:
-            raise SafetensorsError(f"file ends early: needed bytes up to {offset + n}",
-                                   path=path, offset=offset + got)
-        got += k
-

@@ -151,6 +151,14 @@ def test_unaligned_tensor_is_copied_aligned(tmp_path: Path) -> None:
         assert out["b"].data_ptr() % 4 == 0
 
 
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
+def test_file_of_only_empty_tensors_loads(tmp_path: Path, strategy: str) -> None:
+    # No byte to read: direct reads have no buffer to tile, and must not need one.
+    save_file({"e": torch.empty(0, 3), "z": torch.zeros(0)}, str(tmp_path / "m.safetensors"))
+    out = load(tmp_path, strategy=strategy)
+    assert out["e"].shape == (0, 3) and out["z"].shape == (0,)
+
+
 def test_mmap_tensors_are_private_copies_on_write(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(1000)}, str(path))
