@@ -205,7 +205,7 @@ class UnixHTTPConnection(HTTPConnection):
 class UnixHTTPConnectionPool(HTTPConnectionPool):
     """A pool of :class:`UnixHTTPConnection` to one socket path."""
 
-    ConnectionCls = UnixHTTPConnection  # type: ignore[assignment]
+    ConnectionCls = UnixHTTPConnection
 
     def __init__(self, socket_path: str, **kw: Any) -> None:
         # The socket path travels to each connection through urllib3's connection kwargs.
@@ -287,7 +287,7 @@ class StreamResponse:
     def read1(self, amt: int = READ_CHUNK_BYTES) -> bytes:
         """What has arrived (at least a byte, at most ``amt``); ``b""`` at the end."""
         try:
-            data = self._resp.read1(amt)  # type: ignore[attr-defined]
+            data = self._resp.read1(amt)
         except ReadTimeoutError as e:
             raise HttpTimeout(f"{self._url}: the answer stalled: {e}", url=self._url,
                               reason=str(e)) from None
@@ -296,7 +296,7 @@ class StreamResponse:
                                   url=self._url, reason=_reason(e)) from None
         if not data:
             self._finished = True
-        return data  # type: ignore[no-any-return]
+        return data
 
     def read(self) -> bytes:
         chunks = []
