@@ -32,6 +32,7 @@ error root.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -376,6 +377,9 @@ class _Retry(RetryableError):
         self.failure = failure
 
 
+_URLLIB3_PREFIX = re.compile(r"^(<[^>]*>|\w+\([^)]*\)): ")
+
+
 def _reason(e: BaseException) -> str:
     """The transport's own sentence, without urllib3's object reprs around it."""
     seen: set[int] = set()
@@ -389,9 +393,8 @@ def _reason(e: BaseException) -> str:
             return str(cur) or type(cur).__name__
         todo.extend([cur.__cause__, cur.__context__,
                      *(a for a in cur.args if isinstance(a, BaseException))])
-    text = str(e)
-    # urllib3 prefixes "<connection object>: " or "Pool(host=..): "; the rest is the why.
-    return text.rpartition(">: ")[2] if ">: " in text else text
+    # urllib3 prefixes "<connection object>: " or "HTTPConnectionPool(host=..): ".
+    return _URLLIB3_PREFIX.sub("", str(e))
 
 
 class HttpClient:
