@@ -1,9 +1,13 @@
 """Client of the agent's local API, for the CLI and the serving runtime.
 
-Synchronous on purpose (``http.client``, no event loop): its users are a CLI and a model
-server's start-up path, where a blocking call is the simplest correct thing, and the
-serving loader already reads the event stream from a thread. Addresses are
-``unix:/path/agent.sock`` (or a bare socket path) or ``http://127.0.0.1:PORT``.
+Synchronous on purpose (:mod:`bdn.httpclient`, no event loop): its users are a CLI and a
+model server's start-up path, where a blocking call is the simplest correct thing, and
+the serving loader already reads the event stream from a thread. Addresses are
+``unix:/path/agent.sock`` (or a bare socket path) or ``http://127.0.0.1:PORT``. The
+agent's answers become this package's errors through one :class:`~bdn.httpclient.ErrorMap`
+(400/409 → :class:`RequestError`, 403 → :class:`AccessDenied`, no answer →
+:class:`AgentUnavailable`, anything else → :class:`PullError`). No call is retried: a
+pull's start is made safe to repeat by its ``Idempotency-Key``, which is the caller's.
 
 The readiness source of the serving runtime wants an events URL:
 :meth:`AgentClient.events_url` gives ``http+unix://<percent-encoded socket>/...`` for a
@@ -16,16 +20,14 @@ its own pulls with a plain :meth:`AgentClient.release`; another process passes i
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 from agent.errors import AccessDenied, AgentUnavailable, PullError, RequestError
 from bdn import settings
+from bdn.httpclient import ErrorMap, Failure, HttpClient, HttpUnavailable, Response, unix_url
 
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
@@ -39,20 +41,12 @@ def default_socket() -> str:
     return settings.AGENT_SOCKET.get() or DEFAULT_SOCKET
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
+def _any_status(status: int) -> bool:
+    return True
 
 
 class AgentClient:
-    """One agent. Every call opens its own connection (calls may come from any thread)."""
+    """One agent; thread-safe (calls may come from any thread and share its pool)."""
 
     def __init__(self, address: str | None = None, *,
                  timeout_s: float = REQUEST_TIMEOUT_S) -> None:
@@ -63,53 +57,36 @@ class AgentClient:
         self.timeout_s = timeout_s
         self._unix = not address.startswith(("http://", "https://"))
         self._tokens: dict[str, str] = {}  # release tokens of the pulls this client started
+        errors = ErrorMap(
+            statuses={
+                400: lambda f: RequestError(f"the agent refused the request: {f.message}"),
+                409: lambda f: RequestError(f"the agent refused the request: {f.message}"),
+                403: lambda f: AccessDenied(f"the agent refused access: {f.message}"),
+            },
+            other=lambda f: PullError(f"the agent answered HTTP {f.status}: {f.message}"),
+            unavailable=self._unavailable)
+        self._http = HttpClient(unix_url(address) if self._unix else address,
+                                timeout_s=timeout_s, errors=errors)
 
-    def _conn(self, timeout: float | None = None) -> http.client.HTTPConnection:
-        t = self.timeout_s if timeout is None else timeout
-        if self._unix:
-            return _UnixConnection(self.address, t)
-        parts = urlsplit(self.address)
-        return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=t)
+    def _unavailable(self, failure: Failure) -> AgentUnavailable:
+        return AgentUnavailable(f"the agent at {self.address} did not answer: "
+                                f"{failure.message}")
+
+    def close(self) -> None:
+        self._http.close()
 
     def _request(self, method: str, path: str, body: Any = None,
-                 headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        conn = self._conn()
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            hdrs = {"Content-Type": "application/json"} if data is not None else {}
-            hdrs.update(headers or {})
-            try:
-                conn.request(method, path, body=data, headers=hdrs)
-                resp = conn.getresponse()
-                raw = resp.read()
-            except OSError as e:
-                raise AgentUnavailable(f"the agent at {self.address} did not answer: "
-                                       f"{e}") from None
-        finally:
-            conn.close()
-        try:
-            doc = json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            doc = raw.decode("utf-8", "replace")
-        return resp.status, doc
-
-    @staticmethod
-    def _raise(status: int, doc: Any) -> None:
-        msg = doc.get("error") if isinstance(doc, dict) else str(doc)
-        if status in (400, 409):
-            raise RequestError(f"the agent refused the request: {msg}")
-        if status == 403:
-            raise AccessDenied(f"the agent refused access: {msg}")
-        raise PullError(f"the agent answered HTTP {status}: {msg}")
+                 headers: dict[str, str] | None = None) -> Response:
+        return self._http.request(method, path, json_body=body, headers=headers)
 
     # -- API -----------------------------------------------------------------------------
 
     def healthy(self) -> bool:
         try:
-            status, _ = self._request("GET", "/healthz")
+            resp = self._http.request("GET", "/healthz", ok=_any_status)
         except AgentUnavailable:
             return False
-        return status == 200
+        return resp.status == 200
 
     def start_pull(self, *, ref: str | None = None, mount: str | None = None,
                    weights: list[dict[str, Any]] | None = None, mount_root: str | None = None,
@@ -131,71 +108,49 @@ class AgentClient:
         if order is not None:
             body["order"] = order
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        status, doc = self._request("POST", "/v1/pulls", body, headers)
-        if status not in (200, 202):
-            self._raise(status, doc)
+        doc = self._request("POST", "/v1/pulls", body, headers).json()
         if doc.get("token"):
             self._tokens[doc["id"]] = doc["token"]
         return doc  # type: ignore[no-any-return]
 
     def status(self, pull_id: str) -> dict[str, Any]:
-        status, doc = self._request("GET", f"/v1/pulls/{pull_id}")
-        if status != 200:
-            self._raise(status, doc)
-        return doc  # type: ignore[no-any-return]
+        return self._request("GET", f"/v1/pulls/{pull_id}").json()  # type: ignore[no-any-return]
 
     def pulls(self) -> list[dict[str, Any]]:
-        status, doc = self._request("GET", "/v1/pulls")
-        if status != 200:
-            self._raise(status, doc)
-        return doc["pulls"]  # type: ignore[no-any-return]
+        return self._request("GET", "/v1/pulls").json()["pulls"]  # type: ignore[no-any-return]
 
     def agent_status(self) -> dict[str, Any]:
-        status, doc = self._request("GET", "/v1/status")
-        if status != 200:
-            self._raise(status, doc)
-        return doc  # type: ignore[no-any-return]
+        return self._request("GET", "/v1/status").json()  # type: ignore[no-any-return]
 
     def release(self, pull_id: str, token: str | None = None) -> dict[str, Any]:
         """Release a pull with ``token`` (default: the one this client got when it
         started the pull); :class:`AccessDenied` without the right one."""
         token = token or self._tokens.get(pull_id)
         headers = {TOKEN_HEADER: token} if token else None
-        status, doc = self._request("DELETE", f"/v1/pulls/{pull_id}", headers=headers)
-        if status != 200:
-            self._raise(status, doc)
-        return doc  # type: ignore[no-any-return]
+        return self._request(  # type: ignore[no-any-return]
+            "DELETE", f"/v1/pulls/{pull_id}", headers=headers).json()
 
     def metrics(self) -> str:
-        _status, doc = self._request("GET", "/metrics")
+        doc = self._http.request("GET", "/metrics", ok=_any_status).data()
         return doc if isinstance(doc, str) else json.dumps(doc)
 
     def events(self, pull_id: str) -> Iterator[dict[str, Any]]:
         """Every event of a pull from the first; ends after ``done`` or ``error``."""
-        conn = self._conn(timeout=CONNECT_TIMEOUT_S)
-        try:
+        # The connection and the answer's headers get CONNECT_TIMEOUT_S; then a live
+        # pull may be quiet for a while, so the reads wait as long as it takes.
+        with self._http.stream("GET", f"/v1/pulls/{pull_id}/events",
+                               headers={"Accept": "application/x-ndjson"},
+                               timeout_s=CONNECT_TIMEOUT_S, read_timeout_s=None,
+                               ok=lambda s: s == 200) as resp:
             try:
-                conn.request("GET", f"/v1/pulls/{pull_id}/events",
-                             headers={"Accept": "application/x-ndjson"})
-                resp = conn.getresponse()
-            except OSError as e:
-                raise AgentUnavailable(f"the agent at {self.address} did not answer: "
-                                       f"{e}") from None
-            if resp.status != 200:
-                self._raise(resp.status, resp.read().decode("utf-8", "replace"))
-            if conn.sock is not None:
-                conn.sock.settimeout(None)  # a live pull may be quiet for a while
-            while True:
-                line = resp.readline(MAX_EVENT_LINE_BYTES)
-                if not line:
-                    return
-                if line.strip():
-                    ev = json.loads(line)
-                    yield ev
-                    if ev.get("event") in ("done", "error"):
-                        return
-        finally:
-            conn.close()
+                for line in resp.lines(MAX_EVENT_LINE_BYTES):
+                    if line.strip():
+                        ev = json.loads(line)
+                        yield ev
+                        if ev.get("event") in ("done", "error"):
+                            return
+            except HttpUnavailable as e:
+                raise self._unavailable(Failure("GET", e.url, 0, e.reason)) from None
 
     def wait(self, pull_id: str, on_event: Callable[[dict[str, Any]], None] | None = None
              ) -> dict[str, Any]:
@@ -215,5 +170,5 @@ class AgentClient:
     def events_url(self, pull_id: str) -> str:
         path = f"/v1/pulls/{pull_id}/events"
         if self._unix:
-            return f"http+unix://{quote(os.path.abspath(self.address), safe='')}{path}"
+            return unix_url(os.path.abspath(self.address), path)
         return self.address.rstrip("/") + path

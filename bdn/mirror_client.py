@@ -1,30 +1,25 @@
 """A small synchronous client for the mirror service (``bdn mirror --server``, scripts).
 
-Standard library HTTP only, so the CLI stays light. Transient failures (transport errors,
-408/429/5xx) are retried with :mod:`bdn.retry`; a submit carries an ``Idempotency-Key``
-so a retried POST cannot start a second job. The API key is sent only in the
-``Authorization`` header and never appears in errors.
+Over :mod:`bdn.httpclient`, so the CLI stays light. Transient failures (transport errors,
+408/429/5xx) are retried with :mod:`bdn.retry`'s policy; a submit carries an
+``Idempotency-Key`` so a retried POST cannot start a second job, and a cancel is
+idempotent by nature. The API key is sent only in the ``Authorization`` header and never
+appears in errors.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bdn.errors import AuthError, BdnError, MirrorError
-from bdn.retry import (
-    RetryableError,
-    RetryPolicy,
-    is_retryable_status,
-    parse_retry_after,
-    retry_sync,
-)
+from bdn.httpclient import ErrorMap, Failure, HttpClient
+from bdn.retry import RetryPolicy
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_POLL_S = 0.5
@@ -48,44 +43,34 @@ class MirrorClient:
     def __repr__(self) -> str:
         return f"MirrorClient({self.url!r})"
 
+    @functools.cached_property
+    def _http(self) -> HttpClient:
+        def refused(f: Failure) -> AuthError:
+            return AuthError(f"mirror service {self.url}: {f.message}", status=f.status)
+
+        def failed(f: Failure) -> MirrorServiceError:
+            return MirrorServiceError(f"mirror service {self.url}: HTTP {f.status}: "
+                                      f"{f.message}", status=f.status)
+
+        def unreached(f: Failure) -> MirrorServiceError:
+            return MirrorServiceError(f"mirror service {self.url}: cannot reach {self.url}: "
+                                      f"{f.message}")
+
+        return HttpClient(self.url, timeout_s=self.timeout_s, retry=self.retry,
+                          headers={"Authorization": f"Api-Key {self.api_key}",
+                                   "Accept": "application/json"},
+                          errors=ErrorMap(statuses={401: refused, 403: refused},
+                                          other=failed, unavailable=unreached))
+
+    def close(self) -> None:
+        self._http.close()
+
     def _request(self, method: str, path: str, body: Any = None,
-                 headers: dict[str, str] | None = None, raw: bool = False) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        h = {"Authorization": f"Api-Key {self.api_key}", "Accept": "application/json",
-             **(headers or {})}
-        if data is not None:
-            h["Content-Type"] = "application/json"
-        url = self.url.rstrip("/") + path
-
-        def attempt() -> Any:
-            req = urllib.request.Request(url, data=data, method=method, headers=h)
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
-                    payload = r.read()
-                    return payload if raw else json.loads(payload or b"null")
-            except urllib.error.HTTPError as e:
-                text = e.read().decode(errors="replace")
-                try:
-                    message = json.loads(text).get("error", text)
-                except (ValueError, AttributeError):
-                    message = text
-                if is_retryable_status(e.code):
-                    raise RetryableError(f"HTTP {e.code}: {message}", status=e.code,
-                                         retry_after_s=parse_retry_after(
-                                             e.headers.get("Retry-After"))) from None
-                if e.code in (401, 403):
-                    raise AuthError(f"mirror service {self.url}: {message}",
-                                    status=e.code) from None
-                raise MirrorServiceError(f"mirror service {self.url}: HTTP {e.code}: "
-                                         f"{message}", status=e.code) from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-                reason = getattr(e, "reason", e)
-                raise RetryableError(f"cannot reach {self.url}: {reason}") from None
-
-        try:
-            return retry_sync(attempt, self.retry)
-        except RetryableError as e:
-            raise MirrorServiceError(f"mirror service {self.url}: {e}", status=e.status) from None
+                 headers: dict[str, str] | None = None, raw: bool = False,
+                 idempotent: bool | None = None) -> Any:
+        payload = self._http.request(method, path, json_body=body, headers=headers,
+                                     idempotent=idempotent).body
+        return payload if raw else json.loads(payload or b"null")
 
     def submit(self, weights: dict[str, Any], ref: str | None = None, *,
                idempotency_key: str | None = None) -> dict[str, Any]:
@@ -105,7 +90,7 @@ class MirrorClient:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request(  # type: ignore[no-any-return]
-            "POST", f"/v1/mirrors/{job_id}/cancel")["job"]
+            "POST", f"/v1/mirrors/{job_id}/cancel", idempotent=True)["job"]
 
     def manifest(self, digest: str) -> bytes:
         return self._request("GET", f"/v1/manifests/{digest}", raw=True)  # type: ignore[no-any-return]

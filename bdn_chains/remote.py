@@ -15,7 +15,8 @@ A ``run_remote`` that raises returns a :class:`RemoteErrorDetail` (HTTP 500, bod
 the message, as the seed documentation shows. Retries (``depends(retries=N)``) repeat a
 call that failed in transport (connection refused or reset, 502/503/504), never one the
 dependency answered with an exception: re-running user code that raised is the caller's
-decision (catch and call again).
+decision (catch and call again). A synchronous call goes through :mod:`bdn.httpclient`
+(its one retry loop, with :mod:`bdn.retry`'s backoff between attempts).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ import asyncio
 import builtins
 import codecs
 import json
+import threading
 import traceback
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -35,6 +35,8 @@ import msgpack
 import pydantic
 
 from bdn import settings
+from bdn.httpclient import ErrorMap, Failure, HttpClient, split_url
+from bdn.retry import RetryPolicy
 from bdn_chains.framework import (
     REGISTRY,
     ContextMarker,
@@ -136,6 +138,8 @@ class Stub:
                         if output is not None and stream_item is None else None)
         self._is_async = is_async
         self._session: aiohttp.ClientSession | None = None
+        self._http: HttpClient | None = None
+        self._http_lock = threading.Lock()
 
     def _request(self, kwargs: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
         headers = {}
@@ -186,24 +190,29 @@ class Stub:
         assert last is not None
         raise last
 
+    def _client(self) -> HttpClient:
+        with self._http_lock:
+            if self._http is None:
+                def unavailable(f: Failure) -> GenericRemoteException:
+                    return GenericRemoteException(
+                        f"chainlet {self.name} unavailable (HTTP {f.status}): "
+                        f"{f.body[:200]!r}")
+
+                # ``retries`` counts attempts; a user's opt-in makes the POST repeatable.
+                self._http = HttpClient(
+                    split_url(self.url)[0], timeout_s=self.options.timeout_sec,
+                    retry=RetryPolicy(attempts=self.options.retries),
+                    retry_status=RETRYABLE_STATUS.__contains__,
+                    errors=ErrorMap(other=unavailable))
+            return self._http
+
     def _call_sync(self, kwargs: Mapping[str, Any]) -> Any:
         data, headers = self._request(kwargs)
-        last: BaseException | None = None
-        for _ in range(self.options.retries):
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.options.timeout_sec) as resp:
-                    return self._answer(resp.status, resp.headers.get_content_type(),
-                                        resp.read())
-            except urllib.error.HTTPError as e:
-                if e.code in RETRYABLE_STATUS:
-                    last = e
-                    continue
-                return self._answer(e.code, e.headers.get_content_type(), e.read())
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-                last = e
-        assert last is not None
-        raise last
+        # Every answer but a transport status (502/503/504, retried) is the dependency's.
+        resp = self._client().request("POST", split_url(self.url)[1], body=data,
+                                      headers=headers, idempotent=True,
+                                      ok=lambda status: True)
+        return self._answer(resp.status, resp.content_type, resp.body)
 
     async def _stream(self, kwargs: Mapping[str, Any]) -> AsyncIterator[Any]:
         """A streaming dependency: its chunks as they arrive (no retry once begun)."""

@@ -1,23 +1,23 @@
 """A small synchronous client of the control server's API, for the CLI and scripts.
 
-Standard library only (``urllib``): the CLI makes a handful of calls per command, so an
+Synchronous (:mod:`bdn.httpclient`): the CLI makes a handful of calls per command, so an
 event loop buys nothing. Errors come back as :class:`control.errors.ClientError` carrying
 the server's status and its sentence (which names the field or id involved). The API key
-is sent in the ``Authorization`` header and never printed.
+is sent in the ``Authorization`` header and never printed. No call is retried: a
+command the server half-did is for the user to look at, not to repeat.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bdn import settings
+from bdn.httpclient import ErrorMap, Failure, HttpClient
 from control.errors import ClientError
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8700"
@@ -27,6 +27,8 @@ DEFAULT_TIMEOUT_S = 60.0
 UPLOAD_TIMEOUT_S = 600.0
 # Between two lines of a streamed answer (a push mirroring a large file stays quiet).
 STREAM_TIMEOUT_S = 3600.0
+# One line of a streamed answer (a deployment record, a progress event).
+MAX_STREAM_LINE_BYTES = 16 << 20
 
 
 class ControlClient:
@@ -34,46 +36,29 @@ class ControlClient:
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.base_url = (base_url or settings.CONTROL_URL.get()
                          or DEFAULT_SERVER_URL).rstrip("/")
-        self._api_key = api_key or settings.API_KEY.get() or ""
+        api_key = api_key or settings.API_KEY.get() or ""
         self.timeout_s = timeout_s
+        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else {}
+        self._http = HttpClient(self.base_url, timeout_s=timeout_s, headers=headers,
+                                errors=ErrorMap(other=_answered, unavailable=self._unreached))
 
     def __repr__(self) -> str:  # never show the key
         return f"ControlClient({self.base_url!r})"
 
-    def _open(self, method: str, path: str, data: Any, *, content_type: str,
-              accept: str | None = None, timeout_s: float | None = None,
-              length: int | None = None) -> Any:
-        url = self.base_url + path
-        req = urllib.request.Request(url, data=data, method=method)
-        if self._api_key:
-            req.add_header("Authorization", f"Api-Key {self._api_key}")
-        if data is not None:
-            req.add_header("Content-Type", content_type)
-        if length is not None:
-            req.add_header("Content-Length", str(length))
-        if accept:
-            req.add_header("Accept", accept)
-        try:
-            return urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s)
-        except urllib.error.HTTPError as e:
-            text = e.read().decode(errors="replace")
-            try:
-                message = json.loads(text).get("error") or text
-            except (json.JSONDecodeError, AttributeError):
-                message = text or e.reason
-            raise ClientError(f"{message} (HTTP {e.code})", status=e.code, url=url) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            reason = getattr(e, "reason", e)
-            raise ClientError(f"cannot reach the control server at {self.base_url}: {reason} "
-                              f"(set --server or {SERVER_URL_ENV})", status=0, url=url) from None
+    def _unreached(self, failure: Failure) -> ClientError:
+        return ClientError(f"cannot reach the control server at {self.base_url}: "
+                           f"{failure.message} (set --server or {SERVER_URL_ENV})",
+                           status=0, url=failure.url)
+
+    def close(self) -> None:
+        self._http.close()
 
     def request(self, method: str, path: str, body: Any = None, *,
                 raw: bytes | None = None, timeout_s: float | None = None) -> Any:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
-                                            else None)
-        with self._open(method, path, data, content_type="application/json",
-                        timeout_s=timeout_s) as resp:
-            payload = resp.read()
+        headers = {"Content-Type": "application/json"} if raw is not None else None
+        payload = self._http.request(method, path, json_body=body if raw is None else None,
+                                     body=raw, headers=headers,
+                                     timeout_s=timeout_s).body
         if not payload:
             return None
         try:
@@ -83,22 +68,23 @@ class ControlClient:
 
     def upload(self, path: str, file: Path) -> Any:
         """PUT a file's bytes (streamed from disk, not read into memory first)."""
-        with open(file, "rb") as f, self._open(
-                "PUT", path, f, content_type="application/octet-stream",
-                length=os.fstat(f.fileno()).st_size, timeout_s=UPLOAD_TIMEOUT_S) as resp:
-            return json.loads(resp.read() or b"null")
+        with open(file, "rb") as f:
+            resp = self._http.request(
+                "PUT", path, body=f, timeout_s=UPLOAD_TIMEOUT_S,
+                headers={"Content-Type": "application/octet-stream",
+                         "Content-Length": str(os.fstat(f.fileno()).st_size)})
+        return json.loads(resp.body or b"null")
 
     def stream(self, method: str, path: str, body: Any = None, *,
                timeout_s: float = STREAM_TIMEOUT_S) -> Iterator[dict[str, Any]]:
         """The JSON lines of a streamed answer (one object each); a plain JSON answer
         comes back as its one object."""
-        data = json.dumps(body).encode() if body is not None else None
-        with self._open(method, path, data, content_type="application/json",
-                        accept="application/x-ndjson", timeout_s=timeout_s) as resp:
+        with self._http.stream(method, path, json_body=body, timeout_s=timeout_s,
+                               headers={"Accept": "application/x-ndjson"}) as resp:
             if "ndjson" not in resp.headers.get("Content-Type", ""):
                 yield dict(json.loads(resp.read()), event="deployment")
                 return
-            for line in resp:
+            for line in resp.lines(MAX_STREAM_LINE_BYTES):
                 if line.strip():
                     yield json.loads(line)
 
@@ -140,6 +126,11 @@ class ControlClient:
         if environment and environment != "production":
             return f"{base}/environments/{q(environment)}/predict"
         return f"{base}/production/predict"
+
+
+def _answered(failure: Failure) -> ClientError:
+    return ClientError(f"{failure.message} (HTTP {failure.status})", status=failure.status,
+                       url=failure.url)
 
 
 def q(part: str) -> str:

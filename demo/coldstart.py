@@ -14,11 +14,11 @@ import re
 import shutil
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from bdn.childproc import ChildProcess, ServiceStartError
+from bdn.httpclient import HttpClient, split_url
 from bdn.progress import human_bytes, human_rate
 from bdn.service import LOADED_PREFIX, READY_PREFIX
 
@@ -35,10 +35,16 @@ def start(args: list[str], ready_prefix: str = READY_PREFIX) -> ChildProcess:
 
 
 def http_json(url: str, body: Any | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
+    base, target = split_url(url)
+    with HttpClient(base, timeout_s=60) as http:
+        return http.request("GET" if body is None else "POST", target,
+                            json_body=body).json()
+
+
+def http_text(url: str) -> str:
+    base, target = split_url(url)
+    with HttpClient(base, timeout_s=30) as http:
+        return http.request("GET", target).body.decode()
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
@@ -100,8 +106,7 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str, example: Path)
         t1 = time.perf_counter()
         answer = http_json(serve.url + "/predict", sample)
         t_predict = time.perf_counter() - t1
-        with urllib.request.urlopen(serve.url + "/metrics", timeout=30) as r:
-            text = r.read().decode()
+        text = http_text(serve.url + "/metrics")
 
         def phase_s(name: str) -> float:
             return metric(text, "bdn_cold_start_phase_seconds", "{phase=" + f'"{name}"' + "}")
@@ -126,8 +131,7 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str, example: Path)
         by = st.get("bytes_by_tier", {})
         print(f"   crossed the network: {human_bytes(by.get('cluster', 0) + by.get('store', 0))}"
               f"; copied on the node: {human_bytes(by.get('node', 0))}")
-        with urllib.request.urlopen(cache.url + "/metrics", timeout=30) as r:
-            ctext = r.read().decode()
+        ctext = http_text(cache.url + "/metrics")
         filled = metric(ctext, "bdn_cache_bytes_filled_total")
         served = metric(ctext, "bdn_cache_bytes_served_total")
         print(f"   cluster cache: filled {human_bytes(filled)} from the store, served "

@@ -10,7 +10,8 @@ A :class:`ReadinessSource` answers it. Three implementations:
   future in-process puller): ``mark(path, begin, end)``, ``mark_complete(path)``,
   ``finish()``, ``fail(message)``.
 * :class:`EventStreamReadiness` — consumes the node agent's newline-delimited JSON
-  event stream (``GET /v1/pulls/{id}/events``) over TCP or a unix socket, in a thread.
+  event stream (``GET /v1/pulls/{id}/events``) over TCP or a unix socket, in a thread
+  (through :mod:`bdn.httpclient`, which streams the lines as they arrive).
 
 The interface is synchronous and thread-safe because the loader's readers are threads
 (``preadv`` releases the GIL; asyncio would add nothing but a hop). Paths are logical
@@ -36,16 +37,15 @@ files, or have the agent send the plan first).
 from __future__ import annotations
 
 import bisect
-import http.client
 import json
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
+from bdn.httpclient import ErrorMap, Failure, HttpClient, StreamResponse, split_url
 from serving.errors import ReadinessTimeout, WeightsUnavailableError
 
 # The event stream of a live pull may be quiet for a long time (a slow link, a large
@@ -308,32 +308,26 @@ class EventStreamReadiness(ProgressiveReadiness):
                  connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         super().__init__(root)
         self.url = url
-        self._conn = _connection(url, connect_timeout_s)
+        self._http = _client(url, connect_timeout_s)
+        self._target = split_url(url)[1]
+        self._resp: StreamResponse | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="bdn-readiness", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            parts = urlsplit(self.url)
-            target = parts.path + (f"?{parts.query}" if parts.query else "")
-            self._conn.request("GET", target, headers={"Accept": "application/x-ndjson"})
-            resp = self._conn.getresponse()
-            if resp.status != 200:
-                body = resp.read(2048).decode("utf-8", "replace").strip()
-                raise WeightsUnavailableError(f"event stream answered {resp.status}: {body}",
-                                              path=self.url)
-            # Streaming responses must not time out between events.
-            if self._conn.sock is not None:
-                self._conn.sock.settimeout(None)
-            while True:
-                line = resp.readline(MAX_EVENT_LINE_BYTES + 1)
-                if not line:
-                    break
-                if len(line) > MAX_EVENT_LINE_BYTES:
-                    raise ValueError("an event line exceeds 1 MiB")
-                if line.strip() and self._handle(json.loads(line)):
+            # Streaming responses must not time out between events (read_timeout_s=None);
+            # the connection and the answer's headers get connect_timeout_s.
+            with self._http.stream("GET", self._target,
+                                   headers={"Accept": "application/x-ndjson"},
+                                   read_timeout_s=None, ok=lambda s: s == 200) as resp:
+                self._resp = resp
+                if self._closed:
                     return
+                for line in resp.lines(MAX_EVENT_LINE_BYTES):
+                    if line.strip() and self._handle(json.loads(line)):
+                        return
             if not self._closed:
                 self.fail("the event stream ended before the pull was done")
         except Exception as e:  # the thread must report, never die silently
@@ -341,7 +335,7 @@ class EventStreamReadiness(ProgressiveReadiness):
                 self.fail(f"{type(e).__name__}: {e}" if not isinstance(
                     e, WeightsUnavailableError) else str(e))
         finally:
-            self._conn.close()
+            self._http.close()
 
     def _rel(self, ev: dict[str, object]) -> str:
         path = ev.get("path")
@@ -383,12 +377,9 @@ class EventStreamReadiness(ProgressiveReadiness):
 
     def close(self) -> None:
         self._closed = True
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        resp = self._resp
+        if resp is not None:
+            resp.abort()
         self._thread.join(5)
 
 
@@ -397,24 +388,18 @@ def _size(ev: dict[str, object]) -> int | None:
     return size if type(size) is int and size >= 0 else None
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._socket_path)
-        self.sock = sock
-
-
-def _connection(url: str, timeout_s: float) -> http.client.HTTPConnection:
+def _client(url: str, timeout_s: float) -> HttpClient:
     parts = urlsplit(url)
-    if parts.scheme == "http+unix":
-        return _UnixHTTPConnection(unquote(parts.netloc), timeout_s)
-    if parts.scheme == "http" and parts.hostname:
-        return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout_s)
-    raise WeightsUnavailableError(
-        "the event stream URL must be http://HOST:PORT/... or "
-        "http+unix://<percent-encoded socket path>/...", path=url)
+    if not ((parts.scheme == "http+unix" and parts.netloc)
+            or (parts.scheme == "http" and parts.hostname)):
+        raise WeightsUnavailableError(
+            "the event stream URL must be http://HOST:PORT/... or "
+            "http+unix://<percent-encoded socket path>/...", path=url)
+    errors = ErrorMap(other=lambda f: _answered(url, f))
+    return HttpClient(split_url(url)[0], timeout_s=timeout_s, errors=errors)
+
+
+def _answered(url: str, failure: Failure) -> WeightsUnavailableError:
+    body = failure.body[:2048].decode("utf-8", "replace").strip()
+    return WeightsUnavailableError(f"event stream answered {failure.status}: {body}",
+                                   path=url)
