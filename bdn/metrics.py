@@ -37,6 +37,7 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -121,6 +122,11 @@ def histogram(name: str, help_text: str, buckets: Sequence[float],
     return fam
 
 
+def summary(name: str, help_text: str, count: int, total: float) -> SummaryMetricFamily:
+    """A summary family without quantiles: ``name_count`` and ``name_sum``."""
+    return SummaryMetricFamily(name, help_text, count_value=count, sum_value=total)
+
+
 def bucket_counts(buckets: Sequence[float], values: Iterable[float]) -> list[int]:
     """Per-bucket counts (``+Inf`` last) of ``values`` for :func:`histogram`."""
     counts = [0] * (len(buckets) + 1)
@@ -170,6 +176,6 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-__all__ = ["COLD_START_BUCKETS_S", "Metric", "StateCollector", "bucket_counts", "counter", "gauge",
-           "histogram", "metrics_handler", "metrics_response", "parse_metrics", "render",
-           "service_registry"]
+__all__ = ["COLD_START_BUCKETS_S", "CollectorRegistry", "Metric", "StateCollector",
+           "bucket_counts", "counter", "gauge", "histogram", "metrics_handler",
+           "metrics_response", "parse_metrics", "render", "service_registry", "summary"]

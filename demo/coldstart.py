@@ -104,7 +104,7 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str) -> int:
             text = r.read().decode()
 
         def phase_s(name: str) -> float:
-            return metric(text, "bdn_cold_start_phase_seconds", "{phase=" + f'"{name}"' + "}")
+            return metric(text, "bdn_cold_start_phase_seconds_sum", "{phase=" + f'"{name}"' + "}")
 
         print(f"   weights pulled: {status['files_done']} files, "
               f"{human_bytes(status['bytes_total'])} at "
