@@ -65,6 +65,7 @@ from agent.engine import Engine, Pull, parse_request
 from agent.errors import IdempotencyConflict, RequestError
 from agent.options import AgentOptions
 from agent.peerserver import PeerServer, PeerServerOptions
+from bdn import metrics as prom
 from bdn.errors import BdnError, PathError
 from bdn.service import ListenAddress, announce, signal_stop
 from bdn.store import BlobStore
@@ -246,8 +247,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[ENGINE_KEY].metrics_text(),
-                        content_type="text/plain")
+    return prom.metrics_response(request.app[ENGINE_KEY].registry, request)
 
 
 @web.middleware

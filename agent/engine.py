@@ -49,7 +49,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +82,7 @@ from agent.options import AgentOptions
 from agent.planner import ChunkTask, FilePlan, PlanOptions, PullPlan, PullTarget, plan_pull
 from agent.resolve import entry_target, select_files
 from agent.writer import FileWriter
+from bdn import metrics as prom
 from bdn.config import parse_weights
 from bdn.errors import BdnError, ConfigError
 from bdn.store import BlobStore
@@ -109,10 +110,44 @@ HOLDERS_ANNOUNCE_S = 0.2
 # A fetch thread waits this long for its report of a peer's bad bytes to be answered
 # before asking again (so the cache drops its bad copy first); past it, it asks anyway.
 REPORT_WAIT_S = 5.0
-# The agent counter each kind of failed answer is counted in (bdn_agent_<name>).
+# The agent counter each kind of failed answer is counted in (bdn_agent_<name>_total).
 ANSWER_COUNTERS = {CORRUPT: "integrity_failures", TRUNCATED: "truncated_answers",
                    BUSY: "busy_answers", ERROR: "error_answers", MISSING: "missing_answers",
                    TIMEOUT: "timeout_answers", UNCACHED: "uncached_answers"}
+
+
+# HELP of each agent counter (``counters[name]`` → ``bdn_agent_<name>_total``; the
+# ``bytes_<tier>`` counters are one family, ``bdn_agent_delivered_bytes_total{tier}``).
+COUNTER_HELP = {
+    "chunks_fetched": "Chunks fetched over the network and verified.",
+    "chunks_copied_locally": "Chunks copied from another file in the node cache.",
+    "bad_reports": "Bad copies reported to the cache pod or peer that served them.",
+    "chunk_retries": "Chunk fetches retried after a failed answer.",
+    "chunks_failed": "Chunks that failed after every source and retry.",
+    "integrity_failures": "Answers whose bytes did not match their digest.",
+    "truncated_answers": "Answers that ended before the chunk's last byte.",
+    "busy_answers": "Answers asking to come back later (429/503 with Retry-After).",
+    "error_answers": "Transport failures and answers with another HTTP status.",
+    "missing_answers": "Answers saying the source lacks the chunk (404/410).",
+    "timeout_answers": "Sources that gave no connection, first byte or progress in time.",
+    "uncached_answers": "Only-if-cached asks answered 504 (the pod lacked the chunk).",
+    "pulls_started": "Pulls started.",
+    "pulls_done": "Pulls that finished.",
+    "pulls_failed": "Pulls that failed.",
+    "peer_uploads": "Chunks served to peer agents.",
+    "peer_upload_bytes": "Bytes served to peer agents.",
+    "peer_busy_answers": "Peer requests refused as busy.",
+    "peer_missing_answers": "Peer requests for chunks this node does not hold.",
+    "peer_copies_dropped": "Held chunks dropped after a re-hash showed them bad.",
+}
+# Node cache stats (``NodeCache.stats()``) → metric name and HELP; units end the name.
+NODE_CACHE_GAUGES = {
+    "files": ("bdn_node_cache_files", "Complete files in the node cache."),
+    "partial_files": ("bdn_node_cache_partial_files", "Files still being written."),
+    "bytes_used": ("bdn_node_cache_used_bytes", "Bytes of files in the node cache."),
+    "bytes_pinned": ("bdn_node_cache_pinned_bytes", "Bytes of files pinned by mounts."),
+    "budget_bytes": ("bdn_node_cache_budget_bytes", "The node cache's byte budget."),
+}
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -470,6 +505,9 @@ class Engine:
             "chunks_copied_locally": 0, "bad_reports": 0, "chunk_retries": 0,
             "chunks_failed": 0, **dict.fromkeys(ANSWER_COUNTERS.values(), 0),
             "pulls_started": 0, "pulls_done": 0, "pulls_failed": 0}
+        # This agent's own registry (tests run several agents in one process).
+        self.registry = prom.service_registry()
+        self.registry.register(prom.StateCollector(self.collect_metrics))
         self._lock = asyncio.Lock()
         # One lock per mount: linking, sealing and removing in a mount never interleave.
         self._mount_locks: dict[str, asyncio.Lock] = {}
@@ -996,26 +1034,29 @@ class Engine:
             pull.closed = True
             pull._changed.set()
 
-    def metrics_text(self) -> str:
-        lines = []
+    def collect_metrics(self) -> Iterator[prom.Metric]:
+        """The agent's families (``/metrics``), read from its live state."""
+        yield prom.counter("bdn_agent_delivered_bytes_total",
+                           "Bytes delivered to pulls, by the tier they came from.",
+                           [({"tier": t}, self.counters.get(f"bytes_{t}", 0)) for t in TIERS])
         for name, value in sorted(self.counters.items()):
-            lines.append(f"# TYPE bdn_agent_{name} counter")
-            lines.append(f"bdn_agent_{name} {value}")
-        lines.append("# TYPE bdn_agent_buffer_pool_bytes gauge")
-        lines.append(f"bdn_agent_buffer_pool_bytes {self.buffers.total_bytes}")
-        lines.append("# TYPE bdn_agent_buffer_pool_max_bytes gauge")
-        lines.append(f"bdn_agent_buffer_pool_max_bytes {self.buffers.max_bytes}")
-        stats = self.node.stats()
-        for name, value in sorted(stats.items()):
-            lines.append(f"# TYPE bdn_node_cache_{name} gauge")
-            lines.append(f"bdn_node_cache_{name} {value}")
+            if name.startswith("bytes_") and name[len("bytes_"):] in TIERS:
+                continue
+            yield prom.counter(f"bdn_agent_{name}_total",
+                               COUNTER_HELP.get(name, f"Agent counter {name}."), value=value)
+        yield prom.gauge("bdn_agent_buffer_pool_bytes",
+                         "Bytes of fetch buffers allocated now.", value=self.buffers.total_bytes)
+        yield prom.gauge("bdn_agent_buffer_pool_max_bytes",
+                         "Most bytes of fetch buffers allowed.", value=self.buffers.max_bytes)
+        for key, value in sorted(self.node.stats().items()):
+            name, help_ = NODE_CACHE_GAUGES.get(key, (f"bdn_node_cache_{key}",
+                                                      f"Node cache {key}."))
+            yield prom.gauge(name, help_, value=value)
         states: dict[str, int] = {}
         for p in self.pulls.values():
             states[p.state] = states.get(p.state, 0) + 1
-        lines.append("# TYPE bdn_agent_pulls gauge")
-        for state, n in sorted(states.items()):
-            lines.append(f'bdn_agent_pulls{{state="{state}"}} {n}')
-        return "\n".join(lines) + "\n"
+        yield prom.gauge("bdn_agent_pulls", "Pulls known to the agent, by state.",
+                         [({"state": st}, n) for st, n in sorted(states.items())])
 
 
 def _make_ring_client(options: AgentOptions, store: BlobStore | None,

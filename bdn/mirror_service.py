@@ -17,6 +17,7 @@ known key, 403 when the key may not use the namespace)::
     GET  /v1/manifests/{digest}          the manifest's canonical bytes
     GET  /v1/refs/{namespace}/{model}/{tag}
     GET  /healthz                        (no auth)
+    GET  /metrics                        Prometheus text (no auth; bdn.metrics)
 
 A job without ``ref`` is stored under :func:`bdn.mirror_key.mirror_ref` of its entry —
 the ref the node agent looks for. API keys live in a YAML file as SHA-256 hashes (keys
@@ -51,6 +52,7 @@ import os
 import secrets as pysecrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ import lmdb
 import yaml
 from aiohttp import web
 
+from bdn import metrics as prom
 from bdn.config import WeightsEntry, parse_weights
 from bdn.errors import BdnError, ConfigError, MirrorError, NotFoundError
 from bdn.fsutil import contained_root
@@ -92,6 +95,7 @@ STALE_SPOOL_S = 7 * 24 * 3600
 MAX_BODY_BYTES = 256 * 1024
 MAX_LIST = 1000
 STATES_ACTIVE = ("queued", "running")
+STATES_ENDED = ("succeeded", "failed", "cancelled")
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -289,9 +293,12 @@ class _Live:
         elif kind == "bytes":
             self.bytes_done += int(event.get("n", 0))
 
+    def bytes_from_origin(self) -> int:
+        return self.source.counters.bytes_from_origin if self.source is not None else 0
+
     def progress(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        origin = self.source.counters.bytes_from_origin if self.source is not None else 0
+        origin = self.bytes_from_origin()
         return {"files_total": self.files_total, "files_done": self.files_done,
                 "bytes_total": self.bytes_total, "bytes_done": self.bytes_done,
                 "bytes_from_origin": origin,
@@ -323,6 +330,13 @@ class MirrorService:
         self.spool_dir = Path(options.spool_dir or Path(options.state_dir) / "spool")
         self._persist_task: asyncio.Task[None] | None = None
         self._stopping = False
+        # /metrics: jobs ended by state, and the bytes of jobs no longer live (a live
+        # job's are added at scrape time, then folded in here as it leaves ``live``).
+        self.jobs_ended: dict[str, int] = dict.fromkeys(STATES_ENDED, 0)
+        self._ended_bytes = 0
+        self._ended_origin_bytes = 0
+        self.registry = prom.service_registry()
+        self.registry.register(prom.StateCollector(self.collect_metrics))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -402,7 +416,10 @@ class MirrorService:
                 else:
                     self._finish(job_id, live, state="succeeded", result=result)
         finally:
-            self.live.pop(job_id, None)
+            ended = self.live.pop(job_id, None)
+            if ended is not None:
+                self._ended_bytes += ended.bytes_done
+                self._ended_origin_bytes += ended.bytes_from_origin()
             self.tasks.pop(job_id, None)
 
     def _finish(self, job_id: str, live: _Live, *, state: str, error: str | None = None,
@@ -413,6 +430,7 @@ class MirrorService:
         if state == "failed" and live.cancel.is_set() and job.get("cancel_requested"):
             state, error = "cancelled", "cancelled by request"
         job.update(state=state, finished_at=_now(), error=error, progress=live.progress())
+        self.jobs_ended[state] = self.jobs_ended.get(state, 0) + 1
         if result is not None:
             job["manifest"] = result["manifest"]
             job["source_pin"] = result["source"]
@@ -620,6 +638,25 @@ class MirrorService:
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"ok": True, "running": len(self.live)})
 
+    def collect_metrics(self) -> Iterator[prom.Metric]:
+        """The service's families (``/metrics``), from the jobs this process runs."""
+        live = list(self.live.values())
+        yield prom.gauge("bdn_mirror_jobs_running", "Mirror jobs running now.",
+                         value=len(live))
+        yield prom.gauge("bdn_mirror_jobs_queued",
+                         "Mirror jobs waiting for a slot (at most --max-jobs run at once).",
+                         value=max(0, len(self.tasks) - len(live)))
+        yield prom.counter("bdn_mirror_jobs_ended_total",
+                           "Mirror jobs this process ran to an end, by state.",
+                           [({"state": st}, n) for st, n in sorted(self.jobs_ended.items())])
+        yield prom.counter("bdn_mirror_bytes_total",
+                           "Bytes of files mirrored into the store (fetched or reused).",
+                           value=self._ended_bytes + sum(v.bytes_done for v in live))
+        yield prom.counter("bdn_mirror_origin_bytes_total",
+                           "Bytes read from the sources (the origin).",
+                           value=self._ended_origin_bytes
+                           + sum(v.bytes_from_origin() for v in live))
+
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self.auth_middleware],
                               client_max_size=MAX_BODY_BYTES)
@@ -630,6 +667,7 @@ class MirrorService:
         app.router.add_get("/v1/manifests/{digest}", self.get_manifest)
         app.router.add_get("/v1/refs/{namespace}/{model}/{tag}", self.get_ref)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", prom.metrics_handler(self.registry))
         app.on_startup.append(self.start)
         app.on_cleanup.append(self.stop)
         return app

@@ -371,8 +371,8 @@ class Fleet:
         for _, client in self.agents:
             with contextlib.suppress(Exception):
                 text = client.metrics()
-                res.timeouts += int(metric(text, "bdn_agent_timeout_answers"))
-                res.uncached += int(metric(text, "bdn_agent_uncached_answers"))
+                res.timeouts += int(metric(text, "bdn_agent_timeout_answers_total"))
+                res.uncached += int(metric(text, "bdn_agent_uncached_answers_total"))
         return res
 
 

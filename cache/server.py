@@ -49,7 +49,6 @@ here (:mod:`cache.workers`); ``X-Bdn-Worker`` names the process that answered (0
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -64,6 +63,7 @@ from typing import Any, BinaryIO
 import zstandard
 from aiohttp import web
 
+from bdn import metrics as prom
 from bdn.errors import NotFoundError
 from bdn.store import OBJECTS_PREFIX, Backend, BlobStore, object_key, open_backend
 from cache.disk import ACCESS_FLUSH_S, DiskOptions, DiskStore
@@ -300,11 +300,8 @@ class Metrics:
     def observe_fill(self, seconds: float) -> None:
         self.fill_count += 1
         self.fill_sum_s += seconds
-        for i, le in enumerate(FILL_SECONDS_BUCKETS):
-            if seconds <= le:
-                self.fill_buckets[i] += 1
-                return
-        self.fill_buckets[-1] += 1
+        for i, n in enumerate(prom.bucket_counts(FILL_SECONDS_BUCKETS, (seconds,))):
+            self.fill_buckets[i] += n
 
     def fail(self, reason: str) -> None:
         self.fill_failures[reason] = self.fill_failures.get(reason, 0) + 1
@@ -351,6 +348,10 @@ class CacheServer:
         self.disk = DiskStore(options.cache_dir, DiskOptions(
             options.budget_bytes, fsync=options.fsync, shared_readers=options.workers > 1))
         self.metrics = Metrics()
+        # This server's own registry (never the global one: tests run several servers
+        # in one process); its counts are the owner's, worker processes' notes included.
+        self.registry = prom.service_registry()
+        self.registry.register(prom.StateCollector(self.collect_metrics))
         self.fills: dict[Digest, Fill] = {}
         self._fill_tasks: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(options.fill_threads,
@@ -942,68 +943,56 @@ class CacheServer:
     async def handle_metrics(self, request: web.Request) -> web.Response:
         if self.collect_worker_notes is not None:
             await self.collect_worker_notes()
-        return web.Response(text=self.render_metrics(),
-                            content_type="text/plain", charset="utf-8",
-                            headers={"Cache-Control": "no-store"})
+        return prom.metrics_response(self.registry, request)
 
-    def render_metrics(self) -> str:
+    def collect_metrics(self) -> Iterator[prom.Metric]:
+        """The cache's families (``/metrics``): the owner's counts, in which the worker
+        processes' notes are already summed (:meth:`worker_counts`)."""
         m = self.metrics
         u = self.disk.usage()
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, value: float,
-                   labels: str = "") -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-            out.append(f"{name}{labels} {value}")
-
-        metric("bdn_cache_hits_total", "counter", "Requests served from disk.", m.hits)
-        metric("bdn_cache_misses_total", "counter", "Requests that started a fill.",
-               m.misses)
-        metric("bdn_cache_coalesced_waiters_total", "counter",
-               "Requests that joined a fill already in flight.", m.coalesced)
-        metric("bdn_cache_bytes_served_total", "counter", "Body bytes sent.",
-               m.bytes_served)
-        metric("bdn_cache_bytes_filled_total", "counter",
-               "Verified bytes read from the blob store.", m.bytes_filled)
-        metric("bdn_cache_store_object_reads_total", "counter",
-               "Object body reads issued to the blob store.", self.backend.object_reads)
-        metric("bdn_cache_evictions_total", "counter", "Objects evicted (LRU).",
-               self.disk.evictions)
-        metric("bdn_cache_evicted_bytes_total", "counter", "Bytes evicted (LRU).",
-               self.disk.evicted_bytes)
-        metric("bdn_cache_invalidations_total", "counter",
-               "Bad copies dropped after a verify request.", m.invalidated)
-        out.append("# HELP bdn_cache_fill_failures_total Fills that failed, by reason.")
-        out.append("# TYPE bdn_cache_fill_failures_total counter")
-        for reason in ("integrity", "not_found", "store", "other"):
-            out.append(f'bdn_cache_fill_failures_total{{reason="{reason}"}} '
-                       f"{m.fill_failures.get(reason, 0)}")
-        out.append("# HELP bdn_cache_fill_seconds Time from miss to verified object.")
-        out.append("# TYPE bdn_cache_fill_seconds histogram")
-        cum = 0
-        for le, n in zip((*FILL_SECONDS_BUCKETS, "+Inf"), m.fill_buckets, strict=True):
-            cum += n
-            out.append(f'bdn_cache_fill_seconds_bucket{{le="{le}"}} {cum}')
-        out.append(f"bdn_cache_fill_seconds_sum {m.fill_sum_s}")
-        out.append(f"bdn_cache_fill_seconds_count {m.fill_count}")
-        metric("bdn_cache_fills_in_flight", "gauge", "Fills in progress.", len(self.fills))
-        metric("bdn_cache_prefetch_queued_total", "counter",
-               "Objects queued by prefetch requests.", m.prefetch_queued)
-        metric("bdn_cache_prefetch_filled_total", "counter",
-               "Objects filled in the background.", m.prefetch_filled)
-        metric("bdn_cache_prefetch_pending", "gauge", "Prefetches not yet done.",
-               len(self._prefetch_pending))
-        metric("bdn_cache_disk_used_bytes", "gauge", "Bytes of complete objects on disk.",
-               u.used_bytes)
-        metric("bdn_cache_disk_reserved_bytes", "gauge", "Bytes reserved by fills.",
-               u.reserved_bytes)
-        metric("bdn_cache_disk_budget_bytes", "gauge", "The disk byte budget.",
-               u.budget_bytes)
-        metric("bdn_cache_objects", "gauge", "Complete objects on disk.", u.objects)
-        metric("bdn_cache_processes", "gauge",
-               "Processes serving the port (the owner and its hit workers).",
-               len(self.processes))
+        yield prom.counter("bdn_cache_hits_total", "Requests served from disk.", value=m.hits)
+        yield prom.counter("bdn_cache_misses_total", "Requests that started a fill.",
+                           value=m.misses)
+        yield prom.counter("bdn_cache_coalesced_waiters_total",
+                           "Requests that joined a fill already in flight.", value=m.coalesced)
+        yield prom.counter("bdn_cache_bytes_served_total", "Body bytes sent.",
+                           value=m.bytes_served)
+        yield prom.counter("bdn_cache_bytes_filled_total",
+                           "Verified bytes read from the blob store.", value=m.bytes_filled)
+        yield prom.counter("bdn_cache_store_object_reads_total",
+                           "Object body reads issued to the blob store.",
+                           value=self.backend.object_reads)
+        yield prom.counter("bdn_cache_evictions_total", "Objects evicted (LRU).",
+                           value=self.disk.evictions)
+        yield prom.counter("bdn_cache_evicted_bytes_total", "Bytes evicted (LRU).",
+                           value=self.disk.evicted_bytes)
+        yield prom.counter("bdn_cache_invalidations_total",
+                           "Bad copies dropped after a verify request.", value=m.invalidated)
+        yield prom.counter("bdn_cache_fill_failures_total", "Fills that failed, by reason.",
+                           [({"reason": r}, m.fill_failures.get(r, 0))
+                            for r in ("integrity", "not_found", "store", "other")])
+        yield prom.histogram("bdn_cache_fill_seconds", "Time from miss to verified object.",
+                             FILL_SECONDS_BUCKETS, [({}, m.fill_buckets, m.fill_sum_s)])
+        yield prom.gauge("bdn_cache_fills_in_flight", "Fills in progress.",
+                         value=len(self.fills))
+        yield prom.counter("bdn_cache_prefetch_queued_total",
+                           "Objects queued by prefetch requests.", value=m.prefetch_queued)
+        yield prom.counter("bdn_cache_prefetch_filled_total",
+                           "Objects filled in the background.", value=m.prefetch_filled)
+        yield prom.gauge("bdn_cache_prefetch_pending", "Prefetches not yet done.",
+                         value=len(self._prefetch_pending))
+        yield prom.gauge("bdn_cache_disk_used_bytes", "Bytes of complete objects on disk.",
+                         value=u.used_bytes)
+        yield prom.gauge("bdn_cache_disk_reserved_bytes", "Bytes reserved by fills.",
+                         value=u.reserved_bytes)
+        yield prom.gauge("bdn_cache_disk_budget_bytes", "The disk byte budget.",
+                         value=u.budget_bytes)
+        yield prom.gauge("bdn_cache_objects", "Complete objects on disk.", value=u.objects)
+        yield prom.gauge("bdn_cache_processes",
+                         "Processes serving the port (the owner and its hit workers).",
+                         value=len(self.processes))
+        # The owner's share is the total less what the workers noted: the owner counts
+        # its own hits only in the totals.
         workers = sorted({*m.worker_hits, *self.processes} - {OWNER_WORKER})
         for name, help_, total, per in (
                 ("bdn_cache_process_hits_total", "Hits served, by process (0: the owner).",
@@ -1011,12 +1000,9 @@ class CacheServer:
                 ("bdn_cache_process_bytes_served_total",
                  "Body bytes sent, by process (0: the owner).", m.bytes_served,
                  m.worker_bytes)):
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} counter")
-            out.append(f'{name}{{worker="{OWNER_WORKER}"}} {total - sum(per.values())}')
-            for w in workers:
-                out.append(f'{name}{{worker="{w}"}} {per.get(w, 0)}')
-        return "\n".join(out) + "\n"
+            yield prom.counter(name, help_, [
+                ({"worker": str(OWNER_WORKER)}, total - sum(per.values())),
+                *(({"worker": str(w)}, per.get(w, 0)) for w in workers)])
 
 
 def _hash_file(path: str | Path) -> Digest:
@@ -1031,16 +1017,8 @@ async def make_app(options: CacheServerOptions) -> web.Application:
     return CacheServer(options).make_app()
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text → {name{labels}: value} (for tests and the bench)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        with contextlib.suppress(ValueError):
-            out[name] = float(value)
-    return out
+# Kept here for the tests and the bench that read a pod's metrics (cache.server's API).
+parse_metrics = prom.parse_metrics
 
 
 __all__ = ["CacheServer", "CacheServerOptions", "CountingBackend", "make_app",

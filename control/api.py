@@ -35,6 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bdn import metrics as prom
 from bdn.errors import BdnError
 from bdn.secrets import SecretResolver
 from bdn.store import BlobStore, default_store_url
@@ -668,15 +669,12 @@ async def build_app(options: ServerOptions,
     ChainsApi(controller, pushes, router,
               chain_transport_key(options.api_keys)).add_routes(app)
 
-    async def metrics_handler(request: web.Request) -> web.Response:
-        return web.Response(text=metrics.render(controller.gauges()),
-                            content_type="text/plain", charset="utf-8",
-                            headers={"X-Prometheus-Format": "0.0.4"})
+    metrics.serve_gauges(controller.gauges)
 
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", prom.metrics_handler(metrics.registry))
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", live)
     app["controller"] = controller

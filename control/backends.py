@@ -537,8 +537,9 @@ class LocalProcessBackend:
                 text = await resp.text()
             names = {"loading_to_device": "load", "model_init": "model_init",
                      "waiting_for_weights": "waiting_for_weights"}
+            # Histograms of the replica's one cold start: each phase's sum is its time.
             for line in text.splitlines():
-                if line.startswith("bdn_cold_start_phase_seconds{"):
+                if line.startswith("bdn_cold_start_phase_seconds_sum{"):
                     label = line.split('phase="', 1)[1].split('"', 1)[0]
                     if label in names:
                         out[names[label]] = float(line.rsplit(" ", 1)[1])

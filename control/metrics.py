@@ -1,45 +1,39 @@
-"""Prometheus text exposition for the control plane, without a client library.
+"""The control plane's metrics, exposed through :mod:`bdn.metrics` (prometheus_client).
 
 The control plane exposes a handful of gauges (in-flight requests, desired and ready
 replicas, queue depth per deployment; a promotion's traffic share per environment),
 counters (requests by outcome) and histograms (queue wait, cold start). Requests that
 came through an environment's path carry an ``environment`` label as well, so one
 environment's traffic can be told apart while a rolling promotion splits it over two
-deployments. Gauges are read from the controller's live state at scrape
-time, so they cannot drift from what the router and autoscaler use; counters and
-histograms are accumulated here. Writing the text format directly (a few dozen lines)
-avoids a dependency and a second registry to keep in step.
+deployments. Gauges are read from the controller's live state at scrape time, so they
+cannot drift from what the router and autoscaler use; counters and histograms are
+accumulated here. They stay small accumulators of our own rather than the library's
+metric objects because one family's series do not all carry the same labels (the
+``environment`` label only on environment paths), which those objects cannot express;
+the library renders them (:meth:`Metrics.collect` builds its metric families).
+
+Cold starts are reported under the same names and types as a model server's own
+(``bdn_cold_start_seconds``, ``bdn_cold_start_phase_seconds{phase}`` histograms): here
+one observation per replica the control plane started.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# Cold starts range from well under a second (tiny models) to minutes (large weights).
-COLD_START_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+from prometheus_client import CollectorRegistry, generate_latest
+
+from bdn import metrics as prom
+from bdn.metrics import COLD_START_BUCKETS_S
+
 QUEUE_WAIT_BUCKETS_S = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 Labels = tuple[tuple[str, str], ...]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def format_labels(labels: Labels | Mapping[str, str]) -> str:
-    items = labels.items() if isinstance(labels, Mapping) else labels
-    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in items)
-    return "{" + inner + "}" if inner else ""
-
-
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+# (name, help, [(labels, value)]) for each gauge, as the controller reports them.
+Gauges = Sequence[tuple[str, str, list[tuple[Labels, float]]]]
 
 
 @dataclass
@@ -58,17 +52,10 @@ class Histogram:
         got = self.series.get(labels)
         return sum(got[0]) if got else 0
 
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for labels, (counts, acc) in sorted(self.series.items()):
-            running = 0
-            for bound, n in zip([*self.buckets, math.inf], counts, strict=True):
-                running += n
-                le = (*labels, ("le", _num(bound)))
-                out.append(f"{self.name}_bucket{format_labels(le)} {running}")
-            out.append(f"{self.name}_sum{format_labels(labels)} {_num(acc[0])}")
-            out.append(f"{self.name}_count{format_labels(labels)} {running}")
-        return out
+    def family(self) -> prom.Metric:
+        return prom.histogram(self.name, self.help, self.buckets,
+                              [(labels, counts, acc[0])
+                               for labels, (counts, acc) in sorted(self.series.items())])
 
 
 @dataclass
@@ -80,20 +67,12 @@ class Counter:
     def inc(self, labels: Labels = (), by: float = 1.0) -> None:
         self.series[labels] = self.series.get(labels, 0.0) + by
 
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        out += [f"{self.name}{format_labels(k)} {_num(v)}" for k, v in sorted(self.series.items())]
-        return out
-
-
-def render_gauge(name: str, help_text: str, values: Iterable[tuple[Labels, float]]) -> list[str]:
-    out = [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-    out += [f"{name}{format_labels(k)} {_num(v)}" for k, v in values]
-    return out
+    def family(self) -> prom.Metric:
+        return prom.counter(self.name, self.help, sorted(self.series.items()))
 
 
 class Metrics:
-    """The control plane's accumulated metrics (gauges are supplied at render time)."""
+    """The control plane's accumulated metrics (gauges are supplied at scrape time)."""
 
     def __init__(self) -> None:
         self.cold_start = Histogram(
@@ -109,14 +88,16 @@ class Metrics:
         self.replica_starts = Counter("bdn_replica_starts_total",
                                       "Replica starts, by deployment and outcome.")
         self.cold_start_phase = Histogram(
-            "bdn_replica_cold_start_phase_seconds",
+            "bdn_cold_start_phase_seconds",
             "Replica cold starts by phase: slot (waiting for a place to run), weights "
             "(the node agent's delivery), load (to the device), model_init, total.",
             COLD_START_BUCKETS_S)
         self.weight_bytes = Counter(
-            "bdn_replica_cold_start_bytes_total",
+            "bdn_cold_start_bytes_total",
             "Weight bytes delivered to starting replicas, by tier (node, peer, cluster, "
             "store).")
+        # The control server's registry (never the global one: tests run several).
+        self.registry = prom.service_registry()
 
     def observe_cold_start(self, labels: Labels, total_s: float, record: Any) -> None:
         """One ready replica's cold start (a ``control.backends.ColdStartRecord``)."""
@@ -126,11 +107,19 @@ class Metrics:
         for tier, n in sorted(record.bytes_by_tier.items()):
             self.weight_bytes.inc((*labels, ("tier", tier)), n)
 
-    def render(self, gauges: Sequence[tuple[str, str, list[tuple[Labels, float]]]]) -> str:
-        lines: list[str] = []
+    def collect(self, gauges: Gauges) -> Iterator[prom.Metric]:
         for name, help_text, values in gauges:
-            lines += render_gauge(name, help_text, values)
+            yield prom.gauge(name, help_text, values)
         for metric in (self.requests, self.replica_starts, self.queue_wait, self.cold_start,
                        self.cold_start_phase, self.weight_bytes):
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
+            yield metric.family()
+
+    def serve_gauges(self, gauges: Callable[[], Gauges]) -> None:
+        """Expose these metrics in :attr:`registry`, with ``gauges()`` read per scrape."""
+        self.registry.register(prom.StateCollector(lambda: self.collect(gauges())))
+
+    def render(self, gauges: Gauges) -> str:
+        """These metrics alone as Prometheus text (the registry adds the process's)."""
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(prom.StateCollector(lambda: self.collect(gauges)))
+        return generate_latest(registry).decode()

@@ -109,7 +109,7 @@ def run(workdir: Path, store: str, base_ref: str, tuned_ref: str, example: Path)
         text = http_text(serve.url + "/metrics")
 
         def phase_s(name: str) -> float:
-            return metric(text, "bdn_cold_start_phase_seconds", "{phase=" + f'"{name}"' + "}")
+            return metric(text, "bdn_cold_start_phase_seconds_sum", "{phase=" + f'"{name}"' + "}")
 
         print(f"   weights pulled: {status['files_done']} files, "
               f"{human_bytes(status['bytes_total'])} at "

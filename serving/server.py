@@ -19,8 +19,10 @@ it does not validate). A ``predict`` that returns a generator, sync or async, st
 each item is written as it is yielded (chunked transfer encoding; ``str`` as UTF-8,
 ``bytes`` as is), holding the predict slot until the stream ends. A model exception
 gives 500 with the traceback of the model's code only (server frames are dropped: they
-say nothing to the user, and would leak the server's layout). ``GET /metrics`` is
-Prometheus text: readiness, the cold start phases, requests in flight and done.
+say nothing to the user, and would leak the server's layout). ``GET /metrics``
+(:mod:`bdn.metrics`): readiness, the cold start (histograms of this server's one cold
+start, under the names the control plane uses for every replica's), requests in flight
+and done.
 
 The model's constructor and ``load()`` run in a daemon thread, so a SIGTERM during a
 long load exits at once rather than after the load.
@@ -50,6 +52,7 @@ import sys
 import threading
 import time
 import typing
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
+from bdn import metrics as prom
 from bdn.service import (
     LOADED_PREFIX,
     ListenAddress,
@@ -156,6 +160,7 @@ class ServerState:
 
 
 STATE_KEY = web.AppKey("state", ServerState)
+REGISTRY_KEY = web.AppKey("metrics_registry", prom.CollectorRegistry)
 
 
 def _plain(o: Any) -> Any:
@@ -424,58 +429,56 @@ async def _predict(request: web.Request) -> web.StreamResponse:
         state.duration_count += 1
 
 
-def render_metrics(rt: ModelRuntime, state: ServerState) -> str:
-    """Prometheus text exposition of the server's state."""
+def collect_metrics(rt: ModelRuntime, state: ServerState) -> Iterator[prom.Metric]:
+    """The server's families (``/metrics``), read from its live state."""
     cs = rt.cold_start
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{name}{labels} {value:.9g}")
-
-    metric("bdn_model_ready", "gauge", "1 once the model's load() has returned.",
-           [("", 1.0 if rt.ready else 0.0)])
-    phases = [('{phase="waiting_for_weights"}', cs.waiting_for_weights_s),
-              ('{phase="loading_to_device"}', cs.loading_to_device_s)]
-    if cs.model_init_s is not None:
-        phases.append(('{phase="model_init"}', cs.model_init_s))
-    metric("bdn_cold_start_phase_seconds", "gauge",
-           "Cold start time by phase: waiting for weights to arrive, loading them to the "
-           "device, and the model's own initialisation.", phases)
-    total = cs.total_s if cs.total_s is not None else time.perf_counter() - state.load_started
-    metric("bdn_cold_start_seconds", "gauge",
-           "Wall time of the model's construction and load() (so far, while loading).",
-           [("", total)])
-    metric("bdn_weights_loaded_bytes", "gauge", "Tensor bytes loaded by the bdn loader.",
-           [("", float(cs.bytes_loaded))])
-    metric("bdn_requests_in_flight", "gauge",
-           "Predict requests received and not yet answered (queued or running).",
-           [("", float(state.in_flight))])
-    metric("bdn_requests_active", "gauge", "Predict requests running the model now.",
-           [("", float(state.active))])
-    metric("bdn_requests_waiting", "gauge",
-           "Predict requests received and not running the model yet (reading their "
-           "body, being parsed, or waiting for a predict slot).",
-           [("", float(state.waiting))])
-    metric("bdn_max_queue", "gauge", "Most requests that may wait; the next gets 429.",
-           [("", float(state.queue_limit))])
-    metric("bdn_predict_concurrency", "gauge", "Most predict requests run at once.",
-           [("", float(rt.predict_concurrency))])
-    metric("bdn_requests_total", "counter", "Predict requests answered, by status code.",
-           [(f'{{code="{c}"}}', float(n)) for c, n in sorted(state.by_code.items())])
-    metric("bdn_request_duration_seconds_sum", "counter",
-           "Total time spent answering predict requests.", [("", state.duration_sum_s)])
-    metric("bdn_request_duration_seconds_count", "counter",
-           "Number of predict requests timed.", [("", float(state.duration_count))])
-    return "\n".join(lines) + "\n"
+    yield prom.gauge("bdn_model_ready", "1 once the model's load() has returned.",
+                     value=1.0 if rt.ready else 0.0)
+    # One cold start per process, observed once it is measured (all phases at once).
+    done = cs.total_s is not None
+    phases = [("waiting_for_weights", cs.waiting_for_weights_s),
+              ("loading_to_device", cs.loading_to_device_s),
+              ("model_init", cs.model_init_s or 0.0)] if done else []
+    yield prom.histogram(
+        "bdn_cold_start_phase_seconds",
+        "Cold start time by phase: waiting for weights to arrive, loading them to the "
+        "device, and the model's own initialisation.", prom.COLD_START_BUCKETS_S,
+        [({"phase": name}, prom.bucket_counts(prom.COLD_START_BUCKETS_S, (v,)), v)
+         for name, v in phases])
+    total = cs.total_s if cs.total_s is not None else 0.0
+    yield prom.histogram(
+        "bdn_cold_start_seconds", "Wall time of the model's construction and load().",
+        prom.COLD_START_BUCKETS_S,
+        [({}, prom.bucket_counts(prom.COLD_START_BUCKETS_S, (total,) if done else ()),
+          total)])
+    elapsed = cs.total_s if done else time.perf_counter() - state.load_started
+    yield prom.gauge("bdn_cold_start_elapsed_seconds",
+                     "Wall time of the model's construction and load() so far (final "
+                     "once ready).", value=elapsed)
+    yield prom.gauge("bdn_weights_loaded_bytes", "Tensor bytes loaded by the bdn loader.",
+                     value=cs.bytes_loaded)
+    yield prom.gauge("bdn_requests_in_flight",
+                     "Predict requests received and not yet answered (queued or running).",
+                     value=state.in_flight)
+    yield prom.gauge("bdn_requests_active", "Predict requests running the model now.",
+                     value=state.active)
+    yield prom.gauge("bdn_requests_waiting",
+                     "Predict requests received and not running the model yet (reading "
+                     "their body, being parsed, or waiting for a predict slot).",
+                     value=state.waiting)
+    yield prom.gauge("bdn_max_queue", "Most requests that may wait; the next gets 429.",
+                     value=state.queue_limit)
+    yield prom.gauge("bdn_predict_concurrency", "Most predict requests run at once.",
+                     value=rt.predict_concurrency)
+    yield prom.counter("bdn_requests_total", "Predict requests answered, by status code.",
+                       [({"code": str(c)}, n) for c, n in sorted(state.by_code.items())])
+    yield prom.summary("bdn_request_duration_seconds",
+                       "Time spent answering predict requests.",
+                       count=state.duration_count, total=state.duration_sum_s)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    text = render_metrics(request.app[RUNTIME_KEY], request.app[STATE_KEY])
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type": "text/plain; version=0.0.4"})
+    return prom.metrics_response(request.app[REGISTRY_KEY], request)
 
 
 def build_app(rt: ModelRuntime, limits: ServeLimits | None = None) -> web.Application:
@@ -493,6 +496,9 @@ def build_app(rt: ModelRuntime, limits: ServeLimits | None = None) -> web.Applic
                         load_started=time.perf_counter())
     app[RUNTIME_KEY] = rt
     app[STATE_KEY] = state
+    registry = prom.service_registry()
+    registry.register(prom.StateCollector(lambda: collect_metrics(rt, state)))
+    app[REGISTRY_KEY] = registry
     app.router.add_get("/health/live", _health_live)
     app.router.add_get("/health/ready", _health_ready)
     app.router.add_get("/metrics", _metrics)

@@ -183,6 +183,6 @@ def test_flipped_bit_is_detected_reported_and_refetched(
         assert st["bytes_by_tier"]["store"] == base.manifest.unique_size
         assert st["bytes_by_tier"]["cluster"] == 0
         text = agent.client.metrics()
-        assert f"bdn_agent_integrity_failures {len(flipped)}" in text
+        assert f"bdn_agent_integrity_failures_total {float(len(flipped))}\n" in text
     finally:
         proxy.stop()

@@ -94,7 +94,7 @@ def test_a_hung_pod_costs_at_most_about_one_deadline_more_than_a_gone_one(
         counters = dict(ln.split() for ln in a1.client.metrics().splitlines()
                         if ln.startswith("bdn_agent_") and "{" not in ln)
         # Each fetch thread that asked it before it was suspected waited once.
-        assert 1 <= float(counters["bdn_agent_timeout_answers"]) <= MAX_CONNECTIONS
+        assert 1 <= float(counters["bdn_agent_timeout_answers_total"]) <= MAX_CONNECTIONS
     finally:
         for c in caches:
             c.stop()

@@ -93,8 +93,8 @@ def test_n_agents_read_the_store_once_per_byte_with_a_slow_pod(
         # Hedges went out: answered from another pod's cache, or refused there (504).
         hedged = sum(float(ln.split()[1]) for a in agents
                      for ln in a.client.metrics().splitlines()
-                     if ln.startswith(("bdn_agent_timeout_answers ",
-                                       "bdn_agent_uncached_answers ")))
+                     if ln.startswith(("bdn_agent_timeout_answers_total ",
+                                       "bdn_agent_uncached_answers_total ")))
         assert hedged > 0, "no first-byte deadline passed: nothing was hedged"
         # Every chunk once, and the manifest (an object too) once: nothing filled twice.
         manifest_bytes = (store / object_key(base.digest)).stat().st_size

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bdn.metrics import parse_metrics
 from tests.agent.agent_support import (
     Agent,
     Model,
@@ -57,8 +58,8 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
 
 
 def _counters(agent: Agent) -> dict[str, float]:
-    return {k: float(v) for k, v in (ln.split() for ln in agent.client.metrics().splitlines()
-                                     if ln.startswith("bdn_agent_") and "{" not in ln)}
+    return {k: v for k, v in parse_metrics(agent.client.metrics()).items()
+            if k.startswith("bdn_agent_")}
 
 
 def test_a_peer_agent_serves_chunks_another_agent_verifies(
@@ -97,9 +98,9 @@ def test_a_peer_agent_serves_chunks_another_agent_verifies(
     assert tiers["peer"] > 0, tiers
     assert tiers["peer"] + tiers["cluster"] == base.manifest.unique_size
     assert tiers["store"] == 0
-    assert _counters(a)["bdn_agent_peer_upload_bytes"] >= tiers["peer"]
-    assert _counters(b)["bdn_agent_bytes_peer"] == tiers["peer"]
-    assert _counters(b)["bdn_agent_integrity_failures"] == 0
+    assert _counters(a)["bdn_agent_peer_upload_bytes_total"] >= tiers["peer"]
+    assert _counters(b)['bdn_agent_delivered_bytes_total{tier="peer"}'] == tiers["peer"]
+    assert _counters(b)["bdn_agent_integrity_failures_total"] == 0
 
 
 def test_a_corrupt_peer_answer_is_detected_reported_and_asked_again(
@@ -129,9 +130,9 @@ def test_a_corrupt_peer_answer_is_detected_reported_and_asked_again(
         counters = _counters(b)
         # Each corrupt answer was detected, reported to the peer that sent it, and the
         # chunk asked again of the pod.
-        assert counters["bdn_agent_integrity_failures"] == len(stats["flipped"])
+        assert counters["bdn_agent_integrity_failures_total"] == len(stats["flipped"])
         assert set(stats["reports"]) == set(stats["flipped"])
-        assert counters["bdn_agent_chunk_retries"] >= len(stats["flipped"])
+        assert counters["bdn_agent_chunk_retries_total"] >= len(stats["flipped"])
     finally:
         proxy.stop()
 

@@ -108,10 +108,10 @@ def test_strict_one_peer_corrupt_once_then_good_succeeds_and_reports(
         assert all(stats["requests"][d] == 2 for d in unique), "each chunk asked again once"
         assert st["bytes_by_tier"]["cluster"] == base.manifest.unique_size
         text = agent.client.metrics()
-        assert _metric(text, "bdn_agent_integrity_failures") == len(unique)
-        assert _metric(text, "bdn_agent_bad_reports") == len(unique)
-        assert _metric(text, "bdn_agent_chunk_retries") == len(unique)
-        assert _metric(text, "bdn_agent_chunks_failed") == 0
+        assert _metric(text, "bdn_agent_integrity_failures_total") == len(unique)
+        assert _metric(text, "bdn_agent_bad_reports_total") == len(unique)
+        assert _metric(text, "bdn_agent_chunk_retries_total") == len(unique)
+        assert _metric(text, "bdn_agent_chunks_failed_total") == 0
         pool = _metric(text, "bdn_agent_buffer_pool_bytes")
         assert 0 < pool <= _metric(text, "bdn_agent_buffer_pool_max_bytes")
 
@@ -127,9 +127,9 @@ def test_strict_one_peer_truncated_answer_is_reported_and_asked_again(
         assert set(stats["truncated"]) == unique
         assert set(stats["reports"]) == unique, "every truncated answer was reported"
         text = agent.client.metrics()
-        assert _metric(text, "bdn_agent_truncated_answers") == len(unique)
-        assert _metric(text, "bdn_agent_bad_reports") == len(unique)
-        assert _metric(text, "bdn_agent_integrity_failures") == 0
+        assert _metric(text, "bdn_agent_truncated_answers_total") == len(unique)
+        assert _metric(text, "bdn_agent_bad_reports_total") == len(unique)
+        assert _metric(text, "bdn_agent_integrity_failures_total") == 0
 
 
 def test_strict_one_peer_rides_out_a_few_seconds_of_503_retry_after(
@@ -142,8 +142,8 @@ def test_strict_one_peer_rides_out_a_few_seconds_of_503_retry_after(
         assert stats["busy"] > 0
         assert not stats["reports"], "a 503 is not corruption"
         text = agent.client.metrics()
-        assert _metric(text, "bdn_agent_busy_answers") == stats["busy"]
-        assert _metric(text, "bdn_agent_chunks_failed") == 0
+        assert _metric(text, "bdn_agent_busy_answers_total") == stats["busy"]
+        assert _metric(text, "bdn_agent_chunks_failed_total") == 0
 
 
 def test_strict_one_peer_permanent_corruption_fails_naming_chunk_peer_and_answers(
@@ -168,8 +168,8 @@ def test_strict_one_peer_permanent_corruption_fails_naming_chunk_peer_and_answer
         assert stats["requests"][digest] == 3, "asked again up to the bound, no more"
         assert stats["reports"][digest] == 3, "every bad answer reported, even on failure"
         text = agent.client.metrics()
-        assert _metric(text, "bdn_agent_chunks_failed") >= 1
-        assert _metric(text, "bdn_agent_integrity_failures") >= 3
+        assert _metric(text, "bdn_agent_chunks_failed_total") >= 1
+        assert _metric(text, "bdn_agent_integrity_failures_total") >= 3
         assert not mount.exists() or not any(p.is_file() for p in mount.rglob("*"))
     finally:
         proxy.stop()
@@ -207,8 +207,8 @@ def test_strict_pull_survives_the_cache_losing_its_blob_store_for_a_moment(
         assert st["state"] == "done" and st["bytes_by_tier"]["store"] == 0
         assert_mount_matches(base.src, tmp_path / "m")
         text = agent.client.metrics()
-        assert _metric(text, "bdn_agent_busy_answers") > 0
-        assert _metric(text, "bdn_agent_chunks_failed") == 0
+        assert _metric(text, "bdn_agent_busy_answers_total") > 0
+        assert _metric(text, "bdn_agent_chunks_failed_total") == 0
     finally:
         cache.stop()
         origin.stop()
@@ -245,8 +245,8 @@ def test_not_strict_corrupt_peer_is_replaced_by_the_next_peer_not_the_store(
         assert set(bad_stats["reports"]) == owned_by_bad
         assert owned_by_bad <= set(http_json(f"{good.url}/proxy/stats")["requests"])
         text = agent.client.metrics()
-        assert _metric(text, "bdn_agent_integrity_failures") == len(owned_by_bad)
-        assert _metric(text, "bdn_agent_bad_reports") == len(owned_by_bad)
+        assert _metric(text, "bdn_agent_integrity_failures_total") == len(owned_by_bad)
+        assert _metric(text, "bdn_agent_bad_reports_total") == len(owned_by_bad)
     finally:
         for p in (counted_store, origin, good, bad, other):
             p.stop()

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.mirror.fixtures_hf import HubFixture
+from tests.support import metrics as prom_text
 from tests.support.control import API_KEY, ControlServer, real_serve_available
 from tests.support.models import write_model_dir
 from tests.support.procs import bdn_command
@@ -183,10 +184,10 @@ def test_push_mirrors_pins_and_replicas_start_from_the_agent(
 
     # 5. Metrics and `bdn deployments` show the cold starts' phases and tiers.
     metrics = srv.metrics()
-    labels = f'model_id="{model_id}",deployment_id="{d1}"'
-    assert f'bdn_replica_cold_start_phase_seconds_count{{{labels},phase="weights"}} 2' \
-        in metrics
-    assert f'bdn_replica_cold_start_bytes_total{{{labels},tier="node"}}' in metrics
+    labels = {"model_id": model_id, "deployment_id": d1}
+    assert prom_text.value(metrics, "bdn_cold_start_phase_seconds_count", **labels,
+                           phase="weights") == 2
+    assert prom_text.samples(metrics, "bdn_cold_start_bytes_total", **labels, tier="node")
     table = run_cli(srv, home, "deployments", "tiny").stdout
     assert "weights" in table and "load" in table
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import metrics as prom_text
 from tests.support.procs import ServiceProcess, bdn_command
 
 # Real service processes (or servers in-process): left out of `make test-fast`.
@@ -67,9 +68,10 @@ def test_scale_from_zero_holds_requests_then_returns_to_zero(server: Any,
     assert dep["active_replica_count"] == 1 and len(dep["cold_start_seconds"]) == 1
     replica_url = dep["replicas"][0]["url"]
     metrics = server.metrics()
-    assert f'bdn_cold_start_seconds_count{{model_id="{model_id}",deployment_id="{dep_id}"}} 1' \
-        in metrics
-    assert 'code="200"} 51' in metrics
+    assert prom_text.value(metrics, "bdn_cold_start_seconds_count", model_id=model_id,
+                           deployment_id=dep_id) == 1
+    assert prom_text.value(metrics, "bdn_requests_total", deployment_id=dep_id,
+                           code="200") == 51
 
     # With a small scale-down delay the deployment returns to zero replicas.
     server.ok("PATCH", f"/v1/models/{model_id}/deployments/{dep_id}/autoscaling_settings",
@@ -445,4 +447,5 @@ def test_a_replica_that_dies_is_replaced(tmp_path: Path, make_model: Any,
         return len(replicas) == 1 and replicas[0]["pid"] != first["pid"]
     server.wait_for("a replacement replica", replaced)
     assert server.ok("POST", predict_path(model_id, f"deployment/{dep_id}"), {})["version"] == 1
-    assert f'deployment_id="{dep_id}",outcome="ready"}} 2' in server.metrics()
+    assert prom_text.value(server.metrics(), "bdn_replica_starts_total",
+                           deployment_id=dep_id, outcome="ready") == 2

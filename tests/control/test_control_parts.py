@@ -14,32 +14,34 @@ from control.api import ServerOptions, load_or_create_api_keys
 from control.backends import LocalBackendOptions, ReplicaSpec
 from control.controller import ControllerOptions
 from control.errors import RequestError
-from control.metrics import Histogram, Metrics, format_labels
+from control.metrics import Histogram, Metrics
 
 
 def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
-    h = Histogram("bdn_cold_start_seconds", "help", (1.0, 5.0))
+    m = Metrics()
+    h = m.cold_start = Histogram("bdn_cold_start_seconds", "help", (1.0, 5.0))
     labels = (("deployment_id", "d1"),)
     for v in (0.5, 2.0, 3.0, 9.0):
         h.observe(v, labels)
-    text = "\n".join(h.render())
-    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="1"} 1' in text
-    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="5"} 3' in text
-    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="+Inf"} 4' in text
+    text = m.render([])
+    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="1.0"} 1.0' in text
+    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="5.0"} 3.0' in text
+    assert 'bdn_cold_start_seconds_bucket{deployment_id="d1",le="+Inf"} 4.0' in text
     assert 'bdn_cold_start_seconds_sum{deployment_id="d1"} 14.5' in text
-    assert 'bdn_cold_start_seconds_count{deployment_id="d1"} 4' in text
+    assert 'bdn_cold_start_seconds_count{deployment_id="d1"} 4.0' in text
     assert "# TYPE bdn_cold_start_seconds histogram" in text
 
 
 def test_metrics_render_gauges_and_escape_labels() -> None:
     m = Metrics()
     m.requests.inc((("code", "200"),))
+    m.requests.inc((("code", 'a"b\\c'),))
     text = m.render([("bdn_concurrent_requests", "in flight",
                       [((("deployment_id", "a"),), 3)])])
     assert "# TYPE bdn_concurrent_requests gauge" in text
-    assert 'bdn_concurrent_requests{deployment_id="a"} 3' in text
-    assert 'bdn_requests_total{code="200"} 1' in text
-    assert format_labels({"x": 'a"b\\c'}) == '{x="a\\"b\\\\c"}'
+    assert 'bdn_concurrent_requests{deployment_id="a"} 3.0' in text
+    assert 'bdn_requests_total{code="200"} 1.0' in text
+    assert 'bdn_requests_total{code="a\\"b\\\\c"} 1.0' in text
 
 
 def test_options_are_validated_and_name_the_field(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import metrics as prom_text
 from tests.support.control import ControlServer
 
 pytestmark = pytest.mark.slow
@@ -219,9 +220,10 @@ def test_rolling_promotion_steps_pause_resume_cancel_and_force_roll_forward(
     assert traffic.failures() == [], traffic.failures()[:3]
     assert len(traffic.answers) > 4 * WINDOW_RESPONSES
     metrics = srv.metrics()
-    assert 'environment="production",code="200"' in metrics
-    assert (f'bdn_promotion_percent_traffic_to_new_version{{model_id="{model_id}",'
-            'environment="production"} 100') in metrics
+    assert prom_text.samples(metrics, "bdn_requests_total", environment="production",
+                             code="200")
+    assert prom_text.value(metrics, "bdn_promotion_percent_traffic_to_new_version",
+                           model_id=model_id, environment="production") == 100
 
 
 def test_a_rolling_promotion_continues_after_a_control_plane_restart(
@@ -380,8 +382,8 @@ def test_deleting_an_environment_mid_rollout_hands_both_deployments_back(
     srv.wait_for("d2 at zero, d1 at 2", lambda: (
         srv.deployment(model_id, d2)["desired_replica_count"],
         srv.deployment(model_id, d1)["desired_replica_count"]) == (0, 2))
-    assert 'environment="staging"' not in srv.metrics().split(
-        "bdn_promotion_percent_traffic_to_new_version", 1)[1].split("# HELP", 1)[0]
+    assert prom_text.samples(srv.metrics(), "bdn_promotion_percent_traffic_to_new_version",
+                             environment="staging") == []
 
 
 def test_actions_without_a_rolling_promotion_and_the_rest_of_the_surface(

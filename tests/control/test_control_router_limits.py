@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.serving.test_serving_limits import read_response
+from tests.support import metrics as prom_text
 from tests.support.control import API_KEY
 
 # Real service processes (or servers in-process): left out of `make test-fast`.
@@ -103,7 +104,8 @@ def test_slow_uploads_stream_wait_bounded_and_are_not_load(tmp_path: Path, make_
     srv.wait_for("nothing waiting or in flight", lambda: (
         srv.metric("bdn_waiting_requests", dep_id),
         srv.metric("bdn_concurrent_requests", dep_id)) == (0, 0))
-    assert f'deployment_id="{dep_id}",code="429"}} 1' in srv.metrics()
+    assert prom_text.value(srv.metrics(), "bdn_requests_total", deployment_id=dep_id,
+                           code="429") == 1
 
 
 def test_waiting_without_a_replica_is_bounded_and_slow_uploads_do_not_wake_it(

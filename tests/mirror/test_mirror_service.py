@@ -17,6 +17,7 @@ import pytest
 
 from bdn.config import parse_weights
 from bdn.errors import AuthError, MirrorError
+from bdn.metrics import parse_metrics
 from bdn.mirror_client import MirrorClient, MirrorServiceError
 from bdn.mirror_key import mirror_ref
 from bdn.mirror_service import hash_key
@@ -193,6 +194,15 @@ def test_mirror_service_job_lifecycle_and_secrets(server: Callable[..., Server],
         c.wait(wrong["id"], timeout_s=WAIT_S)
     listed = {j["id"]: j["state"] for j in c.list()}
     assert listed[job["id"]] == "succeeded" and listed[wrong["id"]] == "failed"
+    # /metrics (no key needed) counts the jobs by how they ended and the bytes moved.
+    with urllib.request.urlopen(f"{s.url}/metrics", timeout=10) as r:
+        m = parse_metrics(r.read().decode())
+    assert m['bdn_mirror_jobs_ended_total{state="succeeded"}'] == 2
+    assert m['bdn_mirror_jobs_ended_total{state="failed"}'] == 2
+    assert m['bdn_mirror_jobs_ended_total{state="cancelled"}'] == 0
+    assert m["bdn_mirror_origin_bytes_total"] == total
+    assert m["bdn_mirror_bytes_total"] >= total
+    assert m["bdn_mirror_jobs_running"] == 0 and m["bdn_mirror_jobs_queued"] == 0
     s.stop()
     # No secret in the service's output, the job records (LMDB) or the manifest.
     leaks = [HF_TOKEN, "hf_WrongServiceToken9876543210"]

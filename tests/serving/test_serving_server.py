@@ -146,9 +146,9 @@ def test_lifecycle_ready_predict_errors_metrics_sigterm(
     assert code == 400 and b"not valid JSON" in raw
 
     metrics = http("GET", f"{url}/metrics")[1].decode()
-    for needle in ('bdn_cold_start_phase_seconds{phase="waiting_for_weights"}',
-                   'bdn_cold_start_phase_seconds{phase="loading_to_device"}',
-                   'bdn_cold_start_phase_seconds{phase="model_init"}',
+    for needle in ('bdn_cold_start_phase_seconds_sum{phase="waiting_for_weights"}',
+                   'bdn_cold_start_phase_seconds_sum{phase="loading_to_device"}',
+                   'bdn_cold_start_phase_seconds_sum{phase="model_init"}',
                    "bdn_model_ready 1", "bdn_requests_in_flight 0",
                    'bdn_requests_total{code="200"} 2', 'bdn_requests_total{code="500"} 1',
                    "bdn_weights_loaded_bytes 4012", "bdn_predict_concurrency 3"):
@@ -306,7 +306,7 @@ def test_streaming_from_agent_events_end_to_end(tmp_path: Path) -> None:
             assert code == 200 and body["sum"] == float(w.sum())
             metrics = http("GET", f"{proc.url}/metrics")[1].decode()
             waited = [ln for ln in metrics.splitlines()
-                      if ln.startswith('bdn_cold_start_phase_seconds{phase="waiting')]
+                      if ln.startswith('bdn_cold_start_phase_seconds_sum{phase="waiting')]
             # The load had to wait for the plan before anything could be read.
             assert float(waited[0].split()[-1]) > 0
     finally:
