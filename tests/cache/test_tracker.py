@@ -4,6 +4,7 @@ requests are refused naming the field."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 
 import pytest
@@ -161,3 +162,27 @@ def test_point_is_a_pure_function_of_records_and_now() -> None:
     assert point(recs, [8.0], 38.5, requester=None, policy=policy) == [C]
     # Past their time, records are not handed out.
     assert point(recs, [8.0], 100.0, requester=None, policy=policy) == []
+
+
+@pytest.mark.slow
+def test_the_cache_server_records_receivers_at_lookup(store: BlobStore,
+                                                      start_cache: StartCache) -> None:
+    cache = start_cache(store.url)
+    # A asks first: nobody to point at, so the pod serves it; the lookup records A.
+    status, _, body = http_get(f"{cache.url}/v1/holders/{D1}?exclude={A}&receiving=1")
+    assert status == 200 and json.loads(body)["holders"] == []
+    got = json.loads(http_get(f"{cache.url}/v1/holders/{D1}?exclude={B}&receiving=1")[2])
+    assert got["holders"][0] == A and got["receiving"][0] == A
+    # A verified it: a holder now, no longer receiving.
+    assert post_json(f"{cache.url}/v1/holders", {"agent": A, "digests": [D1]})[0] == 204
+    got = json.loads(http_get(f"{cache.url}/v1/holders/{D1}?exclude={C}")[2])
+    assert got["holders"][0] == A and A not in got["receiving"]
+    # A renewal of a receive.
+    assert post_json(f"{cache.url}/v1/holders",
+                     {"agent": C, "digests": [D2], "receiving": True})[0] == 204
+    for query, field in (("receiving=2", "receiving"), ("receiving=1", "exclude")):
+        status, _, body = http_get(f"{cache.url}/v1/holders/{D1}?{query}")
+        assert status == 400 and field.encode() in body, body
+    status, err = post_json(f"{cache.url}/v1/holders",
+                            {"agent": A, "digests": [D1], "receiving": "yes"})
+    assert status == 400 and '"receiving"' in str(err["error"])
