@@ -394,7 +394,7 @@ async def start_peer_listener(options: AgentOptions, engine: Engine) -> web.AppR
     server = PeerServer(engine.node, PeerServerOptions(
         max_uploads=options.peer_max_uploads,
         upload_rate_bytes_per_s=options.peer_upload_rate_bytes_per_s),
-        counters=engine.counters)
+        counters=engine.counters, receiving=engine.inflight.get)
     runner = web.AppRunner(server.make_app(), handle_signals=False, access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()

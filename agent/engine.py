@@ -107,6 +107,9 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 PEER_REFRESH_S = 5.0
 # Verified chunks are announced to their owning pods in batches this often (sharing on).
 HOLDERS_ANNOUNCE_S = 0.2
+# Chunks still being received are announced again this often, so their short-lived
+# "receiving" records (cache/tracker.py RECEIVING_TTL_S, 5 s) outlive a long receive.
+RECEIVING_RENEW_S = 2.0
 # A fetch thread waits this long for its report of a peer's bad bytes to be answered
 # before asking again (so the cache drops its bad copy first); past it, it asks anyway.
 REPORT_WAIT_S = 5.0
@@ -139,6 +142,8 @@ COUNTER_HELP = {
     "peer_busy_answers": "Peer requests refused as busy.",
     "peer_missing_answers": "Peer requests for chunks this node does not hold.",
     "peer_copies_dropped": "Held chunks dropped after a re-hash showed them bad.",
+    "peer_receiving_waits": "Peer requests that waited for a chunk still being received.",
+    "peer_uploads_after_wait": "Chunks served to peers after waiting for their receive.",
 }
 # Node cache stats (``NodeCache.stats()``) → metric name and HELP; units end the name.
 NODE_CACHE_GAUGES = {
@@ -518,8 +523,10 @@ class Engine:
         self._held: list[Digest] = []
         self._held_event = asyncio.Event()
         self._announce_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
         if self.ring is not None and options.peer_advertise:
             self._announce_task = asyncio.create_task(self._announce_holders())
+            self._renew_task = asyncio.create_task(self._renew_receiving())
 
     def note_held(self, digest: Digest) -> None:
         """A chunk is verified in the node cache: announce it (sharing on)."""
@@ -539,6 +546,22 @@ class Engine:
                 await self.ring.announce_holders(self.options.peer_advertise, batch)
             await asyncio.sleep(HOLDERS_ANNOUNCE_S)  # batching interval, not a wait-for
 
+    async def _renew_receiving(self) -> None:
+        """Renew the "receiving" records of chunks in flight here for longer than one
+        period (a receive that progresses; a stalled one is abandoned by the fetcher
+        and then drops out of ``inflight``)."""
+        assert self.ring is not None and self.options.peer_advertise
+        seen: set[Digest] = set()
+        while True:
+            await asyncio.sleep(RECEIVING_RENEW_S)  # a renewal period, not a wait-for
+            now = set(self.inflight)
+            if now & seen:
+                with contextlib.suppress(Exception):
+                    await self.ring.announce_holders(self.options.peer_advertise,
+                                                     sorted(now & seen, key=str),
+                                                     receiving=True)
+            seen = now
+
     async def _refresh_peers(self) -> None:
         """Keep the ring's DNS peers fresh; fetch threads read ``ring.owners`` directly."""
         while True:
@@ -557,6 +580,8 @@ class Engine:
             self._dns_task.cancel()
         if self._announce_task is not None:
             self._announce_task.cancel()
+        if self._renew_task is not None:
+            self._renew_task.cancel()
         for job in list(self.jobs.values()):
             job.task.cancel()
         for pull in list(self.pulls.values()):

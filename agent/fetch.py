@@ -34,6 +34,14 @@ does not start after its head (the pod waits on its store for the fill it stream
 under load it is slow, not hung, and moving its chunks to the next pod would only fill
 them twice. Such a chunk is re-asked: the other pods only-if-cached, then the owner.
 
+With node-to-node sharing on, the owning pod may point this agent at peer agents that
+hold the chunk or are still *receiving* it (:mod:`cache.tracker`; the lookup also
+records this agent as receiving it, so agents that start at once form a tree). A
+receiver is asked to wait for the chunk (``X-Bdn-Wait-S``,
+:func:`agent.fetchpolicy.receiver_wait_s`) and answers once it verified it, or 404 at
+once if its receive failed; its first-byte deadline is that much longer, and past it
+the chunk is hedged with the pods as for any peer. Every byte is verified here.
+
 Why blocking threads and ``http.client`` rather than asyncio: on this path Python's
 per-byte cost decides throughput. ``HTTPResponse.readinto`` receives straight into a
 reusable buffer (``recv_into``: no intermediate ``bytes``), and ``os.pwrite`` and BLAKE3
@@ -78,6 +86,7 @@ from agent.fetchpolicy import (
     Suspicion,
     filler,
     next_source,
+    receiver_wait_s,
     stall_timeout_s,
     summarize,
 )
@@ -105,6 +114,9 @@ MISSING_STATUSES = (404, 410)
 # A cache pod's answer to an only-if-cached ask it cannot answer from its cache.
 UNCACHED_STATUS = 504
 ONLY_IF_CACHED = {"Cache-Control": "only-if-cached"}
+# Asking a peer agent that is still receiving the chunk: how long it may wait for it
+# (seconds; agent/peerserver.py answers 404 once it has waited that long).
+WAIT_HEADER = "X-Bdn-Wait-S"
 # Weight of the newest transfer in the throughput average the stall period follows.
 RATE_EWMA_WEIGHT = 0.2
 # Transfers smaller than this say more about latency than throughput: not averaged.
@@ -288,23 +300,29 @@ class Fetcher:
         """Where to ask, best first (see :meth:`plan_sources`)."""
         return self.plan_sources(chunk)[0]
 
-    def plan_sources(self, chunk: Chunk) -> tuple[list[str], frozenset[str]]:
-        """Where to ask, best first, and which of those are peer agents.
+    def plan_sources(self, chunk: Chunk
+                     ) -> tuple[list[str], frozenset[str], frozenset[str]]:
+        """Where to ask, best first; which of those are peer agents; and which of the
+        peer agents are still receiving the chunk (asked to wait for it, bounded).
 
         With node-to-node sharing on (``options.peer_advertise``), first the agents the
-        owning pod says hold the chunk (not suspected ones), then the ring's owners
-        (suspected ones moved behind the others), then the blob store unless strict.
+        owning pod points this agent at (holders, or agents still receiving the chunk;
+        not suspected ones) — the lookup also tells the pod this agent is now receiving
+        it — then the ring's owners (suspected ones moved behind the others), then the
+        blob store unless strict.
         """
         now = self._clock()
         owners = self.suspicion.order(list(self._owners(chunk.digest)), now)
         holders: list[str] = []
+        receiving: set[str] = set()
         if self.options.peer_advertise and owners:
-            holders = [h for h in self._holders(owners[0], chunk)
+            found, receiving = self._holders(owners[0], chunk)
+            holders = [h for h in found
                        if h not in owners and self.suspicion.state(h, now) == TRUSTED]
         out = holders + owners
         if self.store is not None and not self.options.strict:
             out.append(STORE)
-        return out, frozenset(holders)
+        return out, frozenset(holders), frozenset(receiving & set(holders))
 
     def sources_without_holders(self, chunk: Chunk) -> list[str]:
         out = self.suspicion.order(list(self._owners(chunk.digest)), self._clock())
@@ -312,11 +330,13 @@ class Fetcher:
             out.append(STORE)
         return out
 
-    def _holders(self, owner: str, chunk: Chunk) -> list[str]:
-        """Agents the owning pod says hold ``chunk`` (best effort: [] on any failure)."""
+    def _holders(self, owner: str, chunk: Chunk) -> tuple[list[str], set[str]]:
+        """Agents the owning pod points us at for ``chunk``, and which of them are
+        still receiving it (best effort: nobody on any failure). The lookup also
+        records us as receiving it (``receiving=1``)."""
         me = self.options.peer_advertise or ""
         path = (urlsplit(owner).path.rstrip("/") + HOLDERS_PATH + str(chunk.digest)
-                + "?exclude=" + quote(me, safe=""))
+                + "?exclude=" + quote(me, safe="") + "&receiving=1")
         started = self._clock()
         try:
             conn = self._conn(owner)
@@ -330,8 +350,10 @@ class Fetcher:
             if resp.status != 200:
                 if resp.will_close:
                     self._drop(owner)
-                return []
-            found = json.loads(data).get("holders", [])
+                return [], set()
+            answer = json.loads(data)
+            found = answer.get("holders", [])
+            still = answer.get("receiving", [])
         except TimeoutError:
             # Not suspected for this: the lookup is optional, and a suspected owner
             # hands its fills to the next pod (a second store read). The chunk's own
@@ -339,15 +361,24 @@ class Fetcher:
             self._drop(owner)
             log.info("chunk %s: no holders answer from %s within %.1f s", chunk.digest,
                      owner, self.first_byte_s())
-            return []
+            return [], set()
         except (OSError, http.client.HTTPException, ValueError, AttributeError):
             self._drop(owner)
-            return []
+            return [], set()
         if not isinstance(found, list):
-            return []
-        return [h.rstrip("/") for h in found[:MAX_HOLDERS_ASKED]
-                if isinstance(h, str) and h.startswith(("http://", "https://"))
-                and h.rstrip("/") != me]
+            return [], set()
+        holders = [h.rstrip("/") for h in found[:MAX_HOLDERS_ASKED]
+                   if isinstance(h, str) and h.startswith(("http://", "https://"))
+                   and h.rstrip("/") != me]
+        receiving = ({h.rstrip("/") for h in still if isinstance(h, str)}
+                     if isinstance(still, list) else set())
+        return holders, receiving & set(holders)
+
+    def receiver_wait_s(self, chunk: Chunk) -> float:
+        """How long a peer still receiving ``chunk`` may wait for it (fetch policy)."""
+        return receiver_wait_s(chunk.length, self.rate_bytes_per_s,
+                               floor_s=self.first_byte_s(),
+                               ceiling_s=self.options.read_timeout_s)
 
     def stall_s(self) -> float:
         return stall_timeout_s(self.rate_bytes_per_s, floor_s=self.options.stall_timeout_s,
@@ -391,7 +422,7 @@ class Fetcher:
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:
         """Fill ``buf[:chunk.length]`` with the chunk's verified bytes (blocking)."""
         view = buf[:chunk.length]
-        sources, peers = self.plan_sources(chunk)
+        sources, peers, receivers = self.plan_sources(chunk)
         budget = self.options.chunk_budget
         history: list[Answer] = []
         reorder = False
@@ -418,7 +449,7 @@ class Fetcher:
             may_fill = filler(history, fillers, budget)
             backup_cached_only = backup in fillers and backup != may_fill
             for answer in self._ask(step.source, chunk, view, step.cached_only,
-                                    backup, backup_cached_only):
+                                    backup, backup_cached_only, receivers):
                 history.append(answer)
                 if answer.source != STORE:
                     if self._suspect(answer):
@@ -452,7 +483,8 @@ class Fetcher:
                           attempts=attempts)
 
     def _ask(self, source: str, chunk: Chunk, view: memoryview, cached_only: bool = False,
-             backup: str | None = None, backup_cached_only: bool = False) -> list[Answer]:
+             backup: str | None = None, backup_cached_only: bool = False,
+             receivers: frozenset[str] = frozenset()) -> list[Answer]:
         """Ask ``source`` for the chunk; the answers that came of it, oldest first.
 
         A peer that sends no first byte within the deadline is hedged: the same chunk
@@ -461,16 +493,22 @@ class Fetcher:
         :data:`TIMEOUT`. Any other answer of the backup (a 504 to only-if-cached, an
         error) leaves the source the one asked: it is waited for one more deadline,
         and beyond while it shows it is alive (see the module docstring).
+
+        A peer agent in ``receivers`` is still receiving the chunk: it is asked to wait
+        for it (:meth:`receiver_wait_s`, sent as :data:`WAIT_HEADER`), and its
+        first-byte deadline is that much longer.
         """
         if source == STORE:
             where = f"chunk from blob store {self.store.url if self.store else ''}"
             return [self._classify(STORE, self._clock(), chunk, view,
                                    lambda: self._from_store(chunk, view), where)]
         started = self._clock()
-        sent = self._send(source, chunk, cached_only)
+        wait_s = self.receiver_wait_s(chunk)
+        sent = self._send(source, chunk, cached_only,
+                          wait_s if source in receivers else None)
         if isinstance(sent, Answer):
             return [sent]
-        deadline_s = self.first_byte_s()
+        deadline_s = self.first_byte_s() + (wait_s if source in receivers else 0.0)
         if _first_ready([(source, sent)], deadline_s) is not None:
             return [self._receive_answer(source, sent, started, chunk, view, cached_only)]
         out: list[Answer] = []
@@ -479,7 +517,8 @@ class Fetcher:
                      chunk.digest, source, deadline_s, backup,
                      " (only-if-cached)" if backup_cached_only else "")
             b_started = self._clock()
-            b_sent = self._send(backup, chunk, backup_cached_only)
+            b_sent = self._send(backup, chunk, backup_cached_only,
+                                wait_s if backup in receivers else None)
             if isinstance(b_sent, Answer):
                 out.append(b_sent)
             else:
@@ -519,10 +558,11 @@ class Fetcher:
                              f"no first byte within {self._clock() - started:.1f} s "
                              f"(first-byte deadline {deadline_s:g} s)")]
 
-    def _send(self, peer: str, chunk: Chunk, cached_only: bool = False
-              ) -> http.client.HTTPConnection | Answer:
-        """Send the chunk's request to ``peer`` (``only-if-cached`` if ``cached_only``);
-        the connection, or what went wrong."""
+    def _send(self, peer: str, chunk: Chunk, cached_only: bool = False,
+              wait_s: float | None = None) -> http.client.HTTPConnection | Answer:
+        """Send the chunk's request to ``peer`` (``only-if-cached`` if ``cached_only``;
+        a peer agent still receiving it may wait ``wait_s`` for it); the connection, or
+        what went wrong."""
         started = self._clock()
         conn = self._conn(peer)
         if conn.sock is not None and _first_ready([(peer, conn)], 0) is not None:
@@ -534,7 +574,9 @@ class Fetcher:
         try:
             conn.request("GET", path, headers={"Range": f"bytes=0-{chunk.length - 1}",
                                                "Accept-Encoding": "identity",
-                                               **(ONLY_IF_CACHED if cached_only else {})})
+                                               **(ONLY_IF_CACHED if cached_only else {}),
+                                               **({WAIT_HEADER: f"{wait_s:.3f}"}
+                                                  if wait_s is not None else {})})
         except TimeoutError:
             self._drop(peer)
             return Answer(peer, TIMEOUT, started, self._clock(), f"no connection within "

@@ -36,6 +36,9 @@ that timed out or failed behind the trusted sources for a while, then lets one c
 probe it. :func:`stall_timeout_s` derives how long a transfer may go without a byte
 from the throughput seen so far, within a floor and a ceiling. Like
 :func:`next_source`, both take ``now`` as an input: tested with a fake clock.
+:func:`receiver_wait_s` bounds how long a peer agent that is still receiving a chunk is
+waited for (it answers once it verified the chunk, or 404 at once if its receive
+failed).
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ DEFAULT_BACKOFF = RetryPolicy(attempts=DEFAULT_TRIES_PER_SOURCE, base_delay_s=0.
 # node's scheduling hiccups) nor more than the ceiling (the read timeout).
 STALL_BLOCK_BYTES = 1024 * 1024
 STALL_SLOWDOWN = 8.0
+# A peer still receiving a chunk is given the time that chunk takes at the throughput
+# seen so far, this many times over, to finish and verify it before its answer is due.
+RECEIVER_SLOWDOWN = 4.0
 # RFC 6298's gains and deviation factor, for the head latency (HeadLatency).
 HEAD_ALPHA = 0.125
 HEAD_BETA = 0.25
@@ -225,6 +231,20 @@ def stall_timeout_s(rate_bytes_per_s: float | None, *, floor_s: float,
     return max(floor_s, min(ceiling_s, wanted))
 
 
+def receiver_wait_s(length_bytes: int, rate_bytes_per_s: float | None, *, floor_s: float,
+                    ceiling_s: float) -> float:
+    """How long a peer that is still *receiving* a chunk may wait for it (and the
+    requester for its answer, on top of the first-byte deadline) before it is passed
+    over: the time ``length_bytes`` take at the observed throughput, times
+    :data:`RECEIVER_SLOWDOWN`, clamped to ``[floor_s, ceiling_s]``; the floor before
+    any transfer finished. Bounded, so a receiver that hangs costs one such wait and
+    the chunk is asked of the pods (the hedge), as for a hung pod."""
+    if rate_bytes_per_s is None or rate_bytes_per_s <= 0:
+        return min(floor_s, ceiling_s)
+    wanted = RECEIVER_SLOWDOWN * length_bytes / rate_bytes_per_s
+    return max(floor_s, min(ceiling_s, wanted))
+
+
 @dataclass(frozen=True)
 class HeadLatency:
     """How long response heads take to arrive, as TCP estimates its round trip (RFC
@@ -275,4 +295,5 @@ __all__ = ["BAD_BYTES", "BUSY", "CORRUPT", "DEFAULT_SUSPECT_S", "ERROR", "FAULTS
            "MAX_SUSPECT_S", "MISSING", "OK", "OUTCOMES", "STORE", "SUSPICIOUS", "TIMEOUT",
            "TRUNCATED", "UNCACHED", "Answer", "ChunkRetryBudget", "HeadLatency", "Step",
            "Suspicion",
-           "filler", "next_source", "stall_timeout_s", "summarize", "waited_s"]
+           "filler", "next_source", "receiver_wait_s", "stall_timeout_s", "summarize",
+           "waited_s"]

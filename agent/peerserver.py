@@ -17,6 +17,13 @@ What is served, and why it is safe to serve it:
   or journaled in a partial one) — never a path, never a file of a mount: the URL names
   a digest, the node cache says where its verified bytes lie, and the bytes are read
   from the node cache's own files. A digest the node does not hold is 404.
+* A chunk this node is still *receiving* (the owning pod points requesters at
+  receivers, :mod:`cache.tracker`) is waited for when the requester asks to
+  (``X-Bdn-Wait-S: seconds``, at most :data:`MAX_RECEIVING_WAIT_S`): once it is
+  verified and journaled it is served as above; if the receive fails, or is not done
+  within the wait, the answer is 404 at once, so the requester asks the pods. Waiting
+  requesters hold no upload slot; at most ``max_uploads`` × :data:`WAITERS_PER_UPLOAD`
+  wait at once (more: 503).
 * The requester verifies every byte anyway (a chunk evicted and its file reused between
   lookup and send would fail that check and be asked elsewhere).
 * Bounded: at most ``max_uploads`` transfers at once (more: ``503`` with
@@ -31,7 +38,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import blake3
 from aiohttp import web
@@ -57,6 +66,15 @@ PEER_SEND_THREADS = 4
 BUSY_RETRY_AFTER_S = 1
 # 0: no rate limit.
 UPLOAD_RATE_BYTES_PER_S = 0
+# The longest a requester may have us wait for a chunk we are still receiving.
+MAX_RECEIVING_WAIT_S = 60.0
+# Requesters that may wait on receives at once, per upload slot.
+WAITERS_PER_UPLOAD = 4
+WAIT_HEADER = "X-Bdn-Wait-S"
+
+# The chunk this node is receiving now, as a future resolved once it is verified and
+# journaled (the engine's in-flight record); None when it is not receiving it.
+ReceivingFn = Callable[[Digest], "asyncio.Future[Any] | None"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,20 @@ class PeerServerOptions:
         if self.upload_rate_bytes_per_s < 0:
             raise ValueError("PeerServerOptions.upload_rate_bytes_per_s must be ≥ 0 "
                              "(0: unlimited)")
+
+
+def _wait_s(value: str | None) -> float:
+    """The requester's ``X-Bdn-Wait-S``: seconds within [0, MAX_RECEIVING_WAIT_S]; 0 when
+    absent or not a number (then a chunk being received is simply not held yet)."""
+    if value is None:
+        return 0.0
+    try:
+        wait = float(value)
+    except ValueError:
+        return 0.0
+    if wait != wait:  # NaN
+        return 0.0
+    return max(0.0, min(MAX_RECEIVING_WAIT_S, wait))
 
 
 class _Pacer:
@@ -102,8 +134,11 @@ class PeerServer:
     """Serves this node's verified chunks (see module docstring)."""
 
     def __init__(self, node: NodeCache, options: PeerServerOptions | None = None,
-                 counters: dict[str, int] | None = None) -> None:
+                 counters: dict[str, int] | None = None,
+                 receiving: ReceivingFn | None = None) -> None:
         self.node = node
+        self.receiving = receiving
+        self._waiters = 0
         self.options = options or PeerServerOptions()
         self.sender = Sender(PEER_SEND_THREADS)
         self._uploads = 0
@@ -112,7 +147,8 @@ class PeerServer:
         # The engine's counters when given, so /metrics shows these beside the pulls'.
         self.counters = counters if counters is not None else {}
         for name in ("peer_uploads", "peer_upload_bytes", "peer_busy_answers",
-                     "peer_missing_answers", "peer_copies_dropped"):
+                     "peer_missing_answers", "peer_copies_dropped",
+                     "peer_receiving_waits", "peer_uploads_after_wait"):
             self.counters.setdefault(name, 0)
 
     def make_app(self) -> web.Application:
@@ -167,16 +203,54 @@ class PeerServer:
         return web.json_response({"digest": str(digest), "status": "dropped",
                                   "actual": got})
 
+    async def _wait_received(self, digest: Digest, fut: asyncio.Future[Any],
+                             wait_s: float) -> str | None:
+        """Wait (at most ``wait_s``) for the receive of ``digest`` to end; None once it
+        verified, else why it will not be served (the requester asks elsewhere)."""
+        self._waiters += 1
+        self.counters["peer_receiving_waits"] += 1
+        try:
+            # shield: a requester that gives up must not cancel our own receive.
+            await asyncio.wait_for(asyncio.shield(fut), wait_s)
+        except TimeoutError:
+            return f"{digest} is still being received here after {wait_s:g} s"
+        except Exception as e:  # the receive failed: this node will not hold it
+            return f"the receive of {digest} here failed: {type(e).__name__}"
+        finally:
+            self._waiters -= 1
+        return None
+
     async def handle_object(self, request: web.Request) -> web.StreamResponse:
         try:
             digest = Digest.parse(request.match_info["digest"])
         except DigestError as e:
             return web.json_response({"error": str(e)}, status=400)
         loc = self.node.chunk_location(digest)
+        waited = False
         if loc is None:
-            self.counters["peer_missing_answers"] += 1
-            return web.json_response({"error": f"this node holds no verified {digest}",
-                                      "digest": str(digest)}, status=404)
+            fut = self.receiving(digest) if self.receiving is not None else None
+            wait_s = _wait_s(request.headers.get(WAIT_HEADER))
+            if fut is None or wait_s <= 0:
+                self.counters["peer_missing_answers"] += 1
+                return web.json_response({"error": f"this node holds no verified {digest}",
+                                          "digest": str(digest)}, status=404)
+            if self._waiters >= self.options.max_uploads * WAITERS_PER_UPLOAD:
+                self.counters["peer_busy_answers"] += 1
+                return web.json_response(
+                    {"error": f"{self._waiters} requesters wait on receives here"},
+                    status=503, headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
+            gone = await self._wait_received(digest, fut, wait_s)
+            if gone is not None:
+                self.counters["peer_missing_answers"] += 1
+                return web.json_response({"error": gone, "digest": str(digest)},
+                                         status=404)
+            loc = self.node.chunk_location(digest)
+            if loc is None:
+                self.counters["peer_missing_answers"] += 1
+                return web.json_response({"error": f"{digest} was received but is no "
+                                          "longer held here", "digest": str(digest)},
+                                         status=404)
+            waited = True
         if self._uploads >= self.options.max_uploads:
             self.counters["peer_busy_answers"] += 1
             return web.json_response(
@@ -203,6 +277,8 @@ class PeerServer:
             if whole and request.method != "HEAD":
                 self.counters["peer_uploads"] += 1
                 self.counters["peer_upload_bytes"] += end - start
+                if waited:
+                    self.counters["peer_uploads_after_wait"] += 1
             return _resp
         finally:
             self._uploads -= 1

@@ -212,6 +212,8 @@ class RunResult:
     # Agents' answers that were first-byte timeouts, and pods' 504s to only-if-cached.
     timeouts: int = 0
     uncached: int = 0
+    # Chunks peers served after waiting for their own receive (holders still receiving).
+    after_wait: int = 0
 
 
 def metric(text: str, name: str) -> float:
@@ -373,6 +375,7 @@ class Fleet:
                 text = client.metrics()
                 res.timeouts += int(metric(text, "bdn_agent_timeout_answers_total"))
                 res.uncached += int(metric(text, "bdn_agent_uncached_answers_total"))
+                res.after_wait += int(metric(text, "bdn_agent_peer_uploads_after_wait_total"))
         return res
 
 
@@ -404,6 +407,7 @@ def report(label: str, n: int, res: RunResult, model_bytes: int, bound: float) -
           f"  (bound {bound:6.2f} s)  origin/model {res.origin_bytes / model_bytes:5.2f}"
           f"  pods MiB {[round(v / MiB) for v in pods.values()]} max/mean {balance:4.2f}"
           f"  tiers MiB: {tiers}  timeouts {res.timeouts} uncached {res.uncached}"
+          f"  served-while-receiving {res.after_wait}"
           + (f"  FAILED {res.failed}: {res.first_error[:300]}" if res.failed else ""),
           flush=True)
 

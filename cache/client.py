@@ -289,9 +289,10 @@ class RingClient:
 
     # -- holders (node-to-node sharing) ----------------------------------------------
 
-    async def announce_holders(self, agent_url: str, digests: Sequence[Digest | str]
-                               ) -> None:
-        """Tell each chunk's owning pod that ``agent_url`` holds it (complete, verified).
+    async def announce_holders(self, agent_url: str, digests: Sequence[Digest | str],
+                               *, receiving: bool = False) -> None:
+        """Tell each chunk's owning pod that ``agent_url`` holds it (complete, verified),
+        or with ``receiving`` that it is still receiving it (renewing that record).
 
         Best effort, like :meth:`report_bad`: a pod that misses an announcement only
         points fewer requesters at this agent.
@@ -306,7 +307,8 @@ class RingClient:
                 try:
                     async with self._get_session().post(
                             f"{owner}/v1/holders",
-                            json={"agent": agent_url, "digests": keys[i:i + ANNOUNCE_BATCH]},
+                            json={"agent": agent_url, "digests": keys[i:i + ANNOUNCE_BATCH],
+                                  **({"receiving": True} if receiving else {})},
                             timeout=aiohttp.ClientTimeout(total=REPORT_TIMEOUT_S)) as resp:
                         if resp.status != 204:
                             log.info("holders announcement to %s: HTTP %s %s", owner,

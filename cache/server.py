@@ -26,10 +26,14 @@ HTTP API (all digests ``b3:<hex>``):
   most ``MAX_PREFETCH_PEERS`` http(s) URLs (else 400); the body must arrive within
   ``body_timeout_s`` (else 408).
 - ``POST /v1/holders`` ``{"agent": "http://node:7471", "digests": ["b3:...", ...]}`` —
-  an agent holds these chunks, complete and verified (at most ``MAX_HOLDER_DIGESTS``);
-  ``GET /v1/holders/{digest}`` (``?exclude=URL``) — ``{"holders": [...]}``, a few live
-  holders, rotating; ``DELETE /v1/holders/{digest}?agent=URL`` — that agent's copy was
-  bad. A short-lived record (:mod:`cache.tracker`) so agents fetch from each other.
+  an agent holds these chunks, complete and verified (at most ``MAX_HOLDER_DIGESTS``;
+  with ``"receiving": true``: it is still receiving them, a renewal of its progress);
+  ``GET /v1/holders/{digest}`` (``?exclude=URL[&receiving=1]``) —
+  ``{"holders": [...], "receiving": [...]}``, whom to ask (holders, or agents still
+  receiving it, a subset named in ``receiving``), and with ``receiving=1`` the asker is
+  recorded as receiving it; ``DELETE /v1/holders/{digest}?agent=URL`` — that agent's
+  copy was bad. A short-lived record (:mod:`cache.tracker`) so agents fetch from each
+  other.
 - ``GET /metrics`` (Prometheus text), ``GET /healthz``.
 
 Errors are JSON ``{"error": sentence, "digest": ...}``: 404 when the store has no such
@@ -838,9 +842,12 @@ class CacheServer:
                 raise ValueError(f'"digests" must be a list of at most '
                                  f"{MAX_HOLDER_DIGESTS} digests")
             keys = [str(Digest.parse(d)) for d in digests]
+            receiving = body.get("receiving", False)
+            if not isinstance(receiving, bool):
+                raise ValueError('"receiving" must be true or false')
         except (ValueError, BdnError) as e:
             return _error(400, f"bad holders request: {e}")
-        self.holders.add(agent, keys, time.monotonic())
+        self.holders.add(agent, keys, time.monotonic(), receiving=receiving)
         return web.Response(status=204)
 
     async def handle_holders_get(self, request: web.Request) -> web.Response:
@@ -849,10 +856,19 @@ class CacheServer:
             exclude = request.query.get("exclude")
             if exclude is not None:
                 exclude = _agent_url(exclude, "exclude")
+            receiving = request.query.get("receiving", "0")
+            if receiving not in ("0", "1"):
+                raise ValueError(f'"receiving" must be 0 or 1, got {receiving[:20]!r}')
+            if receiving == "1" and exclude is None:
+                raise ValueError('"receiving=1" needs "exclude" (the asker\'s URL)')
         except (ValueError, BdnError) as e:
             return _error(400, f"bad holders request: {e}")
-        found = self.holders.holders(str(digest), time.monotonic(), exclude=exclude)
-        return web.json_response({"digest": str(digest), "holders": found})
+        # The lookup is also the asker's "receiving" announcement: one step here, so
+        # askers that start at the same instant are ordered (cache/tracker.py).
+        found = self.holders.point(str(digest), time.monotonic(), requester=exclude,
+                                   receiving=receiving == "1")
+        return web.json_response({"digest": str(digest), "holders": list(found.holders),
+                                  "receiving": list(found.receiving)})
 
     async def handle_holders_delete(self, request: web.Request) -> web.Response:
         try:

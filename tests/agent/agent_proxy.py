@@ -44,7 +44,7 @@ from aiohttp import web
 FORWARDED_HEADERS = ("content-range", "content-type", "etag", "accept-ranges",
                      "content-encoding", "cache-control")
 # Request headers passed on to the upstream.
-FORWARDED_REQUEST_HEADERS = ("range", "accept-encoding", "cache-control")
+FORWARDED_REQUEST_HEADERS = ("range", "accept-encoding", "cache-control", "x-bdn-wait-s")
 BUSY_RETRY_AFTER_S = 1
 
 

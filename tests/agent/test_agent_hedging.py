@@ -22,6 +22,7 @@ from agent.fetchpolicy import (
     HeadLatency,
     filler,
     next_source,
+    receiver_wait_s,
     stall_timeout_s,
 )
 from cache.suspicion import HALF_OPEN, SUSPECTED, TRUSTED, Suspicion
@@ -171,6 +172,20 @@ def test_the_stall_period_follows_the_observed_throughput_within_floor_and_ceili
     # In between: proportional.
     assert stall_timeout_s(1024 * 1024, floor_s=2.0, ceiling_s=60.0) == pytest.approx(8.0)
     assert stall_timeout_s(0, floor_s=2.0, ceiling_s=1.0) == 1.0
+
+
+def test_a_receiver_is_waited_for_what_its_receive_takes_within_floor_and_ceiling() -> None:
+    MiB = 1024 * 1024
+    # Before any transfer: the floor (the first-byte deadline).
+    assert receiver_wait_s(16 * MiB, None, floor_s=1.5, ceiling_s=60.0) == 1.5
+    # 16 MiB at 64 MiB/s take 0.25 s: 4 × that is 1 s, under the floor.
+    assert receiver_wait_s(16 * MiB, 64 * MiB, floor_s=1.5, ceiling_s=60.0) == 1.5
+    # At 4 MiB/s: 4 × 4 s.
+    assert receiver_wait_s(16 * MiB, 4 * MiB, floor_s=1.5, ceiling_s=60.0) == \
+        pytest.approx(16.0)
+    # Bounded: a crawl never waits past the ceiling.
+    assert receiver_wait_s(16 * MiB, 1024, floor_s=1.5, ceiling_s=60.0) == 60.0
+    assert receiver_wait_s(16 * MiB, 0, floor_s=2.0, ceiling_s=1.0) == 1.0
 
 
 def test_the_first_byte_deadline_follows_what_heads_take_within_floor_and_ceiling() -> None:

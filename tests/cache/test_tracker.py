@@ -4,12 +4,13 @@ requests are refused naming the field."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 
 import pytest
 
 from bdn.store import BlobStore
-from cache.tracker import HolderTracker
+from cache.tracker import HolderTracker, Pointing, PointingPolicy, Record, point
 from tests.support.cache import StartCache
 from tests.support.http import http_get, post_json
 
@@ -79,3 +80,109 @@ def test_the_cache_server_keeps_the_record(store: BlobStore, start_cache: StartC
     assert http_get(f"{cache.url}/v1/holders/nope")[0] == 400
     status, _, body = http_get(f"{cache.url}/v1/holders/{D1}?exclude=gopher://x")
     assert status == 400 and b'exclude' in body
+
+
+# -- receivers and pointing (fake clock) -------------------------------------------------
+
+def test_a_receiving_record_expires_quickly_and_a_holding_one_later() -> None:
+    t = HolderTracker(ttl_s=30.0, receiving_ttl_s=5.0)
+    t.point(D1, 0.0, requester=A, receiving=True)      # A asks first: sent to the pod
+    assert t.point(D1, 1.0, requester=B).receiving == (A,)
+    # Not renewed: gone after 5 s (a receiver that died stops being handed out).
+    assert t.point(D1, 5.0, requester=C) == Pointing()
+    t.point(D2, 0.0, requester=A, receiving=True)
+    t.add(A, [D2], 4.0, receiving=True)                 # progress renews it
+    assert t.point(D2, 8.0, requester=B).receiving == (A,)
+    t.add(A, [D2], 8.5)                                 # verified: a holder for 30 s
+    got = t.point(D2, 38.0, requester=C)
+    assert got.holders == (A,) and got.receiving == ()
+    assert t.point(D2, 38.5, requester=C) == Pointing()
+    # A late "receiving" renewal never downgrades a holder.
+    t.add(B, [D3], 0.0)
+    t.add(B, [D3], 1.0, receiving=True)
+    assert t.point(D3, 20.0, requester=C) == Pointing(holders=(B,))
+
+
+def test_the_pod_serves_the_first_asker_and_never_points_one_at_itself() -> None:
+    t = HolderTracker()
+    assert t.point(D1, 0.0, requester=A, receiving=True) == Pointing()
+    # Asked again by the receiver itself (a retry): not pointed at itself.
+    assert t.point(D1, 0.1, requester=A, receiving=True) == Pointing()
+    got = t.point(D1, 0.2, requester=B, receiving=True)
+    assert got.holders[0] == A and got.receiving[0] == A
+    # Without pod readers first, receivers are not handed out: the pod is never idle.
+    lazy = HolderTracker(policy=PointingPolicy(pod_readers=2))
+    lazy.point(D1, 0.0, requester=A, receiving=True)
+    assert lazy.point(D1, 0.1, requester=B, receiving=True) == Pointing()
+    assert lazy.point(D1, 0.2, requester=C, receiving=True).holders[0] == A
+
+
+def test_fan_out_per_agent_is_capped_so_receivers_form_a_tree() -> None:
+    policy = PointingPolicy(fanout=2, limit=1, window_s=5.0)
+    t = HolderTracker(policy=policy)
+    agents = [f"http://10.0.1.{i}:7471" for i in range(1, 12)]
+    pointed: dict[str, str] = {}
+    for i, a in enumerate(agents):
+        got = t.point(D1, 0.01 * i, requester=a, receiving=True)
+        if got.holders:
+            pointed[a] = got.holders[0]
+    assert agents[0] not in pointed                  # the root came from the pod
+    load = {a: sum(1 for p in pointed.values() if p == a) for a in agents}
+    assert max(load.values()) == 2                   # never beyond the cap
+    # Every asker was pointed at one that asked before it: a tree, never a cycle.
+    assert all(agents.index(p) < agents.index(a) for a, p in pointed.items())
+    # Past the window the cap frees up again.
+    assert t.point(D1, 10.0, requester="http://10.0.2.1:7471") == Pointing()  # expired
+    t.add(agents[0], [D1], 10.0)
+    for i in range(2):
+        assert t.point(D1, 10.0, requester=f"http://10.0.3.{i}:7471").holders
+    assert t.point(D1, 10.0, requester="http://10.0.3.9:7471") == Pointing()
+    assert t.point(D1, 15.1, requester="http://10.0.3.9:7471").holders == (agents[0],)
+
+
+def test_pointing_policy_is_validated() -> None:
+    for bad in (dict(limit=0), dict(fanout=0), dict(window_s=0.0), dict(pod_readers=-1),
+                dict(pod_window_s=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PointingPolicy(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        HolderTracker(receiving_ttl_s=0)
+
+
+def test_point_is_a_pure_function_of_records_and_now() -> None:
+    recs = {A: Record(100.0, True, 1.0), B: Record(100.0, True, 0.5),
+            C: Record(100.0, False, 2.0, pointed_s=(9.0, 9.5))}
+    policy = PointingPolicy(limit=3, fanout=2, window_s=5.0, pod_window_s=30.0)
+    # C (a holder) is at its cap; receivers oldest first, only after a pod read.
+    assert point(recs, [8.0], 9.6, requester=None, policy=policy) == [B, A]
+    assert point(recs, [], 9.6, requester=None, policy=policy) == []
+    assert point(recs, [8.0], 9.6, requester=B, policy=policy) == [A]
+    # C's pointings left the window: a holder again, first; the pod read still counts.
+    assert point(recs, [8.0], 14.6, requester=None, policy=policy) == [C, B, A]
+    assert point(recs, [8.0], 38.5, requester=None, policy=policy) == [C]
+    # Past their time, records are not handed out.
+    assert point(recs, [8.0], 100.0, requester=None, policy=policy) == []
+
+
+@pytest.mark.slow
+def test_the_cache_server_records_receivers_at_lookup(store: BlobStore,
+                                                      start_cache: StartCache) -> None:
+    cache = start_cache(store.url)
+    # A asks first: nobody to point at, so the pod serves it; the lookup records A.
+    status, _, body = http_get(f"{cache.url}/v1/holders/{D1}?exclude={A}&receiving=1")
+    assert status == 200 and json.loads(body)["holders"] == []
+    got = json.loads(http_get(f"{cache.url}/v1/holders/{D1}?exclude={B}&receiving=1")[2])
+    assert got["holders"][0] == A and got["receiving"][0] == A
+    # A verified it: a holder now, no longer receiving.
+    assert post_json(f"{cache.url}/v1/holders", {"agent": A, "digests": [D1]})[0] == 204
+    got = json.loads(http_get(f"{cache.url}/v1/holders/{D1}?exclude={C}")[2])
+    assert got["holders"][0] == A and A not in got["receiving"]
+    # A renewal of a receive.
+    assert post_json(f"{cache.url}/v1/holders",
+                     {"agent": C, "digests": [D2], "receiving": True})[0] == 204
+    for query, field in (("receiving=2", "receiving"), ("receiving=1", "exclude")):
+        status, _, body = http_get(f"{cache.url}/v1/holders/{D1}?{query}")
+        assert status == 400 and field.encode() in body, body
+    status, err = post_json(f"{cache.url}/v1/holders",
+                            {"agent": A, "digests": [D1], "receiving": "yes"})
+    assert status == 400 and '"receiving"' in str(err["error"])
