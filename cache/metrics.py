@@ -23,6 +23,8 @@ FILL_FAILURE_REASONS = ("integrity", "not_found", "store", "other")
 
 
 class Metrics:
+    """The pod's counts, bumped on the event loop (fill times as a histogram)."""
+
     def __init__(self) -> None:
         self.hits = 0
         self.misses = 0

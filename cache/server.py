@@ -69,7 +69,7 @@ from aiohttp import web
 from bdn import metrics as prom
 from bdn.store import BlobStore, open_backend
 from cache.answers import body_timeout_response, read_json_object
-from cache.answers import error_response as _error
+from cache.answers import error_response as _error  # the holders routes' name for it
 from cache.disk import ACCESS_FLUSH_S, DiskOptions, DiskStore
 from cache.edge import NegativeCache, check_peers, head_limit_middleware
 from cache.fastpath import FastPath
@@ -79,7 +79,8 @@ from cache.metrics import Metrics, cache_families
 from cache.options import CacheServerOptions
 from cache.prefetch import Prefetcher
 from cache.refs import RefAnswers
-from cache.send import OWNER_WORKER, Sender, parse_range
+from cache.send import OWNER_WORKER, Sender
+from cache.send import parse_range as parse_range  # cache.server's API (tests import it)
 from cache.serve_objects import ObjectAnswers
 from cache.tracker import HolderTracker
 from cache.verify import Verifier
@@ -100,7 +101,6 @@ def _agent_url(value: object, field: str) -> str:
     except ValueError:
         raise ValueError(f'"{field}" must be an http(s):// URL, got {repr(value)[:80]}'
                          ) from None
-
 
 
 class CacheServer:
