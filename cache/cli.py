@@ -15,7 +15,7 @@ from cache.edge import (
     DEFAULT_IDLE_TIMEOUT_S,
     VERIFY_INTERVAL_S,
 )
-from cache.server import (
+from cache.options import (
     DEFAULT_FILL_THREADS,
     DEFAULT_PREFETCH_CONCURRENCY,
     DEFAULT_PREFETCH_RATE_BYTES_PER_S,

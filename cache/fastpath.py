@@ -181,8 +181,8 @@ class OpenObject:
 
 class HitSource(Protocol):
     """Where the fast path finds complete objects, and what it tells of each hit: the
-    owner (:class:`cache.server.CacheServer`: index, pins, metrics) or a hit worker
-    (:class:`cache.worker.WorkerServer`: object files, ``flock``, notes).
+    owner (:class:`cache.serve_objects.ObjectAnswers`: index, pins, metrics) or a hit
+    worker (:class:`cache.worker.WorkerServer`: object files, ``flock``, notes).
 
     ``hooks_last_byte``: whether :meth:`before_last_byte` does anything (if not, the
     body goes out in one piece rather than all but its last byte, then that byte).

@@ -41,7 +41,7 @@ RAW_SIZES = (1, 1000, MIB, MIB + 12_345, 13 * MIB + 7)
 # A compressible object, stored zstd-encoded: its frame is read, not its decoded size.
 ZSTD_BYTES = 3 * MIB + 5
 # A zstd object's decoded size is peeked from its frame header before the fill
-# (cache.server.ZSTD_HEADER_PEEK_BYTES): a read of the store, but of a few bytes.
+# (cache.fills.ZSTD_HEADER_PEEK_BYTES): a read of the store, but of a few bytes.
 ZSTD_PEEK_BYTES = 18
 MAX_OVERREAD = 1.01
 
