@@ -203,9 +203,9 @@ async def pull_events(request: web.Request) -> web.StreamResponse:
     try:
         batch: list[bytes] = []
         async for ev in pull.follow():
-            batch.append(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
+            batch.append(ev.to_line())
             # Replayed history goes out in large writes, live events one by one.
-            if len(batch) >= 256 or ev.get("event") in ("done", "error") or not (
+            if len(batch) >= 256 or ev.FINAL or not (
                     pull.events and ev is not pull.events[-1]):
                 await resp.write(b"".join(batch))
                 batch = []
