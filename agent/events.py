@@ -293,7 +293,7 @@ def from_json(doc: Any) -> Event | None:
         raise EventError(f"must name the event's kind as a string, got {kind!r}",
                          kind="", field=KIND_KEY)
     cls = KINDS.get(kind)
-    return None if cls is None else cls.from_json(doc)  # type: ignore[no-any-return]
+    return None if cls is None else cls.from_json(doc)
 
 
 def from_line(line: bytes | str) -> Event | None:
