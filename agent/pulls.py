@@ -20,7 +20,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,12 +220,6 @@ class PullBook:
     def __init__(self, node: NodeCache) -> None:
         self.node = node
         self.pulls: dict[str, Pull] = {}
-
-    def __iter__(self) -> Iterator[Pull]:
-        return iter(list(self.pulls.values()))
-
-    def get(self, pull_id: str) -> Pull | None:
-        return self.pulls.get(pull_id)
 
     def persist(self, pull: Pull) -> None:
         self.node.meta_put(PULL_KEY_PREFIX + pull.id, pull.record())
