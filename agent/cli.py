@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from agent import events
 from agent.client import AgentClient, default_socket
 from agent.errors import PullError, RequestError
 from agent.options import (
@@ -303,7 +304,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
                                     store=store_from_args(args, options))
     if args.events:
         # --events is NDJSON to the end: the final status is one more event.
-        printer({"event": "summary", **status})
+        printer(events.Summary(status=status).to_json())
         return 0
     if args.json:
         print(json.dumps(status, indent=2))
@@ -341,7 +342,7 @@ def run_standalone(options: AgentOptions, body: dict[str, Any],
             pull, _ = await engine.submit(parse_request(body))
             async for ev in pull.follow():
                 if on_event is not None:
-                    on_event(ev)
+                    on_event(ev.to_json())
             await engine.wait(pull)
             status = pull.status()
             if pull.state != "done":

@@ -203,9 +203,9 @@ async def pull_events(request: web.Request) -> web.StreamResponse:
     try:
         batch: list[bytes] = []
         async for ev in pull.follow():
-            batch.append(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
+            batch.append(ev.to_line())
             # Replayed history goes out in large writes, live events one by one.
-            if len(batch) >= 256 or ev.get("event") in ("done", "error") or not (
+            if len(batch) >= 256 or ev.FINAL or not (
                     pull.events and ev is not pull.events[-1]):
                 await resp.write(b"".join(batch))
                 batch = []
@@ -394,7 +394,7 @@ async def start_peer_listener(options: AgentOptions, engine: Engine) -> web.AppR
     server = PeerServer(engine.node, PeerServerOptions(
         max_uploads=options.peer_max_uploads,
         upload_rate_bytes_per_s=options.peer_upload_rate_bytes_per_s),
-        counters=engine.counters, receiving=engine.inflight.get)
+        counters=engine.counters, receiving=engine.files.inflight.get)
     runner = web.AppRunner(server.make_app(), handle_signals=False, access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()

@@ -70,3 +70,16 @@ class AccessDenied(AgentError):
 
 
 __all__ += ["AccessDenied"]
+
+
+class EventError(AgentError, ValueError):
+    """An event of the agent's stream is malformed; names its kind and the field."""
+
+    def __init__(self, message: str, *, kind: str = "", field: str = "") -> None:
+        where = f"{kind} event" if kind else "event"
+        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+        self.kind = kind
+        self.field = field
+
+
+__all__ += ["EventError"]

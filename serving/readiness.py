@@ -20,14 +20,12 @@ that a file's bytes are, for now, on disk elsewhere (``disk_path``: the agent wr
 partial file and renames it when verified, and an inode survives a rename, so a reader
 that opened the partial file keeps reading the right bytes).
 
-Events understood (unknown events are ignored, so the agent can add more)::
-
-    {"event": "plan", "files": [{"path": "model.safetensors", "size": 123}, ...]}
-    {"event": "chunk", "path": "model.safetensors", "offset": 0, "length": 8388608,
-     "size": 123, "disk_path": "/var/bdn/partial/ab12..."}      # size, disk_path optional
-    {"event": "file", "path": "model.safetensors", "digest": "b3:...", "size": 123}
-    {"event": "done"}
-    {"event": "error", "message": "..."}
+Events are the agent's typed records (:mod:`agent.events`, the one module of the agent
+the serving runtime may import), parsed line by line with :func:`agent.events.from_line`.
+This reader acts on ``plan`` (the file list and sizes), ``chunk`` (verified ranges, and
+the partial file they are in), ``file`` (complete at its logical path), ``done`` and
+``error``; a kind it does not act on, or one a newer agent added, is skipped, and a
+malformed event fails the source with an error naming the field.
 
 A ``plan`` lets the loader list a folder before any file is complete; without one, a
 folder's listing is known only at ``done`` (so give the loader an index or explicit
@@ -37,7 +35,6 @@ files, or have the agent send the plan first).
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import threading
 import time
@@ -45,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from agent.events import ChunkVerified, Done, Error, Event, FilePublished, Plan, from_line
 from bdn.httpclient import ErrorMap, Failure, HttpClient, StreamResponse, split_url
 from serving.errors import ReadinessTimeout, WeightsUnavailableError
 
@@ -326,7 +324,7 @@ class EventStreamReadiness(ProgressiveReadiness):
                 if self._closed:
                     return
                 for line in resp.lines(MAX_EVENT_LINE_BYTES):
-                    if line.strip() and self._handle(json.loads(line)):
+                    if line.strip() and self._handle(from_line(line)):
                         return
             if not self._closed:
                 self.fail("the event stream ended before the pull was done")
@@ -337,9 +335,8 @@ class EventStreamReadiness(ProgressiveReadiness):
         finally:
             self._http.close()
 
-    def _rel(self, ev: dict[str, object]) -> str:
-        path = ev.get("path")
-        if not isinstance(path, str) or not path or os.path.isabs(path) or "\x00" in path:
+    def _rel(self, path: str) -> str:
+        if not path or os.path.isabs(path) or "\x00" in path:
             raise ValueError(f"event has a bad path: {path!r}")
         key = self.key(path)
         assert self.root is not None
@@ -347,31 +344,22 @@ class EventStreamReadiness(ProgressiveReadiness):
             raise ValueError(f"event path {path!r} escapes the mount root")
         return key
 
-    def _handle(self, ev: object) -> bool:
-        """Apply one event; True when the stream is over."""
-        if not isinstance(ev, dict):
-            raise ValueError(f"event is not a JSON object: {ev!r}")
-        kind = ev.get("event")
-        if kind == "chunk":
-            off, length = ev.get("offset"), ev.get("length")
-            if type(off) is not int or type(length) is not int or off < 0 or length < 0:
-                raise ValueError(f"chunk event has a bad offset/length: {ev!r}")
-            disk = ev.get("disk_path")
-            self.mark(self._rel(ev), off, off + length, size=_size(ev),
-                      disk_path=disk if isinstance(disk, str) and os.path.isabs(disk)
-                      else None)
-        elif kind == "file":
-            self.mark_complete(self._rel(ev), size=_size(ev))
-        elif kind == "plan":
-            files = ev.get("files")
-            if not isinstance(files, list):
-                raise ValueError("plan event without a files list")
-            self.plan({self._rel(f): _size(f) for f in files if isinstance(f, dict)})
-        elif kind == "done":
+    def _handle(self, ev: Event | None) -> bool:
+        """Apply one event (None: a kind this reader does not know); True when the
+        stream is over."""
+        if isinstance(ev, ChunkVerified):
+            disk = ev.disk_path
+            self.mark(self._rel(ev.path), ev.offset, ev.offset + ev.length, size=ev.size,
+                      disk_path=disk if disk is not None and os.path.isabs(disk) else None)
+        elif isinstance(ev, FilePublished):
+            self.mark_complete(self._rel(ev.path), size=ev.size)
+        elif isinstance(ev, Plan):
+            self.plan({self._rel(f.path): f.size for f in ev.files})
+        elif isinstance(ev, Done):
             self.finish()
             return True
-        elif kind == "error":
-            self.fail(str(ev.get("message") or "the agent reported an error"))
+        elif isinstance(ev, Error):
+            self.fail(ev.message or "the agent reported an error")
             return True
         return False
 
@@ -381,11 +369,6 @@ class EventStreamReadiness(ProgressiveReadiness):
         if resp is not None:
             resp.abort()
         self._thread.join(5)
-
-
-def _size(ev: dict[str, object]) -> int | None:
-    size = ev.get("size")
-    return size if type(size) is int and size >= 0 else None
 
 
 def _client(url: str, timeout_s: float) -> HttpClient:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bdn.metrics import parse_metrics
 from tests.agent.agent_support import (
     Agent,
     Model,
@@ -51,8 +52,8 @@ def _peer_agent(tmp_path: Path, name: str, cache: str, *,
 
 
 def _counters(agent: Agent) -> dict[str, float]:
-    return {k: float(v) for k, v in (ln.split() for ln in agent.client.metrics().splitlines()
-                                     if ln.startswith("bdn_agent_") and "{" not in ln)}
+    return {k: v for k, v in parse_metrics(agent.client.metrics()).items()
+            if k.startswith("bdn_agent_")}
 
 
 def _wait_for(what: str, probe: object) -> None:
@@ -97,9 +98,9 @@ def test_agents_pulling_at_once_are_served_by_a_peer_still_receiving(
             assert tiers["peer"] + tiers["cluster"] == base.manifest.unique_size, tiers
             assert tiers["store"] == 0
             c = _counters(o)
-            assert c["bdn_agent_bytes_peer"] == tiers["peer"]
-            assert c["bdn_agent_integrity_failures"] == 0
-        waited = sum(_counters(x)["bdn_agent_peer_uploads_after_wait"] for x in agents)
+            assert c['bdn_agent_delivered_bytes_total{tier="peer"}'] == tiers["peer"]
+            assert c["bdn_agent_integrity_failures_total"] == 0
+        waited = sum(_counters(x)["bdn_agent_peer_uploads_after_wait_total"] for x in agents)
         assert waited >= 1, "no chunk was served by a peer that was still receiving it"
         assert sum(st["bytes_by_tier"]["peer"] for _, st in results) > 0
     finally:
@@ -121,7 +122,7 @@ def test_a_receiver_killed_mid_receive_costs_the_others_only_the_fallback(
                   lambda: http_json(f"{slow.url}/proxy/stats")["requests"])
         pull_b = b.client.start_pull(ref=base.ref, mount=str(tmp_path / "mb"))["id"]
         _wait_for("B waits on A's receive",
-                  lambda: _counters(a)["bdn_agent_peer_receiving_waits"] >= 1)
+                  lambda: _counters(a)["bdn_agent_peer_receiving_waits_total"] >= 1)
         a.proc.kill9()
         killed = time.monotonic()
         st = b.client.wait(pull_b)
@@ -162,9 +163,9 @@ def test_a_corrupt_answer_from_a_receiver_is_detected_reported_and_asked_again(
         assert st["bytes_by_tier"]["cluster"] == base.manifest.unique_size
         stats = http_json(f"{bad.url}/proxy/stats")
         assert stats["flipped"], "A was asked and its answers corrupted"
-        assert _counters(a)["bdn_agent_peer_uploads_after_wait"] >= 1
+        assert _counters(a)["bdn_agent_peer_uploads_after_wait_total"] >= 1
         counters = _counters(b)
-        assert counters["bdn_agent_integrity_failures"] == len(stats["flipped"])
+        assert counters["bdn_agent_integrity_failures_total"] == len(stats["flipped"])
         assert set(stats["reports"]) == set(stats["flipped"])
         assert counters["bdn_agent_chunk_retries"] >= len(stats["flipped"])
     finally:

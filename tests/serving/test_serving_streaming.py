@@ -281,6 +281,36 @@ def test_event_stream_escaping_path_is_refused(tmp_path: Path, event_server: tup
     ready.close()
 
 
+def test_event_stream_skips_kinds_it_does_not_know(tmp_path: Path,
+                                                   event_server: tuple) -> None:
+    # A newer agent may add kinds; this reader acts on the ones it knows.
+    url, events = event_server
+    src = tmp_path / "src.safetensors"
+    write_safetensors(src, make_entries(2))
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    os.link(src, mount / "model.safetensors")
+    ready = EventStreamReadiness(url, mount)
+    events.put({"event": "peer_joined", "peer": "http://10.0.0.9:7400"})
+    events.put({"event": "file_start", "path": "model.safetensors", "mount": str(mount),
+                "size": src.stat().st_size, "partial_path": str(src),
+                "disk_path": str(src)})
+    events.put({"event": "file", "path": "model.safetensors", "later_field": 1})
+    events.put({"event": "done"})
+    assert set(load(mount / "model.safetensors", readiness=ready)) == {"layer00", "layer01"}
+    ready.close()
+
+
+def test_event_stream_malformed_event_names_the_field(tmp_path: Path,
+                                                      event_server: tuple) -> None:
+    url, events = event_server
+    ready = EventStreamReadiness(url, tmp_path)
+    events.put({"event": "chunk", "path": "model.safetensors", "offset": "0", "length": 8})
+    with pytest.raises(WeightsUnavailableError, match="chunk event: offset: must be"):
+        load(tmp_path / "model.safetensors", readiness=ready)
+    ready.close()
+
+
 def test_event_stream_that_ends_early_fails(tmp_path: Path, event_server: tuple) -> None:
     url, events = event_server
     ready = EventStreamReadiness(url, tmp_path)
