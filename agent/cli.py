@@ -271,6 +271,9 @@ class _TierBar:
         kind = ev.get("event")
         if kind == "plan":
             self.task = self.progress.add_task("", total=ev.get("bytes") or None)
+            # Complete files and verified parts already on the node send no chunk events.
+            self.progress.update(self.task, advance=(ev.get("bytes_cached") or 0)
+                                 + (ev.get("bytes_resumed") or 0))
         elif self.task is None:
             return
         elif kind == "chunk":
@@ -278,8 +281,10 @@ class _TierBar:
             self.tiers[tier] = self.tiers.get(tier, 0) + ev.get("length", 0)
             self.progress.update(self.task, advance=ev.get("length", 0),
                                  description=self._desc())
-        elif kind == "file" and ev.get("cached"):
-            self.progress.update(self.task, advance=ev.get("size", 0))
+        elif kind == "done":
+            total = self.progress.tasks[0].total
+            if total is not None:
+                self.progress.update(self.task, completed=total)
 
     def _desc(self) -> str:
         return " ".join(f"{k} {human_bytes(v)}" for k, v in self.tiers.items() if v)

@@ -80,3 +80,30 @@ def test_pull_events_prints_ndjson_only(tmp_path: Path, base: Model, store: Path
     assert events and all("event" in e for e in events)
     assert events[-1]["event"] == "summary" and events[-1]["state"] == "done"
     assert_mount_matches(base.src, tmp_path / "m")
+
+
+def test_pull_bar_counts_bytes_already_on_the_node() -> None:
+    """A warm pull's files come from the node cache without chunk events; its bar must
+    still reach the plan's total (fails on main before this change: it stayed at 0)."""
+    import io
+
+    from rich.console import Console
+
+    from agent.cli import _TierBar
+    from agent.events import Done, FilePublished, Plan, PlannedFile
+
+    bar = _TierBar(enabled=False)
+    bar.console = Console(file=io.StringIO(), force_terminal=True)
+    bar.enabled = True
+    with bar:
+        bar(Plan(bytes=300, files=(PlannedFile(path="a", size=200),
+                                   PlannedFile(path="b", size=100)),
+                 bytes_cached=200, bytes_resumed=40, bytes_local=0, bytes_network=60,
+                 bytes_duplicate=0).to_json())
+        bar({"event": "chunk", "path": "b", "offset": 40, "length": 60, "tier": "cluster"})
+        bar(FilePublished(path="a", size=200).to_json())
+        bar(FilePublished(path="b", size=100).to_json())
+        task = bar.progress.tasks[0]
+        assert task.completed == 300 and task.total == 300
+        bar(Done(seconds=0.1).to_json())
+        assert bar.progress.tasks[0].completed == 300
