@@ -167,7 +167,7 @@ def test_a_corrupt_answer_from_a_receiver_is_detected_reported_and_asked_again(
         counters = _counters(b)
         assert counters["bdn_agent_integrity_failures_total"] == len(stats["flipped"])
         assert set(stats["reports"]) == set(stats["flipped"])
-        assert counters["bdn_agent_chunk_retries"] >= len(stats["flipped"])
+        assert counters["bdn_agent_chunk_retries_total"] >= len(stats["flipped"])
     finally:
         bad.stop()
         slow.stop()
