@@ -265,6 +265,10 @@ class Fetcher:
         self._heard_s: dict[str, float] = {}
         # What response heads take to arrive (the first-byte deadline follows it).
         self._head_latency = HeadLatency()
+        # Until when (monotonic s) a pod whose holders lookup timed out is not asked for
+        # holders again: the lookup is optional, and asking a hung pod once per chunk
+        # cost every chunk a first-byte deadline before its own request was even sent.
+        self._lookups_quiet_until: dict[str, float] = {}
 
     def close(self) -> None:
         self._closing.set()
@@ -315,7 +319,8 @@ class Fetcher:
         owners = self.suspicion.order(list(self._owners(chunk.digest)), now)
         holders: list[str] = []
         receiving: set[str] = set()
-        if self.options.peer_advertise and owners:
+        if (self.options.peer_advertise and owners
+                and self._lookups_quiet_until.get(owners[0], 0.0) <= now):
             found, receiving = self._holders(owners[0], chunk)
             holders = [h for h in found
                        if h not in owners and self.suspicion.state(h, now) == TRUSTED]
@@ -359,6 +364,7 @@ class Fetcher:
             # hands its fills to the next pod (a second store read). The chunk's own
             # request to it, hedged and given its grace, finds out whether it is hung.
             self._drop(owner)
+            self._lookups_quiet_until[owner] = self._clock() + self.options.suspect_s
             log.info("chunk %s: no holders answer from %s within %.1f s", chunk.digest,
                      owner, self.first_byte_s())
             return [], set()

@@ -205,3 +205,48 @@ def test_a_pod_that_sends_the_head_then_waits_is_re_asked_not_suspected(
         fetcher.close()
     finally:
         slow.close()
+
+
+def test_a_holders_lookup_that_timed_out_is_not_repeated_while_the_pod_is_quiet(
+        tmp_path: Path, base: Model, cache_server: ServiceProcess) -> None:
+    """Sharing on, the owner hung: its holders lookups time out. One timeout is enough
+    to stop asking it for holders for a while (the lookup is optional; the chunk's own
+    request finds out whether the pod is hung), so each further chunk does not wait out
+    another first-byte deadline on it (fails on main before this change: every chunk's
+    lookup waited). After the quiet period, it is asked again."""
+    accepted: list[socket.socket] = []
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = hole.accept()
+            except OSError:
+                return
+            accepted.append(conn)  # read nothing, answer nothing
+
+    threading.Thread(target=accept, daemon=True).start()
+    hung = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    good = str(cache_server.url)
+    now = [1000.0]
+    try:
+        options = AgentOptions(cache_dir=tmp_path / "n", budget_bytes=0, peers=(hung, good),
+                               strict=True, first_byte_timeout_s=0.3, suspect_s=5.0,
+                               peer_advertise="http://127.0.0.1:9")
+        fetcher = Fetcher(options, None, owners=lambda d: [hung, good],
+                          clock=lambda: now[0])
+        chunks = list(base.manifest.unique_chunks().values())[:3]
+        for chunk in chunks:
+            sources, peers, _ = fetcher.plan_sources(chunk)
+            assert sources[:2] == [hung, good] and not peers
+        assert len(accepted) == 1, "a lookup per chunk to a pod that did not answer one"
+        now[0] += 5.0 + 0.1
+        fetcher.plan_sources(chunks[0])
+        assert len(accepted) == 2
+        fetcher.close()
+    finally:
+        hole.close()
+        for c in accepted:
+            c.close()
