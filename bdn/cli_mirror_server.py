@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--allow-local-root", action="append", default=[], metavar="DIR",
                    help="folder API jobs may mirror from with file:// (repeatable; none by "
                         "default: jobs cannot read this host)")
+    p.add_argument("--allow-ambient-credentials", action="store_true",
+                   help="let API jobs read s3:// r2:// gs:// sources with this service's own "
+                        "credentials (no secret, or AWS_OIDC/GCP_OIDC); off by default, "
+                        "since those credentials can read the operator's buckets")
     p.set_defaults(handler=cmd_mirror_server)
 
     k = sub.add_parser("mirror-keygen", help="make an API key for the mirror service")
@@ -60,7 +64,8 @@ def cmd_mirror_server(args: argparse.Namespace) -> int:
         gcs_endpoint_url=args.gcs_endpoint_url, max_jobs=args.max_jobs,
         max_requests=args.max_requests, job_concurrency=args.job_concurrency,
         write_workers=args.write_workers, part_bytes=args.part_mib << 20,
-        allow_local_roots=tuple(os.path.abspath(d) for d in args.allow_local_root))
+        allow_local_roots=tuple(os.path.abspath(d) for d in args.allow_local_root),
+        allow_ambient_credentials=args.allow_ambient_credentials)
     return run_server(options, args.listen)
 
 

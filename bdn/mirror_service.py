@@ -62,7 +62,7 @@ import yaml
 from aiohttp import web
 
 from bdn import metrics as prom
-from bdn.config import WeightsEntry, parse_weights
+from bdn.config import BUCKET_SCHEMES, WeightsEntry, parse_weights
 from bdn.errors import BdnError, ConfigError, MirrorError, NotFoundError
 from bdn.fsutil import contained_root
 from bdn.mirror import Mirror, MirrorOptions
@@ -188,6 +188,10 @@ class ServiceOptions:
     # Folders API jobs may mirror from (file://); none by default, so a tenant cannot
     # read the service's host.
     allow_local_roots: tuple[str, ...] = ()
+    # Whether API jobs may read buckets (s3://, r2://, gs://) with the service's own
+    # credentials (no secret, or a pod-identity auth method). Off by default: those
+    # credentials can read the operator's buckets, the store's included.
+    allow_ambient_credentials: bool = False
 
     def __post_init__(self) -> None:
         for root in self.allow_local_roots:
@@ -550,8 +554,9 @@ class MirrorService:
         """Why a job in ``namespace`` may not run ``entry`` (a 403), or None.
 
         A job may read the host only under the operator's ``--allow-local-root`` folders
-        (the real path is checked, so neither ``..`` nor a symlink leaves them), and may
-        name only its own namespace's secrets."""
+        (the real path is checked, so neither ``..`` nor a symlink leaves them), may read
+        a bucket only with a secret (the service's own credentials only where the
+        operator allowed them), and may name only its own namespace's secrets."""
         if entry.source.scheme == "file":
             if not self.options.allow_local_roots:
                 return ("local sources (file://) are not allowed for API jobs; the operator "
@@ -559,6 +564,12 @@ class MirrorService:
             if contained_root(local_source_path(entry.source), self._local_roots()) is None:
                 return (f"source {entry.source.uri!r} is not inside a folder the operator "
                         "allowed (--allow-local-root)")
+        if (entry.source.scheme in BUCKET_SCHEMES and not self.options.allow_ambient_credentials
+                and (entry.auth is None or entry.auth.auth_method != "CUSTOM_SECRET")):
+            return (f"source {entry.source.uri!r}: a bucket is read only with a secret of the "
+                    "job's namespace (auth_secret_name); the service's own credentials are "
+                    "not lent to jobs unless the operator starts it with "
+                    "--allow-ambient-credentials")
         name = entry.secret_name
         owner = secret_namespace(name) if name else None
         if owner is not None and owner != namespace:

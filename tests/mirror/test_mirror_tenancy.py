@@ -162,6 +162,46 @@ def test_secrets_are_scoped_to_the_job_namespace(server: Callable[..., Server], 
     assert any(OTHER_TOKEN in h for h in hub.state.auth_headers_seen)
 
 
+def test_bucket_sources_need_the_tenants_own_credentials(
+        server: Callable[..., Server]) -> None:
+    """An S3/GCS source with no secret (or a pod-identity auth method) would be read
+    with the service's own credentials, which can read the operator's buckets: refused
+    with a 403 naming the field unless the operator allows it (fails on main before
+    this change: such jobs were accepted and ran as the service)."""
+    s = server()
+    ambient = [{"source": "s3://operator-bucket/model"},
+               {"source": "r2://acct.operator-bucket/model"},
+               {"source": "gs://operator-bucket/model"},
+               {"source": "s3://operator-bucket/model",
+                "auth": {"auth_method": "AWS_OIDC",
+                         "aws_oidc_role_arn": "arn:aws:iam::123456789012:role/r",
+                         "aws_oidc_region": "us-east-1"}},
+               {"source": "gs://operator-bucket/model",
+                "auth": {"auth_method": "GCP_OIDC",
+                         "gcp_oidc_service_account": "sa@p.iam.gserviceaccount.com",
+                         "gcp_oidc_workload_id_provider": "projects/1/locations/global/"
+                                                          "workloadIdentityPools/p/providers/q"}}]
+    for weights in ambient:
+        status, doc = _raw(f"{s.url}/v1/mirrors", "POST", KEY_TEAM,
+                           {"weights": weights, "ref": "team/bucket:v1"})
+        assert status == 403, (weights, status, doc)
+        assert "auth_secret_name" in doc["error"], doc
+        assert "--allow-ambient-credentials" in doc["error"], doc
+    assert _raw(f"{s.url}/v1/mirrors", key=KEY_TEAM)[1]["jobs"] == []  # no job was made
+    # With the tenant's own secret the job is accepted (it runs, and fails to connect).
+    status, doc = _raw(f"{s.url}/v1/mirrors", "POST", KEY_TEAM,
+                       {"weights": {"source": "s3://operator-bucket/model",
+                                    "auth_secret_name": "hf"}, "ref": "team/bucket:v1"})
+    assert status == 202, doc
+    # The operator may allow the service's own credentials (a single-tenant service).
+    s.stop()
+    s2 = server("--allow-ambient-credentials")
+    for weights in ambient:
+        status, doc = _raw(f"{s2.url}/v1/mirrors", "POST", KEY_TEAM,
+                           {"weights": weights, "ref": "team/bucket:v1"})
+        assert status == 202, (weights, status, doc)
+
+
 # -- 3: patterns -----------------------------------------------------------------------
 
 
