@@ -68,6 +68,7 @@ def test_units_fractions_are_exact_and_round_down(whole: int, frac: int, unit: s
     assert parse_byte_size(text) == (whole * 1000 + frac) * mult // 1000
 
 
+@pytest.mark.slow  # runs the bdn CLI
 def test_units_flags_of_agent_and_cache_use_the_one_parser(tmp_path: Path) -> None:
     # The CLI refuses junk in one sentence that names the flag (argparse's prefix).
     for argv in (["agent", "--budget-bytes", "lots"], ["agent", "--peer-upload-rate", "1e9"],

@@ -26,6 +26,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from tests.support.imports import imported_modules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +37,7 @@ PROJECT = PYPROJECT["project"]["name"]
 # Import names that are not the distribution's name with "-" → "_".
 IMPORT_NAMES: dict[str, str] = {
     "pyyaml": "yaml",
+    "pytest-xdist": "xdist",
 }
 
 # Declared, needed, never imported by name; each says why. An entry that is imported
@@ -42,6 +45,7 @@ IMPORT_NAMES: dict[str, str] = {
 RUN_TIME_ONLY: dict[str, str] = {
     "pytest-asyncio": "pytest plugin: runs the async tests (asyncio_mode = auto)",
     "pytest-timeout": "pytest plugin: the timeout = 300 of [tool.pytest.ini_options]",
+    "pytest-xdist": "pytest plugin: `make test-fast` runs on every core (-n auto)",
     "moto": "run as a server process, `python -m moto.server` (tests/mirror/conftest.py)",
     "ruff": "a command: `make lint`",
     "mypy": "a command: `make typecheck`",
@@ -156,6 +160,7 @@ def test_every_third_party_import_of_the_packages_is_declared() -> None:
     assert missing == [], f"imported by the packages but declared nowhere: {missing}"
 
 
+@pytest.mark.slow  # a fresh interpreter per role
 def test_a_core_install_imports_every_role() -> None:
     """Without any extra, the roles' entry modules import: every third-party module the
     packages import that the core does not declare is made unimportable, as if absent."""

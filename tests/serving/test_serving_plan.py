@@ -70,7 +70,7 @@ def check_ordered(ranges: list[ReadRange[TensorInfo]]) -> None:
         assert a.end <= b.begin
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(tensors=layouts(), limit=limits)
 def test_plan_ranges_delivers_every_byte_once_within_the_limit(tensors: list[TensorInfo],
                                                                limit: int) -> None:
@@ -84,7 +84,7 @@ def test_plan_ranges_delivers_every_byte_once_within_the_limit(tensors: list[Ten
         assert 0 < r.end - r.begin <= limit
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(tensors=layouts(), limit=limits)
 def test_plan_ranges_a_cut_tensor_ends_its_range(tensors: list[TensorInfo],
                                                  limit: int) -> None:
@@ -105,7 +105,7 @@ def test_plan_ranges_a_cut_tensor_ends_its_range(tensors: list[TensorInfo],
             assert r.end - r.begin == limit
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(tensors=layouts(), limit=limits)
 def test_plan_ranges_groups_small_neighbours(tensors: list[TensorInfo], limit: int) -> None:
     """A range ends early only after a tensor that was cut: otherwise it is full."""
@@ -133,7 +133,7 @@ def test_plan_ranges_examples() -> None:
     assert list(plan_ranges([], 4)) == []
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(tensors=layouts(), limit=limits)
 def test_plan_aligned_tiles_blocks_without_overlap(tensors: list[TensorInfo],
                                                    limit: int) -> None:
