@@ -31,7 +31,6 @@ from bdn.httpclient import ErrorMap, Failure, HttpClient, HttpUnavailable, Respo
 
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
-DEFAULT_SOCKET_ENV = "BDN_AGENT_SOCKET"
 DEFAULT_SOCKET = "/run/bdn/agent.sock"
 MAX_EVENT_LINE_BYTES = 1 << 20
 TOKEN_HEADER = "X-Bdn-Pull-Token"

@@ -23,7 +23,6 @@ from bdn.retry import RetryPolicy
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_POLL_S = 0.5
-API_KEY_ENV = "BDN_MIRROR_API_KEY"
 CLIENT_RETRY = RetryPolicy(attempts=5)
 
 
@@ -129,7 +128,7 @@ def mirror_via_server(args: Any, ref: Any) -> int:
 
     api_key = settings.MIRROR_API_KEY.get()
     if not api_key:
-        raise ConfigError(f"--server needs an API key in ${API_KEY_ENV}")
+        raise ConfigError(f"--server needs an API key in ${settings.MIRROR_API_KEY.name}")
     source = args.source if "://" in args.source else "file://" + os.path.abspath(args.source)
     weights: dict[str, Any] = {"source": source}
     if args.allow:

@@ -21,8 +21,8 @@ from bdn.httpclient import ErrorMap, Failure, HttpClient
 from control.errors import ClientError
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8700"
-SERVER_URL_ENV = "BDN_CONTROL_URL"
-API_KEY_ENV = "BDN_API_KEY"
+SERVER_URL_ENV = settings.CONTROL_URL.name
+API_KEY_ENV = settings.API_KEY.name
 DEFAULT_TIMEOUT_S = 60.0
 UPLOAD_TIMEOUT_S = 600.0
 # Between two lines of a streamed answer (a push mirroring a large file stays quiet).
