@@ -94,7 +94,7 @@ from agent.options import AgentOptions
 from bdn.errors import BdnError, NotFoundError
 from bdn.retry import is_retryable_status, parse_retry_after
 from bdn.store import BlobStore, object_key
-from cache.suspicion import TRUSTED
+from cache.suspicion import SUSPECTED, TRUSTED
 from manifests.digest import Digest
 from manifests.errors import IntegrityError
 from manifests.manifest import ENCODING_RAW, MAX_CHUNK_BYTES, Chunk
@@ -265,10 +265,11 @@ class Fetcher:
         self._heard_s: dict[str, float] = {}
         # What response heads take to arrive (the first-byte deadline follows it).
         self._head_latency = HeadLatency()
-        # Until when (monotonic s) a pod whose holders lookup timed out is not asked for
-        # holders again: the lookup is optional, and asking a hung pod once per chunk
-        # cost every chunk a first-byte deadline before its own request was even sent.
-        self._lookups_quiet_until: dict[str, float] = {}
+        # Pods whose holders lookup timed out are not asked for holders while suspected
+        # here (the same policy as chunk requests, kept apart so that a lookup never
+        # moves a pod's fills): the lookup is optional, and asking a hung pod once per
+        # chunk cost every chunk a first-byte deadline before its own request was sent.
+        self._lookup_suspicion = Suspicion(options.suspect_s)
 
     def close(self) -> None:
         self._closing.set()
@@ -320,7 +321,7 @@ class Fetcher:
         holders: list[str] = []
         receiving: set[str] = set()
         if (self.options.peer_advertise and owners
-                and self._lookups_quiet_until.get(owners[0], 0.0) <= now):
+                and self._lookup_suspicion.state(owners[0], now) != SUSPECTED):
             found, receiving = self._holders(owners[0], chunk)
             holders = [h for h in found
                        if h not in owners and self.suspicion.state(h, now) == TRUSTED]
@@ -350,6 +351,7 @@ class Fetcher:
                 conn.sock.settimeout(self.first_byte_s())
             resp = conn.getresponse()
             self.heard(owner)
+            self._lookup_suspicion.answered(owner)
             self._observe_head(self._clock() - started)
             data = resp.read(MAX_HOLDERS_ANSWER_BYTES)
             if resp.status != 200:
@@ -364,7 +366,7 @@ class Fetcher:
             # hands its fills to the next pod (a second store read). The chunk's own
             # request to it, hedged and given its grace, finds out whether it is hung.
             self._drop(owner)
-            self._lookups_quiet_until[owner] = self._clock() + self.options.suspect_s
+            self._lookup_suspicion.failed(owner, self._clock())
             log.info("chunk %s: no holders answer from %s within %.1f s", chunk.digest,
                      owner, self.first_byte_s())
             return [], set()
