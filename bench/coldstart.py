@@ -133,6 +133,18 @@ def serve_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bdn.cli", *args]
 
 
+def start_listening(cmd: list[str], what: str, *, env: dict[str, str] | None = None,
+                    stderr: int = subprocess.DEVNULL) -> tuple[subprocess.Popen[str], str]:
+    """Start ``cmd`` in its own process group; return it and its ``BDN_LISTENING`` line."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                            start_new_session=True, cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("BDN_LISTENING"):
+            return proc, line
+    raise RuntimeError(f"{what} did not start")
+
+
 def direct_run(model_dir: Path) -> float:
     """Spawn ``bdn serve``, wait for BDN_READY, first predict: seconds from spawn."""
     t0 = time.perf_counter()
@@ -163,18 +175,11 @@ class Control:
                  agent: str | None = None) -> None:
         env = dict(os.environ, BDN_API_KEY=API_KEY, PYTHONUNBUFFERED="1")
         extra = ["--agent", agent] if agent is not None else []
-        self.proc = subprocess.Popen(
+        self.proc, line = start_listening(
             serve_cmd("control-server", "--listen", "127.0.0.1:0", "--state-dir",
                       str(state_dir), "--store", str(store or state_dir / "store"), *extra),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-            start_new_session=True, cwd=ROOT)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("BDN_LISTENING"):
-                self.url = line.split()[1]
-                break
-        else:
-            raise RuntimeError("control-server did not start")
+            "control-server", env=env)
+        self.url = line.split()[1]
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -343,18 +348,10 @@ class StoreLink:
 
     def __init__(self, store: Path, bytes_per_s: int) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
+        self.proc, line = start_listening(
             [sys.executable, str(STORE_HTTP), str(store), "--listen", "127.0.0.1:0",
-             "--rate", str(bytes_per_s)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-            start_new_session=True, cwd=ROOT)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("BDN_LISTENING"):
-                self.url = line.split()[1]
-                break
-        else:
-            raise RuntimeError("store_http.py did not start")
+             "--rate", str(bytes_per_s)], "store_http.py", env=env)
+        self.url = line.split()[1]
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -369,17 +366,10 @@ class Agent:
         cache = state_dir / "agent" / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         self.socket = str(state_dir / "agent" / "agent.sock")
-        self.proc = subprocess.Popen(
+        self.proc, _ = start_listening(
             serve_cmd("agent", "--cache-dir", str(cache), "--socket", self.socket,
                       "--store", store_url),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True, cwd=ROOT)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("BDN_LISTENING"):
-                break
-        else:
-            raise RuntimeError("bdn agent did not start")
+            "bdn agent", env=dict(os.environ, PYTHONUNBUFFERED="1"), stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
