@@ -708,10 +708,12 @@ class BlobStore:
             return self.backend.get_range(object_key(digest), start, end)
         return self.get_object(digest, verify=False)[start:end]
 
-    def iter_object(self, digest: Digest, block_bytes: int = READ_BLOCK_BYTES
-                    ) -> Iterator[bytes]:
-        """Stream an object's decoded bytes in blocks (not verified; callers hash)."""
-        info = self.stat_object(digest)
+    def iter_object(self, digest: Digest, block_bytes: int = READ_BLOCK_BYTES, *,
+                    info: ObjectInfo | None = None) -> Iterator[bytes]:
+        """Stream an object's decoded bytes in blocks (not verified; callers hash).
+        ``info``: the caller's own :meth:`stat_object` answer, so a remote store is not
+        asked for the object's size a second time."""
+        info = info or self.stat_object(digest)
         if info is None:
             raise NotFoundError(f"object {digest} not found in store {self.url}",
                                 url=self.url, key=str(digest))

@@ -182,7 +182,7 @@ class Fills:
 
             def run() -> tuple[Digest, int]:
                 try:
-                    blocks = store.iter_object(digest, FILL_BLOCK_BYTES)
+                    blocks = store.iter_object(digest, FILL_BLOCK_BYTES, info=info)
                     return produce(fill, blocks, slot.fd if slot else None, loop,
                                    self._limiter)
                 except (FillAborted, NotFoundError):
