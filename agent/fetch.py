@@ -60,6 +60,7 @@ import json
 import logging
 import random
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -103,6 +104,7 @@ log = logging.getLogger(__name__)
 
 OBJECTS_PATH = "/v1/objects/"
 HOLDERS_PATH = "/v1/holders/"
+HEALTH_PATH = "/healthz"
 # A holders answer is a few URLs; more than this is not a holders answer.
 MAX_HOLDERS_ANSWER_BYTES = 64 * 1024
 # Peer agents asked for one chunk before the cache pods (the pod hands out 2).
@@ -270,6 +272,12 @@ class Fetcher:
         # moves a pod's fills): the lookup is optional, and asking a hung pod once per
         # chunk cost every chunk a first-byte deadline before its own request was sent.
         self._lookup_suspicion = Suspicion(options.suspect_s)
+        # Requests sent and not yet answered, by peer: when one request finds a peer
+        # hung, every other thread's wait on it ends at once (:meth:`_declare_hung`).
+        self._inflight: dict[str, set[http.client.HTTPConnection]] = {}
+        self._inflight_lock = threading.Lock()
+        # Probes of half-open peers running beside the pulls (one thread each).
+        self._probing: set[str] = set()
 
     def close(self) -> None:
         self._closing.set()
@@ -297,7 +305,78 @@ class Fetcher:
         conns = self._local.__dict__.get("conns", {})
         conn = conns.pop(peer, None)
         if conn is not None:
+            # Under the registry's lock: a verdict never shuts down a socket whose
+            # descriptor was closed (and perhaps reused) under it.
+            with self._inflight_lock:
+                self._inflight.get(peer, set()).discard(conn)
+                conn.close()
+
+    def _track(self, peer: str, conn: http.client.HTTPConnection) -> None:
+        """``conn`` holds a request to ``peer`` awaiting its answer."""
+        with self._inflight_lock:
+            self._inflight.setdefault(peer, set()).add(conn)
+
+    def _untrack(self, peer: str, conn: http.client.HTTPConnection) -> None:
+        with self._inflight_lock:
+            self._inflight.get(peer, set()).discard(conn)
+
+    def _declare_hung(self, peer: str, now_s: float) -> None:
+        """``peer`` timed out and sent nothing on any connection for a deadline: suspect
+        it, and end every other wait on it now — each thread's request to it (heads
+        awaited, bodies stalled, holders lookups) is shut down and answers
+        :data:`TIMEOUT` (:meth:`_abandoned`), so the agent pays one deadline for a hung
+        pod, not one per request in flight (16 threads started at different times)."""
+        self.suspicion.failed(peer, now_s)
+        with self._inflight_lock:
+            conns = self._inflight.pop(peer, set())
+            for conn in conns:
+                conn.bdn_abandoned = True  # type: ignore[attr-defined]
+                if conn.sock is not None:
+                    with contextlib.suppress(OSError):
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+        if conns:
+            log.info("%s is suspected hung: %d request(s) to it abandoned", peer,
+                     len(conns))
+
+    @staticmethod
+    def _abandoned(conn: http.client.HTTPConnection) -> bool:
+        return bool(getattr(conn, "bdn_abandoned", False))
+
+    def _start_probes(self, peers: Sequence[str], now_s: float) -> None:
+        """Probe the half-open ones among ``peers`` beside the pulls (see
+        :mod:`cache.suspicion`): no chunk waits on a pod that may still be hung."""
+        for peer in peers:
+            if peer == STORE or peer in self._probing or self.closing:
+                continue
+            if self.suspicion.take_probe(peer, now_s):
+                self._probing.add(peer)
+                threading.Thread(target=self._probe, args=(peer,), daemon=True,
+                                 name="bdn-probe").start()
+
+    def _probe(self, peer: str) -> None:
+        """``GET /healthz`` with the first-byte deadline for connect and answer: any
+        answer trusts ``peer`` again (it is not hung), none suspects it for longer."""
+        parts = urlsplit(peer)
+        cls = (http.client.HTTPSConnection if parts.scheme == "https"
+               else http.client.HTTPConnection)
+        deadline_s = self.first_byte_s()
+        conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=deadline_s)
+        try:
+            conn.request("GET", parts.path.rstrip("/") + HEALTH_PATH)
+            resp = conn.getresponse()
+            resp.read(MAX_HOLDERS_ANSWER_BYTES)
+        except (OSError, http.client.HTTPException) as e:
+            log.info("probe of %s: no answer within %.1f s (%s); still suspected", peer,
+                     deadline_s, type(e).__name__)
+            self.suspicion.failed(peer, self._clock())
+        else:
+            log.info("probe of %s: HTTP %d; trusted again", peer, resp.status)
+            self.heard(peer)
+            self.suspicion.answered(peer)
+            self._lookup_suspicion.answered(peer)
+        finally:
             conn.close()
+            self._probing.discard(peer)
 
     # -- one chunk -------------------------------------------------------------------
 
@@ -317,12 +396,15 @@ class Fetcher:
         blob store unless strict.
         """
         now = self._clock()
-        owners = self.suspicion.order(list(self._owners(chunk.digest)), now)
+        ring = list(self._owners(chunk.digest))
+        self._start_probes(ring, now)
+        owners = self.suspicion.order(ring, now, inline_probe=False)
         holders: list[str] = []
         receiving: set[str] = set()
         if (self.options.peer_advertise and owners
                 and self._lookup_suspicion.state(owners[0], now) != SUSPECTED):
             found, receiving = self._holders(owners[0], chunk)
+            self._start_probes(found, now)
             holders = [h for h in found
                        if h not in owners and self.suspicion.state(h, now) == TRUSTED]
         out = holders + owners
@@ -331,7 +413,8 @@ class Fetcher:
         return out, frozenset(holders), frozenset(receiving & set(holders))
 
     def sources_without_holders(self, chunk: Chunk) -> list[str]:
-        out = self.suspicion.order(list(self._owners(chunk.digest)), self._clock())
+        out = self.suspicion.order(list(self._owners(chunk.digest)), self._clock(),
+                                   inline_probe=False)
         if self.store is not None and not self.options.strict:
             out.append(STORE)
         return out
@@ -344,9 +427,10 @@ class Fetcher:
         path = (urlsplit(owner).path.rstrip("/") + HOLDERS_PATH + str(chunk.digest)
                 + "?exclude=" + quote(me, safe="") + "&receiving=1")
         started = self._clock()
+        conn = self._conn(owner)
         try:
-            conn = self._conn(owner)
             conn.request("GET", path)
+            self._track(owner, conn)
             if conn.sock is not None:
                 conn.sock.settimeout(self.first_byte_s())
             resp = conn.getresponse()
@@ -361,18 +445,25 @@ class Fetcher:
             answer = json.loads(data)
             found = answer.get("holders", [])
             still = answer.get("receiving", [])
-        except TimeoutError:
-            # Not suspected for this: the lookup is optional, and a suspected owner
-            # hands its fills to the next pod (a second store read). The chunk's own
-            # request to it, hedged and given its grace, finds out whether it is hung.
+        except (TimeoutError, OSError, http.client.HTTPException, ValueError,
+                AttributeError) as e:
+            abandoned = self._abandoned(conn)
             self._drop(owner)
-            self._lookup_suspicion.failed(owner, self._clock())
+            if not isinstance(e, TimeoutError) and not abandoned:
+                return [], set()
+            # Not asked for holders again while quiet. And when the pod sent nothing on
+            # any connection for a deadline, this is the verdict a chunk request would
+            # reach a deadline later: it is suspected for chunks too (its fills move
+            # to the next pod; a pod that is merely slow keeps sending and is not).
+            now = self._clock()
+            self._lookup_suspicion.failed(owner, now)
+            if not abandoned and not self.alive(owner, now - self.first_byte_s()):
+                self._declare_hung(owner, now)
             log.info("chunk %s: no holders answer from %s within %.1f s", chunk.digest,
                      owner, self.first_byte_s())
             return [], set()
-        except (OSError, http.client.HTTPException, ValueError, AttributeError):
-            self._drop(owner)
-            return [], set()
+        finally:
+            self._untrack(owner, conn)
         if not isinstance(found, list):
             return [], set()
         holders = [h.rstrip("/") for h in found[:MAX_HOLDERS_ASKED]
@@ -461,7 +552,10 @@ class Fetcher:
                 history.append(answer)
                 if answer.source != STORE:
                     if self._suspect(answer):
-                        self.suspicion.failed(answer.source, answer.ended_s)
+                        if answer.outcome == TIMEOUT:
+                            self._declare_hung(answer.source, answer.ended_s)
+                        else:
+                            self.suspicion.failed(answer.source, answer.ended_s)
                         reorder = True
                     elif answer.outcome != TIMEOUT:
                         self.suspicion.answered(answer.source)
@@ -531,7 +625,11 @@ class Fetcher:
                 out.append(b_sent)
             else:
                 won = _first_ready([(source, sent), (backup, b_sent)], deadline_s)
-                if won is not None and won[0] == source:
+                if won is not None and won[0] == source and self._abandoned(sent):
+                    # The source was found hung meanwhile: the backup's answer is the
+                    # one to wait for.
+                    won = _first_ready([(backup, b_sent)], deadline_s)
+                elif won is not None and won[0] == source:
                     self._drop(backup)  # cancel the slower request
                     return [self._receive_answer(source, sent, started, chunk, view,
                                                  cached_only)]
@@ -592,15 +690,26 @@ class Fetcher:
         except (OSError, http.client.HTTPException) as e:
             self._drop(peer)
             return Answer(peer, ERROR, started, self._clock(), f"{type(e).__name__}: {e}")
+        self._track(peer, conn)
         return conn
 
     def _receive_answer(self, peer: str, conn: http.client.HTTPConnection, started: float,
                         chunk: Chunk, view: memoryview, cached_only: bool = False
                         ) -> Answer:
-        return self._classify(peer, started, chunk, view,
-                              lambda: self._receive(peer, conn, chunk, view, cached_only,
-                                                    started),
-                              f"chunk from peer {peer}")
+        answer = self._classify(peer, started, chunk, view,
+                                lambda: self._receive(peer, conn, chunk, view, cached_only,
+                                                      started),
+                                f"chunk from peer {peer}")
+        self._untrack(peer, conn)
+        if self._abandoned(conn):
+            self._drop(peer)  # shut down under it: never reused
+            if answer.outcome != OK:
+                # Not bad bytes from the peer: this end cut it off (another request
+                # found the peer hung); nothing is reported to the cache.
+                return Answer(peer, TIMEOUT, started, self._clock(),
+                              f"abandoned: {peer} is suspected hung (another request to "
+                              "it timed out)")
+        return answer
 
     def _classify(self, source: str, started: float, chunk: Chunk, view: memoryview,
                   work: Callable[[], None], where: str) -> Answer:

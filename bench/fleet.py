@@ -214,6 +214,16 @@ class RunResult:
     uncached: int = 0
     # Chunks peers served after waiting for their own receive (holders still receiving).
     after_wait: int = 0
+    # Share of this machine's CPU time that was busy during the pulls (0…1): near 1,
+    # the cores, not the shaped links, bound the pull times.
+    cpu_busy: float = math.nan
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def metric(text: str, name: str) -> float:
@@ -346,6 +356,7 @@ class Fleet:
         for t in threads:
             t.start()
         t0[0] = time.monotonic()
+        cpu0 = cpu_times()
         barrier.wait()
         skip: set[int] = set()
         if fault is not None:
@@ -357,6 +368,7 @@ class Fleet:
             skip.add(0)
         for t in threads:
             t.join(PULL_TIMEOUT_S)
+        cpu1 = cpu_times()
         tiers: dict[str, int] = {}
         for st in statuses:
             for k, v in (st.get("bytes_by_tier") or {}).items():
@@ -364,7 +376,8 @@ class Fleet:
         done = [t for t in times if not math.isnan(t)]
         errors = [str(st.get("error")) for st in statuses if st.get("state") != "done"]
         res = RunResult(done, self.origin_bytes(), self.pod_bytes(skip), tiers,
-                        failed=len(errors), first_error=errors[0] if errors else "")
+                        failed=len(errors), first_error=errors[0] if errors else "",
+                        cpu_busy=(cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1]))
         if self.args.verbose:  # why chunks were asked twice: each agent's complaints
             for p, _ in self.agents:
                 for ln in p.lines:
@@ -407,7 +420,7 @@ def report(label: str, n: int, res: RunResult, model_bytes: int, bound: float) -
           f"  (bound {bound:6.2f} s)  origin/model {res.origin_bytes / model_bytes:5.2f}"
           f"  pods MiB {[round(v / MiB) for v in pods.values()]} max/mean {balance:4.2f}"
           f"  tiers MiB: {tiers}  timeouts {res.timeouts} uncached {res.uncached}"
-          f"  served-while-receiving {res.after_wait}"
+          f"  served-while-receiving {res.after_wait}  cpu busy {res.cpu_busy:.0%}"
           + (f"  FAILED {res.failed}: {res.first_error[:300]}" if res.failed else ""),
           flush=True)
 
@@ -434,6 +447,10 @@ def main() -> int:
     ap.add_argument("--agent-mbit", type=int, default=1000)
     ap.add_argument("--workdir", default=str(ROOT / ".bench" / "fleet"))
     ap.add_argument("--no-faults", action="store_true", help="skip the hung/killed runs")
+    ap.add_argument("--sharing-only", action="store_true",
+                    help="skip the runs without node-to-node sharing")
+    ap.add_argument("--faults-only", action="store_true",
+                    help="only the hung/killed runs (at the largest N)")
     ap.add_argument("--verbose", action="store_true",
                     help="also print every agent's warnings about answers and hedges")
     args = ap.parse_args()
@@ -473,8 +490,8 @@ def main() -> int:
         try:
             fleet.start_store(store_dir)
             fleet.add_namespaces(max(ns_list))
-            for n in ns_list:
-                for sharing in (False, True):
+            for n in [] if args.faults_only else ns_list:
+                for sharing in (True,) if args.sharing_only else (False, True):
                     label = "sharing" if sharing else "no sharing"
                     mnt = fleet.start(n, f"n{n}-{'s' if sharing else 'ns'}", sharing)
                     before = fleet.origin_bytes()

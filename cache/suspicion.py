@@ -12,6 +12,14 @@ abandoned) is forgotten after ``suspect_s`` so the peer can be probed again.
 Suspected peers are moved to the end, never dropped: when every peer is suspected a
 request still goes out, so suspicion alone never fails a pull.
 
+Two ways to probe. The ring client's manifest and ref reads probe *in line*: the
+caller that :meth:`Suspicion.order` hands the probe sends its real request there first.
+The agent's chunk fetcher must not: a probe of a still-hung pod would cost that chunk a
+first-byte deadline, on the pull's critical path. It orders with ``inline_probe=False``
+(half-open peers stay behind) and probes *beside* the pulls — :meth:`take_probe` hands
+the probe out, the fetcher asks the peer's ``/healthz`` on its own thread and reports
+:meth:`answered` or :meth:`failed`.
+
 Shared by the agent's chunk fetcher and the ring client's manifest and ref reads (one
 instance per agent), so a pod that hung on a manifest is not asked for chunks either.
 No clock is read here: every method takes ``now_s`` (tests use a fake clock).
@@ -65,9 +73,14 @@ class Suspicion:
         return SUSPECTED if now_s < rec.until_s else HALF_OPEN
 
     def failed(self, peer: str, now_s: float) -> None:
-        """``peer`` timed out or failed: suspect it, for twice as long as last time."""
+        """``peer`` timed out or failed: suspect it, for twice as long as last time.
+        Failures of requests sent before it was suspected (a dozen threads' requests
+        to one hung pod end together) are the same failure: while suspected, another
+        one changes nothing; only a failed probe (or the first failure) doubles it."""
         with self._lock:
             rec = self._peers.setdefault(peer, _PeerRecord())
+            if rec.failures and now_s < rec.until_s:
+                return
             rec.failures += 1
             rec.probe_since_s = None
             rec.until_s = now_s + min(self.max_suspect_s,
@@ -78,21 +91,31 @@ class Suspicion:
         with self._lock:
             self._peers.pop(peer, None)
 
-    def order(self, sources: Sequence[str], now_s: float) -> list[str]:
+    def order(self, sources: Sequence[str], now_s: float, *,
+              inline_probe: bool = True) -> list[str]:
         """``sources`` with the suspected peers moved to the end, in their order. A
         half-open peer that would be asked first (no trusted source before it) is the
-        probe: it keeps its place for this caller only."""
+        probe: it keeps its place for this caller only — unless ``inline_probe`` is
+        False, when every half-open peer stays behind (probe it with
+        :meth:`take_probe`)."""
         with self._lock:
             first: list[str] = []
             behind: list[str] = []
             for s in sources:
                 state = self._state(s, now_s)
-                if state == TRUSTED or (state == HALF_OPEN and not first
+                if state == TRUSTED or (inline_probe and state == HALF_OPEN and not first
                                         and self._take_probe(s, now_s)):
                     first.append(s)
                 else:
                     behind.append(s)
             return first + behind
+
+    def take_probe(self, peer: str, now_s: float) -> bool:
+        """Whether the caller should probe ``peer`` now: it is half-open and no probe
+        was handed out within the last ``suspect_s``. The caller reports the probe's
+        outcome with :meth:`answered` or :meth:`failed`."""
+        with self._lock:
+            return self._state(peer, now_s) == HALF_OPEN and self._take_probe(peer, now_s)
 
     def _take_probe(self, peer: str, now_s: float) -> bool:
         rec = self._peers[peer]

@@ -86,6 +86,29 @@ def test_a_probe_that_never_reports_back_is_handed_out_again() -> None:
     assert sus.order([C, A], clock.advance(0.2)) == [C, A]  # a new probe
 
 
+def test_a_chunk_path_never_puts_a_half_open_peer_first_and_probes_it_beside() -> None:
+    """``inline_probe=False`` (the agent's chunk fetcher): a half-open peer stays behind
+    for every caller, and :meth:`take_probe` hands out one probe per ``suspect_s`` for
+    the fetcher to send to ``/healthz`` off the pull's path."""
+    clock = FakeClock()
+    sus = Suspicion(suspect_s=5.0)
+    sus.failed(A, clock.now)
+    assert not sus.take_probe(A, clock.now)                # suspected: no probe yet
+    clock.advance(5.0)
+    assert sus.order([A, B], clock.now, inline_probe=False) == [B, A]
+    assert sus.state(A, clock.now) == HALF_OPEN            # ordering took no probe
+    assert sus.take_probe(A, clock.now)                    # the one probe
+    assert not sus.take_probe(A, clock.now)
+    assert sus.order([A, B], clock.now, inline_probe=False) == [B, A]
+    assert not sus.take_probe(B, clock.now)                # trusted: nothing to probe
+    sus.failed(A, clock.advance(1.0))                      # the probe found it hung
+    assert sus.state(A, clock.now) == SUSPECTED
+    assert not sus.take_probe(A, clock.advance(9.9))       # doubled: 10 s
+    assert sus.take_probe(A, clock.advance(0.1))
+    sus.answered(A)                                        # back
+    assert sus.order([A, B], clock.now, inline_probe=False) == [A, B]
+
+
 def test_suspicion_is_validated() -> None:
     with pytest.raises(ValueError, match="suspect_s"):
         Suspicion(suspect_s=10.0, max_suspect_s=5.0)

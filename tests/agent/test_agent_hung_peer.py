@@ -11,6 +11,7 @@ failure it guards against is a read timeout (60 s) per wave of chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -207,14 +208,17 @@ def test_a_pod_that_sends_the_head_then_waits_is_re_asked_not_suspected(
         slow.close()
 
 
-def test_a_holders_lookup_that_timed_out_is_not_repeated_while_the_pod_is_quiet(
+def test_a_holders_lookup_that_timed_out_on_a_silent_pod_suspects_it_then_probes_beside(
         tmp_path: Path, base: Model, cache_server: ServiceProcess) -> None:
-    """Sharing on, the owner hung: its holders lookups time out. One timeout is enough
-    to stop asking it for holders for a while (the lookup is optional; the chunk's own
-    request finds out whether the pod is hung), so each further chunk does not wait out
-    another first-byte deadline on it (fails on main before this change: every chunk's
-    lookup waited). After the quiet period, it is asked again."""
+    """Sharing on, the owner hung: its holders lookup times out, and it sent nothing on
+    any connection for a deadline — the verdict a chunk request would reach a deadline
+    later (before this change the chunk still went to it first, costing each agent a
+    lookup deadline plus a chunk deadline on the fleet bench). So it is suspected for
+    chunks too: the next chunks are planned with the good pod first and looked up
+    there, and nothing more is sent to the hung one. Once the quiet period is over it
+    is probed beside the pull (``GET /healthz``), never with a chunk's request."""
     accepted: list[socket.socket] = []
+    second = threading.Event()
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)
@@ -226,6 +230,8 @@ def test_a_holders_lookup_that_timed_out_is_not_repeated_while_the_pod_is_quiet(
             except OSError:
                 return
             accepted.append(conn)  # read nothing, answer nothing
+            if len(accepted) == 2:
+                second.set()
 
     threading.Thread(target=accept, daemon=True).start()
     hung = f"http://127.0.0.1:{hole.getsockname()[1]}"
@@ -238,13 +244,78 @@ def test_a_holders_lookup_that_timed_out_is_not_repeated_while_the_pod_is_quiet(
         fetcher = Fetcher(options, None, owners=lambda d: [hung, good],
                           clock=lambda: now[0])
         chunks = list(base.manifest.unique_chunks().values())[:3]
-        for chunk in chunks:
+        sources, peers, _ = fetcher.plan_sources(chunks[0])
+        assert sources[:2] == [hung, good] and not peers  # planned before the lookup
+        assert fetcher.suspicion.state(hung, now[0]) == SUSPECTED
+        for chunk in chunks[1:]:
             sources, peers, _ = fetcher.plan_sources(chunk)
-            assert sources[:2] == [hung, good] and not peers
-        assert len(accepted) == 1, "a lookup per chunk to a pod that did not answer one"
+            assert sources[:2] == [good, hung] and not peers
+        assert len(accepted) == 1, "asked again while suspected"
         now[0] += 5.0 + 0.1
-        fetcher.plan_sources(chunks[0])
-        assert len(accepted) == 2
+        sources, _, _ = fetcher.plan_sources(chunks[0])
+        assert sources[:2] == [good, hung], "a half-open pod was put first for a chunk"
+        assert second.wait(10.0), "no probe once the quiet period was over"
+        accepted[1].settimeout(10.0)
+        assert accepted[1].recv(4096).startswith(b"GET /healthz ")
+        for t in [t for t in threading.enumerate() if t.name == "bdn-probe"]:
+            t.join(10.0)
+        assert fetcher.suspicion.state(hung, now[0]) == SUSPECTED  # the probe failed
+        fetcher.close()
+    finally:
+        hole.close()
+        for c in accepted:
+            c.close()
+
+
+def test_one_verdict_ends_every_wait_on_a_hung_pod(
+        tmp_path: Path, base: Model, cache_server: ServiceProcess) -> None:
+    """A chunk request is waiting on a hung pod (its grace after a refused hedge) when
+    another request — here a holders lookup — finds the pod hung. The waiting request
+    is abandoned at once, as a timeout (no bad bytes reported), and the chunk comes
+    from the good pod; before this change it waited out its own two deadlines, so an
+    agent with 16 requests in flight to a hung pod paid the last one's deadlines."""
+    accepted: list[socket.socket] = []
+    first = threading.Event()
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = hole.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            first.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    hung = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    good = str(cache_server.url)
+    try:
+        options = AgentOptions(cache_dir=tmp_path / "n", budget_bytes=0, peers=(hung, good),
+                               strict=True, first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S,
+                               peer_advertise="http://127.0.0.1:9")
+        fetcher = Fetcher(options, None, owners=lambda d: [hung, good])
+        chunks = list(base.manifest.unique_chunks().values())[:2]
+        results = {}
+
+        def fetch() -> None:
+            c = chunks[0]
+            results["r"] = fetcher.fetch_into(c, memoryview(bytearray(c.length)))
+
+        # Not through plan_sources' lookup: this request goes straight to the hung pod.
+        fetcher.options = dataclasses.replace(options, peer_advertise=None)
+        t = threading.Thread(target=fetch)
+        t.start()
+        assert first.wait(10.0)
+        fetcher.options = options
+        fetcher.plan_sources(chunks[1])  # its lookup times out: the verdict
+        t.join(30.0)
+        answers = [(a.source, a.outcome) for a in results["r"].answers]
+        assert answers == [(good, UNCACHED), (hung, TIMEOUT), (good, OK)], answers
+        assert results["r"].answers[1].detail.startswith("abandoned"), \
+            results["r"].answers[1].detail
         fetcher.close()
     finally:
         hole.close()
