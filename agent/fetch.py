@@ -612,7 +612,8 @@ class Fetcher:
             return [sent]
         deadline_s = self.first_byte_s() + (wait_s if source in receivers else 0.0)
         if _first_ready([(source, sent)], deadline_s) is not None:
-            return [self._receive_answer(source, sent, started, chunk, view, cached_only)]
+            return [self._receive_answer(source, sent, started, chunk, view, cached_only,
+                                         waited=source in receivers)]
         out: list[Answer] = []
         if backup is not None:
             log.info("chunk %s: %s sent no first byte within %g s; hedging with %s%s",
@@ -632,7 +633,7 @@ class Fetcher:
                 elif won is not None and won[0] == source:
                     self._drop(backup)  # cancel the slower request
                     return [self._receive_answer(source, sent, started, chunk, view,
-                                                 cached_only)]
+                                                 cached_only, waited=source in receivers)]
                 if won is None:
                     self._drop(backup)
                     out.append(Answer(backup, TIMEOUT, b_started, self._clock(),
@@ -640,7 +641,8 @@ class Fetcher:
                                       f"{deadline_s:g} s"))
                 else:
                     answer = self._receive_answer(backup, b_sent, b_started, chunk, view,
-                                                  backup_cached_only)
+                                                  backup_cached_only,
+                                                  waited=backup in receivers)
                     if answer.outcome == OK:
                         self._drop(source)  # cancel the slower request
                         lost = Answer(source, TIMEOUT, started, self._clock(),
@@ -658,7 +660,7 @@ class Fetcher:
             wait = min(cap, grace_end if now < grace_end else now + deadline_s) - now
             if _first_ready([(source, sent)], wait) is not None:
                 return [*out, self._receive_answer(source, sent, started, chunk, view,
-                                                   cached_only)]
+                                                   cached_only, waited=source in receivers)]
         self._drop(source)
         return [*out, Answer(source, TIMEOUT, started, self._clock(),
                              f"no first byte within {self._clock() - started:.1f} s "
@@ -694,11 +696,14 @@ class Fetcher:
         return conn
 
     def _receive_answer(self, peer: str, conn: http.client.HTTPConnection, started: float,
-                        chunk: Chunk, view: memoryview, cached_only: bool = False
-                        ) -> Answer:
+                        chunk: Chunk, view: memoryview, cached_only: bool = False, *,
+                        waited: bool = False) -> Answer:
+        """Read and classify the answer to a sent request; ``waited``: the peer was
+        asked to wait for a chunk it is still receiving (its head says nothing about
+        how fast heads come)."""
         answer = self._classify(peer, started, chunk, view,
                                 lambda: self._receive(peer, conn, chunk, view, cached_only,
-                                                      started),
+                                                      started, waited),
                                 f"chunk from peer {peer}")
         self._untrack(peer, conn)
         if self._abandoned(conn):
@@ -742,7 +747,8 @@ class Fetcher:
         return Answer(source, OK, started, ended)
 
     def _receive(self, peer: str, conn: http.client.HTTPConnection, chunk: Chunk,
-                 view: memoryview, cached_only: bool, started: float) -> None:
+                 view: memoryview, cached_only: bool, started: float,
+                 waited: bool = False) -> None:
         """Read the answer to a request :meth:`_send` sent at ``started`` (its first byte
         is there)."""
         head_s = self.first_byte_s()
@@ -754,7 +760,11 @@ class Fetcher:
             raise TimeoutError(f"the response head did not arrive within "
                                f"{head_s:.1f} s") from None
         self.heard(peer)
-        self._observe_head(self._clock() - started)
+        if not waited:
+            # A receiver's head comes when its own receive is done: not a head latency
+            # (observed, it raised the deadline to 10 s on the fleet bench, and a hung
+            # pod then cost that much).
+            self._observe_head(self._clock() - started)
         stall_s = self.stall_s()
         if conn.sock is not None:
             conn.sock.settimeout(stall_s)

@@ -12,11 +12,14 @@ failure it guards against is a read timeout (60 s) per wave of chunks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -321,3 +324,75 @@ def test_one_verdict_ends_every_wait_on_a_hung_pod(
         hole.close()
         for c in accepted:
             c.close()
+
+
+class _SlowReceiver:
+    """A peer agent still receiving a chunk: it answers a request that asks it to wait
+    (``X-Bdn-Wait-S``) once ``hold_s`` have passed — its own receive finishing — with
+    the chunk's bytes."""
+
+    def __init__(self, body: bytes, hold_s: float) -> None:
+        self.body, self.hold_s = body, hold_s
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.waited = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    more = conn.recv(65536)
+                    if not more:
+                        break
+                    buf += more
+                if b"x-bdn-wait-s:" in buf.lower():
+                    self.waited += 1
+                    threading.Event().wait(self.hold_s)  # the receive it waits for
+                n = len(self.body)
+                conn.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {n}\r\n"
+                             f"Content-Range: bytes 0-{n - 1}/{n}\r\nConnection: close"
+                             f"\r\n\r\n".encode() + self.body)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(timeout=10)
+
+
+def test_a_receivers_waited_answer_does_not_raise_the_first_byte_deadline(
+        tmp_path: Path, store: Path, base: Model, cache_server: ServiceProcess) -> None:
+    """A peer still receiving the chunk answers once its receive is done: that head's
+    latency is the receive's, not the network's. Counted as a head latency it raised
+    the first-byte deadline (to 10 s on the fleet bench), and a hung pod then cost
+    each chunk that long."""
+    floor_s = 0.5
+    chunk = next(c for c in base.manifest.unique_chunks().values() if c.length > 1024)
+    body = b"".join(BlobStore(str(store)).iter_object(chunk.digest))
+    receiver = _SlowReceiver(body, hold_s=0.6)  # < floor + the receiver wait (floor)
+    pod = str(cache_server.url)
+    try:
+        # The pod records the receiver as receiving the chunk (its own lookup), so it
+        # points the next asker at it.
+        lookup = (f"{pod}/v1/holders/{chunk.digest}?exclude="
+                  f"{urllib.parse.quote(receiver.url, safe='')}&receiving=1")
+        with urllib.request.urlopen(lookup, timeout=30) as resp:
+            assert json.loads(resp.read())["holders"] == []  # the first asker: the pod
+        options = AgentOptions(cache_dir=tmp_path / "n", budget_bytes=0, peers=(pod,),
+                               strict=True, first_byte_timeout_s=floor_s,
+                               peer_advertise="http://127.0.0.1:9")
+        fetcher = Fetcher(options, None, owners=lambda d: [pod])
+        result = fetcher.fetch_into(chunk, memoryview(bytearray(chunk.length)))
+        assert (result.tier, result.peer) == ("peer", receiver.url), result.answers
+        assert receiver.waited == 1
+        assert fetcher.first_byte_s() == floor_s, fetcher.first_byte_s()
+        fetcher.close()
+    finally:
+        receiver.close()
