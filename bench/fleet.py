@@ -307,6 +307,10 @@ class Fleet:
         for i in range(n):
             sock = str(d / f"a{i}.sock")
             extra = ["--peer-listen", f"{agent_ip(i)}:{PEER_PORT}"] if sharing else []
+            if sharing and self.args.agent_uploads:
+                extra += ["--peer-max-uploads", str(self.args.agent_uploads)]
+            if self.args.agent_connections:
+                extra += ["--max-connections", str(self.args.agent_connections)]
             p = ServiceProcess(in_ns(self.agent_ns[i], bdn_command(
                 "agent", "--cache-dir", str(d / f"node{i}"), "--budget-bytes", "64G",
                 "--socket", sock, "--peers", peers, "--strict", *extra)), env=ENV)
@@ -445,6 +449,10 @@ def main() -> int:
     ap.add_argument("--store-mbit", type=int, default=2000)
     ap.add_argument("--pod-mbit", type=int, default=1000)
     ap.add_argument("--agent-mbit", type=int, default=1000)
+    ap.add_argument("--agent-connections", type=int, default=0,
+                    help="each agent's --max-connections (default: the agent's own)")
+    ap.add_argument("--agent-uploads", type=int, default=0,
+                    help="each agent's --peer-max-uploads (default: the agent's own)")
     ap.add_argument("--workdir", default=str(ROOT / ".bench" / "fleet"))
     ap.add_argument("--no-faults", action="store_true", help="skip the hung/killed runs")
     ap.add_argument("--sharing-only", action="store_true",
