@@ -12,7 +12,8 @@ sockets (``agent/fetch.py`` does the I/O and the sleeping). The rules:
   source is passed over for this chunk (bounded, but not "skip this peer forever" — one
   bad copy reported to the cache is usually gone by the next try). A missing object
   (404) is final for that source: cache peers read the same store.
-* A busy answer (429/503 with ``Retry-After``) does not use up tries: the source is asked
+* A busy answer (429/503 with ``Retry-After``) — or a timeout of a source that showed
+  it is alive (``Answer.alive``: slow, not hung) — does not use up tries: the source is asked
   again once the server's ``Retry-After`` has passed (capped by the backoff policy), and
   only the total waiting bounds it — ``wait_max_s`` over the whole chunk — so a store blip
   of a few seconds behind the cache does not fail a pull, and a dead store still does.
@@ -138,8 +139,20 @@ class Step:
 
 
 def waited_s(history: Sequence[Answer]) -> float:
-    """Seconds spent between answers (backoff, Retry-After, reporting), not in transfers."""
-    return sum(max(0.0, b.started_s - a.ended_s) for a, b in pairwise(history))
+    """Seconds spent waiting: between answers (backoff, Retry-After, reporting), and in
+    answers of a source that was slow but alive (:func:`_slow_alive`), not in
+    transfers."""
+    gaps = sum(max(0.0, b.started_s - a.ended_s) for a, b in pairwise(history))
+    return gaps + sum(a.ended_s - a.started_s for a in history if _slow_alive(a))
+
+
+def _slow_alive(answer: Answer) -> bool:
+    """A timeout of a source that showed it is alive (a pod that sent the head and
+    waits on its store for the fill it streams): like a busy answer it uses up no try —
+    passing the owner over would move its fill to the next pod, a second store read
+    (seen on slow links, where a fill's first body byte can take longer than the stall
+    floor) — and its time counts against the wait budget instead."""
+    return answer.outcome == TIMEOUT and answer.alive
 
 
 def _ready_at(mine: Sequence[Answer], budget: ChunkRetryBudget, draw: float) -> float:
@@ -156,7 +169,8 @@ def _ready_at(mine: Sequence[Answer], budget: ChunkRetryBudget, draw: float) -> 
 def _passed_over(mine: Sequence[Answer], budget: ChunkRetryBudget) -> bool:
     """Whether a source is done with for this chunk: missing there, or out of tries."""
     return (any(a.outcome == MISSING for a in mine)
-            or sum(1 for a in mine if a.outcome in FAULTS) >= budget.tries_per_source)
+            or sum(1 for a in mine if a.outcome in FAULTS and not _slow_alive(a))
+            >= budget.tries_per_source)
 
 
 def filler(history: Sequence[Answer], fillers: Sequence[str],
