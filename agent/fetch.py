@@ -109,6 +109,9 @@ HEALTH_PATH = "/healthz"
 MAX_HOLDERS_ANSWER_BYTES = 64 * 1024
 # Peer agents asked for one chunk before the cache pods (the pod hands out 2).
 MAX_HOLDERS_ASKED = 2
+# A peer silent this many first-byte deadlines when one of our requests to it timed
+# out is hung: every request in flight to it is cut off (one deadline: only suspected).
+VERDICT_SILENCE_DEADLINES = 2
 # Lookups more per chunk when every agent the pod pointed at could not serve it.
 MAX_HOLDERS_RELOOKUPS = 1
 BUFFER_GRAIN_BYTES = 1024 * 1024
@@ -230,6 +233,15 @@ def _first_ready(waiting: Sequence[tuple[str, http.client.HTTPConnection]],
     return socks[readable[0]] if readable else None
 
 
+def _error_text(body: bytes) -> str:
+    """``": <error>"`` from a JSON error body (our servers say why), else ``""``."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {str(error)[:200]}" if error else ""
+
+
 class _Answered(Exception):
     """One try ended without verified bytes; ``outcome`` classifies it for the policy."""
 
@@ -322,13 +334,23 @@ class Fetcher:
         with self._inflight_lock:
             self._inflight.get(peer, set()).discard(conn)
 
-    def _declare_hung(self, peer: str, now_s: float) -> None:
+    def _declare_hung(self, peer: str, now_s: float, why: str) -> None:
         """``peer`` timed out and sent nothing on any connection for a deadline: suspect
-        it, and end every other wait on it now — each thread's request to it (heads
-        awaited, bodies stalled, holders lookups) is shut down and answers
-        :data:`TIMEOUT` (:meth:`_abandoned`), so the agent pays one deadline for a hung
-        pod, not one per request in flight (16 threads started at different times)."""
+        it; silent for :data:`VERDICT_SILENCE_DEADLINES` deadlines, it is hung: end
+        every other wait on it now — each thread's request to it (heads awaited,
+        bodies stalled, holders lookups) is shut down and answers :data:`TIMEOUT`
+        (:meth:`_abandoned`), so the agent pays about one verdict for a hung pod, not
+        one deadline per request in flight (16 threads started at different times)."""
         self.suspicion.failed(peer, now_s)
+        if self.alive(peer, now_s - VERDICT_SILENCE_DEADLINES * self.first_byte_s()):
+            # Silent for one deadline but not for two: more likely a pod whose link
+            # is full (its streams to us starved a while) than a hung one. Suspected
+            # for new chunks, but what is in flight to it is left to finish: cutting
+            # it off would move those fills to the next pod (second store reads, 1.6×
+            # the model on the fleet bench at 40 Mbit/s with 8 connections per agent).
+            log.warning("%s is suspected (%s); requests in flight to it continue", peer,
+                        why)
+            return
         with self._inflight_lock:
             conns = self._inflight.pop(peer, set())
             for conn in conns:
@@ -336,9 +358,8 @@ class Fetcher:
                 if conn.sock is not None:
                     with contextlib.suppress(OSError):
                         conn.sock.shutdown(socket.SHUT_RDWR)
-        if conns:
-            log.info("%s is suspected hung: %d request(s) to it abandoned", peer,
-                     len(conns))
+        log.warning("%s is suspected hung (%s); %d other request(s) to it abandoned",
+                    peer, why, len(conns))
 
     @staticmethod
     def _abandoned(conn: http.client.HTTPConnection) -> bool:
@@ -460,7 +481,7 @@ class Fetcher:
             now = self._clock()
             self._lookup_suspicion.failed(owner, now)
             if not abandoned and not self.alive(owner, now - self.first_byte_s()):
-                self._declare_hung(owner, now)
+                self._declare_hung(owner, now, "a holders lookup timed out")
             log.info("chunk %s: no holders answer from %s within %.1f s", chunk.digest,
                      owner, self.first_byte_s())
             return [], set()
@@ -572,7 +593,8 @@ class Fetcher:
                 if answer.source != STORE:
                     if self._suspect(answer):
                         if answer.outcome == TIMEOUT:
-                            self._declare_hung(answer.source, answer.ended_s)
+                            self._declare_hung(answer.source, answer.ended_s,
+                                               f"chunk {chunk.digest}: {answer.detail}")
                         else:
                             self.suspicion.failed(answer.source, answer.ended_s)
                         reorder = True
@@ -788,18 +810,18 @@ class Fetcher:
         if conn.sock is not None:
             conn.sock.settimeout(stall_s)
         if resp.status not in (200, 206):
-            resp.read(64 * 1024)
+            said = _error_text(resp.read(64 * 1024))
             if resp.will_close:
                 self._drop(peer)
             retry_after = parse_retry_after(resp.getheader("Retry-After"))
             if resp.status in MISSING_STATUSES:
-                raise _Answered(MISSING, f"HTTP {resp.status}")
+                raise _Answered(MISSING, f"HTTP {resp.status}{said}")
             if cached_only and resp.status == UNCACHED_STATUS:
                 raise _Answered(UNCACHED, "not cached there (asked only-if-cached)")
             if is_retryable_status(resp.status) and retry_after is not None:
                 raise _Answered(BUSY, f"HTTP {resp.status}, Retry-After {retry_after:g} s",
                                 retry_after_s=retry_after)
-            raise _Answered(ERROR, f"HTTP {resp.status}")
+            raise _Answered(ERROR, f"HTTP {resp.status}{said}")
         encoding = (resp.getheader("Content-Encoding") or "").lower()
         if encoding in ("zstd", "zst"):
             # Bounded: a peer cannot make us buffer more than the largest chunk.

@@ -95,8 +95,9 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Net:
     """The namespaces, bridge and shaped veths of one bench run (see module docstring)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, queue_ms: int = TBF_LATENCY_MS) -> None:
         self.prefix = prefix
+        self.queue_ms = queue_ms
         self.hub = f"{prefix}-hub"
         self.namespaces: list[str] = []
         self._veths = 0
@@ -135,7 +136,7 @@ class Net:
         burst = max(64 * 1024, mbit * 1_000_000 // 8 // 250)
         for where, dev in ((self.hub, hub_end), (ns, "eth0")):  # to the node; from it
             sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-               "rate", f"{mbit}mbit", "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms")
+               "rate", f"{mbit}mbit", "burst", str(burst), "latency", f"{self.queue_ms}ms")
         return ns
 
     def get(self, ns: str, url: str) -> str:
@@ -385,7 +386,7 @@ class Fleet:
         if self.args.verbose:  # why chunks were asked twice: each agent's complaints
             for p, _ in self.agents:
                 for ln in p.lines:
-                    if "answered" in ln or "hedging" in ln:
+                    if "answered" in ln or "hedging" in ln or "suspected hung" in ln:
                         print("   ", ln.strip()[:300], flush=True)
         for _, client in self.agents:
             with contextlib.suppress(Exception):
@@ -453,6 +454,8 @@ def main() -> int:
                     help="each agent's --max-connections (default: the agent's own)")
     ap.add_argument("--agent-uploads", type=int, default=0,
                     help="each agent's --peer-max-uploads (default: the agent's own)")
+    ap.add_argument("--queue-ms", type=int, default=TBF_LATENCY_MS,
+                    help="each link's tbf queue, in milliseconds at its rate")
     ap.add_argument("--workdir", default=str(ROOT / ".bench" / "fleet"))
     ap.add_argument("--no-faults", action="store_true", help="skip the hung/killed runs")
     ap.add_argument("--sharing-only", action="store_true",
@@ -493,7 +496,7 @@ def main() -> int:
           f"store {args.store_mbit}, pods {args.pod_mbit}, agents {args.agent_mbit}; "
           f"placement max/mean {max(placed.values()) * 3 / model_bytes:.3f}", flush=True)
     prefix = f"bdnf{os.getpid() % 100000}"
-    with interrupts_raise(), Net(prefix) as net:
+    with interrupts_raise(), Net(prefix, args.queue_ms) as net:
         fleet = Fleet(args, net, work / RUNS_DIR)
         try:
             fleet.start_store(store_dir)
