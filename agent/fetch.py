@@ -77,6 +77,7 @@ from agent.fetchpolicy import (
     ERROR,
     MISSING,
     OK,
+    RECEIVER_WAIT_FLOOR_S,
     STORE,
     SUSPICIOUS,
     TIMEOUT,
@@ -112,8 +113,6 @@ MAX_HOLDERS_ASKED = 2
 # A peer silent this many first-byte deadlines when one of our requests to it timed
 # out is hung: every request in flight to it is cut off (one deadline: only suspected).
 VERDICT_SILENCE_DEADLINES = 2
-# Lookups more per chunk when every agent the pod pointed at could not serve it.
-MAX_HOLDERS_RELOOKUPS = 1
 BUFFER_GRAIN_BYTES = 1024 * 1024
 # A pool keeps this many idle buffers of one size class; beyond, they are freed.
 MAX_IDLE_BUFFERS_PER_SIZE = 32
@@ -499,7 +498,7 @@ class Fetcher:
     def receiver_wait_s(self, chunk: Chunk) -> float:
         """How long a peer still receiving ``chunk`` may wait for it (fetch policy)."""
         return receiver_wait_s(chunk.length, self.rate_bytes_per_s,
-                               floor_s=self.first_byte_s(),
+                               floor_s=max(RECEIVER_WAIT_FLOOR_S, self.first_byte_s()),
                                ceiling_s=self.options.read_timeout_s)
 
     def stall_s(self) -> float:
@@ -548,7 +547,6 @@ class Fetcher:
         budget = self.options.chunk_budget
         history: list[Answer] = []
         reorder = False
-        relookups = 0
         while True:
             now = self._clock()
             if reorder:
@@ -560,22 +558,6 @@ class Fetcher:
             fillers = [s for s in sources if s not in peers and s != STORE]
             step = next_source(history, sources, budget, now_s=now,
                                draw=self._rng.random(), fillers=fillers)
-            if (step.source in fillers and peers and relookups < MAX_HOLDERS_RELOOKUPS
-                    and all(any(a.source == h for a in history) for h in peers)
-                    and self._lookup_suspicion.state(fillers[0], now) != SUSPECTED):
-                # Every agent the pod pointed us at was busy, missing it or slow: ask
-                # the pod once more for others before taking the pod's own link (its
-                # bytes then follow the placement, not the peers' hiccups).
-                relookups += 1
-                more, still = self._holders(fillers[0], chunk)
-                now = self._clock()
-                fresh = [h for h in more if h not in sources
-                         and self.suspicion.state(h, now) == TRUSTED]
-                if fresh:
-                    sources = fresh + sources
-                    peers = peers | frozenset(fresh)
-                    receivers = receivers | frozenset(still & set(fresh))
-                    continue
             if step.source is None:
                 raise self._give_up(chunk, sources, history, step.reason)
             if self.closing or (step.at_s > now and self._closing.wait(step.at_s - now)):

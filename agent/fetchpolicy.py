@@ -86,6 +86,12 @@ STALL_SLOWDOWN = 8.0
 # A peer still receiving a chunk is given the time that chunk takes at the throughput
 # seen so far, this many times over, to finish and verify it before its answer is due.
 RECEIVER_SLOWDOWN = 4.0
+# ... and never less than this: a receiver's own chunk may wait on the pods (all N
+# agents start at once) or on another receiver, longer than its transfer takes. At the
+# first-byte deadline's 1.5 s, receivers gave up on most waits (their 404s sent ~450
+# asks per N = 16 pull back to the pods on bench/fleet.py). A receiver that dies
+# answers at once (refused, reset); one that hangs costs this once, then is suspected.
+RECEIVER_WAIT_FLOOR_S = 4.0
 # RFC 6298's gains and deviation factor, for the head latency (HeadLatency).
 HEAD_ALPHA = 0.125
 HEAD_BETA = 0.25
@@ -306,7 +312,8 @@ def summarize(history: Sequence[Answer]) -> str:
 
 
 __all__ = ["BAD_BYTES", "BUSY", "CORRUPT", "DEFAULT_SUSPECT_S", "ERROR", "FAULTS",
-           "MAX_SUSPECT_S", "MISSING", "OK", "OUTCOMES", "STORE", "SUSPICIOUS", "TIMEOUT",
+           "MAX_SUSPECT_S", "MISSING", "OK", "OUTCOMES", "RECEIVER_WAIT_FLOOR_S", "STORE",
+           "SUSPICIOUS", "TIMEOUT",
            "TRUNCATED", "UNCACHED", "Answer", "ChunkRetryBudget", "HeadLatency", "Step",
            "Suspicion",
            "filler", "next_source", "receiver_wait_s", "stall_timeout_s", "summarize",

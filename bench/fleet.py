@@ -330,6 +330,13 @@ class Fleet:
                 continue
             text = self.net.get(self.pod_ns[i], f"http://{ip}:{POD_PORT}/metrics")
             out[f"pod{i}"] = int(metric(text, "bdn_cache_bytes_served_total"))
+            if self.args.verbose:
+                print(f"    pod{i}: " + ", ".join(
+                    f"{k[10:]} {metric(text, k):.0f}" for k in (
+                        "bdn_cache_misses_total", "bdn_cache_store_object_reads_total",
+                        "bdn_cache_bytes_filled_total", "bdn_cache_evictions_total",
+                        "bdn_cache_invalidations_total", "bdn_cache_prefetch_filled_total",
+                        "bdn_cache_fill_failures_total")), flush=True)
         return out
 
     def pull_all(self, mount_root: Path, fault: str | None = None) -> RunResult:
