@@ -12,8 +12,10 @@ sockets (``agent/fetch.py`` does the I/O and the sleeping). The rules:
   source is passed over for this chunk (bounded, but not "skip this peer forever" — one
   bad copy reported to the cache is usually gone by the next try). A missing object
   (404) is final for that source: cache peers read the same store.
-* A busy answer (429/503 with ``Retry-After``) — or a timeout of a source that showed
-  it is alive (``Answer.alive``: slow, not hung) — does not use up tries: the source is asked
+* A timeout of a source that showed it is alive (``Answer.alive``: slow, not hung)
+  uses up a try only every :data:`ALIVE_TIMEOUTS_PER_TRY` times: the owner keeps its
+  fill a while longer rather than hand it to the next pod (a second store read).
+* A busy answer (429/503 with ``Retry-After``) does not use up tries: the source is asked
   again once the server's ``Retry-After`` has passed (capped by the backoff policy), and
   only the total waiting bounds it — ``wait_max_s`` over the whole chunk — so a store blip
   of a few seconds behind the cache does not fail a pull, and a dead store still does.
@@ -75,6 +77,8 @@ BAD_BYTES = (CORRUPT, TRUNCATED)
 # again sooner than this, so busy answers cannot spin.
 MIN_BUSY_DELAY_S = 0.05
 DEFAULT_TRIES_PER_SOURCE = 3
+# Slow-but-alive timeouts (head sent, no body byte for the stall period) per try used.
+ALIVE_TIMEOUTS_PER_TRY = 4
 DEFAULT_WAIT_MAX_S = 30.0
 DEFAULT_BACKOFF = RetryPolicy(attempts=DEFAULT_TRIES_PER_SOURCE, base_delay_s=0.1,
                               max_delay_s=2.0)
@@ -145,20 +149,25 @@ class Step:
 
 
 def waited_s(history: Sequence[Answer]) -> float:
-    """Seconds spent waiting: between answers (backoff, Retry-After, reporting), and in
-    answers of a source that was slow but alive (:func:`_slow_alive`), not in
-    transfers."""
-    gaps = sum(max(0.0, b.started_s - a.ended_s) for a, b in pairwise(history))
-    return gaps + sum(a.ended_s - a.started_s for a in history if _slow_alive(a))
+    """Seconds spent between answers (backoff, Retry-After, reporting), not in transfers."""
+    return sum(max(0.0, b.started_s - a.ended_s) for a, b in pairwise(history))
 
 
 def _slow_alive(answer: Answer) -> bool:
     """A timeout of a source that showed it is alive (a pod that sent the head and
-    waits on its store for the fill it streams): like a busy answer it uses up no try —
-    passing the owner over would move its fill to the next pod, a second store read
-    (seen on slow links, where a fill's first body byte can take longer than the stall
-    floor) — and its time counts against the wait budget instead."""
+    waits on its store for the fill it streams): slow, not hung."""
     return answer.outcome == TIMEOUT and answer.alive
+
+
+def _tries_used(mine: Sequence[Answer]) -> int:
+    """Tries a source used up: one per fault, but slow-but-alive timeouts only one per
+    :data:`ALIVE_TIMEOUTS_PER_TRY` — passing the owner over moves its fill to the next
+    pod, a second store read (origin ÷ model 1.27–1.41 on the fleet bench at 40 Mbit/s,
+    where a fill's first body byte can take longer than the stall floor). Counted in
+    tries, not in the wait budget: time spent in such answers failed pulls there."""
+    alive = sum(1 for a in mine if _slow_alive(a))
+    faults = sum(1 for a in mine if a.outcome in FAULTS and not _slow_alive(a))
+    return faults + alive // ALIVE_TIMEOUTS_PER_TRY
 
 
 def _ready_at(mine: Sequence[Answer], budget: ChunkRetryBudget, draw: float) -> float:
@@ -175,8 +184,7 @@ def _ready_at(mine: Sequence[Answer], budget: ChunkRetryBudget, draw: float) -> 
 def _passed_over(mine: Sequence[Answer], budget: ChunkRetryBudget) -> bool:
     """Whether a source is done with for this chunk: missing there, or out of tries."""
     return (any(a.outcome == MISSING for a in mine)
-            or sum(1 for a in mine if a.outcome in FAULTS and not _slow_alive(a))
-            >= budget.tries_per_source)
+            or _tries_used(mine) >= budget.tries_per_source)
 
 
 def filler(history: Sequence[Answer], fillers: Sequence[str],
@@ -311,10 +319,9 @@ def summarize(history: Sequence[Answer]) -> str:
     return "; ".join(parts) or "no source was asked"
 
 
-__all__ = ["BAD_BYTES", "BUSY", "CORRUPT", "DEFAULT_SUSPECT_S", "ERROR", "FAULTS",
-           "MAX_SUSPECT_S", "MISSING", "OK", "OUTCOMES", "RECEIVER_WAIT_FLOOR_S", "STORE",
-           "SUSPICIOUS", "TIMEOUT",
-           "TRUNCATED", "UNCACHED", "Answer", "ChunkRetryBudget", "HeadLatency", "Step",
-           "Suspicion",
+__all__ = ["ALIVE_TIMEOUTS_PER_TRY", "BAD_BYTES", "BUSY", "CORRUPT", "DEFAULT_SUSPECT_S",
+           "ERROR", "FAULTS", "MAX_SUSPECT_S", "MISSING", "OK", "OUTCOMES",
+           "RECEIVER_WAIT_FLOOR_S", "STORE", "SUSPICIOUS", "TIMEOUT", "TRUNCATED",
+           "UNCACHED", "Answer", "ChunkRetryBudget", "HeadLatency", "Step", "Suspicion",
            "filler", "next_source", "receiver_wait_s", "stall_timeout_s", "summarize",
            "waited_s"]
