@@ -184,18 +184,17 @@ def test_a_chunk_owner_that_sends_no_first_byte_is_hedged_with_the_next(
         silent.close()
 
 
-class _HeadThenWait:
-    """A peer that answers its first connection's request with a response head and then
-    no body until the client gives up (closes), as a pod waiting on its store for the
-    fill it streams looks; later connections get the whole answer."""
+class _TestPeer:
+    """A peer on loopback answering one connection at a time: :meth:`answer` gets each
+    request's head and writes the reply."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, host: str = "127.0.0.1") -> None:
         self.body = body
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -207,20 +206,33 @@ class _HeadThenWait:
                 return  # closed: the test is over
             self.connections += 1
             with conn:
-                n = len(self.body)
-                head = (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {n}\r\n"
-                        f"Content-Range: bytes 0-{n - 1}/{n}\r\n\r\n").encode()
-                _read_head(conn)
-                if self.connections == 1:
-                    conn.sendall(head)
-                    while conn.recv(65536):  # until the client closes
-                        pass
-                else:
-                    conn.sendall(head + self.body)
+                self.answer(conn, _read_head(conn))
+
+    def head(self) -> bytes:
+        n = len(self.body)
+        return (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {n}\r\n"
+                f"Content-Range: bytes 0-{n - 1}/{n}\r\n\r\n").encode()
+
+    def answer(self, conn: socket.socket, request: bytes) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.sock.close()
         self.thread.join(timeout=10)
+
+
+class _HeadThenWait(_TestPeer):
+    """A peer that answers its first connection's request with a response head and then
+    no body until the client gives up (closes), as a pod waiting on its store for the
+    fill it streams looks; later connections get the whole answer."""
+
+    def answer(self, conn: socket.socket, request: bytes) -> None:
+        if self.connections == 1:
+            conn.sendall(self.head())
+            while conn.recv(65536):  # until the client closes
+                pass
+        else:
+            conn.sendall(self.head() + self.body)
 
 
 def test_a_pod_that_sends_the_head_then_waits_is_re_asked_not_suspected(
@@ -335,40 +347,21 @@ def test_one_verdict_ends_every_wait_on_a_hung_pod(
         silent.close()
 
 
-class _SlowReceiver:
+class _SlowReceiver(_TestPeer):
     """A peer agent still receiving a chunk: it answers a request that asks it to wait
     (``X-Bdn-Wait-S``) once ``hold_s`` have passed — its own receive finishing — with
     the chunk's bytes."""
 
     def __init__(self, body: bytes, hold_s: float, host: str = "127.0.0.1") -> None:
-        self.body, self.hold_s = body, hold_s
-        self.sock = socket.socket()
-        self.sock.bind((host, 0))
-        self.sock.listen(8)
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.hold_s = hold_s
         self.waited = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(body, host)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                buf = _read_head(conn)
-                if b"x-bdn-wait-s:" in buf.lower():
-                    self.waited += 1
-                    threading.Event().wait(self.hold_s)  # the receive it waits for
-                n = len(self.body)
-                conn.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {n}\r\n"
-                             f"Content-Range: bytes 0-{n - 1}/{n}\r\nConnection: close"
-                             f"\r\n\r\n".encode() + self.body)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.thread.join(timeout=10)
+    def answer(self, conn: socket.socket, request: bytes) -> None:
+        if b"x-bdn-wait-s:" in request.lower():
+            self.waited += 1
+            threading.Event().wait(self.hold_s)  # the receive it waits for
+        conn.sendall(self.head() + self.body)
 
 
 def test_a_receivers_waited_answer_does_not_raise_the_first_byte_deadline(
