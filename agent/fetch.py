@@ -17,9 +17,12 @@ full, :class:`agent.fetchpolicy.HeadLatency`) and a stall detector (no byte for 
 derived from the throughput seen so far, :func:`agent.fetchpolicy.stall_timeout_s`).
 Past the first-byte deadline the request is *hedged*: the same chunk is asked of the
 next untried peer and whichever starts answering first is read, the other cancelled (its
-connection closed). A stalled transfer is abandoned and re-asked at once. Either way the
-slow peer is suspected across chunks (:class:`cache.suspicion.Suspicion`), so a hung
-owner costs about one deadline per probe, not a read timeout per chunk.
+connection closed). A stalled transfer is abandoned and re-asked at once. Either way a
+peer that sent nothing on any connection for a deadline is suspected across chunks
+(:class:`cache.suspicion.Suspicion`); silent for two, it is hung, and every other
+request in flight to it is cut off at once (:meth:`Fetcher._declare_hung`) — one
+verdict per agent, not one deadline per thread. A suspected peer is probed with
+``GET /healthz`` on a thread beside the pulls, never with a chunk.
 
 Hedging never costs a second store read. Only one pod may fill a chunk — its owner, or
 once the owner is suspected or passed over, the next in placement order
