@@ -66,20 +66,29 @@ class MountLedger:
     mount: str
     dirs: dict[str, Ident] = field(default_factory=dict)
     files: dict[str, Ident] = field(default_factory=dict)
+    # Directories about to be created (write-ahead, as for files): a kill between
+    # ``mkdir`` and recording its inode leaves the name here, and the next operation on
+    # the mount adopts the directory (:func:`_adopt_pending`) instead of treating it as
+    # a user's folder that is never sealed.
+    pending: set[str] = field(default_factory=set)
 
     @classmethod
     def from_doc(cls, mount: str, doc: Any) -> MountLedger:
         doc = doc or {}
         return cls(mount, {k: (int(v[0]), int(v[1])) for k, v in doc.get("dirs", {}).items()},
-                   {k: (int(v[0]), int(v[1])) for k, v in doc.get("files", {}).items()})
+                   {k: (int(v[0]), int(v[1])) for k, v in doc.get("files", {}).items()},
+                   {str(k) for k in doc.get("pending", [])})
 
     def to_doc(self) -> dict[str, Any]:
-        return {"dirs": {k: list(v) for k, v in self.dirs.items()},
-                "files": {k: list(v) for k, v in self.files.items()}}
+        doc: dict[str, Any] = {"dirs": {k: list(v) for k, v in self.dirs.items()},
+                               "files": {k: list(v) for k, v in self.files.items()}}
+        if self.pending:
+            doc["pending"] = sorted(self.pending)
+        return doc
 
     @property
     def empty(self) -> bool:
-        return not self.dirs and not self.files
+        return not self.dirs and not self.files and not self.pending
 
 
 Save = Callable[[MountLedger], None]
@@ -148,24 +157,33 @@ def check_mount_paths(mount: str, rels: Iterable[str], *, ledger: MountLedger | 
             if last and not stat.S_ISREG(st.st_mode):
                 raise PathError(f"{rel!r}: {cur} exists and is not a regular file",
                                 field="path")
-            if last and not _placed_or_same(st, rel, ledger, expected):
+            if last and not _placed_or_same(st, cur, rel, ledger, expected):
                 raise MountError(f"{cur} already exists and was not placed by bdn; refusing "
                                  "to replace it (move it away or mount elsewhere)",
                                  path=str(cur))
     return root
 
 
-def _placed_or_same(st: os.stat_result, rel: str, ledger: MountLedger | None,
+def _placed_or_same(st: os.stat_result, path: Path, rel: str, ledger: MountLedger | None,
                     expected: Mapping[str, Path] | None) -> bool:
-    if ledger is not None and ledger.files.get(rel) == _ident(st):
+    ours = ledger.files.get(rel) if ledger is not None else None
+    if ours == _ident(st):
         return True
     src = (expected or {}).get(rel)
     if src is None:
         return False
     try:
-        return _ident(os.stat(src)) == _ident(st)
+        src_st = os.stat(src)
     except FileNotFoundError:
         return False
+    if _ident(src_st) == _ident(st):
+        return True
+    # A cross-device copy named just before a kill kept its inode out of the ledger,
+    # which still holds the write-ahead entry (the source's inode): the same bytes are
+    # that copy, and :func:`link_file` adopts it. Refusing here failed the resumed pull
+    # ("already exists and was not placed by bdn"; 3 in 30 runs of the kill -9 test).
+    return (ours == _ident(src_st) and st.st_size == src_st.st_size
+            and _same_bytes(path, src))
 
 
 def link_file(mount: Path, rel: str, src: Path, ledger: MountLedger, save: Save) -> Path:
@@ -174,16 +192,22 @@ def link_file(mount: Path, rel: str, src: Path, ledger: MountLedger, save: Save)
     Directories and the file it creates are recorded in ``ledger`` (and ``save``-d)
     before anything else can use them; the very inode already in place is success.
     """
+    _adopt_pending(mount, ledger, save)
     _make_root(mount, ledger, save)
     _open_dirs(mount, rel, ledger)
+    missing = {d for d in parent_dirs(rel)[1:] if not os.path.lexists(_path(mount, d))}
+    if missing:
+        ledger.pending |= missing
+        save(ledger)
     created: list[Path] = []
     try:
         target = safe_target(mount, rel, created=created)
     finally:
-        if created:
-            for d in created:
-                os.chmod(d, OPEN_DIR_MODE)  # ours: independent of the umask
-                ledger.dirs[d.relative_to(mount).as_posix()] = _ident(os.lstat(d))
+        for d in created:
+            os.chmod(d, OPEN_DIR_MODE)  # ours: independent of the umask
+            ledger.dirs[d.relative_to(mount).as_posix()] = _ident(os.lstat(d))
+        if created or missing:
+            ledger.pending -= missing
             save(ledger)
     src_st = os.stat(src)
     with contextlib.suppress(FileNotFoundError):
@@ -227,11 +251,28 @@ def _forget(ledger: MountLedger, rel: str, save: Save) -> None:
     save(ledger)
 
 
+def _adopt_pending(mount: Path, ledger: MountLedger, save: Save) -> None:
+    """Directories written ahead and then made by a killed agent (see
+    :attr:`MountLedger.pending`) are the agent's: recorded with their inode. Ones that
+    never got made are dropped."""
+    if not ledger.pending:
+        return
+    for rel_dir in ledger.pending:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            st = os.lstat(_path(mount, rel_dir))
+            if stat.S_ISDIR(st.st_mode) and rel_dir not in ledger.dirs:
+                ledger.dirs[rel_dir] = _ident(st)
+    ledger.pending.clear()
+    save(ledger)
+
+
 def _make_root(mount: Path, ledger: MountLedger, save: Save) -> None:
     try:
         st = os.lstat(mount)
     except FileNotFoundError:
         mount.parent.mkdir(parents=True, exist_ok=True)
+        ledger.pending.add(ROOT_REL)
+        save(ledger)
         try:
             os.mkdir(mount, OPEN_DIR_MODE)
         except FileExistsError:
@@ -239,7 +280,8 @@ def _make_root(mount: Path, ledger: MountLedger, save: Save) -> None:
         else:
             os.chmod(mount, OPEN_DIR_MODE)
             ledger.dirs[ROOT_REL] = _ident(os.lstat(mount))
-            save(ledger)
+        ledger.pending.discard(ROOT_REL)
+        save(ledger)
         st = os.lstat(mount)
     refuse_unless_dir(st, mount, "mount", field="mount")
 
