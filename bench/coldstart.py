@@ -71,6 +71,7 @@ from safetensors.numpy import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bdn.childproc import ChildProcess  # noqa: E402
 from cache.cli import parse_bytes  # noqa: E402
 
 STORE_HTTP = ROOT / "tests" / "cache" / "store_http.py"
@@ -133,18 +134,6 @@ def serve_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bdn.cli", *args]
 
 
-def start_listening(cmd: list[str], what: str, *, env: dict[str, str] | None = None,
-                    stderr: int = subprocess.DEVNULL) -> tuple[subprocess.Popen[str], str]:
-    """Start ``cmd`` in its own process group; return it and its ``BDN_LISTENING`` line."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-                            start_new_session=True, cwd=ROOT)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("BDN_LISTENING"):
-            return proc, line
-    raise RuntimeError(f"{what} did not start")
-
-
 def direct_run(model_dir: Path) -> float:
     """Spawn ``bdn serve``, wait for BDN_READY, first predict: seconds from spawn."""
     t0 = time.perf_counter()
@@ -175,15 +164,15 @@ class Control:
                  agent: str | None = None) -> None:
         env = dict(os.environ, BDN_API_KEY=API_KEY, PYTHONUNBUFFERED="1")
         extra = ["--agent", agent] if agent is not None else []
-        self.proc, line = start_listening(
+        self.proc = ChildProcess(
             serve_cmd("control-server", "--listen", "127.0.0.1:0", "--state-dir",
                       str(state_dir), "--store", str(store or state_dir / "store"), *extra),
-            "control-server", env=env)
-        self.url = line.split()[1]
+            env=env, cwd=ROOT)
+        assert self.proc.url is not None
+        self.url = self.proc.url
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(60)
+        self.proc.stop(60)
 
     def push(self, model_dir: Path, model_name: str,
              settings: dict[str, int]) -> tuple[str, str]:
@@ -348,14 +337,14 @@ class StoreLink:
 
     def __init__(self, store: Path, bytes_per_s: int) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        self.proc, line = start_listening(
+        self.proc = ChildProcess(
             [sys.executable, str(STORE_HTTP), str(store), "--listen", "127.0.0.1:0",
-             "--rate", str(bytes_per_s)], "store_http.py", env=env)
-        self.url = line.split()[1]
+             "--rate", str(bytes_per_s)], env=env, cwd=ROOT)
+        assert self.proc.url is not None
+        self.url = self.proc.url
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(30)
+        self.proc.stop(30)
 
 
 class Agent:
@@ -366,14 +355,12 @@ class Agent:
         cache = state_dir / "agent" / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         self.socket = str(state_dir / "agent" / "agent.sock")
-        self.proc, _ = start_listening(
+        self.proc = ChildProcess(
             serve_cmd("agent", "--cache-dir", str(cache), "--socket", self.socket,
-                      "--store", store_url),
-            "bdn agent", env=dict(os.environ, PYTHONUNBUFFERED="1"), stderr=subprocess.STDOUT)
+                      "--store", store_url), cwd=ROOT)
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(60)
+        self.proc.stop(60)
 
 
 def bdn_push(ctl: Control, model_dir: Path) -> tuple[str, str]:
