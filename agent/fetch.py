@@ -97,6 +97,7 @@ from agent.fetchpolicy import (
 )
 from agent.options import AgentOptions
 from bdn.errors import BdnError, NotFoundError
+from bdn.httpclient import error_message
 from bdn.retry import is_retryable_status, parse_retry_after
 from bdn.store import BlobStore, object_key
 from cache.suspicion import SUSPECTED, TRUSTED
@@ -235,13 +236,19 @@ def _first_ready(waiting: Sequence[tuple[str, http.client.HTTPConnection]],
     return socks[readable[0]] if readable else None
 
 
+def _connection(peer: str, timeout_s: float) -> http.client.HTTPConnection:
+    """A new (unopened) connection to ``peer``'s host and port."""
+    parts = urlsplit(peer)
+    cls = (http.client.HTTPSConnection if parts.scheme == "https"
+           else http.client.HTTPConnection)
+    return cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout_s)
+
+
 def _error_text(body: bytes) -> str:
-    """``": <error>"`` from a JSON error body (our servers say why), else ``""``."""
-    try:
-        error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        return ""
-    return f": {str(error)[:200]}" if error else ""
+    """``": <the server's sentence>"`` (:func:`bdn.httpclient.error_message`, on one
+    line, cut to 200 characters), else ``""``."""
+    said = " ".join(error_message(body).split())[:200]  # one line, even from HTML
+    return f": {said}" if said else ""
 
 
 class _Answered(Exception):
@@ -309,11 +316,7 @@ class Fetcher:
             "conns", {})
         conn = conns.get(peer)
         if conn is None:
-            parts = urlsplit(peer)
-            cls = (http.client.HTTPSConnection if parts.scheme == "https"
-                   else http.client.HTTPConnection)
-            conn = cls(parts.hostname or "127.0.0.1", parts.port,
-                       timeout=self.options.connect_timeout_s)
+            conn = _connection(peer, self.options.connect_timeout_s)
             conns[peer] = conn
         return conn
 
@@ -344,7 +347,7 @@ class Fetcher:
         (:meth:`_abandoned`), so the agent pays about one verdict for a hung pod, not
         one deadline per request in flight (16 threads started at different times)."""
         self.suspicion.failed(peer, now_s)
-        if self.alive(peer, now_s - VERDICT_SILENCE_DEADLINES * self.first_byte_s()):
+        if not self.silent(peer, now_s, VERDICT_SILENCE_DEADLINES):
             # Silent for one deadline but not for two: more likely a pod whose link
             # is full (its streams to us starved a while) than a hung one. Suspected
             # for new chunks, but what is in flight to it is left to finish: cutting
@@ -381,13 +384,10 @@ class Fetcher:
     def _probe(self, peer: str) -> None:
         """``GET /healthz`` with the first-byte deadline for connect and answer: any
         answer trusts ``peer`` again (it is not hung), none suspects it for longer."""
-        parts = urlsplit(peer)
-        cls = (http.client.HTTPSConnection if parts.scheme == "https"
-               else http.client.HTTPConnection)
         deadline_s = self.first_byte_s()
-        conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=deadline_s)
+        conn = _connection(peer, deadline_s)
         try:
-            conn.request("GET", parts.path.rstrip("/") + HEALTH_PATH)
+            conn.request("GET", urlsplit(peer).path.rstrip("/") + HEALTH_PATH)
             resp = conn.getresponse()
             resp.read(MAX_HOLDERS_ANSWER_BYTES)
         except (OSError, http.client.HTTPException) as e:
@@ -482,7 +482,7 @@ class Fetcher:
             # to the next pod; a pod that is merely slow keeps sending and is not).
             now = self._clock()
             self._lookup_suspicion.failed(owner, now)
-            if not abandoned and not self.alive(owner, now - self.first_byte_s()):
+            if not abandoned and self.silent(owner, now):
                 self._declare_hung(owner, now, "a holders lookup timed out")
             log.info("chunk %s: no holders answer from %s within %.1f s", chunk.digest,
                      owner, self.first_byte_s())
@@ -535,12 +535,17 @@ class Fetcher:
         """Whether a byte came from ``peer`` at or after ``since_s``."""
         return self._heard_s.get(peer, float("-inf")) >= since_s
 
+    def silent(self, peer: str, now_s: float, deadlines: int = 1) -> bool:
+        """Whether ``peer`` sent nothing on any connection for ``deadlines`` first-byte
+        deadlines before ``now_s``: one suspects it, :data:`VERDICT_SILENCE_DEADLINES`
+        make it hung."""
+        return not self.alive(peer, now_s - deadlines * self.first_byte_s())
+
     def _suspect(self, answer: Answer) -> bool:
         """Whether ``answer`` makes its peer suspected: a transport error, or a timeout
         of a peer that sent nothing on any connection in the last deadline."""
         if answer.outcome == TIMEOUT:
-            return not (answer.alive or self.alive(
-                answer.source, answer.ended_s - self.first_byte_s()))
+            return not answer.alive and self.silent(answer.source, answer.ended_s)
         return answer.outcome in SUSPICIOUS
 
     def fetch_into(self, chunk: Chunk, buf: memoryview) -> FetchResult:

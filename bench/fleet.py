@@ -393,7 +393,7 @@ class Fleet:
         if self.args.verbose:  # why chunks were asked twice: each agent's complaints
             for p, _ in self.agents:
                 for ln in p.lines:
-                    if "answered" in ln or "hedging" in ln or "suspected hung" in ln:
+                    if "answered" in ln or "hedging" in ln or "is suspected" in ln:
                         print("   ", ln.strip()[:300], flush=True)
         for _, client in self.agents:
             with contextlib.suppress(Exception):
