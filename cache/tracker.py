@@ -21,13 +21,21 @@ holding record (``ttl_s``) by the completion announcement.
 *Whom to point at* is the pure :func:`point` over the records, the pod's recent reads of
 the chunk and ``now``:
 
-* live complete holders first, rotating (concurrent askers spread over all of them);
-* then receivers, oldest first (furthest along), but only once the pod itself served
-  ``pod_readers`` askers of this chunk in the last ``pod_window_s`` — the pod is never
-  idle while peers wait;
+* live complete holders first, the least loaded first, rotating among equals
+  (concurrent askers spread over all of them);
+* then receivers, oldest first (furthest along; those already carrying ``fanout``
+  askers of any chunk last), but only once the pod itself served ``pod_readers`` askers
+  of this chunk in the last ``pod_window_s`` — the pod is never idle while peers wait;
 * never the asker itself, never an agent already pointed at by ``fanout`` askers in the
   last ``window_s`` (so a receiver becomes the root of a small tree, not a new hot spot);
 * nobody left: ``[]`` — the asker goes to the pods, and that counts as a pod read.
+
+*Load* is how many askers of *any* chunk this pod pointed at an agent in the last
+:data:`LOAD_WINDOW_S` (about one transfer). An agent's upload slots are shared by every
+chunk it holds, so a per-chunk count alone sent askers of many chunks to the same few
+agents — the ones that happened to sort or start first — which answered 503 to the
+overflow, and each 503 sent its asker to the pods: at N = 32 on 40 Mbit/s links,
+about 650 busy answers per pull and the pods carried 5.3× the model.
 
 Why this balances the pods (issue 17, ≤ 1.05 with sharing on): with the rules above a
 chunk leaves its pod ``pod_readers`` times per wave of askers, whatever N is and however
@@ -44,7 +52,7 @@ fan-out and pod-read histories keep only what the window can count. Every method
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -59,6 +67,8 @@ FANOUT_PER_HOLDER = 4
 FANOUT_WINDOW_S = RECEIVING_TTL_S
 # Askers of a chunk the pod serves itself before it points askers at receivers.
 POD_READERS_BEFORE_RECEIVERS = 1
+# Pointings at an agent (any chunk) count toward its load this long: about a transfer.
+LOAD_WINDOW_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -103,24 +113,31 @@ def recent(times_s: Sequence[float], now_s: float, window_s: float) -> int:
 
 
 def point(records: Mapping[str, Record], pod_reads_s: Sequence[float], now_s: float, *,
-          requester: str | None, policy: PointingPolicy, turn: int = 0) -> list[str]:
+          requester: str | None, policy: PointingPolicy, turn: int = 0,
+          load: Mapping[str, int] | None = None) -> list[str]:
     """Whom to point an asker of one chunk at, best first; ``[]``: the pods.
 
     ``records``: agent → its record for the chunk; ``pod_reads_s``: when askers of it
     were left to the pod; ``turn``: the rotation among complete holders (the caller
-    counts answers). Pure: see the module docstring for the rules.
+    counts answers); ``load``: agent → askers of any chunk recently pointed at it
+    (absent: 0). Pure: see the module docstring for the rules.
     """
+    load = load or {}
     room = {a: r for a, r in records.items()
             if r.expires_s > now_s and a != requester
             and recent(r.pointed_s, now_s, policy.window_s) < policy.fanout}
     holders = sorted(a for a, r in room.items() if not r.receiving)
     if holders:
         start = turn % len(holders)
-        holders = holders[start:] + holders[:start]
+        # Stable: the rotation orders holders of equal load.
+        holders = sorted(holders[start:] + holders[:start], key=lambda a: load.get(a, 0))
     receivers: list[str] = []
     if recent(pod_reads_s, now_s, policy.pod_window_s) >= policy.pod_readers:
+        # Oldest first: a receiver pointed at because it has no load would make the
+        # askers a chain (each hop waits for the one before), not a tree.
         receivers = sorted((a for a, r in room.items() if r.receiving),
-                           key=lambda a: (room[a].since_s, a))
+                           key=lambda a: (load.get(a, 0) >= policy.fanout,
+                                          room[a].since_s, a))
     return (holders + receivers)[:policy.limit]
 
 
@@ -157,6 +174,8 @@ class HolderTracker:
         self.policy = policy or PointingPolicy()
         # digest → its entry; both in announce order (oldest first).
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # agent → when askers (of any chunk) were pointed at it, within LOAD_WINDOW_S.
+        self._pointed: dict[str, deque[float]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -212,6 +231,22 @@ class HolderTracker:
             return None
         return entry
 
+    def _load(self, agents: Iterable[str], now_s: float) -> dict[str, int]:
+        """Askers pointed at each of ``agents`` within the load window (and drop
+        older pointings, so the history stays as small as the window)."""
+        out: dict[str, int] = {}
+        for a in agents:
+            times = self._pointed.get(a)
+            if times is None:
+                continue
+            while times and times[0] <= now_s - LOAD_WINDOW_S:
+                times.popleft()
+            if times:
+                out[a] = len(times)
+            else:
+                del self._pointed[a]
+        return out
+
     def point(self, digest: str, now_s: float, *, requester: str | None = None,
               receiving: bool = False) -> Pointing:
         """Whom the asker ``requester`` of ``digest`` should ask (:func:`point`), and
@@ -221,13 +256,17 @@ class HolderTracker:
         found: list[str] = []
         if entry is not None:
             found = point(entry.agents, entry.pod_reads_s, now_s, requester=requester,
-                          policy=self.policy, turn=entry.turn)
+                          policy=self.policy, turn=entry.turn,
+                          load=self._load(entry.agents, now_s))
             entry.turn += 1
         if found:
             assert entry is not None
             first = entry.agents[found[0]]
             entry.agents[found[0]] = replace(
                 first, pointed_s=(*first.pointed_s, now_s)[-self.policy.fanout:])
+            self._pointed.setdefault(found[0], deque()).append(now_s)
+            if len(self._pointed) > self.max_objects:  # bounded like the records
+                self._pointed.pop(next(iter(self._pointed)))
         else:
             entry = entry or self._entry(digest)
             entry.pod_reads_s = [*entry.pod_reads_s, now_s][-max(1, self.policy.pod_readers):]
@@ -261,5 +300,6 @@ class HolderTracker:
 
 
 __all__ = ["FANOUT_PER_HOLDER", "FANOUT_WINDOW_S", "HOLDERS_PER_ANSWER", "HOLDER_TTL_S",
+           "LOAD_WINDOW_S",
            "POD_READERS_BEFORE_RECEIVERS", "RECEIVING_TTL_S", "HolderTracker", "Pointing",
            "PointingPolicy", "Record", "point", "recent"]

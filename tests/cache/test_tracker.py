@@ -10,12 +10,19 @@ import urllib.request
 import pytest
 
 from bdn.store import BlobStore
-from cache.tracker import HolderTracker, Pointing, PointingPolicy, Record, point
+from cache.tracker import (
+    LOAD_WINDOW_S,
+    HolderTracker,
+    Pointing,
+    PointingPolicy,
+    Record,
+    point,
+)
 from tests.support.cache import StartCache
 from tests.support.http import http_get, post_json
 
 D1, D2, D3 = (f"b3:{c * 64}" for c in "123")
-A, B, C = "http://10.0.0.1:7471", "http://10.0.0.2:7471", "http://10.0.0.3:7471"
+A, B, C, D = (f"http://10.0.0.{i}:7471" for i in range(1, 5))
 
 
 def test_records_expire_unless_announced_again() -> None:
@@ -186,3 +193,36 @@ def test_the_cache_server_records_receivers_at_lookup(store: BlobStore,
     status, err = post_json(f"{cache.url}/v1/holders",
                             {"agent": A, "digests": [D1], "receiving": "yes"})
     assert status == 400 and '"receiving"' in str(err["error"])
+
+
+def test_askers_go_to_the_holder_fewest_were_pointed_at_across_chunks() -> None:
+    # A was just handed out for two other chunks; B for none: an asker of D1, which
+    # both hold, goes to B first whatever the rotation says (a holder's upload slots
+    # are shared by all the chunks it holds, not counted per chunk).
+    t = HolderTracker()
+    for d in (D1, D2, D3):
+        t.add(A, [d], 0.0)
+    t.add(B, [D1], 0.0)
+    assert t.point(D2, 1.0, requester=C).holders == (A,)
+    assert t.point(D3, 1.0, requester=C).holders == (A,)
+    for _ in range(2):
+        assert t.point(D1, 1.1, requester=C).holders[0] == B
+    # ... and once B carries as many, they alternate again.
+    firsts = [t.point(D1, 1.2, requester=C).holders[0] for _ in range(4)]
+    assert sorted(firsts) == [A, A, B, B]
+    # Pure: the load is an input. Receivers stay oldest first (a tree, not a chain)
+    # unless one already carries ``fanout`` askers.
+    recs = {A: Record(100.0, False, 0.0), B: Record(100.0, False, 0.0),
+            C: Record(100.0, True, 0.0), D: Record(100.0, True, 0.5)}
+    policy = PointingPolicy(limit=4, fanout=4)
+    assert point(recs, [0.0], 5.0, requester=None, policy=policy,
+                 load={A: 3, C: 1}) == [B, A, C, D]
+    assert point(recs, [0.0], 5.0, requester=None, policy=policy,
+                 load={C: 4}) == [A, B, D, C]
+    # Past the load window the pointings no longer count: the rotation decides again.
+    fresh = HolderTracker()
+    fresh.add(A, [D1, D2, D3], 0.0)
+    fresh.add(B, [D1], 0.0)
+    fresh.point(D2, 0.0, requester=C)
+    fresh.point(D3, 0.0, requester=C)
+    assert fresh.point(D1, LOAD_WINDOW_S + 0.01, requester=C).holders[0] == A
