@@ -127,6 +127,8 @@ ONLY_IF_CACHED = {"Cache-Control": "only-if-cached"}
 # Asking a peer agent that is still receiving the chunk: how long it may wait for it
 # (seconds; agent/peerserver.py answers 404 once it has waited that long).
 WAIT_HEADER = "X-Bdn-Wait-S"
+# A body is read this much at a time: how often its bytes count as heard from its peer.
+RECEIVE_STEP_BYTES = 256 * 1024
 # Weight of the newest transfer in the throughput average the stall period follows.
 RATE_EWMA_WEIGHT = 0.2
 # Transfers smaller than this say more about latency than throughput: not averaged.
@@ -838,11 +840,15 @@ class Fetcher:
         got = 0
         try:
             while got < chunk.length:
-                n = resp.readinto(view[got:])
+                # Bounded steps: HTTPResponse.readinto fills all it is given before it
+                # returns, so one call for the body would show no byte of it until the
+                # last — a pod streaming a large chunk slowly would look silent, and a
+                # silence verdict would cut off the very transfer that shows it alive.
+                n = resp.readinto(view[got:got + RECEIVE_STEP_BYTES])
                 if not n:
                     break
                 got += n
-                self._heard_s[peer] = self._clock()
+                self.heard(peer)
         except TimeoutError:
             self._drop(peer)
             if not got:

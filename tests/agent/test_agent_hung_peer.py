@@ -11,6 +11,7 @@ failure it guards against is a read timeout (60 s) per wave of chunks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +31,8 @@ from agent.options import MAX_CONNECTIONS, AgentOptions
 from bdn.store import BlobStore
 from cache.ring import digest_key, ref_key, rendezvous_order
 from cache.suspicion import SUSPECTED, TRUSTED
+from manifests.digest import Digest
+from manifests.manifest import Chunk
 from tests.agent.agent_support import (
     Agent,
     Model,
@@ -217,6 +220,10 @@ class _TestPeer:
         raise NotImplementedError
 
     def close(self) -> None:
+        # shutdown wakes the accept() blocked on the listening socket; close alone does
+        # not (the join then waited out its timeout).
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(timeout=10)
 
@@ -396,3 +403,52 @@ def test_a_receivers_waited_answer_does_not_raise_the_first_byte_deadline(
         fetcher.close()
     finally:
         receiver.close()
+
+
+class _HalfThenWait(_TestPeer):
+    """Sends the head and the first half of the body, then the rest once released."""
+
+    def __init__(self, body: bytes) -> None:
+        self.release = threading.Event()
+        super().__init__(body)
+
+    def answer(self, conn: socket.socket, request: bytes) -> None:
+        half = len(self.body) // 2
+        conn.sendall(self.head() + self.body[:half])
+        self.release.wait(60)
+        conn.sendall(self.body[half:])
+
+
+def test_a_body_is_heard_from_its_peer_as_it_arrives(tmp_path: Path) -> None:
+    """Bytes count as heard while the body comes, not once it is whole: a pod streaming a
+    large chunk slowly is alive meanwhile (the silence rule must not cut it off)."""
+    body = os.urandom(4 * 1024 * 1024)
+    chunk = Chunk(Digest.of(body), 0, len(body))
+    peer = _HalfThenWait(body)
+    heard_in_body = threading.Event()
+
+    class Listening(Fetcher):
+        heard_calls = 0
+
+        def heard(self, p: str) -> None:
+            super().heard(p)
+            self.heard_calls += 1
+            if self.heard_calls == 2:  # the first is the response head
+                heard_in_body.set()
+
+    try:
+        options = AgentOptions(cache_dir=tmp_path / "n", budget_bytes=0, peers=(peer.url,),
+                               stall_timeout_s=60.0)
+        fetcher = Listening(options, None, owners=lambda d: [peer.url])
+        buf = memoryview(bytearray(chunk.length))
+        fetching = threading.Thread(target=fetcher.fetch_into, args=(chunk, buf))
+        fetching.start()
+        # Half the body is in and the rest held back: the peer was heard meanwhile.
+        assert heard_in_body.wait(30), "no byte of the body heard before it was whole"
+        assert fetching.is_alive()
+        peer.release.set()
+        fetching.join(60)
+        assert bytes(buf) == body
+    finally:
+        peer.release.set()
+        peer.close()
