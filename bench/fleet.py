@@ -300,7 +300,9 @@ class Fleet:
         for i, ip in enumerate(POD_IPS):
             p = ServiceProcess(in_ns(self.pod_ns[i], bdn_command(
                 "cache-server", "--store", store_url, "--dir", str(d / f"pod{i}"),
-                "--budget-bytes", "64G", "--listen", f"{ip}:{POD_PORT}")), env=ENV)
+                "--budget-bytes", "64G", "--listen", f"{ip}:{POD_PORT}",
+                *(["--fill-threads", str(self.args.pod_fill_threads)]
+                  if self.args.pod_fill_threads else []))), env=ENV)
             self.procs.append(p)
             self.pods.append(p)
         peers = ",".join(f"http://{ip}:{POD_PORT}" for ip in POD_IPS)
@@ -459,6 +461,9 @@ def main() -> int:
     ap.add_argument("--agent-mbit", type=int, default=1000)
     ap.add_argument("--agent-connections", type=int, default=0,
                     help="each agent's --max-connections (default: the agent's own)")
+    ap.add_argument("--pod-fill-threads", type=int, default=0,
+                    help="each pod's --fill-threads: store reads at once (default: the "
+                         "pod's own)")
     ap.add_argument("--agent-uploads", type=int, default=0,
                     help="each agent's --peer-max-uploads (default: the agent's own)")
     ap.add_argument("--queue-ms", type=int, default=TBF_LATENCY_MS,
