@@ -139,12 +139,16 @@ class Net:
                "rate", f"{mbit}mbit", "burst", str(burst), "latency", f"{self.queue_ms}ms")
         return ns
 
-    def get(self, ns: str, url: str) -> str:
-        """GET ``url`` from inside ``ns`` (the root namespace has no route there)."""
+    def get(self, ns: str, url: str, body: dict | None = None) -> str:  # type: ignore[type-arg]
+        """GET ``url`` (POST ``body`` as JSON) from inside ``ns`` (the root namespace has
+        no route there)."""
         code = ("import sys, urllib.request; "
-                "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=30)"
-                ".read().decode())")
-        return sh("ip", "netns", "exec", ns, sys.executable, "-c", code, url).stdout
+                "data = sys.argv[2].encode() if len(sys.argv) > 2 else None; "
+                "req = urllib.request.Request(sys.argv[1], data=data, headers="
+                "{'Content-Type': 'application/json'} if data else {}); "
+                "sys.stdout.write(urllib.request.urlopen(req, timeout=30).read().decode())")
+        extra = [json.dumps(body)] if body is not None else []
+        return sh("ip", "netns", "exec", ns, sys.executable, "-c", code, url, *extra).stdout
 
 
 def in_ns(ns: str, cmd: list[str]) -> list[str]:
@@ -301,6 +305,7 @@ class Fleet:
             p = ServiceProcess(in_ns(self.pod_ns[i], bdn_command(
                 "cache-server", "--store", store_url, "--dir", str(d / f"pod{i}"),
                 "--budget-bytes", "64G", "--listen", f"{ip}:{POD_PORT}",
+                *(["--prefetch-rate", "100G"] if self.args.warm_pods else []),
                 *(["--fill-threads", str(self.args.pod_fill_threads)]
                   if self.args.pod_fill_threads else []))), env=ENV)
             self.procs.append(p)
@@ -340,6 +345,22 @@ class Fleet:
                         "bdn_cache_invalidations_total", "bdn_cache_prefetch_filled_total",
                         "bdn_cache_fill_failures_total")), flush=True)
         return out
+
+    def warm_pods(self) -> None:
+        """Each pod prefetches the objects it owns (as a deploy would ask it to) and the
+        pulls start once every fill is done: no pull then waits on the store's link."""
+        urls = [f"http://{ip}:{POD_PORT}" for ip in POD_IPS]
+        for i, url in enumerate(urls):
+            self.net.get(self.pod_ns[i], f"{url}/v1/prefetch",
+                         {"ref": REF, "peers": urls, "self": url})
+        deadline = time.monotonic() + PULL_TIMEOUT_S
+        for i, url in enumerate(urls):
+            while time.monotonic() < deadline:
+                text = self.net.get(self.pod_ns[i], f"{url}/metrics")
+                if (metric(text, "bdn_cache_prefetch_pending") == 0
+                        and metric(text, "bdn_cache_fills_in_flight") == 0):
+                    break
+                time.sleep(0.2)  # polling another process's gauge, not synchronising
 
     def pull_all(self, mount_root: Path, fault: str | None = None) -> RunResult:
         """One pull per agent, all released at the same instant; ``fault``: ``hung`` or
@@ -461,6 +482,8 @@ def main() -> int:
     ap.add_argument("--agent-mbit", type=int, default=1000)
     ap.add_argument("--agent-connections", type=int, default=0,
                     help="each agent's --max-connections (default: the agent's own)")
+    ap.add_argument("--warm-pods", action="store_true",
+                    help="each pod prefetches the model (as on deploy) before the pulls")
     ap.add_argument("--pod-fill-threads", type=int, default=0,
                     help="each pod's --fill-threads: store reads at once (default: the "
                          "pod's own)")
@@ -517,6 +540,8 @@ def main() -> int:
                 for sharing in (True,) if args.sharing_only else (False, True):
                     label = "sharing" if sharing else "no sharing"
                     mnt = fleet.start(n, f"n{n}-{'s' if sharing else 'ns'}", sharing)
+                    if args.warm_pods:
+                        fleet.warm_pods()
                     before = fleet.origin_bytes()
                     res = fleet.pull_all(mnt)
                     res.origin_bytes -= before
@@ -527,6 +552,8 @@ def main() -> int:
                 n = max(ns_list)
                 for fault in ("killed", "hung"):
                     mnt = fleet.start(n, f"fault-{fault}", True)
+                    if args.warm_pods:
+                        fleet.warm_pods()
                     before = fleet.origin_bytes()
                     res = fleet.pull_all(mnt, fault)
                     res.origin_bytes -= before
