@@ -4,7 +4,8 @@ The client sends the folder itself, not a path on the server: it lists every fil
 its BLAKE3 digest, the server answers which contents it lacks, the client uploads only
 those, then creates the deployment with the list. Uploads are kept by digest under
 ``STATE/uploads`` (written to a temporary file while hashed, renamed once verified), so
-an unchanged push uploads nothing and a changed one only the files that changed.
+an unchanged push uploads nothing and a changed one only the files that changed; one no
+push named for :data:`UPLOAD_KEEP_S` (a week) is removed at the next push.
 
 Creating the deployment then, in a worker thread:
 
@@ -31,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +62,10 @@ UPLOAD_BLOCK_BYTES = 1 << 20
 MAX_UPLOAD_BYTES = 1 << 30
 # A partial upload or assembled folder untouched this long belongs to a dead push.
 STALE_S = 3600.0
+# An upload no push named (asked about or assembled) for this long is removed; a later
+# push that needs it uploads it again. Without it, every version of every file ever
+# pushed stayed under STATE/uploads for good.
+UPLOAD_KEEP_S = 7 * 24 * 3600.0
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 # Folders a push never sends: caches and version control, not the model.
 SKIPPED_DIRS = ("__pycache__", ".git", ".venv", "node_modules")
@@ -168,21 +174,48 @@ class Pushes:
     """Uploads and push assembly under the control server's state folder."""
 
     def __init__(self, state_dir: Path, store: BlobStore, *,
-                 secrets_resolver: SecretResolver | None = None) -> None:
+                 secrets_resolver: SecretResolver | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.uploads = state_dir / UPLOADS_DIR
         self.assembly = state_dir / ASSEMBLY_DIR
         self.spool = state_dir / SPOOL_DIR
         for d in (self.uploads, self.assembly, self.spool):
             d.mkdir(parents=True, exist_ok=True)
-        self._sweep(time.time())
+        self._clock = clock
+        # Digest → when a push last named it, in this process (a push asks which
+        # contents are missing, uploads the rest, then assembles: what it was told is
+        # there must still be there when it assembles).
+        self._named: dict[str, float] = {}
+        self._named_lock = threading.Lock()
+        self.sweep()
         self.store = store
         self.secrets = secrets_resolver or SecretResolver.from_env()
         self.mirror = Mirror(store, MirrorOptions(spool_dir=str(self.spool)))
         self._lock = threading.Lock()
 
-    def _sweep(self, now: float) -> None:
-        """Remove what an interrupted push left behind: partial uploads and assembled
-        folders (both named by this module; nothing else in these folders is touched)."""
+    def _name(self, digests: Sequence[str]) -> None:
+        now = self._clock()
+        with self._named_lock:
+            for d in digests:
+                self._named[d] = now
+
+    def sweep(self) -> None:
+        """Remove what an interrupted push left behind (partial uploads, assembled
+        folders) and uploads no push named for :data:`UPLOAD_KEEP_S`. Only names this
+        module writes are touched; nothing else in these folders is."""
+        now = self._clock()
+        with self._named_lock:
+            self._named = {d: t for d, t in self._named.items() if now - t < STALE_S}
+            named = set(self._named)
+        for p in self.uploads.iterdir():
+            if not DIGEST_RE.fullmatch(p.name) or p.name in named:
+                continue
+            with contextlib.suppress(OSError):
+                st = p.lstat()
+                # ctime: when it was uploaded or last linked into a push's folder
+                # (os.link changes the link count, hence the ctime).
+                if stat.S_ISREG(st.st_mode) and now - st.st_ctime > UPLOAD_KEEP_S:
+                    p.unlink()
         for p in self.uploads.glob(".*.part"):
             with contextlib.suppress(OSError):
                 if now - p.stat().st_mtime > STALE_S:
@@ -197,6 +230,7 @@ class Pushes:
             if not isinstance(d, str) or not DIGEST_RE.fullmatch(d):
                 raise RequestError("must be 64 lowercase hex digits (BLAKE3)",
                                    field=f"digests[{i}]")
+        self._name(digests)
         return sorted({d for d in digests if not (self.uploads / d).is_file()})
 
     def upload_target(self, digest: str) -> tuple[Path, Path]:
@@ -216,6 +250,7 @@ class Pushes:
 
     def assemble(self, files: Sequence[PushedFile]) -> Path:
         """A fresh folder holding the pushed files (hard links to the uploads)."""
+        self._name([f.digest for f in files])
         lacking = [f.path for f in files if not (self.uploads / f.digest).is_file()]
         if lacking:
             raise RequestError(f"not uploaded yet: {', '.join(lacking[:5])}", field="files")
@@ -234,6 +269,8 @@ class Pushes:
              ) -> PushRecord:
         """Mirror the code and every weights entry; the record to store (blocking)."""
         emit = progress or (lambda _e: None)
+        self._name([f.digest for f in files])  # before the sweep: this push needs them
+        self.sweep()
         folder = self.assemble(files)
         try:
             config = load_model_config(folder / "config.yaml")
