@@ -9,8 +9,9 @@ push named for :data:`UPLOAD_KEEP_S` (a week) is removed at the next push.
 
 Creating the deployment then, in a worker thread:
 
-1. assembles the folder from the uploads (hard links; every path checked to be
-   relative and contained before anything is written) and mirrors it into the blob
+1. assembles the folder from the uploads (hard links, copies for files sent as
+   executable so the bit reaches the manifest; every path checked to be relative and
+   contained before anything is written) and mirrors it into the blob
    store like any model: the *code manifest*. Its files keep their uploads' inodes, so
    an unchanged folder is found by source fingerprint without re-reading it.
 2. mirrors every ``weights:`` entry of its ``config.yaml`` into the same store under
@@ -259,7 +260,15 @@ class Pushes:
         try:
             for f in files:
                 target = safe_target(folder, f.path)
-                os.link(self.uploads / f.digest, target)
+                if f.executable:
+                    # A copy: the upload's inode is shared by every push naming it,
+                    # and its mode is what the code manifest records.
+                    shutil.copyfile(self.uploads / f.digest, target)
+                    os.chmod(target, 0o555)
+                    # Same mode, new ctime: marks the upload used, as a link would.
+                    os.chmod(self.uploads / f.digest, 0o444)
+                else:
+                    os.link(self.uploads / f.digest, target)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

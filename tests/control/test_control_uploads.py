@@ -11,7 +11,8 @@ from pathlib import Path
 import blake3
 
 from bdn.store import BlobStore
-from control.push import STALE_S, UPLOAD_KEEP_S, Pushes
+from control.push import STALE_S, UPLOAD_KEEP_S, PushedFile, Pushes
+from manifests.digest import Digest
 
 
 class Clock:
@@ -58,3 +59,23 @@ def test_a_fresh_upload_is_kept(tmp_path: Path) -> None:
     clock.now += UPLOAD_KEEP_S - 60
     pushes.sweep()
     assert pushes.missing([digest]) == []
+
+
+def test_an_executable_pushed_file_stays_executable_in_the_code_manifest(
+        tmp_path: Path) -> None:
+    """A Truss folder may ship a script its model runs: ``bdn push`` sends the bit, and
+    the code manifest (hence every replica's copy) keeps it; other files do not gain it."""
+    store = BlobStore(str(tmp_path / "store"))
+    pushes = Pushes(tmp_path / "state", store)
+    config = _upload(pushes, b"model_name: tiny\n")
+    script = _upload(pushes, b"#!/bin/sh\necho hi\n")
+    model = _upload(pushes, b"class Model: pass\n")
+    record = pushes.push([PushedFile("config.yaml", config),
+                          PushedFile("data/run.sh", script, executable=True),
+                          PushedFile("model/model.py", model)])
+    manifest = store.get_manifest(Digest.parse(record.code))
+    modes = {f.path: f.mode for f in manifest.files}
+    assert modes["data/run.sh"] & 0o111 == 0o111
+    assert modes["model/model.py"] & 0o111 == 0
+    # The upload itself is shared by every push that names it: never made executable.
+    assert (pushes.uploads / script).stat().st_mode & 0o111 == 0
