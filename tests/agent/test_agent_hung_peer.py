@@ -40,7 +40,7 @@ from tests.agent.agent_support import (
     start_cache_server,
 )
 from tests.support.cache import metrics
-from tests.support.http import post_json
+from tests.support.http import post_json, recv_until
 from tests.support.procs import ServiceProcess
 
 # Real service processes (or servers in-process): left out of `make test-fast`.
@@ -102,17 +102,6 @@ class _SilentPod:
         self.sock.close()
         for c in self.accepted:
             c.close()
-
-
-def _read_head(conn: socket.socket) -> bytes:
-    """A request's head (through the blank line), as a test peer reads it."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        more = conn.recv(65536)
-        if not more:
-            break
-        buf += more
-    return buf
 
 
 def test_a_hung_pod_costs_at_most_about_one_deadline_more_than_a_gone_one(
@@ -209,7 +198,7 @@ class _TestPeer:
                 return  # closed: the test is over
             self.connections += 1
             with conn:
-                self.answer(conn, _read_head(conn))
+                self.answer(conn, recv_until(conn, b"\r\n\r\n"))
 
     def head(self) -> bytes:
         n = len(self.body)

@@ -32,7 +32,7 @@ from manifests.errors import DigestError, RefError
 from manifests.refs import Ref
 from tests.cache.test_cache_fastpath import RawConnection
 from tests.support.cache import StartCache, metrics, put_object
-from tests.support.http import http_get, post_json
+from tests.support.http import http_get, post_json, recv_until
 from tests.support.procs import ServiceProcess
 
 # Real service processes (or servers in-process): left out of `make test-fast`.
@@ -114,12 +114,7 @@ def _status_line(url: str, pieces: list[bytes], *, via_aiohttp: bool) -> bytes:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for piece in pieces:
             sock.sendall(piece)
-        while b"\r\n" not in got:
-            more = sock.recv(65536)
-            if not more:
-                break
-            got += more
-        return got.partition(b"\r\n")[0]
+        return recv_until(sock, b"\r\n", got).partition(b"\r\n")[0]
     finally:
         sock.close()
 
@@ -376,12 +371,7 @@ def test_a_request_body_that_stops_gets_408(store: BlobStore,
         s.sendall(b"POST /v1/prefetch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                   b"\r\nContent-Length: 100\r\n\r\n{\"manifest\": ")
         started = time.monotonic()
-        got = b""
-        while b"\r\n" not in got:
-            more = s.recv(65536)
-            if not more:
-                break
-            got += more
+        got = recv_until(s, b"\r\n")
         assert got.startswith(b"HTTP/1.1 408 "), got[:100]
         assert time.monotonic() - started < SOAK_TIMEOUT_S + CLOSE_SLACK_S
     finally:

@@ -1,5 +1,6 @@
 """Plain HTTP calls for tests: urllib with the status and body returned, never raised,
-and a deliberately slow reader that leaves a server mid-send."""
+a deliberately slow reader that leaves a server mid-send, and a raw socket read up to a
+marker."""
 
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ def slow_reader(url: str, path: str, read_bytes: int = 0
     while b"\r\n\r\n" not in got or len(got) < read_bytes:
         got += sock.recv(SLOW_READER_BUFFER_BYTES)
     return sock, got
+
+
+def recv_until(sock: socket.socket, marker: bytes, got: bytes = b"") -> bytes:
+    """Bytes from ``sock`` (after ``got``, already read) until ``marker`` is among them
+    or the peer closes: a request's head (``b"\\r\\n\\r\\n"``), a status line
+    (``b"\\r\\n"``)."""
+    while marker not in got:
+        more = sock.recv(65536)
+        if not more:
+            break
+        got += more
+    return got
 
 
 def post_json(url: str, body: object | None = None) -> tuple[int, dict[str, object]]:
