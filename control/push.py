@@ -250,8 +250,8 @@ class Pushes:
         os.replace(tmp, final)
 
     def assemble(self, files: Sequence[PushedFile]) -> Path:
-        """A fresh folder holding the pushed files (hard links to the uploads)."""
-        self._name([f.digest for f in files])
+        """A fresh folder holding the pushed files (hard links to the uploads); the
+        caller (:meth:`push`) named them first, so a sweep leaves them be."""
         lacking = [f.path for f in files if not (self.uploads / f.digest).is_file()]
         if lacking:
             raise RequestError(f"not uploaded yet: {', '.join(lacking[:5])}", field="files")
